@@ -1,0 +1,332 @@
+"""One typed config tree, loaded from YAML, strict about keys and types.
+
+`load_config(path, overrides)` reads a preset, applies `--set a.b=value`
+overrides, checks every key and type (errors name the key and the file) and
+validates cross-field rules before any process starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key and where it came from."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    seq_len: int = 128
+    moe_every: int = 1  # MoE FFN on every k-th layer (1 = all); others get a dense MLP
+    d_ffn_dense: int = 0  # dense MLP hidden size (0 = 4 * d_model)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8
+    top_k: int = 2
+    d_ffn: int = 256  # hidden size of one expert
+    aux_loss_coef: float = 0.01  # load-balancing loss (Switch/GShard form)
+    z_loss_coef: float = 0.001  # router z-loss
+    balance: str = "aux_loss"  # aux_loss | aux_free (bias balancing, DeepSeek-V3)
+    bias_update_rate: float = 0.001  # aux_free: step size of the expert bias update
+    capacity_factor: float = 0.0  # 0 = dropless; > 0 = capacity mode (tokens over capacity dropped)
+    router_skew: float = 0.0  # benchmark knob: adds a fixed Zipf(s) log-prior to router logits
+
+
+@dataclass
+class FSSDPConfig:
+    keep_materialized: bool = False  # keep gathered copies for backward (no re-gather)
+    planner: str = "hecate"  # placement planner registry key
+    slots_per_rank: int = 2  # extra expert copies a rank may hold per layer (m)
+    overlap_budget: int = -1  # chunks gatherable during attention (t); -1 = measure
+    load_window: int = 5  # steps averaged for the predicted load
+    reshard_every: int = 0  # re-shard ownership every K steps (0 = never)
+    prefetch: bool = True  # issue the next layer's spAG early (async)
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "fssdp"  # fssdp | ep | dp | none
+    dense: str = "fsdp2"  # fsdp2 | ddp
+    ep_size: int = 0  # expert-parallel group size (0 = world size)
+    pretend_nodes: int = 0  # treat the ranks as this many nodes (topology tests on one machine)
+    fssdp: FSSDPConfig = field(default_factory=FSSDPConfig)
+
+
+@dataclass
+class SparsityConfig:
+    enabled: bool = False
+    n: int = 2
+    m: int = 4
+    method: str = "sr_ste"  # magnitude | sr_ste
+    lambda_w: float = 2e-4
+    modules: list[str] = field(default_factory=lambda: ["experts"])  # experts | mlp | attn
+    transposable: bool = False
+    refresh_every: int = 1  # recompute masks every k optimizer steps
+    mask_decay_steps: int = 0  # pruned weights scaled by beta(t): 1 -> 0 over this many steps
+    structure_decay: list[str] = field(default_factory=list)  # e.g. ["7:8", "4:8"] before n:m
+    structure_decay_every: int = 0  # steps per structure-decay stage
+
+
+@dataclass
+class OffloadConfig:
+    enabled: bool = False
+    every_k_layers: int = 1  # offload saved activations of every k-th block
+    min_tensor_bytes: int = 1 << 16  # smaller saved tensors stay on device
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "stdlib"  # "stdlib" (embedded) or a directory holding train.bin / val.bin
+    batch_size: int = 16  # global batch (sequences) per optimizer step, split over dp ranks
+    val_fraction: float = 0.05
+    eval_batches: int = 8
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    seed: int = 1337
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    log_every: int = 10
+    eval_every: int = 100
+    out_dir: str = "runs/default"
+    on_nan: str = "error"  # error | skip
+    device: str = "auto"  # auto | cpu | cuda
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # save every k steps (0 = only at the end if enabled)
+    dir: str = ""  # default: <out_dir>/checkpoints
+    resume: bool = True  # resume from the latest committed checkpoint in dir
+    save_final: bool = True
+    keep: int = 2
+    compressed: bool = False  # store N:M-sparse weights in compressed form
+
+
+@dataclass
+class LaunchConfig:
+    workers: int = 1
+    backend: str = "ray"  # ray | torchrun | inline (single process, no launcher)
+    address: str = ""  # Ray cluster address; empty = start a local runtime
+    cpus_per_worker: int = 1
+    gpus_per_worker: int = 0
+    torch_threads: int = 1  # intra-op threads per worker on CPU
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r} ({source})")
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in the config schema")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r} ({source})")
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({source})")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r} ({source})")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
+    """Build dataclass `cls` from a dict, rejecting unknown keys by full dotted name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r} ({source})")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key '{dotted}' in {source} (known here: {known})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, dotted, source)
+        else:
+            kwargs[key] = _coerce(value, tp, dotted, source)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: '{p}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ['a.b=1', 'c.d=x'] into a nested dict, values parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_preset(path: str | Path) -> Path:
+    """Find a preset by path or by name under configs/ (e.g. 'tiny')."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for cand in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+        if cand.exists():
+            return cand
+    raise ConfigError(f"config file not found: {path} (presets: {', '.join(list_presets())})")
+
+
+def list_presets() -> list[str]:
+    return sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML preset (default: configs/tiny.yaml), apply overrides, validate."""
+    src = resolve_preset(path or "tiny")
+    try:
+        data = yaml.safe_load(src.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{src}: invalid YAML: {e}") from None
+    cfg = _build(Config, data, "", str(src))
+    if overrides:
+        cfg = _build(Config, _merge(to_dict(cfg), parse_overrides(overrides)), "", "--set")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config from `to_dict` output (workers receive configs this way)."""
+    cfg = _build(Config, data, "", "dict")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+STRATEGY_NAMES = ("none", "dp", "ep", "fssdp")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Cross-field checks, run before anything starts."""
+    m, e, t, p = cfg.model, cfg.moe, cfg.train, cfg.parallel
+    _check(m.d_model > 0 and m.n_layers > 0 and m.n_heads > 0, "model: d_model, n_layers, n_heads must be > 0")
+    _check(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    _check((m.d_model // m.n_heads) % 2 == 0, f"model: head dim {m.d_model // m.n_heads} must be even for RoPE")
+    _check(m.seq_len > 0, f"model.seq_len must be > 0, got {m.seq_len}")
+    _check(m.moe_every >= 1, f"model.moe_every must be >= 1, got {m.moe_every}")
+    _check(e.num_experts >= 1, f"moe.num_experts must be >= 1, got {e.num_experts}")
+    _check(1 <= e.top_k <= e.num_experts, f"moe.top_k={e.top_k} must be in [1, moe.num_experts={e.num_experts}]")
+    _check(e.d_ffn > 0, f"moe.d_ffn must be > 0, got {e.d_ffn}")
+    _check(e.balance in ("aux_loss", "aux_free"), f"moe.balance={e.balance!r}; allowed: aux_loss, aux_free")
+    _check(e.capacity_factor >= 0, f"moe.capacity_factor must be >= 0, got {e.capacity_factor}")
+    _check(t.steps > 0, f"train.steps must be > 0, got {t.steps}")
+    _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _check(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
+    _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _check(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
+    _check(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+    _check(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
+    _check(t.precision in ("fp32", "bf16"), f"train.precision={t.precision!r}; allowed: fp32, bf16")
+    _check(t.on_nan in ("error", "skip"), f"train.on_nan={t.on_nan!r}; allowed: error, skip")
+    _check(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}; allowed: auto, cpu, cuda")
+    _check(cfg.data.batch_size >= 1, f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    _check(0 < cfg.data.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    _check(p.strategy in STRATEGY_NAMES, f"parallel.strategy={p.strategy!r}; allowed: {', '.join(STRATEGY_NAMES)}")
+    _check(p.dense in ("fsdp2", "ddp"), f"parallel.dense={p.dense!r}; allowed: fsdp2, ddp")
+    _check(cfg.launch.workers >= 1, f"launch.workers must be >= 1, got {cfg.launch.workers}")
+    _check(cfg.launch.backend in ("ray", "torchrun", "inline"),
+           f"launch.backend={cfg.launch.backend!r}; allowed: ray, torchrun, inline")
+    s = cfg.sparsity
+    if s.enabled:
+        _check(0 < s.n <= s.m, f"sparsity: need 0 < n <= m, got {s.n}:{s.m}")
+        _check(s.method in ("magnitude", "sr_ste"), f"sparsity.method={s.method!r}; allowed: magnitude, sr_ste")
+    world = world_size or cfg.launch.workers
+    validate_world(cfg, world)
+
+
+def validate_world(cfg: Config, world: int) -> None:
+    """Checks that depend on the number of ranks."""
+    p, b = cfg.parallel, cfg.data.batch_size
+    per_step = b
+    _check(per_step % (world * cfg.train.grad_accum) == 0,
+           f"data.batch_size={b} is not divisible by launch.workers={world} x train.grad_accum={cfg.train.grad_accum}")
+    if p.strategy in ("ep", "fssdp") and world > 1:
+        ep = p.ep_size or world
+        _check(world % ep == 0, f"parallel.ep_size={ep} does not divide the world size {world}")
+        if p.strategy == "ep":
+            _check(cfg.moe.num_experts % ep == 0,
+                   f"moe.num_experts={cfg.moe.num_experts} is not divisible by the expert-parallel size {ep}")
+    if p.pretend_nodes:
+        _check(world % p.pretend_nodes == 0,
+               f"parallel.pretend_nodes={p.pretend_nodes} does not divide the world size {world}")
