@@ -327,6 +327,6 @@ def validate_world(cfg: Config, world: int) -> None:
         if p.strategy == "ep":
             _check(cfg.moe.num_experts % ep == 0,
                    f"moe.num_experts={cfg.moe.num_experts} is not divisible by the expert-parallel size {ep}")
-    if p.pretend_nodes:
+    if p.pretend_nodes and world > 1:
         _check(world % p.pretend_nodes == 0,
                f"parallel.pretend_nodes={p.pretend_nodes} does not divide the world size {world}")

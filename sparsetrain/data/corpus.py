@@ -1,0 +1,97 @@
+"""Token corpora: the embedded Python-stdlib byte corpus and nanoGPT-style uint16 .bin memmaps."""
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+STDLIB_MAX_BYTES = 24 << 20  # cap on the embedded corpus (train + val), bytes
+
+
+class DataError(ValueError):
+    """Missing, empty or malformed data; the message names the path."""
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SPARSETRAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sparsetrain")
+    return Path(root)
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's own .py sources, sorted (present wherever Python is)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts[-3:-1])
+    if not files:
+        raise DataError(f"no .py files found under the standard library at {root}")
+    return files
+
+
+def _is_val(rel: str, val_fraction: float) -> bool:
+    """Deterministic split by file: crc32 of the relative path."""
+    return (zlib.crc32(rel.encode()) % 10_000) < val_fraction * 10_000
+
+
+def build_stdlib_corpus(val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Byte-level (vocab 256) train/val arrays from stdlib sources, cached on disk."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = stdlib_files()
+    key = hashlib.sha1(f"{root}|{len(files)}|{val_fraction}|{STDLIB_MAX_BYTES}".encode()).hexdigest()[:12]
+    cache = _cache_dir() / f"stdlib-{key}"
+    tr, va = cache / "train.u8", cache / "val.u8"
+    if tr.exists() and va.exists():
+        return np.fromfile(tr, dtype=np.uint8), np.fromfile(va, dtype=np.uint8)
+    parts: dict[bool, list[bytes]] = {False: [], True: []}
+    total = 0
+    for f in files:
+        try:
+            data = f.read_bytes()
+        except OSError:
+            continue
+        rel = str(f.relative_to(root))
+        parts[_is_val(rel, val_fraction)].append(data)
+        total += len(data)
+        if total >= STDLIB_MAX_BYTES:
+            break
+    train = np.frombuffer(b"".join(parts[False]), dtype=np.uint8)
+    val = np.frombuffer(b"".join(parts[True]), dtype=np.uint8)
+    if len(val) == 0 or len(train) == 0:
+        raise DataError(f"stdlib corpus split produced an empty part (train {len(train)}, val {len(val)} bytes)")
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".tmp-{os.getpid()}"
+    tmp.mkdir(exist_ok=True)
+    train.tofile(tmp / "train.u8")
+    val.tofile(tmp / "val.u8")
+    os.replace(tmp / "train.u8", tr)
+    os.replace(tmp / "val.u8", va)
+    tmp.rmdir()
+    return train, val
+
+
+def load_token_bins(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """nanoGPT layout: <path>/train.bin and <path>/val.bin, uint16 tokens, memory-mapped."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"data.corpus: directory not found: {root} (expected train.bin and val.bin inside, "
+                        f"or corpus 'stdlib')")
+    out = []
+    for split in ("train", "val"):
+        f = root / f"{split}.bin"
+        if not f.exists():
+            raise DataError(f"data.corpus: missing {f} (nanoGPT uint16 token file)")
+        if f.stat().st_size < 4:
+            raise DataError(f"data.corpus: {f} is empty")
+        if f.stat().st_size % 2:
+            raise DataError(f"data.corpus: {f} has an odd byte size; expected uint16 tokens")
+        out.append(np.memmap(f, dtype=np.uint16, mode="r"))
+    return out[0], out[1]
+
+
+def load_corpus(corpus: str, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Resolve `data.corpus` to (train, val) token arrays."""
+    if corpus == "stdlib":
+        return build_stdlib_corpus(val_fraction)
+    return load_token_bins(corpus)

@@ -1,0 +1,56 @@
+"""Grouped SwiGLU experts holding stacked 3-D weights; a functional form for gathered copies."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparsetrain.kernels import grouped_linear
+
+WeightTransform = Callable[[str, torch.Tensor, list[int]], torch.Tensor]
+EXPERT_WEIGHTS = ("w1", "w2", "w3")
+
+
+def expert_shapes(d_model: int, d_ffn: int) -> dict[str, tuple[int, int]]:
+    """Per-expert weight shapes [out, in] in chunk order."""
+    return {"w1": (d_ffn, d_model), "w2": (d_model, d_ffn), "w3": (d_ffn, d_model)}
+
+
+def swiglu_experts(x: torch.Tensor, counts: list[int], w1: torch.Tensor, w2: torch.Tensor,
+                   w3: torch.Tensor) -> torch.Tensor:
+    """x [N, d] sorted by expert, counts per expert (len E_here) -> [N, d]."""
+    h = F.silu(grouped_linear(x, w1, counts)) * grouped_linear(x, w3, counts)  # [N, d_ffn]
+    return grouped_linear(h, w2, counts)  # [N, d]
+
+
+class GroupedExperts(nn.Module):
+    """E experts as stacked weights w1/w3 [E, d_ffn, d] and w2 [E, d, d_ffn]."""
+
+    def __init__(self, num_experts: int, d_model: int, d_ffn: int) -> None:
+        super().__init__()
+        self.num_experts, self.d_model, self.d_ffn = num_experts, d_model, d_ffn
+        for name, (o, i) in expert_shapes(d_model, d_ffn).items():
+            self.register_parameter(name, nn.Parameter(torch.empty(num_experts, o, i)))
+        self.weight_transform: Optional[WeightTransform] = None  # e.g. N:M masking (sparsity)
+
+    def weights(self, ids: Optional[list[int]] = None,
+                stacked: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+        """The weights to compute with (own params unless given), after the weight transform."""
+        ws = stacked if stacked is not None else {n: getattr(self, n) for n in EXPERT_WEIGHTS}
+        ids = ids if ids is not None else list(range(self.num_experts))
+        if self.weight_transform is not None:
+            ws = {n: self.weight_transform(n, w, ids) for n, w in ws.items()}
+        return ws
+
+    def forward(self, x: torch.Tensor, counts: list[int], ids: Optional[list[int]] = None,
+                stacked: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """x [N, d] sorted by expert (counts per expert in `ids` order) -> [N, d]."""
+        ws = self.weights(ids, stacked)
+        return swiglu_experts(x, counts, ws["w1"], ws["w2"], ws["w3"])
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.w1, std=std)
+        nn.init.normal_(self.w3, std=std)
+        nn.init.normal_(self.w2, std=out_std)

@@ -1,0 +1,119 @@
+"""Decoder-only GPT with MoE FFNs (every k-th layer); single-device code, no ranks."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparsetrain.config import Config
+from sparsetrain.model.layers import MLP, Attention, RMSNorm, rope_tables
+from sparsetrain.model.moe import MoELayer
+from sparsetrain.telemetry.timers import span
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, S, V]
+    loss: Optional[torch.Tensor] = None  # cross entropy (nats/token), no aux terms
+    aux_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    z_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    tokens_per_expert: Optional[torch.Tensor] = None  # [L_moe, E] this rank's routed slots
+    dropped: int = 0
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, use_moe: bool) -> None:
+        super().__init__()
+        m, e = cfg.model, cfg.moe
+        self.attn_norm = RMSNorm(m.d_model, m.norm_eps)
+        self.attn = Attention(m.d_model, m.n_heads)
+        self.ffn_norm = RMSNorm(m.d_model, m.norm_eps)
+        self.ffn: nn.Module
+        if use_moe:
+            self.ffn = MoELayer(m.d_model, e.num_experts, e.top_k, e.d_ffn, aux_loss_coef=e.aux_loss_coef,
+                                z_loss_coef=e.z_loss_coef, balance=e.balance, bias_update_rate=e.bias_update_rate,
+                                router_skew=e.router_skew, capacity_factor=e.capacity_factor)
+        else:
+            self.ffn = MLP(m.d_model, m.d_ffn_dense or 4 * m.d_model)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, MoELayer)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        with span("attention"):
+            x = x + self.attn(self.attn_norm(x), cos, sin)
+        if self.is_moe:
+            return x + self.ffn(self.ffn_norm(x))
+        with span("dense_ffn"):
+            return x + self.ffn(self.ffn_norm(x))
+
+
+class GPT(nn.Module):
+    """Token embedding -> blocks -> RMSNorm -> LM head (tied by default)."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        m = cfg.model
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(m.vocab_size, m.d_model)
+        self.layers = nn.ModuleList(Block(cfg, use_moe=(i % m.moe_every == m.moe_every - 1) or m.moe_every == 1)
+                                    for i in range(m.n_layers))
+        self.norm = RMSNorm(m.d_model, m.norm_eps)
+        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        if m.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(m.seq_len, m.d_model // m.n_heads, m.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE layers in depth order."""
+        return [b.ffn for b in self.layers if isinstance(b.ffn, MoELayer)]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 style init: N(0, std), residual outputs scaled by 1/sqrt(2 * n_layers)."""
+        std = self.cfg.model.init_std
+        out_std = std / math.sqrt(2 * self.cfg.model.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            last = name.rsplit(".", 1)[-1]
+            is_out = last in ("w2",) or name.endswith("attn.wo.weight") or name.endswith("ffn.w2.weight")
+            nn.init.normal_(p, std=out_std if is_out else std)
+        for mod in self.modules():
+            if isinstance(mod, RMSNorm):
+                nn.init.ones_(mod.weight)
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None) -> ModelOutput:
+        """idx [B, S] token ids -> logits [B, S, V] and the losses when targets are given."""
+        x = self.tok_emb(idx)  # [B, S, d]
+        for block in self.layers:
+            x = block(x, self.rope_cos, self.rope_sin)
+        logits = self.lm_head(self.norm(x))  # [B, S, V]
+        out = ModelOutput(logits=logits)
+        moes = self.moe_layers()
+        if moes:
+            routes = [m.last_route for m in moes]
+            out.aux_loss = sum(r.aux_loss for r in routes)
+            out.z_loss = sum(r.z_loss for r in routes)
+            out.tokens_per_expert = torch.stack([r.tokens_per_expert for r in routes])  # [L_moe, E]
+            out.dropped = sum(m.last_dropped for m in moes)
+        if targets is not None:
+            out.loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        return out
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(cfg: Config, device: str | torch.device = "cpu") -> GPT:
+    """Build and initialise the model deterministically from train.seed."""
+    torch.manual_seed(cfg.train.seed)
+    return GPT(cfg).to(device)

@@ -1,0 +1,92 @@
+"""MoE FFN layer: router -> Dispatcher (dispatch, local experts, combine)."""
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+
+from sparsetrain.model.experts import GroupedExperts
+from sparsetrain.model.router import RouterOutput, TopKRouter
+from sparsetrain.telemetry.timers import span
+
+
+class Dispatcher(Protocol):
+    """Moves routed token slots to experts and back; strategies swap it, never the model."""
+
+    def __call__(self, experts: GroupedExperts, x: torch.Tensor, route: RouterOutput) -> tuple[torch.Tensor, int]:
+        """x [T, d] + routing -> (combined output [T, d], dropped slot count)."""
+        ...
+
+
+def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat slot order grouping slots by expert (stable) and slots per expert [E]."""
+    flat = expert_ids.flatten()  # [T*k]
+    order = torch.argsort(flat, stable=True)  # [T*k]
+    counts = torch.bincount(flat, minlength=num_experts)  # [E]
+    return order, counts
+
+
+def combine_slots(y_slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """y_slots [T*k, d] in slot order, weights [T, k] -> [T, d] (same summation order everywhere)."""
+    t, k = weights.shape
+    return (y_slots.view(t, k, -1) * weights.unsqueeze(-1)).sum(dim=1)  # [T, k, d] -> [T, d]
+
+
+def capacity_keep(expert_ids: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """Bool mask [T*k]: slot kept if it is among the first `capacity` slots of its expert (token order)."""
+    flat = expert_ids.flatten()  # [T*k]
+    one_hot = torch.nn.functional.one_hot(flat, num_experts)  # [T*k, E]
+    position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # [T*k] rank of slot within its expert
+    return position < capacity
+
+
+class LocalDispatcher:
+    """Single-device dispatch: sort slots by expert, run each expert on its tokens, unsort, combine."""
+
+    def __init__(self, capacity_factor: float = 0.0) -> None:
+        self.capacity_factor = capacity_factor
+
+    def __call__(self, experts: GroupedExperts, x: torch.Tensor, route: RouterOutput) -> tuple[torch.Tensor, int]:
+        t, k = route.expert_ids.shape
+        ids = route.expert_ids
+        dropped = 0
+        keep = None
+        if self.capacity_factor > 0:
+            cap = math.ceil(self.capacity_factor * t * k / experts.num_experts)
+            keep = capacity_keep(ids, experts.num_experts, cap)  # [T*k]
+            dropped = int((~keep).sum())
+        with span("dispatch"):
+            order, counts = sort_by_expert(ids, experts.num_experts)
+            if keep is not None:
+                order = order[keep[order]]  # dropped slots never reach an expert
+                counts = torch.bincount(ids.flatten()[order], minlength=experts.num_experts)
+            x_sorted = x[order // k]  # [S, d]
+        with span("experts"):
+            y_sorted = experts(x_sorted, counts.tolist())  # [S, d]
+        with span("combine"):
+            y_slots = x.new_zeros(t * k, x.shape[-1]).index_copy(0, order, y_sorted)  # [T*k, d]
+            return combine_slots(y_slots, route.weights), dropped
+
+
+class MoELayer(nn.Module):
+    """Router + grouped experts; the dispatcher decides where expert compute happens."""
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, d_ffn: int, **router_kw) -> None:
+        super().__init__()
+        capacity_factor = router_kw.pop("capacity_factor", 0.0)
+        self.router = TopKRouter(d_model, num_experts, top_k, **router_kw)
+        self.experts = GroupedExperts(num_experts, d_model, d_ffn)
+        self.dispatcher: Dispatcher = LocalDispatcher(capacity_factor)
+        self.last_route: RouterOutput | None = None
+        self.last_dropped = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, S, d] -> [B, S, d]."""
+        b, s, d = x.shape
+        flat = x.reshape(b * s, d)  # [B, S, d] -> [T, d]
+        route = self.router(flat)
+        y, self.last_dropped = self.dispatcher(self.experts, flat, route)
+        self.last_route = route
+        return y.view(b, s, d)  # [T, d] -> [B, S, d]

@@ -1,0 +1,116 @@
+"""Strategy base: what the trainer asks of a parallel strategy, plus single-process and data-parallel ones."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from sparsetrain.config import Config
+from sparsetrain.model.experts import GroupedExperts
+from sparsetrain.model.gpt import GPT
+from sparsetrain.parallel.mesh import DistInfo
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor, or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def expert_modules(model: nn.Module) -> list[tuple[str, GroupedExperts]]:
+    """(fqn, module) of every GroupedExperts in depth order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, GroupedExperts)]
+
+
+class Strategy:
+    """Single process: no communication. Subclasses override the hooks they need."""
+
+    name = "none"
+
+    def __init__(self, cfg: Config, info: DistInfo, mesh: Any = None) -> None:
+        self.cfg, self.info, self.mesh = cfg, info, mesh
+
+    def apply(self, model: GPT) -> GPT:
+        """Apply the parallel passes to a freshly built model (same init on every rank)."""
+        return model
+
+    def trainable(self, model: GPT) -> list[tuple[str, torch.nn.Parameter]]:
+        """(name, param) pairs the optimizer owns on this rank."""
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def extra_state(self) -> dict[str, Any]:
+        """JSON-able strategy state saved with checkpoints (e.g. load history)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any], model: GPT) -> None:
+        """Restore what extra_state() saved."""
+
+    def replication(self, name: str, p: torch.Tensor) -> int:
+        """How many ranks hold an identical copy of this (local) gradient; used for the global norm."""
+        return 1
+
+    def finish_backward(self, model: GPT) -> None:
+        """Synchronise gradients not handled by module wrappers (e.g. expert grads)."""
+
+    def grad_norm(self, model: GPT) -> torch.Tensor:
+        """Global L2 norm of all gradients, identical on every rank."""
+        sq = torch.zeros((), dtype=torch.float64)
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                g = local_tensor(p.grad).detach()
+                sq += g.double().pow(2).sum().cpu() / self.replication(name, p)
+        if is_dist():
+            sq = sq.to(self.info.device)
+            dist.all_reduce(sq)
+        return sq.sqrt().float().cpu()
+
+    def after_step(self, step: int, model: GPT, optimizer: torch.optim.Optimizer,
+                   counts: Optional[torch.Tensor]) -> Optional[torch.optim.Optimizer]:
+        """Called after each optimizer step; may return a rebuilt optimizer (re-sharding)."""
+        return None
+
+    def reduce_counts(self, c: torch.Tensor) -> torch.Tensor:
+        """Sum routed-token counts over the data-parallel ranks (global batch statistics)."""
+        if is_dist():
+            c = c.to(self.info.device).clone()
+            dist.all_reduce(c)
+            return c.cpu() if self.info.device.type == "cpu" else c
+        return c
+
+    def install_count_reducer(self, model: GPT) -> None:
+        for moe in model.moe_layers():
+            moe.router.reduce_counts = self.reduce_counts
+
+    def step_metrics(self) -> dict[str, float]:
+        """Strategy-specific numbers for the log line (bytes moved, imbalance, ...)."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"strategy": self.name}
+
+
+class DataParallel(Strategy):
+    """Experts replicated on every rank; dense params by FSDP2 or an averaged all-reduce."""
+
+    name = "dp"
+
+    def apply(self, model: GPT) -> GPT:
+        self.install_count_reducer(model)
+        if self.info.world > 1 and self.cfg.parallel.dense == "fsdp2":
+            from sparsetrain.parallel.dense import apply_dense_sharding
+
+            apply_dense_sharding(model, self.info, ignored=set())
+        return model
+
+    def replication(self, name: str, p: torch.Tensor) -> int:
+        return 1 if hasattr(p, "to_local") else self.info.world
+
+    def finish_backward(self, model: GPT) -> None:
+        from sparsetrain.parallel.dense import all_reduce_grads
+
+        all_reduce_grads([p for p in model.parameters() if not hasattr(p, "to_local")], self.info.world)

@@ -1,0 +1,58 @@
+"""Metrics JSONL writer, log-line formatting and the end-of-run summary table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to <out_dir>/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool, fresh: bool) -> None:
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if fresh and self.path.exists():
+                self.path.unlink()
+
+    def write(self, record: dict[str, Any], resumed_from: Optional[int] = None) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """On resume, drop records past the checkpoint step so the file reads like one run."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", -1) <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def format_log(rec: dict[str, Any]) -> str:
+    """One human line per interval."""
+    parts = [f"step {rec['step']:>5}", f"loss {rec['loss']:.4f}"]
+    if "val_loss" in rec:
+        parts.append(f"val {rec['val_loss']:.4f}")
+    parts += [f"lr {rec['lr']:.2e}", f"tok/s {rec['tokens_per_s']:,.0f}"]
+    if "expert_load_max_mean" in rec:
+        parts.append(f"load max/mean {rec['expert_load_max_mean']:.2f}")
+    if "spag_MB" in rec:
+        parts.append(f"spAG {rec['spag_MB']:.2f}MB spRS {rec['sprs_MB']:.2f}MB")
+    if "a2a_MB" in rec:
+        parts.append(f"a2a {rec['a2a_MB']:.2f}MB")
+    return " | ".join(parts)
+
+
+def summary_table(rows: list[tuple[str, Any]]) -> str:
+    """A two-column aligned table."""
+    width = max(len(k) for k, _ in rows) if rows else 0
+    lines = ["=" * (width + 32), "run summary", "-" * (width + 32)]
+    for k, v in rows:
+        vs = f"{v:.4f}" if isinstance(v, float) else str(v)
+        lines.append(f"{k:<{width}}  {vs}")
+    lines.append("=" * (width + 32))
+    return "\n".join(lines)

@@ -1,0 +1,35 @@
+"""Worker entry: the same function runs under Ray, torchrun or in-process."""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from sparsetrain.config import config_from_dict, validate_world
+from sparsetrain.parallel.mesh import init_distributed
+
+
+def train_worker(cfg_dict: dict) -> Optional[dict[str, Any]]:
+    """Init the process group from env (RANK, WORLD_SIZE, ...), train, return the summary on rank 0."""
+    cfg = config_from_dict(cfg_dict)
+    if cfg.launch.torch_threads > 0:
+        torch.set_num_threads(cfg.launch.torch_threads)
+    info = init_distributed(cfg.train.device)
+    validate_world(cfg, info.world)
+    from sparsetrain.train.trainer import Trainer
+
+    try:
+        summary = Trainer(cfg, info).fit()
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return summary if info.is_main else None
+
+
+def run_inline(cfg_dict: dict) -> Optional[dict[str, Any]]:
+    """Single-process run without any launcher (world size 1)."""
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
+        os.environ.setdefault(k, v)
+    return train_worker(cfg_dict)

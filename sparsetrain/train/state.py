@@ -1,0 +1,84 @@
+"""Placement-independent flat state: per-expert keys for weights and optimizer state.
+
+Expert weights live in stacked tensors whose rows are the experts a rank holds
+(`GroupedExperts.expert_ids`); the flat view splits them into one entry per
+expert (`layers.3.ffn.experts.7.w1`), so checkpoints and re-sharding never
+depend on placement or world size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts
+
+OPT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def expert_ids_of(mod: GroupedExperts) -> list[int]:
+    return list(getattr(mod, "expert_ids", range(mod.num_experts)))
+
+
+def _expert_param_names(model: nn.Module) -> dict[str, tuple[str, GroupedExperts]]:
+    out = {}
+    for mname, mod in model.named_modules():
+        if isinstance(mod, GroupedExperts):
+            for w in EXPERT_WEIGHTS:
+                out[f"{mname}.{w}"] = (mname, mod)
+    return out
+
+
+def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create zero Adam state for every param so a checkpoint can load into it in place."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                for k in OPT_KEYS:
+                    st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def flat_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
+    """{key: tensor view} for params, persistent buffers and Adam state; experts split per expert."""
+    experts = _expert_param_names(model)
+    params = dict(model.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    for key, t in model.state_dict().items():
+        if key in experts:
+            continue
+        out[f"model.{key}"] = t
+    for key, (mname, mod) in experts.items():
+        stacked = getattr(mod, key.rsplit(".", 1)[-1])
+        w = key.rsplit(".", 1)[-1]
+        for row, gid in enumerate(expert_ids_of(mod)):
+            out[f"model.{mname}.{gid}.{w}"] = stacked.data[row]
+    if optimizer is None:
+        return out
+    ensure_optimizer_state(optimizer)
+    step = None
+    for name, p in params.items():
+        st = optimizer.state.get(p)
+        if not st:
+            continue
+        step = st["step"]
+        if name in experts:
+            mname, mod = experts[name]
+            w = name.rsplit(".", 1)[-1]
+            for k in OPT_KEYS:
+                for row, gid in enumerate(expert_ids_of(mod)):
+                    out[f"optim.{mname}.{gid}.{w}.{k}"] = st[k][row]
+        else:
+            for k in OPT_KEYS:
+                out[f"optim.{name}.{k}"] = st[k]
+    if step is not None:
+        out["optim.step"] = step.detach().clone().reshape(())
+    return out
+
+
+def set_optimizer_step(optimizer: torch.optim.Optimizer, step: torch.Tensor) -> None:
+    """After loading, every param's Adam step counter takes the saved value."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if optimizer.state.get(p):
+                optimizer.state[p]["step"] = step.detach().clone().reshape(()).float()

@@ -1,0 +1,256 @@
+"""The training loop: one screen of logic; strategies, data and checkpoints plug in."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from sparsetrain.config import Config, to_dict
+from sparsetrain.data import TokenBatches
+from sparsetrain.model.gpt import GPT, build_model
+from sparsetrain.parallel import build_strategy
+from sparsetrain.parallel.mesh import DistInfo
+from sparsetrain.telemetry.comm import COMM
+from sparsetrain.telemetry.metrics import MetricsWriter, format_log, summary_table, truncate_after
+from sparsetrain.telemetry.timers import TIMERS, span
+from sparsetrain.train import checkpoint as ckpt
+from sparsetrain.train.optim import build_optimizer, lr_at
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the message names the step."""
+
+
+def _allreduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        t = t / dist.get_world_size()
+    return t
+
+
+class Trainer:
+    """Builds model + strategy + optimizer + data from a Config and runs train / eval."""
+
+    def __init__(self, cfg: Config, info: Optional[DistInfo] = None) -> None:
+        self.cfg, self.info = cfg, info or DistInfo()
+        self.device = self.info.device
+        self.strategy = build_strategy(cfg, self.info)
+        self.model: GPT = self.strategy.apply(build_model(cfg, self.device))
+        self.sparsifier = None
+        if cfg.sparsity.enabled:
+            from sparsetrain.sparsity import NMConfig, sparsify_
+
+            self.sparsifier = sparsify_(self.model, NMConfig.from_config(cfg.sparsity))
+        self.optimizer = build_optimizer(self.strategy.trainable(self.model), cfg.train)
+        self.data = TokenBatches(cfg, self.info.rank, self.info.world)
+        self.out_dir = Path(cfg.train.out_dir)
+        self.ckpt_dir = Path(cfg.checkpoint.dir or self.out_dir / "checkpoints")
+        self.start_step = 0
+        self.history: list[dict[str, Any]] = []
+
+    # ----------------------------------------------------------------- helpers
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _progress(self) -> bool:
+        return self.info.is_main and self.cfg.train.progress and os.environ.get("SPARSETRAIN_PROGRESS", "1") != "0"
+
+    def _print(self, msg: str) -> None:
+        if self.info.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(msg)
+
+    def maybe_resume(self) -> None:
+        """Load the latest committed checkpoint in checkpoint.dir when resume is on."""
+        if not self.cfg.checkpoint.resume:
+            return
+        path = ckpt.latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            return
+        extra = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        self.strategy.load_extra_state(extra.get("strategy", {}), self.model)
+        self.start_step = int(extra["step"]) + 1
+        if self.info.is_main:
+            truncate_after(self.out_dir / "metrics.jsonl", int(extra["step"]))
+        self._print(f"resumed from {path} at step {self.start_step}")
+
+    def save(self, step: int) -> Path:
+        extra = {"strategy": self.strategy.extra_state(), "config": to_dict(self.cfg)}
+        return ckpt.save_checkpoint(self.ckpt_dir, step, self.model, self.optimizer, extra, self.cfg.checkpoint.keep)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation cross entropy (nats/token) over data.eval_batches fixed batches."""
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for i in range(self.cfg.data.eval_batches):
+            x, y = (t.to(self.device) for t in self.data.val_batch(i))
+            with self._autocast():
+                total += self.model(x, y).loss.float()
+        self.model.train()
+        return float(_allreduce_mean(total / self.cfg.data.eval_batches))
+
+    # ----------------------------------------------------------------- one step
+    def train_step(self, step: int) -> dict[str, Any]:
+        cfg = self.cfg.train
+        lr = lr_at(step, cfg)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        x_all, y_all = self.data.train_batch(step)
+        micro = x_all.shape[0] // cfg.grad_accum
+        stats = torch.zeros(3, device=self.device)  # ce, aux, z
+        counts = None
+        t_fwd = t_bwd = 0.0
+        for mi in range(cfg.grad_accum):
+            x = x_all[mi * micro:(mi + 1) * micro].to(self.device)
+            y = y_all[mi * micro:(mi + 1) * micro].to(self.device)
+            t0 = time.perf_counter()
+            with self._autocast():
+                out = self.model(x, y)
+                loss = out.loss + out.aux_loss + out.z_loss
+            t1 = time.perf_counter()
+            (loss / cfg.grad_accum).backward()
+            t_fwd, t_bwd = t_fwd + t1 - t0, t_bwd + time.perf_counter() - t1
+            stats += torch.stack([out.loss.detach().float(), out.aux_loss.detach().float(),
+                                  out.z_loss.detach().float()]).to(self.device) / cfg.grad_accum
+            if out.tokens_per_expert is not None:
+                c = out.tokens_per_expert.detach().float()
+                counts = c if counts is None else counts + c
+        if os.environ.get("SPARSETRAIN_FAIL_RANK") == str(self.info.rank) and step >= 1:
+            raise RuntimeError(f"injected failure on rank {self.info.rank}")
+        self.strategy.finish_backward(self.model)
+        stats = _allreduce_mean(stats)
+        ce = float(stats[0])
+        rec: dict[str, Any] = {"step": step, "loss": ce, "aux_loss": float(stats[1]), "z_loss": float(stats[2]),
+                               "lr": lr, "fwd_s": t_fwd, "bwd_s": t_bwd}
+        if not torch.isfinite(stats).all():
+            if cfg.on_nan == "error":
+                raise NonFiniteLossError(f"non-finite loss {ce} at step {step} (train.on_nan=error; "
+                                         f"set train.on_nan=skip to skip such steps)")
+            self.optimizer.zero_grad(set_to_none=True)
+            rec["skipped"] = True
+            return rec
+        with span("optimizer"):
+            gnorm = self.strategy.grad_norm(self.model)
+            if cfg.grad_clip > 0:
+                clip = min(1.0, cfg.grad_clip / (float(gnorm) + 1e-6))
+                if clip < 1.0:
+                    for p in self.model.parameters():
+                        if p.grad is not None:
+                            p.grad.mul_(clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            for moe in self.model.moe_layers():
+                moe.router.update_bias()
+            if self.sparsifier is not None:
+                self.sparsifier.step(step)
+        rec["grad_norm"] = float(gnorm)
+        global_counts = self.strategy.reduce_counts(counts) if counts is not None else None
+        new_opt = self.strategy.after_step(step, self.model, self.optimizer, global_counts)
+        if new_opt is not None:
+            self.optimizer = new_opt
+        if global_counts is not None:
+            per_layer = global_counts.float()
+            rec["expert_load_max_mean"] = float((per_layer.max(1).values / per_layer.mean(1).clamp_min(1e-9)).mean())
+            rec["_counts"] = per_layer.cpu().tolist()
+        return rec
+
+    # ----------------------------------------------------------------- the loop
+    def fit(self) -> dict[str, Any]:
+        """Train for train.steps, log, evaluate, checkpoint; returns the summary (rank 0)."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.maybe_resume()
+        writer = MetricsWriter(self.out_dir, self.info.is_main, fresh=self.start_step == 0)
+        loads_path = self.out_dir / "expert_loads.jsonl"
+        if self.info.is_main and self.start_step == 0 and loads_path.exists():
+            loads_path.unlink()
+        TIMERS.enabled, TIMERS.sync_cuda = True, self.device.type == "cuda"
+        tokens_per_step = cfg.data.batch_size * cfg.model.seq_len
+        bar = tqdm(total=cfg.train.steps, initial=self.start_step, disable=not self._progress(),
+                   dynamic_ncols=True, leave=False)
+        t_start, val_loss = time.perf_counter(), None
+        interval_t, interval_steps = time.perf_counter(), 0
+        self.model.train()
+        for step in range(self.start_step, cfg.train.steps):
+            COMM.reset()
+            rec = self.train_step(step)
+            interval_steps += 1
+            counts = rec.pop("_counts", None)
+            if counts is not None and self.info.is_main:
+                with loads_path.open("a") as f:
+                    f.write(json.dumps({"step": step, "counts": counts}) + "\n")
+            last = step == cfg.train.steps - 1
+            if cfg.train.eval_every and ((step + 1) % cfg.train.eval_every == 0 or last):
+                val_loss = self.evaluate()
+                rec["val_loss"] = val_loss
+            if (step + 1) % cfg.train.log_every == 0 or last or "val_loss" in rec:
+                now = time.perf_counter()
+                rec["tokens_per_s"] = tokens_per_step * interval_steps / max(now - interval_t, 1e-9)
+                interval_t, interval_steps = now, 0
+                rec.update(self.strategy.step_metrics())
+                rec.update(self._timer_metrics())
+                writer.write(rec)
+                self._print(format_log(rec))
+                self.history.append(rec)
+            else:
+                TIMERS.pop()
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            every = cfg.checkpoint.every
+            if (every and (step + 1) % every == 0) or (last and cfg.checkpoint.save_final and every >= 0):
+                self.save(step)
+        bar.close()
+        elapsed = time.perf_counter() - t_start
+        TIMERS.enabled = False
+        return self._summary(elapsed, val_loss)
+
+    def _timer_metrics(self) -> dict[str, float]:
+        """Forward spans (ms) for this interval, max over ranks, plus expert CPU-time imbalance."""
+        wall, cpu = TIMERS.pop()
+        names = ("attention", "dispatch", "experts", "combine", "optimizer")
+        vals = torch.tensor([wall.get(n, 0.0) for n in names] + [cpu.get("experts", 0.0)], dtype=torch.float64)
+        out: dict[str, float] = {}
+        if dist.is_available() and dist.is_initialized():
+            gathered = [torch.zeros_like(vals) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, vals)
+            allv = torch.stack(gathered)  # [world, 6]
+            busy = allv[:, -1]
+            out["expert_busy_max_mean"] = float(busy.max() / busy.mean().clamp_min(1e-12))
+            vals = allv.max(0).values
+        for n, v in zip(names, vals[:-1].tolist()):
+            out[f"t_{n}_ms"] = 1000 * v
+        return out
+
+    def _summary(self, elapsed: float, val_loss: Optional[float]) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        steps_run = self.cfg.train.steps - self.start_step
+        summary = {
+            "steps": self.cfg.train.steps, "steps_run": steps_run, "final_loss": last.get("loss"),
+            "val_loss": val_loss, "elapsed_s": elapsed,
+            "tokens_per_s": self.cfg.data.batch_size * self.cfg.model.seq_len * steps_run / max(elapsed, 1e-9),
+            "params": sum(p.numel() for p in self.model.parameters()), "world": self.info.world,
+            **self.strategy.describe(),
+        }
+        for k in ("expert_load_max_mean", "expert_busy_max_mean", "spag_MB", "sprs_MB", "a2a_MB", "rank_tokens_max_mean"):
+            if k in last:
+                summary[k] = last[k]
+        if self.info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            rows = [(k, v) for k, v in summary.items() if not isinstance(v, (dict, list))]
+            print(summary_table(rows), flush=True)
+            for k, v in summary.items():
+                if isinstance(v, (dict, list)):
+                    print(f"{k}: {json.dumps(v)}", flush=True)
+        return summary
