@@ -82,3 +82,21 @@ def set_optimizer_step(optimizer: torch.optim.Optimizer, step: torch.Tensor) -> 
         for p in group["params"]:
             if optimizer.state.get(p):
                 optimizer.state[p]["step"] = step.detach().clone().reshape(()).float()
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every model entry as a full CPU tensor on every rank (DTensors gathered, experts from their holders)."""
+    import torch.distributed as dist
+
+    local = {}
+    for k, v in flat_state(model, None).items():
+        local[k] = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone()
+    if not (dist.is_available() and dist.is_initialized()):
+        return local
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    merged: dict[str, torch.Tensor] = {}
+    for p in parts:
+        for k, v in p.items():
+            merged.setdefault(k, v)
+    return merged

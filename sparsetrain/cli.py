@@ -1,0 +1,159 @@
+"""`sparsetrain` command line: train, eval, generate, config, plan, submit, jobs."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from sparsetrain.config import Config, ConfigError, load_config, to_dict
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train Mixture-of-Experts and N:M-sparse transformers (FSSDP, EP, N:M).")
+
+ConfigOpt = typer.Option("tiny", "--config", "-c", help="YAML preset path or name under configs/")
+SetOpt = typer.Option(None, "--set", "-s", help="override, e.g. --set train.steps=10 (repeatable)")
+SINGLE = ["parallel.strategy=none", "launch.workers=1"]  # eval/generate run on one process
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from sparsetrain.data.corpus import DataError
+    from sparsetrain.train.checkpoint import CheckpointError
+
+    errs: list[type[BaseException]] = [ConfigError, DataError, CheckpointError]
+    try:
+        from sparsetrain.train.trainer import NonFiniteLossError
+
+        errs.append(NonFiniteLossError)
+    except ImportError:
+        pass
+    try:
+        from sparsetrain.launcher.errors import LaunchError
+
+        errs.append(LaunchError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def _load(config: str, overrides: Optional[List[str]]) -> Config:
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as e:
+        _fail(str(e))
+    raise AssertionError("unreachable")
+
+
+@app.command()
+def train(config: str = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
+    """Train: in-process for 1 worker, else N workers via the launcher (Ray by default)."""
+    cfg = _load(config, overrides)
+    try:
+        if cfg.launch.workers == 1 and not cfg.launch.address and cfg.launch.backend != "torchrun":
+            from sparsetrain.train.entry import run_inline
+
+            run_inline(to_dict(cfg))
+        else:
+            from sparsetrain.launcher import run_job
+
+            run_job(cfg)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except _known_errors() as e:
+        _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, 1)
+
+
+@app.command("config")
+def show_config(config: str = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
+    """Print the resolved config (YAML) after presets and overrides."""
+    import yaml
+
+    typer.echo(yaml.safe_dump(to_dict(_load(config, overrides)), sort_keys=False))
+
+
+def _single_process_model(cfg: Config, checkpoint: Optional[str]):
+    """A strategy-free model with weights from a checkpoint (any world size / strategy)."""
+    from sparsetrain.model.gpt import build_model
+    from sparsetrain.train import checkpoint as ckpt
+
+    model = build_model(cfg)
+    root = Path(checkpoint or cfg.checkpoint.dir or f"{cfg.train.out_dir}/checkpoints")
+    path = root if (root / ".metadata").exists() else ckpt.latest_checkpoint(root)
+    if path is None:
+        _fail(f"no committed checkpoint under {root}")
+    ckpt.load_checkpoint(path, model, None)
+    model.eval()
+    return model, path
+
+
+@app.command("eval")
+def evaluate(config: str = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+             checkpoint: Optional[str] = typer.Option(None, help="checkpoint dir (default: latest in out_dir)")) -> None:
+    """Validation loss of a checkpoint on one process."""
+    cfg = _load(config, (overrides or []) + SINGLE)
+    try:
+        import torch
+
+        from sparsetrain.data import TokenBatches
+
+        model, path = _single_process_model(cfg, checkpoint)
+        data = TokenBatches(cfg)
+        with torch.no_grad():
+            losses = [float(model(*data.val_batch(i)).loss) for i in range(cfg.data.eval_batches)]
+        typer.echo(json.dumps({"checkpoint": str(path), "val_loss": sum(losses) / len(losses)}))
+    except _known_errors() as e:
+        _fail(str(e), 1)
+
+
+@app.command()
+def generate(config: str = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+             checkpoint: Optional[str] = typer.Option(None, help="checkpoint dir (default: latest in out_dir)"),
+             prompt: str = typer.Option("def ", help="text prompt (bytes)"),
+             tokens: int = typer.Option(200, help="new tokens to sample"),
+             temperature: float = typer.Option(0.8), top_k: int = typer.Option(40), seed: int = typer.Option(0)) -> None:
+    """Sample text from a checkpoint (byte-level vocab)."""
+    cfg = _load(config, (overrides or []) + SINGLE)
+    try:
+        from sparsetrain.model.sample import sample
+
+        model, _ = _single_process_model(cfg, checkpoint)
+        typer.echo(sample(model, prompt, tokens, temperature, top_k, seed))
+    except _known_errors() as e:
+        _fail(str(e), 1)
+
+
+@app.command()
+def plan(config: str = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
+    """Print per-rank memory and the initial FSSDP placement for launch.workers ranks, without training."""
+    cfg = _load(config, overrides)
+    from sparsetrain.parallel.plan_report import plan_report
+
+    typer.echo(plan_report(cfg))
+
+
+def _mount_launcher() -> None:
+    """Job commands live in sparsetrain.launcher (Ray imported only when they run)."""
+    try:
+        from sparsetrain.launcher.jobs import jobs_app, submit_command
+    except ImportError:
+        return
+    app.command("submit")(submit_command)
+    app.add_typer(jobs_app, name="jobs", help="Status, logs or stop of a submitted Ray job.")
+
+
+_mount_launcher()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Expert parallelism: a static partition of experts over the EP group, all-to-all dispatch/combine."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts
+from sparsetrain.model.gpt import GPT
+from sparsetrain.model.router import RouterOutput
+from sparsetrain.parallel.mesh import DistInfo
+from sparsetrain.parallel.strategy import Strategy, expert_modules
+from sparsetrain.parallel.token_exchange import exchange_and_compute
+from sparsetrain.telemetry.comm import COMM
+
+
+def keep_expert_rows(experts: GroupedExperts, ids: list[int]) -> None:
+    """Replace stacked weights by the rows of `ids` (fresh Parameters) and record the global ids."""
+    index = torch.tensor(ids, dtype=torch.long, device=experts.w1.device)
+    for name in EXPERT_WEIGHTS:
+        full = getattr(experts, name)
+        setattr(experts, name, nn.Parameter(full.detach().index_select(0, index).clone()))  # [len(ids), out, in]
+    experts.expert_ids = list(ids)
+
+
+class EPDispatcher:
+    """Slots go to the rank owning their expert (ep_rank = expert // experts_per_rank)."""
+
+    def __init__(self, strategy: "ExpertParallel", layer: int) -> None:
+        self.s, self.layer = strategy, layer
+
+    def __call__(self, experts: GroupedExperts, x: torch.Tensor, route: RouterOutput) -> tuple[torch.Tensor, int]:
+        s = self.s
+        slot_rank = route.expert_ids.reshape(-1) // s.experts_per_rank  # [T*k] EP-group rank
+        out, dropped, counts = exchange_and_compute(
+            x, route, slot_rank, experts.num_experts, experts.expert_ids,
+            lambda xs, c: experts(xs, c, ids=experts.expert_ids), s.ep_group, s.cfg.moe.capacity_factor)
+        s.rank_tokens[self.layer] = float(counts.sum())
+        return out, dropped
+
+
+class ExpertParallel(Strategy):
+    """Experts partitioned over contiguous EP groups; replicas across groups average expert grads."""
+
+    name = "ep"
+
+    def __init__(self, cfg, info: DistInfo) -> None:
+        super().__init__(cfg, info)
+        self.ep_size = (cfg.parallel.ep_size or info.world) if info.world > 1 else 1
+        self.experts_per_rank = cfg.moe.num_experts // self.ep_size
+        self.ep_group = self.replica_group = None
+        self.rank_tokens: dict[int, float] = {}
+
+    def _groups(self) -> None:
+        from sparsetrain.parallel.mesh import build_mesh
+
+        mesh = build_mesh(self.info, self.ep_size)
+        self.mesh = mesh
+        self.ep_group = mesh["ep"].get_group()
+        self.replica_group = mesh["dp"].get_group() if self.info.world > self.ep_size else None
+
+    def apply(self, model: GPT) -> GPT:
+        self.install_count_reducer(model)
+        if self.info.world == 1:
+            return model
+        self._groups()
+        ep_rank = dist.get_rank(self.ep_group)
+        lo = ep_rank * self.experts_per_rank
+        ids = list(range(lo, lo + self.experts_per_rank))
+        for li, moe in enumerate(model.moe_layers()):
+            keep_expert_rows(moe.experts, ids)
+            moe.dispatcher = EPDispatcher(self, li)
+        self._expert_params = {p for _, m in expert_modules(model) for p in m.parameters()}
+        if self.cfg.parallel.dense == "fsdp2":
+            from sparsetrain.parallel.dense import apply_dense_sharding
+
+            apply_dense_sharding(model, self.info, ignored=self._expert_params)
+        return model
+
+    def replication(self, name: str, p: torch.Tensor) -> int:
+        if hasattr(p, "to_local"):
+            return 1
+        if p in getattr(self, "_expert_params", set()):
+            return self.info.world // self.ep_size
+        return self.info.world
+
+    def finish_backward(self, model: GPT) -> None:
+        """Expert grads hold the sum over the EP group's tokens; sum over replicas, divide by world."""
+        if self.info.world == 1:
+            return
+        grads = [p.grad for p in self._expert_params if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            if self.replica_group is not None:
+                dist.all_reduce(flat, group=self.replica_group)
+            flat /= self.info.world
+            off = 0
+            for g in grads:
+                g.copy_(flat[off:off + g.numel()].view_as(g))
+                off += g.numel()
+        if self.cfg.parallel.dense == "ddp":
+            from sparsetrain.parallel.dense import all_reduce_grads
+
+            all_reduce_grads([p for p in model.parameters() if p not in self._expert_params], self.info.world)
+
+    def step_metrics(self) -> dict[str, float]:
+        out = {"a2a_MB": COMM.snapshot().get("all_to_all", 0) / 2**20}
+        if self.info.world > 1 and self.rank_tokens:
+            t = torch.tensor([sum(self.rank_tokens.values())], dtype=torch.float64)
+            allt = [torch.zeros_like(t) for _ in range(self.info.world)]
+            dist.all_gather(allt, t)
+            v = torch.cat(allt)
+            out["rank_tokens_max_mean"] = float(v.max() / v.mean().clamp_min(1e-9))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"strategy": self.name, "ep_size": self.ep_size, "experts_per_rank": self.experts_per_rank}

@@ -1,0 +1,299 @@
+"""FSSDP: experts sharded whole across ranks, materialized per step by spAG, gradients home by spRS.
+
+Each MoE layer's experts are chunks (one chunk = one expert's w1/w2/w3); every chunk has one owner rank
+holding the Parameters and optimizer state. Before the layer runs, the chunks this rank's placement
+says it needs are gathered (prefetched in the block's pre-forward hook, overlapping attention); tokens
+go to a copy on their own rank, else their node, else remote; spRS (spAG's backward) sums the copies'
+gradients into the owner. Placement is re-planned every step from all-reduced loads; ownership is
+re-sharded every `fssdp.reshard_every` steps with params and Adam state moving together.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts
+from sparsetrain.model.gpt import GPT
+from sparsetrain.model.router import RouterOutput
+from sparsetrain.parallel.ep import keep_expert_rows
+from sparsetrain.parallel.mesh import DistInfo
+from sparsetrain.parallel.placement import LayerPlacement, LoadTracker, initial_owners, reshard_owners
+from sparsetrain.parallel.planners import get_planner
+from sparsetrain.parallel.routing import choose_replicas
+from sparsetrain.parallel.sparse_collectives import SpAGHandle, spag, spag_start
+from sparsetrain.parallel.strategy import Strategy
+from sparsetrain.parallel.token_exchange import exchange_and_compute
+from sparsetrain.parallel.topology import Topology
+from sparsetrain.telemetry.comm import COMM
+
+
+def owned_flat(experts: GroupedExperts) -> torch.Tensor:
+    """Owned chunks as rows: [n_owned, C] with C = |w1| + |w2| + |w3| per expert (autograd-connected)."""
+    n = experts.w1.shape[0]
+    return torch.cat([getattr(experts, w).reshape(n, -1) for w in EXPERT_WEIGHTS], dim=1)  # [n, C]
+
+
+def split_chunks(mat: torch.Tensor, d_model: int, d_ffn: int) -> dict[str, torch.Tensor]:
+    """[n, C] rows -> stacked views w1/w3 [n, d_ffn, d], w2 [n, d, d_ffn] (no copies)."""
+    n, hd = mat.shape[0], d_model * d_ffn
+    return {"w1": mat[:, :hd].view(n, d_ffn, d_model), "w2": mat[:, hd:2 * hd].view(n, d_model, d_ffn),
+            "w3": mat[:, 2 * hd:].view(n, d_ffn, d_model)}
+
+
+def _lists(p: LayerPlacement) -> tuple[list[int], list[list[int]]]:
+    return list(p.owners), [list(c) for c in p.copies]
+
+
+class FSSDPDispatcher:
+    """Per-layer dispatcher: materialize chunks (spAG), topology-aware slot routing, exchange, compute."""
+
+    def __init__(self, strategy: "FSSDP", layer: int) -> None:
+        self.s, self.layer = strategy, layer
+
+    def __call__(self, experts: GroupedExperts, x: torch.Tensor, route: RouterOutput) -> tuple[torch.Tensor, int]:
+        s, li = self.s, self.layer
+        placement = s.placements[li]
+        handle = s.pending.pop(li, None) or s.start_gather(li, experts)
+        t_wait = time.perf_counter()
+        mat, mat_ids = handle.wait()
+        s.note_gather(li, t_wait)
+        ws = split_chunks(mat, experts.d_model, experts.d_ffn)
+        slot_rank = choose_replicas(route.expert_ids.reshape(-1), s.info.rank, placement, s.topo)  # [T*k]
+
+        def expert_fn(xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+            return experts(xs, counts, ids=mat_ids, stacked=ws)
+
+        release = (not s.fcfg.keep_materialized) and torch.is_grad_enabled()
+        ctx = s.release_hooks(li, mat, experts) if release else _null()
+        with ctx:
+            out, dropped, counts = exchange_and_compute(x, route, slot_rank, experts.num_experts, mat_ids, expert_fn,
+                                                        None, s.cfg.moe.capacity_factor)
+        s.rank_tokens[li] = float(counts.sum())
+        return out, dropped
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None
+
+
+class FSSDP(Strategy):
+    """The product strategy; see the module docstring and docs/fssdp.md."""
+
+    name = "fssdp"
+
+    def __init__(self, cfg, info: DistInfo) -> None:
+        super().__init__(cfg, info)
+        self.fcfg = cfg.parallel.fssdp
+        self.topo = Topology.from_env(info.world, cfg.parallel.pretend_nodes if info.world > 1 else 0)
+        self.planner = get_planner(self.fcfg.planner)
+        self.num_layers = 0
+        self.owners: list[list[int]] = []
+        self.placements: list[LayerPlacement] = []
+        self.pending: dict[int, SpAGHandle] = {}
+        self.rank_tokens: dict[int, float] = {}
+        self.regathered: dict[int, torch.Tensor] = {}
+        self.gather_start: dict[int, float] = {}
+        self.window_s: Optional[float] = None  # EMA of compute time available to hide a gather
+        self.bandwidth: Optional[float] = None  # bytes/s measured once at set-up
+        self.overlap_budget = self.fcfg.overlap_budget
+        self.reshards = 0
+        self.group: Optional[dist.ProcessGroup] = None
+
+    # ------------------------------------------------------------------ set-up
+    def apply(self, model: GPT) -> GPT:
+        self.install_count_reducer(model)
+        if self.info.world == 1:
+            return model
+        moes = model.moe_layers()
+        self.model_ref = model
+        self.num_layers, e = len(moes), self.cfg.moe.num_experts
+        self.tracker = LoadTracker(self.num_layers, e, self.fcfg.load_window)
+        self.owners = [initial_owners(e, self.info.world) for _ in moes]
+        self.group = dist.new_group(list(range(self.info.world)))  # once: keeps spAG p2p off the main group
+        self._expert_params: set[nn.Parameter] = set()
+        for li, moe in enumerate(moes):
+            keep_expert_rows(moe.experts, [x for x in range(e) if self.owners[li][x] == self.info.rank])
+            moe.dispatcher = FSSDPDispatcher(self, li)
+            self._expert_params |= set(moe.experts.parameters())
+        if self.cfg.parallel.dense == "fsdp2":
+            from sparsetrain.parallel.dense import apply_dense_sharding
+
+            apply_dense_sharding(model, self.info, ignored=self._expert_params)
+        self.chunk_bytes = owned_flat(moes[0].experts).shape[1] * moes[0].experts.w1.element_size()
+        if self.overlap_budget < 0:
+            self.bandwidth = self._measure_bandwidth(moes[0].experts)
+        self._replan()
+        if self.fcfg.prefetch:
+            for block in model.layers:
+                if block.is_moe:
+                    li = moes.index(block.ffn)
+                    block.register_forward_pre_hook(lambda mod, args, li=li: self._prefetch(li))
+        return model
+
+    def _measure_bandwidth(self, experts: GroupedExperts) -> float:
+        """Time one spAG that sends a chunk from every owner to every rank; all ranks agree (min)."""
+        e = experts.num_experts
+        probe = LayerPlacement.from_lists(initial_owners(e, self.info.world), [range(self.info.world)] * e)
+        owners, copies = _lists(probe)
+        with torch.no_grad():
+            rows = torch.zeros(len(probe.owned_by(self.info.rank)), self.chunk_bytes // 4)
+            dist.barrier()
+            t0 = time.perf_counter()
+            spag(rows, probe.owned_by(self.info.rank), owners, copies, self.group)
+            dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+        COMM.reset()
+        return probe.spag_bytes(self.chunk_bytes) / self.info.world / max(float(dt), 1e-9)
+
+    # ------------------------------------------------------------------ gathers
+    def start_gather(self, li: int, experts: GroupedExperts) -> SpAGHandle:
+        owners, copies = _lists(self.placements[li])
+        self.gather_start[li] = time.perf_counter()
+        return spag_start(owned_flat(experts), experts.expert_ids, owners, copies, self.group)
+
+    def _prefetch(self, li: int) -> None:
+        """Block pre-forward hook: post this layer's spAG so it overlaps attention."""
+        if li not in self.pending:
+            self.pending[li] = self.start_gather(li, self.model_ref.moe_layers()[li].experts)
+
+    def note_gather(self, li: int, t_wait: float) -> None:
+        window = t_wait - self.gather_start.pop(li, t_wait)
+        self.window_s = window if self.window_s is None else 0.8 * self.window_s + 0.2 * window
+
+    def release_hooks(self, li: int, mat: torch.Tensor, experts: GroupedExperts):
+        """Saved-tensor hooks: views of the gathered chunks are not kept; backward gathers them again."""
+        ptr = mat.untyped_storage().data_ptr()
+        shape = tuple(mat.shape)
+
+        def pack(t: torch.Tensor) -> Any:
+            if t.untyped_storage().data_ptr() == ptr and t.device == mat.device:
+                return ("fssdp_chunk", t.storage_offset(), tuple(t.shape), t.stride())
+            return t
+
+        def unpack(p: Any) -> torch.Tensor:
+            if not (isinstance(p, tuple) and p and p[0] == "fssdp_chunk"):
+                return p
+            buf = self.regathered.get(li)
+            if buf is None:
+                owners, copies = _lists(self.placements[li])
+                with torch.no_grad():
+                    buf, _ = spag(owned_flat(experts).detach(), experts.expert_ids, owners, copies, self.group)
+                assert tuple(buf.shape) == shape and buf.storage_offset() == 0
+                self.regathered[li] = buf
+            return buf.as_strided(p[2], p[3], p[1])
+
+        if mat.requires_grad:
+            def drop(grad: torch.Tensor) -> None:  # all uses of the copies are done: free the re-gather
+                self.regathered.pop(li, None)
+            mat.register_hook(drop)
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+    # ------------------------------------------------------------------ steps
+    def finish_backward(self, model: GPT) -> None:
+        """Owner grads already hold the sum over all ranks' tokens (spRS): divide by world."""
+        if self.info.world == 1:
+            return
+        self.pending.clear()
+        self.regathered.clear()
+        for p in self._expert_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad /= self.info.world
+        if self.cfg.parallel.dense == "ddp":
+            from sparsetrain.parallel.dense import all_reduce_grads
+
+            all_reduce_grads([p for p in model.parameters() if p not in self._expert_params], self.info.world)
+
+    def replication(self, name: str, p: torch.Tensor) -> int:
+        if hasattr(p, "to_local") or p in getattr(self, "_expert_params", set()):
+            return 1
+        return self.info.world
+
+    def _budget(self) -> int:
+        """Overlap budget t: configured, or compute window x bandwidth / chunk bytes (min over ranks)."""
+        if self.fcfg.overlap_budget >= 0:
+            return self.fcfg.overlap_budget
+        if self.window_s is None or self.bandwidth is None:
+            return self.fcfg.slots_per_rank
+        t = torch.tensor([int(self.window_s * self.bandwidth / max(self.chunk_bytes, 1))], dtype=torch.long)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(min(t.item(), self.cfg.moe.num_experts))
+
+    def _replan(self) -> None:
+        loads = self.tracker.predicted()  # [L, E]
+        self.overlap_budget = self._budget()
+        self.placements = [self.planner(loads[li], self.owners[li], self.topo, self.fcfg.slots_per_rank,
+                                        self.overlap_budget) for li in range(self.num_layers)]
+
+    def after_step(self, step: int, model: GPT, optimizer: torch.optim.Optimizer,
+                   counts: Optional[torch.Tensor]) -> Optional[torch.optim.Optimizer]:
+        if self.info.world == 1:
+            return None
+        if counts is not None:
+            self.tracker.update(counts.detach().cpu())
+        new_opt = None
+        every = self.fcfg.reshard_every
+        if every and (step + 1) % every == 0:
+            from sparsetrain.parallel.reshard import move_ownership
+
+            new_owners = reshard_owners(self.tracker.predicted(), self.owners, self.topo, self.placements)
+            if new_owners != self.owners:
+                new_opt = move_ownership(self, model, optimizer, new_owners)
+                self.owners = new_owners
+                self.reshards += 1
+        self._replan()
+        return new_opt
+
+    # ------------------------------------------------------------------ reporting
+    def step_metrics(self) -> dict[str, float]:
+        snap = COMM.snapshot()
+        out = {"spag_MB": snap.get("spag", 0) / 2**20, "sprs_MB": snap.get("sprs", 0) / 2**20,
+               "a2a_MB": snap.get("all_to_all", 0) / 2**20}
+        if self.info.world > 1:
+            t = torch.tensor([sum(self.rank_tokens.values())], dtype=torch.float64)
+            allt = [torch.zeros_like(t) for _ in range(self.info.world)]
+            dist.all_gather(allt, t)
+            v = torch.cat(allt)
+            out["rank_tokens_max_mean"] = float(v.max() / v.mean().clamp_min(1e-9))
+            out["overlap_budget"] = self.overlap_budget
+        return out
+
+    def hottest(self, top: int = 3) -> list[dict[str, Any]]:
+        """Per layer: the hottest experts, their owner and copies."""
+        if not self.placements:
+            return []
+        loads = self.tracker.predicted()
+        out = []
+        for li, p in enumerate(self.placements):
+            order = torch.argsort(loads[li], descending=True, stable=True)[:top].tolist()
+            out.append({"layer": li, "experts": [{"expert": e, "load": round(float(loads[li][e]), 1),
+                                                  "owner": p.owners[e], "copies": list(p.copies[e])} for e in order]})
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"strategy": self.name, "planner": self.fcfg.planner, "nodes": self.topo.num_nodes,
+                "reshards": self.reshards, "hottest_placement": self.hottest()}
+
+    def extra_state(self) -> dict[str, Any]:
+        if self.info.world == 1:
+            return {}
+        st = self.tracker.state_dict()
+        return {"tracker": {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in st.items()},
+                "reshards": self.reshards}
+
+    def load_extra_state(self, state: dict[str, Any], model: GPT) -> None:
+        if self.info.world == 1 or not state.get("tracker"):
+            return
+        tr = state["tracker"]
+        self.tracker.load_state_dict({k: (torch.tensor(v, dtype=torch.float64) if isinstance(v, list) else v)
+                                     for k, v in tr.items()})
+        self.reshards = int(state.get("reshards", 0))
+        self._replan()

@@ -1,0 +1,64 @@
+"""Token dispatch/combine across ranks shared by EP and FSSDP: slots -> (rank, expert) -> back."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from sparsetrain.model.moe import capacity_keep, combine_slots
+from sparsetrain.model.router import RouterOutput
+from sparsetrain.parallel.all_to_all import all_to_all_uneven
+from sparsetrain.telemetry.timers import span
+
+ExpertFn = Callable[[torch.Tensor, list[int]], torch.Tensor]
+
+
+def _exchange_count_matrix(c: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """c [world, E] slots this rank sends per (dest, expert) -> [world, E] slots received per (src, expert)."""
+    out = torch.empty_like(c)
+    dist.all_to_all_single(out.view(-1), c.contiguous().view(-1), group=group)  # E numbers per peer
+    return out
+
+
+def exchange_and_compute(x: torch.Tensor, route: RouterOutput, slot_rank: torch.Tensor, num_experts: int,
+                         local_ids: list[int], expert_fn: ExpertFn, group: Optional[dist.ProcessGroup],
+                         capacity_factor: float = 0.0) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Send each slot to `slot_rank`, run local experts grouped by expert, return combined [T, d].
+
+    Returns (output [T, d], dropped slots, tokens computed per local expert [len(local_ids)]).
+    """
+    world = dist.get_world_size(group)
+    t, k = route.expert_ids.shape
+    d = x.shape[-1]
+    flat_e = route.expert_ids.reshape(-1)  # [T*k]
+    dropped = 0
+    with span("dispatch"):
+        key = slot_rank * num_experts + flat_e  # [T*k] grouped by destination rank, then expert
+        order = torch.argsort(key, stable=True)
+        if capacity_factor > 0:  # GShard-style local capacity per expert on this rank's tokens
+            keep = capacity_keep(route.expert_ids, num_experts, int(-(-capacity_factor * t * k // num_experts)))
+            dropped = int((~keep).sum())
+            order = order[keep[order]]
+        sent = torch.bincount(key[order], minlength=world * num_experts).view(world, num_experts)  # [world, E]
+        recv = _exchange_count_matrix(sent, group)  # [world(src), E]
+        x_send = x[order // k]  # [S, d]
+        x_recv = all_to_all_uneven(x_send, sent.sum(1).tolist(), recv.sum(1).tolist(), group)  # [R, d]
+        src_label = torch.repeat_interleave(torch.arange(world), recv.sum(1).cpu())  # [R]
+        e_label = torch.repeat_interleave(torch.arange(num_experts).repeat(world), recv.cpu().reshape(-1))  # [R]
+        perm = torch.argsort(e_label * world + src_label, stable=True).to(x.device)  # [src][e] -> [e][src]
+        per_expert = recv.sum(0).cpu()  # [E]
+        stray = per_expert.clone()
+        stray[local_ids] = 0
+        if int(stray.sum()):
+            raise RuntimeError(f"received tokens for experts {stray.nonzero().flatten().tolist()} "
+                               f"not held on this rank (holds {local_ids})")
+        counts_local = per_expert[local_ids]  # [L]
+        x_grouped = x_recv[perm]  # [R, d] grouped by expert
+    with span("experts"):
+        y_grouped = expert_fn(x_grouped, counts_local.tolist())  # [R, d]
+    with span("combine"):
+        y_recv = torch.empty_like(y_grouped).index_copy(0, perm, y_grouped)  # back to [src][e] layout
+        y_sorted = all_to_all_uneven(y_recv, recv.sum(1).tolist(), sent.sum(1).tolist(), group)  # [S, d]
+        y_slots = x.new_zeros(t * k, d).index_copy(0, order, y_sorted)  # [T*k, d]
+        return combine_slots(y_slots, route.weights), dropped, counts_local
