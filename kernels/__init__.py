@@ -1,4 +1,33 @@
-"""Compute kernels (imported as sparsetrain.kernels): torch references plus fast paths."""
-from sparsetrain.kernels.grouped import grouped_linear, grouped_linear_reference
+"""Compute kernels (imported as sparsetrain.kernels): torch references plus fast paths.
 
-__all__ = ["grouped_linear", "grouped_linear_reference"]
+Triton is imported lazily by the 'triton' N:M path only, never at import time.
+"""
+from sparsetrain.kernels.grouped import grouped_linear, grouped_linear_reference
+from sparsetrain.kernels.nm_dispatch import (
+    choose_path,
+    grouped_nm_linear,
+    grouped_nm_linear_reference,
+    nm_linear,
+    set_benchmark_table,
+    table_key,
+)
+from sparsetrain.kernels.nm_format import NMCompressed, compress_nm, decompress, is_nm_sparse
+from sparsetrain.kernels.nm_paths import NM_PATHS, NMPath, get_path
+
+__all__ = [
+    "NM_PATHS",
+    "NMCompressed",
+    "NMPath",
+    "choose_path",
+    "compress_nm",
+    "decompress",
+    "get_path",
+    "grouped_linear",
+    "grouped_linear_reference",
+    "grouped_nm_linear",
+    "grouped_nm_linear_reference",
+    "is_nm_sparse",
+    "nm_linear",
+    "set_benchmark_table",
+    "table_key",
+]

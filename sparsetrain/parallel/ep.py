@@ -72,7 +72,8 @@ class ExpertParallel(Strategy):
         for li, moe in enumerate(model.moe_layers()):
             keep_expert_rows(moe.experts, ids)
             moe.dispatcher = EPDispatcher(self, li)
-        self._expert_params = {p for _, m in expert_modules(model) for p in m.parameters()}
+        self._expert_list = [p for _, m in expert_modules(model) for p in m.parameters()]  # same order on all ranks
+        self._expert_params = set(self._expert_list)
         if self.cfg.parallel.dense == "fsdp2":
             from sparsetrain.parallel.dense import apply_dense_sharding
 
@@ -90,7 +91,7 @@ class ExpertParallel(Strategy):
         """Expert grads hold the sum over the EP group's tokens; sum over replicas, divide by world."""
         if self.info.world == 1:
             return
-        grads = [p.grad for p in self._expert_params if p.grad is not None]
+        grads = [p.grad for p in self._expert_list if p.grad is not None]
         if grads:
             flat = torch.cat([g.reshape(-1) for g in grads])
             if self.replica_group is not None:
