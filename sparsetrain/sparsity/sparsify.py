@@ -183,6 +183,9 @@ class NMSparsifier:
         numel = nnz = 0
         plain = transp = 0.0
         for w in self.weights().values():
+            w = w.to_local() if hasattr(w, "to_local") else w  # FSDP2: this rank's whole rows
+            if w.numel() == 0:
+                continue
             a = w.detach().abs().float()
             mask = s.mask(w)
             tot = float(a.sum())

@@ -41,12 +41,18 @@ class Trainer:
         self.cfg, self.info = cfg, info or DistInfo()
         self.device = self.info.device
         self.strategy = build_strategy(cfg, self.info)
-        self.model: GPT = self.strategy.apply(build_model(cfg, self.device))
+        model = build_model(cfg, self.device)
         self.sparsifier = None
-        if cfg.sparsity.enabled:
-            from sparsetrain.sparsity import NMConfig, sparsify_
+        if cfg.sparsity.enabled:  # before sharding: FSDP2 then shards the parametrized originals
+            from sparsetrain.sparsity import NMConfig, nm_sparsifier, sparsify_
 
-            self.sparsifier = sparsify_(self.model, NMConfig.from_config(cfg.sparsity))
+            sparsify_(model, NMConfig.from_config(cfg.sparsity))
+            self.sparsifier = nm_sparsifier(model)
+        self.model: GPT = self.strategy.apply(model)
+        if cfg.offload.enabled:
+            from sparsetrain.offload import enable_activation_offload
+
+            self.offload = enable_activation_offload(self.model, cfg.offload)
         self.optimizer = build_optimizer(self.strategy.trainable(self.model), cfg.train)
         self.data = TokenBatches(cfg, self.info.rank, self.info.world)
         self.out_dir = Path(cfg.train.out_dir)
@@ -152,8 +158,10 @@ class Trainer:
             for moe in self.model.moe_layers():
                 moe.router.update_bias()
             if self.sparsifier is not None:
-                self.sparsifier.step(step)
+                self.sparsifier.step(step + 1)
         rec["grad_norm"] = float(gnorm)
+        if self.sparsifier is not None and ((step + 1) % cfg.log_every == 0 or step == cfg.steps - 1):
+            rec.update({f"nm_{k}": float(v) for k, v in self.sparsifier.stats().items()})
         global_counts = self.strategy.reduce_counts(counts) if counts is not None else None
         new_opt = self.strategy.after_step(step, self.model, self.optimizer, global_counts)
         if new_opt is not None:
