@@ -6,4 +6,4 @@ megatron, pynvml or CUDA initialisation.
 from sparsetrain.config import Config, ConfigError, load_config
 
 __version__ = "0.1.0"
-__all__ = ["Config", "ConfigError", "load_config", "__version__"]
+__all__ = ["Config", "ConfigError", "__version__", "load_config"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -43,7 +42,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
-def _load(config: str, overrides: Optional[List[str]]) -> Config:
+def _load(config: str, overrides: list[str] | None) -> Config:
     try:
         return load_config(config, overrides or [])
     except ConfigError as e:
@@ -52,7 +51,7 @@ def _load(config: str, overrides: Optional[List[str]]) -> Config:
 
 
 @app.command()
-def train(config: str = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
+def train(config: str = ConfigOpt, overrides: list[str] | None = SetOpt) -> None:
     """Train: in-process for 1 worker, else N workers via the launcher (Ray by default)."""
     cfg = _load(config, overrides)
     try:
@@ -71,14 +70,14 @@ def train(config: str = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> N
 
 
 @app.command("config")
-def show_config(config: str = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
+def show_config(config: str = ConfigOpt, overrides: list[str] | None = SetOpt) -> None:
     """Print the resolved config (YAML) after presets and overrides."""
     import yaml
 
     typer.echo(yaml.safe_dump(to_dict(_load(config, overrides)), sort_keys=False))
 
 
-def _single_process_model(cfg: Config, checkpoint: Optional[str]):
+def _single_process_model(cfg: Config, checkpoint: str | None):
     """A strategy-free model with weights from a checkpoint (any world size / strategy)."""
     from sparsetrain.model.gpt import build_model
     from sparsetrain.train import checkpoint as ckpt
@@ -94,8 +93,8 @@ def _single_process_model(cfg: Config, checkpoint: Optional[str]):
 
 
 @app.command("eval")
-def evaluate(config: str = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
-             checkpoint: Optional[str] = typer.Option(None, help="checkpoint dir (default: latest in out_dir)")) -> None:
+def evaluate(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
+             checkpoint: str | None = typer.Option(None, help="checkpoint dir (default: latest in out_dir)")) -> None:
     """Validation loss of a checkpoint on one process."""
     cfg = _load(config, (overrides or []) + SINGLE)
     try:
@@ -113,8 +112,8 @@ def evaluate(config: str = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
 
 
 @app.command()
-def generate(config: str = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
-             checkpoint: Optional[str] = typer.Option(None, help="checkpoint dir (default: latest in out_dir)"),
+def generate(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
+             checkpoint: str | None = typer.Option(None, help="checkpoint dir (default: latest in out_dir)"),
              prompt: str = typer.Option("def ", help="text prompt (bytes)"),
              tokens: int = typer.Option(200, help="new tokens to sample"),
              temperature: float = typer.Option(0.8), top_k: int = typer.Option(40), seed: int = typer.Option(0)) -> None:
@@ -130,7 +129,7 @@ def generate(config: str = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
 
 
 @app.command()
-def plan(config: str = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
+def plan(config: str = ConfigOpt, overrides: list[str] | None = SetOpt) -> None:
     """Print per-rank memory and the initial FSSDP placement for launch.workers ranks, without training."""
     cfg = _load(config, overrides)
     from sparsetrain.parallel.plan_report import plan_report

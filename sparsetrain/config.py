@@ -7,6 +7,7 @@ validates cross-field rules before any process starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -88,6 +89,9 @@ class OffloadConfig:
     enabled: bool = False
     every_k_layers: int = 1  # offload saved activations of every k-th block
     min_tensor_bytes: int = 1 << 16  # smaller saved tensors stay on device
+    checkpoint_activations: bool = False  # also recompute the selected blocks (their saved inputs get offloaded)
+    prefetch: bool = True  # when backward reaches block i, start bringing block i-1's activations back
+    pin_memory: bool = True  # CUDA: page-locked host buffers (async copies); ignored on CPU
 
 
 @dataclass
@@ -155,6 +159,9 @@ class Config:
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted for floats."""
     origin = typing.get_origin(tp)
@@ -167,6 +174,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         raise ConfigError(f"{key}: union types are not supported in the config schema")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string; it is a float literal
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true/false, got {value!r} ({source})")
     if tp in (int, float) and isinstance(value, bool):

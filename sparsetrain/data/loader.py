@@ -19,9 +19,11 @@ class TokenBatches:
             if len(arr) <= self.seq_len + 1:
                 raise DataError(f"{name} split of data.corpus={cfg.data.corpus!r} has {len(arr)} tokens; "
                                 f"need more than model.seq_len + 1 = {self.seq_len + 1}")
-        vmax = int(self.train[: 1 << 20].max())
-        if vmax >= cfg.model.vocab_size:
-            raise DataError(f"data.corpus has token id {vmax} >= model.vocab_size={cfg.model.vocab_size}")
+        for name, arr in (("train", self.train), ("val", self.val)):  # a prefix: .bin files may be huge
+            vmax = int(arr[: 1 << 20].max())
+            if vmax >= cfg.model.vocab_size:
+                raise DataError(f"{name} split of data.corpus={cfg.data.corpus!r} has token id {vmax} "
+                                f">= model.vocab_size={cfg.model.vocab_size}")
 
     def _windows(self, arr: np.ndarray, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]  # [B, S+1]

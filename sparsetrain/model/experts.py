@@ -1,11 +1,11 @@
 """Grouped SwiGLU experts holding stacked 3-D weights; a functional form for gathered copies."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from sparsetrain.kernels import grouped_linear
 
@@ -33,10 +33,10 @@ class GroupedExperts(nn.Module):
         self.num_experts, self.d_model, self.d_ffn = num_experts, d_model, d_ffn
         for name, (o, i) in expert_shapes(d_model, d_ffn).items():
             self.register_parameter(name, nn.Parameter(torch.empty(num_experts, o, i)))
-        self.weight_transform: Optional[WeightTransform] = None  # e.g. N:M masking (sparsity)
+        self.weight_transform: WeightTransform | None = None  # e.g. N:M masking (sparsity)
 
-    def weights(self, ids: Optional[list[int]] = None,
-                stacked: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    def weights(self, ids: list[int] | None = None,
+                stacked: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The weights to compute with (own params unless given), after the weight transform."""
         ws = stacked if stacked is not None else {n: getattr(self, n) for n in EXPERT_WEIGHTS}
         ids = ids if ids is not None else list(range(self.num_experts))
@@ -44,8 +44,8 @@ class GroupedExperts(nn.Module):
             ws = {n: self.weight_transform(n, w, ids) for n, w in ws.items()}
         return ws
 
-    def forward(self, x: torch.Tensor, counts: list[int], ids: Optional[list[int]] = None,
-                stacked: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: list[int], ids: list[int] | None = None,
+                stacked: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """x [N, d] sorted by expert (counts per expert in `ids` order) -> [N, d]."""
         ws = self.weights(ids, stacked)
         return swiglu_experts(x, counts, ws["w1"], ws["w2"], ws["w3"])

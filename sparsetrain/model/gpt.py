@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from sparsetrain.config import Config
 from sparsetrain.model.layers import MLP, Attention, RMSNorm, rope_tables
@@ -18,10 +17,10 @@ from sparsetrain.telemetry.timers import span
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # [B, S, V]
-    loss: Optional[torch.Tensor] = None  # cross entropy (nats/token), no aux terms
+    loss: torch.Tensor | None = None  # cross entropy (nats/token), no aux terms
     aux_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     z_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
-    tokens_per_expert: Optional[torch.Tensor] = None  # [L_moe, E] this rank's routed slots
+    tokens_per_expert: torch.Tensor | None = None  # [L_moe, E] this rank's routed slots
     dropped: int = 0
 
 
@@ -91,7 +90,7 @@ class GPT(nn.Module):
             if isinstance(mod, RMSNorm):
                 nn.init.ones_(mod.weight)
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None) -> ModelOutput:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
         """idx [B, S] token ids -> logits [B, S, V] and the losses when targets are given."""
         x = self.tok_emb(idx)  # [B, S, d]
         for block in self.layers:

@@ -5,7 +5,7 @@ import math
 from typing import Protocol
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from sparsetrain.model.experts import GroupedExperts
 from sparsetrain.model.router import RouterOutput, TopKRouter

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from torch import nn
 
 CountReducer = Callable[[torch.Tensor], torch.Tensor]
 

@@ -1,7 +1,8 @@
 """Parallel strategies as passes over a single-device model; registry keyed by `parallel.strategy`."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from sparsetrain.config import Config
 from sparsetrain.parallel.mesh import DistInfo

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 
 from sparsetrain.parallel.mesh import DistInfo
 

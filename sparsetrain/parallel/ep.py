@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 
 from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts
 from sparsetrain.model.gpt import GPT
@@ -13,7 +13,6 @@ from sparsetrain.model.router import RouterOutput
 from sparsetrain.parallel.mesh import DistInfo
 from sparsetrain.parallel.strategy import Strategy, expert_modules
 from sparsetrain.parallel.token_exchange import exchange_and_compute
-from sparsetrain.telemetry.comm import COMM
 
 
 def keep_expert_rows(experts: GroupedExperts, ids: list[int]) -> None:
@@ -28,7 +27,7 @@ def keep_expert_rows(experts: GroupedExperts, ids: list[int]) -> None:
 class EPDispatcher:
     """Slots go to the rank owning their expert (ep_rank = expert // experts_per_rank)."""
 
-    def __init__(self, strategy: "ExpertParallel", layer: int) -> None:
+    def __init__(self, strategy: ExpertParallel, layer: int) -> None:
         self.s, self.layer = strategy, layer
 
     def __call__(self, experts: GroupedExperts, x: torch.Tensor, route: RouterOutput) -> tuple[torch.Tensor, int]:
@@ -106,8 +105,8 @@ class ExpertParallel(Strategy):
 
             all_reduce_grads([p for p in model.parameters() if p not in self._expert_params], self.info.world)
 
-    def step_metrics(self) -> dict[str, float]:
-        out = {"a2a_MB": COMM.snapshot().get("all_to_all", 0) / 2**20}
+    def step_metrics(self, comm: dict[str, int]) -> dict[str, float]:
+        out = {"a2a_MB": comm.get("all_to_all", 0) / 2**20}
         if self.info.world > 1 and self.rank_tokens:
             t = torch.tensor([sum(self.rank_tokens.values())], dtype=torch.float64)
             allt = [torch.zeros_like(t) for _ in range(self.info.world)]

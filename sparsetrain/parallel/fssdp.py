@@ -10,11 +10,11 @@ re-sharded every `fssdp.reshard_every` steps with params and Adam state moving t
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 
 from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts
 from sparsetrain.model.gpt import GPT
@@ -51,7 +51,7 @@ def _lists(p: LayerPlacement) -> tuple[list[int], list[list[int]]]:
 class FSSDPDispatcher:
     """Per-layer dispatcher: materialize chunks (spAG), topology-aware slot routing, exchange, compute."""
 
-    def __init__(self, strategy: "FSSDP", layer: int) -> None:
+    def __init__(self, strategy: FSSDP, layer: int) -> None:
         self.s, self.layer = strategy, layer
 
     def __call__(self, experts: GroupedExperts, x: torch.Tensor, route: RouterOutput) -> tuple[torch.Tensor, int]:
@@ -80,7 +80,7 @@ class _null:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, *a: Any) -> None:
+    def __exit__(self, *a: object) -> None:
         return None
 
 
@@ -101,11 +101,11 @@ class FSSDP(Strategy):
         self.rank_tokens: dict[int, float] = {}
         self.regathered: dict[int, torch.Tensor] = {}
         self.gather_start: dict[int, float] = {}
-        self.window_s: Optional[float] = None  # EMA of compute time available to hide a gather
-        self.bandwidth: Optional[float] = None  # bytes/s measured once at set-up
+        self.window_s: float | None = None  # EMA of compute time available to hide a gather
+        self.bandwidth: float | None = None  # bytes/s measured once at set-up
         self.overlap_budget = self.fcfg.overlap_budget
         self.reshards = 0
-        self.group: Optional[dist.ProcessGroup] = None
+        self.group: dist.ProcessGroup | None = None
 
     # ------------------------------------------------------------------ set-up
     def apply(self, model: GPT) -> GPT:
@@ -234,7 +234,7 @@ class FSSDP(Strategy):
                                         self.overlap_budget) for li in range(self.num_layers)]
 
     def after_step(self, step: int, model: GPT, optimizer: torch.optim.Optimizer,
-                   counts: Optional[torch.Tensor]) -> Optional[torch.optim.Optimizer]:
+                   counts: torch.Tensor | None) -> torch.optim.Optimizer | None:
         if self.info.world == 1:
             return None
         if counts is not None:
@@ -253,10 +253,9 @@ class FSSDP(Strategy):
         return new_opt
 
     # ------------------------------------------------------------------ reporting
-    def step_metrics(self) -> dict[str, float]:
-        snap = COMM.snapshot()
-        out = {"spag_MB": snap.get("spag", 0) / 2**20, "sprs_MB": snap.get("sprs", 0) / 2**20,
-               "a2a_MB": snap.get("all_to_all", 0) / 2**20}
+    def step_metrics(self, comm: dict[str, int]) -> dict[str, float]:
+        out = {"spag_MB": comm.get("spag", 0) / 2**20, "sprs_MB": comm.get("sprs", 0) / 2**20,
+               "a2a_MB": comm.get("all_to_all", 0) / 2**20}
         if self.info.world > 1:
             t = torch.tensor([sum(self.rank_tokens.values())], dtype=torch.float64)
             allt = [torch.zeros_like(t) for _ in range(self.info.world)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -60,7 +59,7 @@ def build_mesh(info: DistInfo, ep_size: int = 0):
     return init_device_mesh(info.device.type, (info.world // ep, ep), mesh_dim_names=("dp", "ep"))
 
 
-def all_reduce_mean(t: torch.Tensor, group: Optional[object] = None) -> torch.Tensor:
+def all_reduce_mean(t: torch.Tensor, group: object | None = None) -> torch.Tensor:
     """In-place mean over the group (no-op without a process group)."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, group=group)

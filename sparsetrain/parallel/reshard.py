@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from sparsetrain.model.experts import EXPERT_WEIGHTS
 from sparsetrain.model.gpt import GPT
@@ -26,7 +26,7 @@ def _pack_rows(mod: nn.Module, optimizer: torch.optim.Optimizer) -> torch.Tensor
     return torch.cat(cols, dim=1)
 
 
-def move_ownership(s: "FSSDP", model: GPT, optimizer: torch.optim.Optimizer,
+def move_ownership(s: FSSDP, model: GPT, optimizer: torch.optim.Optimizer,
                    new_owners: list[list[int]]) -> torch.optim.Optimizer:
     """Send every chunk whose owner changes (params + optimizer state) and rebuild the optimizer."""
     ensure_optimizer_state(optimizer)

@@ -1,11 +1,11 @@
 """Strategy base: what the trainer asks of a parallel strategy, plus single-process and data-parallel ones."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 
 from sparsetrain.config import Config
 from sparsetrain.model.experts import GroupedExperts
@@ -70,7 +70,7 @@ class Strategy:
         return sq.sqrt().float().cpu()
 
     def after_step(self, step: int, model: GPT, optimizer: torch.optim.Optimizer,
-                   counts: Optional[torch.Tensor]) -> Optional[torch.optim.Optimizer]:
+                   counts: torch.Tensor | None) -> torch.optim.Optimizer | None:
         """Called after each optimizer step; may return a rebuilt optimizer (re-sharding)."""
         return None
 
@@ -86,7 +86,7 @@ class Strategy:
         for moe in model.moe_layers():
             moe.router.reduce_counts = self.reduce_counts
 
-    def step_metrics(self) -> dict[str, float]:
+    def step_metrics(self, comm: dict[str, int]) -> dict[str, float]:
         """Strategy-specific numbers for the log line (bytes moved, imbalance, ...)."""
         return {}
 

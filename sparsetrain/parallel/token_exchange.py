@@ -1,7 +1,7 @@
 """Token dispatch/combine across ranks shared by EP and FSSDP: slots -> (rank, expert) -> back."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -14,7 +14,7 @@ from sparsetrain.telemetry.timers import span
 ExpertFn = Callable[[torch.Tensor, list[int]], torch.Tensor]
 
 
-def _exchange_count_matrix(c: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+def _exchange_count_matrix(c: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """c [world, E] slots this rank sends per (dest, expert) -> [world, E] slots received per (src, expert)."""
     out = torch.empty_like(c)
     dist.all_to_all_single(out.view(-1), c.contiguous().view(-1), group=group)  # E numbers per peer
@@ -22,7 +22,7 @@ def _exchange_count_matrix(c: torch.Tensor, group: Optional[dist.ProcessGroup]) 
 
 
 def exchange_and_compute(x: torch.Tensor, route: RouterOutput, slot_rank: torch.Tensor, num_experts: int,
-                         local_ids: list[int], expert_fn: ExpertFn, group: Optional[dist.ProcessGroup],
+                         local_ids: list[int], expert_fn: ExpertFn, group: dist.ProcessGroup | None,
                          capacity_factor: float = 0.0) -> tuple[torch.Tensor, int, torch.Tensor]:
     """Send each slot to `slot_rank`, run local experts grouped by expert, return combined [T, d].
 

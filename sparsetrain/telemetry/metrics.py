@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 
 class MetricsWriter:
@@ -17,7 +17,7 @@ class MetricsWriter:
             if fresh and self.path.exists():
                 self.path.unlink()
 
-    def write(self, record: dict[str, Any], resumed_from: Optional[int] = None) -> None:
+    def write(self, record: dict[str, Any], resumed_from: int | None = None) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:

@@ -5,12 +5,12 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.nn as nn
+from torch import nn
 
 from sparsetrain.train.state import flat_state, set_optimizer_step
 
@@ -67,7 +67,7 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
     return final
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict:
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
     """Load weights (and optimizer state) into the live model in place; returns the trainer extra state."""
     path = Path(path)
     if not (path / ".metadata").exists() or not (path / EXTRA).exists():
@@ -90,6 +90,6 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optional[torc
     return extra
 
 
-def latest_checkpoint(root: str | Path) -> Optional[Path]:
+def latest_checkpoint(root: str | Path) -> Path | None:
     found = committed(root)
     return found[-1] if found else None

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -11,7 +11,7 @@ from sparsetrain.config import config_from_dict, validate_world
 from sparsetrain.parallel.mesh import init_distributed
 
 
-def train_worker(cfg_dict: dict) -> Optional[dict[str, Any]]:
+def train_worker(cfg_dict: dict) -> dict[str, Any] | None:
     """Init the process group from env (RANK, WORLD_SIZE, ...), train, return the summary on rank 0."""
     cfg = config_from_dict(cfg_dict)
     if cfg.launch.torch_threads > 0:
@@ -28,7 +28,7 @@ def train_worker(cfg_dict: dict) -> Optional[dict[str, Any]]:
     return summary if info.is_main else None
 
 
-def run_inline(cfg_dict: dict) -> Optional[dict[str, Any]]:
+def run_inline(cfg_dict: dict) -> dict[str, Any] | None:
     """Single-process run without any launcher (world size 1)."""
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
         os.environ.setdefault(k, v)

@@ -8,7 +8,7 @@ depend on placement or world size.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts
 

@@ -6,7 +6,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,7 +37,7 @@ def _allreduce_mean(t: torch.Tensor) -> torch.Tensor:
 class Trainer:
     """Builds model + strategy + optimizer + data from a Config and runs train / eval."""
 
-    def __init__(self, cfg: Config, info: Optional[DistInfo] = None) -> None:
+    def __init__(self, cfg: Config, info: DistInfo | None = None) -> None:
         self.cfg, self.info = cfg, info or DistInfo()
         self.device = self.info.device
         self.strategy = build_strategy(cfg, self.info)
@@ -193,6 +193,7 @@ class Trainer:
         for step in range(self.start_step, cfg.train.steps):
             COMM.reset()
             rec = self.train_step(step)
+            comm = COMM.snapshot()  # this step's bytes, before any eval traffic
             interval_steps += 1
             counts = rec.pop("_counts", None)
             if counts is not None and self.info.is_main:
@@ -206,7 +207,7 @@ class Trainer:
                 now = time.perf_counter()
                 rec["tokens_per_s"] = tokens_per_step * interval_steps / max(now - interval_t, 1e-9)
                 interval_t, interval_steps = now, 0
-                rec.update(self.strategy.step_metrics())
+                rec.update(self.strategy.step_metrics(self._sum_over_ranks(comm)))
                 rec.update(self._timer_metrics())
                 writer.write(rec)
                 self._print(format_log(rec))
@@ -222,6 +223,14 @@ class Trainer:
         elapsed = time.perf_counter() - t_start
         TIMERS.enabled = False
         return self._summary(elapsed, val_loss)
+
+    def _sum_over_ranks(self, comm: dict[str, int]) -> dict[str, int]:
+        """Bytes sent per collective this step, summed over all ranks."""
+        names = ("spag", "sprs", "all_to_all")
+        t = torch.tensor([comm.get(n, 0) for n in names], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(t)
+        return {n: int(v) for n, v in zip(names, t.tolist())}
 
     def _timer_metrics(self) -> dict[str, float]:
         """Forward spans (ms) for this interval, max over ranks, plus expert CPU-time imbalance."""
@@ -240,7 +249,7 @@ class Trainer:
             out[f"t_{n}_ms"] = 1000 * v
         return out
 
-    def _summary(self, elapsed: float, val_loss: Optional[float]) -> dict[str, Any]:
+    def _summary(self, elapsed: float, val_loss: float | None) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
         steps_run = self.cfg.train.steps - self.start_step
         summary = {

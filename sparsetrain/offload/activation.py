@@ -1,0 +1,260 @@
+"""Activation offload: saved tensors of selected blocks live in a host buffer pool between forward and backward.
+
+`enable_activation_offload(model, cfg)` hooks every k-th transformer block (the model file is unchanged):
+a forward pre-hook enters `torch.autograd.graph.saved_tensors_hooks`, an always-called forward hook exits it.
+Pack copies large non-parameter saved tensors to host buffers (CUDA: pinned, on a side stream); unpack
+brings them back. With `prefetch`, a grad hook on block i's output starts the copies back of blocks i and i-1.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+import weakref
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sparsetrain.config import OffloadConfig
+from sparsetrain.offload.packed import PackedTensor
+from sparsetrain.offload.pool import HostBufferPool
+
+_ENABLED: weakref.WeakKeyDictionary[nn.Module, OffloadController] = weakref.WeakKeyDictionary()
+
+
+def find_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks in depth order: `model.layers` (or `model.module.layers` for wrappers)."""
+    for m in (model, getattr(model, "module", None)):
+        layers = getattr(m, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return list(layers)
+    raise ValueError(f"activation offload: {type(model).__name__} has no non-empty `layers` ModuleList of blocks")
+
+
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    """Data pointer of t's storage, None for tensors without one (subclasses such as DTensor)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def _resident_ptrs(module: nn.Module) -> set[int]:
+    """Storage pointers of a module's parameters and buffers (they stay on device anyway)."""
+    ptrs = {_storage_ptr(t) for t in [*module.parameters(), *module.buffers()]}
+    ptrs.discard(None)
+    ptrs.discard(0)
+    return ptrs  # type: ignore[return-value]
+
+
+@dataclass
+class _Group:
+    """The offloaded tensors of one forward call of one block (weak: autograd owns them)."""
+
+    block: int
+    handles: list[weakref.ReferenceType[PackedTensor]] = field(default_factory=list)
+
+    def live(self) -> list[PackedTensor]:
+        return [h for h in (r() for r in self.handles) if h is not None]
+
+
+@dataclass
+class _Call:
+    """State of one in-flight block forward: its hooks context, group, resident pointers, dedup map."""
+
+    group: _Group
+    resident: set[int]
+    ctx: Any = None
+    seen: dict[tuple, tuple[weakref.ReferenceType[torch.Tensor], Any]] = field(default_factory=dict)
+
+
+class OffloadController:
+    """Owns the hooks, the host buffer pools and the counters; `remove()` restores the model."""
+
+    def __init__(self, model: nn.Module, cfg: OffloadConfig) -> None:
+        if cfg.every_k_layers < 1:
+            raise ValueError(f"offload.every_k_layers must be >= 1, got {cfg.every_k_layers}")
+        if cfg.min_tensor_bytes < 0:
+            raise ValueError(f"offload.min_tensor_bytes must be >= 0, got {cfg.min_tensor_bytes}")
+        if model in _ENABLED:
+            raise RuntimeError("activation offload is already enabled on this model; call remove() first")
+        self.model, self.cfg = model, cfg
+        self.blocks = find_blocks(model)
+        k = cfg.every_k_layers
+        self.selected = [i for i in range(len(self.blocks)) if i % k == k - 1]
+        self._resident = _resident_ptrs(model)
+        self._lock = threading.RLock()
+        self._pools: dict[torch.device, HostBufferPool] = {}
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._live: weakref.WeakSet[PackedTensor] = weakref.WeakSet()
+        self._active: list[_Call] = []
+        self._last_group: dict[int, _Group] = {}
+        self._hooks: list[Any] = []
+        self._forwards: dict[int, Callable[..., Any] | None] = {}
+        self.reset_stats()
+        for i, block in enumerate(self.blocks):
+            if i in self.selected:
+                self._hooks.append(block.register_forward_pre_hook(functools.partial(self._enter, i)))
+                self._hooks.append(block.register_forward_hook(functools.partial(self._exit, i), always_call=True))
+                if cfg.checkpoint_activations:
+                    self._wrap_checkpoint(i, block)
+            elif cfg.prefetch and i + 1 < len(self.blocks):
+                self._hooks.append(block.register_forward_hook(functools.partial(self._link, i)))
+        _ENABLED[model] = self
+
+    # ------------------------------------------------------------------ hooks
+    def _wrap_checkpoint(self, i: int, block: nn.Module) -> None:
+        """Instance-level forward override: recompute the block in backward, save (and offload) only its inputs."""
+        self._forwards[i] = block.__dict__.get("forward")
+        inner = block.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward  # type: ignore[method-assign]
+
+    def _enter(self, i: int, block: nn.Module, args: tuple) -> None:
+        call = _Call(_Group(i), self._resident | _resident_ptrs(block))  # block params: FSDP2 swaps in unsharded ones
+        call.ctx = torch.autograd.graph.saved_tensors_hooks(functools.partial(self._pack, call), self._unpack)
+        call.ctx.__enter__()
+        self._active.append(call)
+
+    def _exit(self, i: int, block: nn.Module, args: tuple, out: Any) -> None:
+        call = self._active.pop()
+        call.ctx.__exit__(None, None, None)
+        call.seen.clear()
+        self._last_group[i] = call.group
+        self._link(i, block, args, out)
+
+    def _link(self, i: int, block: nn.Module, args: tuple, out: Any) -> None:
+        """Register the prefetch trigger on block i's output: its grad arrives when backward reaches block i."""
+        if not self.cfg.prefetch or not isinstance(out, torch.Tensor) or not out.requires_grad:
+            return
+        groups = [g for g in (self._last_group.get(i) if i in self.selected else None,
+                              self._last_group.get(i - 1)) if g is not None and g.handles]
+        if groups:
+            out.register_hook(functools.partial(self._on_block_grad, groups))
+
+    def _on_block_grad(self, groups: list[_Group], grad: torch.Tensor) -> None:
+        for g in groups:
+            for h in g.live():
+                h.fetch(prefetch=True)
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream | None:
+        if device.type != "cuda":
+            return None
+        with self._lock:
+            if device not in self._streams:
+                self._streams[device] = torch.cuda.Stream(device)
+            return self._streams[device]
+
+    def _pool(self, device: torch.device) -> HostBufferPool:
+        with self._lock:
+            if device not in self._pools:  # one pool per device: its buffers are only touched on that side stream
+                self._pools[device] = HostBufferPool(pin_memory=device.type == "cuda" and self.cfg.pin_memory)
+            return self._pools[device]
+
+    def _pack(self, call: _Call, t: torch.Tensor) -> Any:
+        nbytes = t.numel() * t.element_size()
+        ptr = _storage_ptr(t) if type(t) is torch.Tensor else None
+        if isinstance(t, nn.Parameter) or (ptr is not None and ptr in call.resident):
+            self._count("kept_resident", 0)
+            return t
+        if (ptr is None or t.layout != torch.strided or t.device.type not in ("cpu", "cuda") or nbytes == 0
+                or nbytes > t.untyped_storage().nbytes()):  # expanded views are cheaper on device than copied
+            self._count("kept_other", nbytes)
+            return t
+        key = (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
+        hit = call.seen.get(key)
+        if hit is not None and hit[0]() is not None:  # same live tensor saved again (e.g. x for wq, wk, wv)
+            self._count("dedup", 0)
+            return hit[1]
+        if nbytes < self.cfg.min_tensor_bytes:
+            self._count("kept_small", nbytes)
+            call.seen[key] = (weakref.ref(t), t)
+            return t
+        packed = PackedTensor(t, self._pool(t.device), self._side_stream(t.device), self._lock, call.group.block, ptr)
+        call.seen[key] = (weakref.ref(t), packed)
+        call.group.handles.append(weakref.ref(packed))
+        self._live.add(packed)
+        self._count("offloaded", nbytes)
+        with self._lock:
+            self._by_block[call.group.block] += nbytes
+        return packed
+
+    def _unpack(self, packed: Any) -> torch.Tensor:
+        if not isinstance(packed, PackedTensor):
+            return packed
+        if packed.dev is None:
+            self._count("fetched_on_demand", packed.nbytes)
+        elif packed.prefetched:
+            self._count("prefetched", packed.nbytes)
+            packed.prefetched = False  # count each prefetch once
+        return packed.get()
+
+    def _count(self, name: str, nbytes: int) -> None:
+        with self._lock:
+            self._counts[name] += 1
+            self._bytes[name] += nbytes
+
+    # ------------------------------------------------------------------ public API
+    def live_handles(self) -> list[PackedTensor]:
+        """Offloaded tensors still owned by some autograd graph (for inspection and tests)."""
+        return list(self._live)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since the last reset_stats(): tensors/bytes offloaded or kept, fetches, pool use."""
+        with self._lock:
+            c, b = dict(self._counts), dict(self._bytes)
+            pools = list(self._pools.values())
+            out: dict[str, Any] = {
+                "offloaded_tensors": c.get("offloaded", 0), "offloaded_bytes": b.get("offloaded", 0),
+                "kept_small_tensors": c.get("kept_small", 0), "kept_small_bytes": b.get("kept_small", 0),
+                "kept_resident_tensors": c.get("kept_resident", 0),  # params / buffers (or views of them)
+                "kept_other_tensors": c.get("kept_other", 0), "kept_other_bytes": b.get("kept_other", 0),
+                "dedup_hits": c.get("dedup", 0),
+                "prefetched_tensors": c.get("prefetched", 0),
+                "fetched_on_demand_tensors": c.get("fetched_on_demand", 0),
+                "offloaded_bytes_by_block": dict(sorted(self._by_block.items())),
+            }
+        out["pool_in_use_bytes"] = sum(p.in_use_bytes for p in pools)
+        out["pool_peak_bytes"] = sum(p.peak_in_use_bytes for p in pools)
+        out["pool_capacity_bytes"] = sum(p.capacity_bytes for p in pools)
+        out["pool_allocations"] = sum(p.allocations for p in pools)
+        out["pool_reuses"] = sum(p.reuses for p in pools)
+        return out
+
+    def reset_stats(self) -> None:
+        """Zero the counters (call once per step); the pool peak restarts from what is held now."""
+        with self._lock:
+            self._counts: dict[str, int] = defaultdict(int)
+            self._bytes: dict[str, int] = defaultdict(int)
+            self._by_block: dict[int, int] = defaultdict(int)
+            for p in self._pools.values():
+                p.reset_counters()
+
+    def remove(self) -> None:
+        """Remove every hook and forward override; tensors already offloaded stay valid."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for i, prev in self._forwards.items():
+            block = self.blocks[i]
+            if prev is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = prev  # type: ignore[method-assign]
+        self._forwards.clear()
+        self._last_group.clear()
+        for p in self._pools.values():
+            p.clear()
+        _ENABLED.pop(self.model, None)
+
+
+def enable_activation_offload(model: nn.Module, cfg: OffloadConfig) -> OffloadController:
+    """Offload saved activations of every `cfg.every_k_layers`-th block of `model.layers` to host memory."""
+    return OffloadController(model, cfg)

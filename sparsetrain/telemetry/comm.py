@@ -1,0 +1,62 @@
+"""Byte counters for collectives: one process-global `COMM` that every collective adds to.
+
+Names in use: 'spag', 'sprs' (sparse all-gather / reduce-scatter of expert chunks),
+'all_to_all' (expert-parallel token exchange), 'fsdp_allgather', 'fsdp_reduce_scatter'.
+Counts are bytes *sent by this rank* to other ranks; summing over ranks gives the traffic.
+"""
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+__all__ = ["COMM", "CommStats"]
+
+
+class CommStats:
+    """Per-name byte and call counters: cumulative totals and totals since the last step boundary."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # autograd may run backward on a device thread
+        self._total: dict[str, int] = defaultdict(int)
+        self._step: dict[str, int] = defaultdict(int)
+        self._calls: dict[str, int] = defaultdict(int)
+
+    def add(self, name: str, nbytes: int) -> None:
+        """Count `nbytes` sent under `name` (one call)."""
+        nbytes = int(nbytes)
+        if nbytes < 0:
+            raise ValueError(f"CommStats.add({name!r}, {nbytes}): byte count must be >= 0")
+        with self._lock:
+            self._total[name] += nbytes
+            self._step[name] += nbytes
+            self._calls[name] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        """Cumulative bytes per name since the last reset()."""
+        with self._lock:
+            return dict(self._total)
+
+    def calls(self) -> dict[str, int]:
+        """Cumulative number of add() calls per name since the last reset()."""
+        with self._lock:
+            return dict(self._calls)
+
+    def step_totals(self) -> dict[str, int]:
+        """Bytes per name since the previous step_totals() call (or reset), then start a new step."""
+        with self._lock:
+            out = dict(self._step)
+            self._step.clear()
+            return out
+
+    def reset(self) -> None:
+        """Zero every counter."""
+        with self._lock:
+            self._total.clear()
+            self._step.clear()
+            self._calls.clear()
+
+    def __repr__(self) -> str:
+        return f"CommStats({self.snapshot()})"
+
+
+COMM = CommStats()

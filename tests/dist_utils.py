@@ -1,0 +1,184 @@
+"""Multi-process test harness: run a function on N gloo ranks and get each rank's result back.
+
+Usage (``fn`` must be a module-level function so it pickles)::
+
+    from tests.dist_utils import run_distributed  # tests/conftest.py puts the repo root on sys.path
+
+    def _body(rank: int, world_size: int, n: int) -> float:
+        ...  # the default process group is initialised (gloo)
+        return value
+
+    results = run_distributed(_body, 4, 10)  # [rank0, rank1, rank2, rank3]
+
+Start-up cost matters because many tests use this. Children are started from a
+``forkserver`` that has already imported torch (torch import is ~1.6 s per process
+on this machine, so plain ``spawn`` pays it on every rank of every call); the
+server itself is a clean single-threaded process, so fork-safety is the same as
+spawn's. Set ``SPARSETRAIN_TEST_START_METHOD=spawn`` to use plain spawn instead.
+The rendezvous store is created in the parent on a kernel-chosen port and held
+open for the whole run, so there is no free-port race between concurrent tests.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = ["DistributedError", "run_distributed", "start_method"]
+
+# Imported once in the fork server, so ranks start warm. Nothing of ours (a syntax error there would kill the
+# server); torch.distributed.tensor costs ~0.45 s and is pulled in lazily by torch.testing.assert_close and FSDP2.
+_PRELOAD = ["torch", "torch.distributed", "torch.distributed.tensor", "torch.distributed.fsdp", "numpy", "pytest"]
+
+
+class DistributedError(RuntimeError):
+    """A rank raised, crashed, or the run timed out; the message holds the rank's traceback."""
+
+
+def start_method() -> str:
+    """Multiprocessing start method used for ranks ('forkserver' unless overridden by env)."""
+    method = os.environ.get("SPARSETRAIN_TEST_START_METHOD", "forkserver")
+    if method not in ("forkserver", "spawn"):
+        raise ValueError(f"SPARSETRAIN_TEST_START_METHOD={method!r}: expected 'forkserver' or 'spawn'")
+    return method
+
+
+def _context() -> Any:
+    method = start_method()
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+def _worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    timeout: float,
+    backend: str,
+    env: dict[str, str],
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    conn: Connection,
+) -> None:
+    """Child body: set env, init the process group, run fn, send ('ok'|'err', payload) back, destroy the group."""
+    try:
+        os.environ.update(env)
+        torch.set_num_threads(1)
+        store = dist.TCPStore("127.0.0.1", port, world_size + 1, is_master=False, timeout=timedelta(seconds=timeout))
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout)
+        )
+        result = fn(rank, world_size, *args)
+        msg = ("ok", pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+    except BaseException:  # noqa: BLE001 - everything goes back to the parent as text
+        msg = ("err", traceback.format_exc())
+    try:
+        conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+    finally:
+        conn.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _rank_env(rank: int, world_size: int, port: int, env: dict[str, str] | None) -> dict[str, str]:
+    base = {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+        "OMP_NUM_THREADS": "1",
+    }
+    base.update(env or {})
+    return base
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+    backend: str = "gloo",
+) -> list[Any]:
+    """Run fn(rank, world_size, *args) on `world_size` ranks (gloo by default); return results in rank order."""
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size}: must be >= 1")
+    if getattr(fn, "__name__", "<lambda>") == "<lambda>" or "<locals>" in getattr(fn, "__qualname__", ""):
+        raise ValueError(f"run_distributed needs a module-level function (picklable), got {fn!r}")
+    ctx = _context()
+    # The parent owns the store: the port is chosen by the kernel and stays bound for the whole run.
+    store = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False)
+    port = store.port
+    procs, conns = [], []
+    try:
+        for rank in range(world_size):
+            reader, writer = ctx.Pipe(duplex=False)
+            p = ctx.Process(
+                target=_worker,
+                args=(rank, world_size, port, timeout, backend, _rank_env(rank, world_size, port, env), fn, args, writer),
+                daemon=False,  # daemonic processes may not start children (DataLoader workers); killed in finally
+                name=f"rank{rank}",
+            )
+            p.start()
+            writer.close()
+            procs.append(p)
+            conns.append(reader)
+        return _collect(procs, conns, timeout)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            p.join(timeout=10)
+        for c in conns:
+            c.close()
+        del store
+
+
+def _collect(procs: list[Any], conns: list[Connection], timeout: float) -> list[Any]:
+    """Wait for every rank's message; raise on the first failure, crash, or timeout."""
+    deadline = time.monotonic() + timeout
+    results: dict[int, Any] = {}
+    by_conn = {c: r for r, c in enumerate(conns)}
+    by_sentinel = {p.sentinel: r for r, p in enumerate(procs)}
+    while len(results) < len(procs):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            pending = sorted(set(range(len(procs))) - set(results))
+            raise DistributedError(f"timed out after {timeout} s waiting for ranks {pending} (killed)")
+        waitables = [conns[r] for r in range(len(procs)) if r not in results]
+        waitables += [procs[r].sentinel for r in range(len(procs)) if r not in results]
+        for obj in wait(waitables, timeout=left):
+            rank = by_conn.get(obj)
+            if rank is None:  # process exited: it may still have a message in its pipe
+                rank = by_sentinel[obj]
+                if rank in results or conns[rank].poll():
+                    continue
+                procs[rank].join(timeout=5)
+                raise DistributedError(f"rank {rank} exited with code {procs[rank].exitcode} without a result")
+            if rank in results:
+                continue
+            try:
+                status, payload = pickle.loads(conns[rank].recv_bytes())
+            except EOFError:
+                raise DistributedError(f"rank {rank} closed its pipe without a result") from None
+            if status == "err":
+                raise DistributedError(f"rank {rank} failed:\n{payload}")
+            results[rank] = pickle.loads(payload)
+    return [results[r] for r in range(len(procs))]
