@@ -330,6 +330,8 @@ def validate_world(cfg: Config, world: int) -> None:
     per_step = b
     _check(per_step % (world * cfg.train.grad_accum) == 0,
            f"data.batch_size={b} is not divisible by launch.workers={world} x train.grad_accum={cfg.train.grad_accum}")
+    _check(p.strategy != "none" or world == 1,
+           f"parallel.strategy=none does no gradient synchronisation; with {world} workers use dp, ep or fssdp")
     if p.strategy in ("ep", "fssdp") and world > 1:
         ep = p.ep_size or world
         _check(world % ep == 0, f"parallel.ep_size={ep} does not divide the world size {world}")

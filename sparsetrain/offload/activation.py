@@ -37,6 +37,7 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
 
 def _storage_ptr(t: torch.Tensor) -> int | None:
     """Data pointer of t's storage, None for tensors without one (subclasses such as DTensor)."""
+    t = getattr(t, "_local_tensor", t)  # DTensor (FSDP2 sharded params): its local shard
     try:
         return t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError, TypeError):
@@ -102,7 +103,7 @@ class OffloadController:
                 self._hooks.append(block.register_forward_hook(functools.partial(self._exit, i), always_call=True))
                 if cfg.checkpoint_activations:
                     self._wrap_checkpoint(i, block)
-            elif cfg.prefetch and i + 1 < len(self.blocks):
+            elif cfg.prefetch and i - 1 in self.selected:  # backward reaching block i prefetches block i-1
                 self._hooks.append(block.register_forward_hook(functools.partial(self._link, i)))
         _ENABLED[model] = self
 
@@ -118,6 +119,8 @@ class OffloadController:
         block.forward = forward  # type: ignore[method-assign]
 
     def _enter(self, i: int, block: nn.Module, args: tuple) -> None:
+        if i == self.selected[0]:
+            self._resident = _resident_ptrs(self.model)  # once per forward: params may have been moved or replaced
         call = _Call(_Group(i), self._resident | _resident_ptrs(block))  # block params: FSDP2 swaps in unsharded ones
         call.ctx = torch.autograd.graph.saved_tensors_hooks(functools.partial(self._pack, call), self._unpack)
         call.ctx.__enter__()
@@ -163,11 +166,11 @@ class OffloadController:
         ptr = _storage_ptr(t) if type(t) is torch.Tensor else None
         if isinstance(t, nn.Parameter) or (ptr is not None and ptr in call.resident):
             self._count("kept_resident", 0)
-            return t
+            return t.detach()  # never the tensor itself: a saved output would form an uncollectable C++ cycle
         if (ptr is None or t.layout != torch.strided or t.device.type not in ("cpu", "cuda") or nbytes == 0
                 or nbytes > t.untyped_storage().nbytes()):  # expanded views are cheaper on device than copied
             self._count("kept_other", nbytes)
-            return t
+            return t.detach()
         key = (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
         hit = call.seen.get(key)
         if hit is not None and hit[0]() is not None:  # same live tensor saved again (e.g. x for wq, wk, wv)
@@ -175,8 +178,9 @@ class OffloadController:
             return hit[1]
         if nbytes < self.cfg.min_tensor_bytes:
             self._count("kept_small", nbytes)
-            call.seen[key] = (weakref.ref(t), t)
-            return t
+            kept = t.detach()
+            call.seen[key] = (weakref.ref(t), kept)
+            return kept
         packed = PackedTensor(t, self._pool(t.device), self._side_stream(t.device), self._lock, call.group.block, ptr)
         call.seen[key] = (weakref.ref(t), packed)
         call.group.handles.append(weakref.ref(packed))

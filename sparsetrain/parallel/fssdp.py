@@ -24,7 +24,7 @@ from sparsetrain.parallel.mesh import DistInfo
 from sparsetrain.parallel.placement import LayerPlacement, LoadTracker, initial_owners, reshard_owners
 from sparsetrain.parallel.planners import get_planner
 from sparsetrain.parallel.routing import choose_replicas
-from sparsetrain.parallel.sparse_collectives import SpAGHandle, spag, spag_start
+from sparsetrain.parallel.sparse_collectives import SpAGHandle, spag, spag_start, sprs
 from sparsetrain.parallel.strategy import Strategy
 from sparsetrain.parallel.token_exchange import exchange_and_compute
 from sparsetrain.parallel.topology import Topology
@@ -33,8 +33,8 @@ from sparsetrain.telemetry.comm import COMM
 
 def owned_flat(experts: GroupedExperts) -> torch.Tensor:
     """Owned chunks as rows: [n_owned, C] with C = |w1| + |w2| + |w3| per expert (autograd-connected)."""
-    n = experts.w1.shape[0]
-    return torch.cat([getattr(experts, w).reshape(n, -1) for w in EXPERT_WEIGHTS], dim=1)  # [n, C]
+    n, per = experts.w1.shape[0], experts.d_model * experts.d_ffn
+    return torch.cat([getattr(experts, w).reshape(n, per) for w in EXPERT_WEIGHTS], dim=1)  # [n, C]
 
 
 def split_chunks(mat: torch.Tensor, d_model: int, d_ffn: int) -> dict[str, torch.Tensor]:
@@ -59,8 +59,11 @@ class FSSDPDispatcher:
         placement = s.placements[li]
         handle = s.pending.pop(li, None) or s.start_gather(li, experts)
         t_wait = time.perf_counter()
-        mat, mat_ids = handle.wait()
+        mat, mat_ids = handle.wait()  # data only; gradients go home in finish_backward (spRS)
         s.note_gather(li, t_wait)
+        s.mat_ids[li] = mat_ids
+        if torch.is_grad_enabled():
+            mat = _Materialized.apply(s.anchor, mat, s, li)
         ws = split_chunks(mat, experts.d_model, experts.d_ffn)
         slot_rank = choose_replicas(route.expert_ids.reshape(-1), s.info.rank, placement, s.topo)  # [T*k]
 
@@ -68,12 +71,36 @@ class FSSDPDispatcher:
             return experts(xs, counts, ids=mat_ids, stacked=ws)
 
         release = (not s.fcfg.keep_materialized) and torch.is_grad_enabled()
-        ctx = s.release_hooks(li, mat, experts) if release else _null()
+        ctx = s.release_hooks(li, mat) if release else _null()
         with ctx:
             out, dropped, counts = exchange_and_compute(x, route, slot_rank, experts.num_experts, mat_ids, expert_fn,
                                                         None, s.cfg.moe.capacity_factor)
+        if release and out.requires_grad:
+            # the layer's output grad arrives at the same point of backward on every rank: re-gather there
+            out.register_hook(lambda g: s.regather(li, experts))
         s.rank_tokens[li] = float(counts.sum())
         return out, dropped
+
+
+class _Materialized(torch.autograd.Function):
+    """Marks gathered chunks as differentiable; backward stashes their grad for spRS (no comm here).
+
+    Communication inside autograd callbacks runs in an order that depends on each rank's graph, which
+    differs between ranks with different placements; blocking collectives there can deadlock. So spRS
+    runs in `finish_backward`, layer by layer, identically on every rank.
+    """
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, mat: torch.Tensor, s: "FSSDP", li: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.s, ctx.li = s, li
+        return mat.view_as(mat)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:  # type: ignore[override]
+        s, li = ctx.s, ctx.li
+        s.grad_stash[li] = grad if li not in s.grad_stash else s.grad_stash[li] + grad
+        s.regathered.pop(li, None)  # every use of this layer's copies is done
+        return torch.zeros((), dtype=grad.dtype), None, None, None
 
 
 class _null:
@@ -100,6 +127,9 @@ class FSSDP(Strategy):
         self.pending: dict[int, SpAGHandle] = {}
         self.rank_tokens: dict[int, float] = {}
         self.regathered: dict[int, torch.Tensor] = {}
+        self.grad_stash: dict[int, torch.Tensor] = {}  # layer -> grad of its gathered chunks [n_mat, C]
+        self.mat_ids: dict[int, list[int]] = {}
+        self.anchor = torch.zeros((), requires_grad=True)  # lets gathered chunks join the autograd graph
         self.gather_start: dict[int, float] = {}
         self.window_s: float | None = None  # EMA of compute time available to hide a gather
         self.bandwidth: float | None = None  # bytes/s measured once at set-up
@@ -157,7 +187,7 @@ class FSSDP(Strategy):
     def start_gather(self, li: int, experts: GroupedExperts) -> SpAGHandle:
         owners, copies = _lists(self.placements[li])
         self.gather_start[li] = time.perf_counter()
-        return spag_start(owned_flat(experts), experts.expert_ids, owners, copies, self.group)
+        return spag_start(owned_flat(experts).detach(), experts.expert_ids, owners, copies, self.group)
 
     def _prefetch(self, li: int) -> None:
         """Block pre-forward hook: post this layer's spAG so it overlaps attention."""
@@ -168,7 +198,7 @@ class FSSDP(Strategy):
         window = t_wait - self.gather_start.pop(li, t_wait)
         self.window_s = window if self.window_s is None else 0.8 * self.window_s + 0.2 * window
 
-    def release_hooks(self, li: int, mat: torch.Tensor, experts: GroupedExperts):
+    def release_hooks(self, li: int, mat: torch.Tensor):
         """Saved-tensor hooks: views of the gathered chunks are not kept; backward gathers them again."""
         ptr = mat.untyped_storage().data_ptr()
         shape = tuple(mat.shape)
@@ -182,19 +212,35 @@ class FSSDP(Strategy):
             if not (isinstance(p, tuple) and p and p[0] == "fssdp_chunk"):
                 return p
             buf = self.regathered.get(li)
-            if buf is None:
-                owners, copies = _lists(self.placements[li])
-                with torch.no_grad():
-                    buf, _ = spag(owned_flat(experts).detach(), experts.expert_ids, owners, copies, self.group)
-                assert tuple(buf.shape) == shape and buf.storage_offset() == 0
-                self.regathered[li] = buf
+            if buf is None or tuple(buf.shape) != shape:
+                raise RuntimeError(f"FSSDP layer {li}: gathered chunks needed in backward were not re-gathered")
             return buf.as_strided(p[2], p[3], p[1])
 
-        if mat.requires_grad:
-            def drop(grad: torch.Tensor) -> None:  # all uses of the copies are done: free the re-gather
-                self.regathered.pop(li, None)
-            mat.register_hook(drop)
         return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+    def regather(self, li: int, experts: GroupedExperts) -> None:
+        """Backward re-gather of layer li's chunks (data only), at its output-grad hook."""
+        owners, copies = _lists(self.placements[li])
+        with torch.no_grad():
+            buf, _ = spag(owned_flat(experts).detach(), experts.expert_ids, owners, copies, self.group)
+        self.regathered[li] = buf
+
+    def reduce_scatter_grads(self, model: GPT) -> None:
+        """spRS for every layer in order: copies' grads summed into the owner's param grads."""
+        for li, moe in enumerate(model.moe_layers()):
+            mod = moe.experts
+            owners, copies = _lists(self.placements[li])
+            grad = self.grad_stash.pop(li, None)
+            if grad is None:
+                grad = torch.zeros(len(self.mat_ids.get(li, [])), self.chunk_bytes // mod.w1.element_size(),
+                                   device=mod.w1.device, dtype=mod.w1.dtype)
+            with torch.no_grad():
+                owned, _ = sprs(grad, self.mat_ids.get(li, []), owners, copies, self.group)  # [n_owned, C]
+            n, per = owned.shape[0], mod.d_model * mod.d_ffn
+            for i, w in enumerate(EXPERT_WEIGHTS):
+                p = getattr(mod, w)
+                part = owned[:, i * per:(i + 1) * per].reshape(p.shape)
+                p.grad = part.clone() if p.grad is None else p.grad + part
 
     # ------------------------------------------------------------------ steps
     def finish_backward(self, model: GPT) -> None:
@@ -203,6 +249,7 @@ class FSSDP(Strategy):
             return
         self.pending.clear()
         self.regathered.clear()
+        self.reduce_scatter_grads(model)
         for p in self._expert_params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

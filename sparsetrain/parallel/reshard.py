@@ -19,10 +19,10 @@ if TYPE_CHECKING:
 
 def _pack_rows(mod: nn.Module, optimizer: torch.optim.Optimizer) -> torch.Tensor:
     """[n_owned, 3C]: each owned expert's params, exp_avg and exp_avg_sq, flattened side by side."""
-    n = mod.w1.shape[0]
-    cols = [getattr(mod, w).detach().reshape(n, -1) for w in EXPERT_WEIGHTS]
+    n, per = mod.w1.shape[0], mod.d_model * mod.d_ffn
+    cols = [getattr(mod, w).detach().reshape(n, per) for w in EXPERT_WEIGHTS]
     for k in OPT_KEYS:
-        cols += [optimizer.state[getattr(mod, w)][k].reshape(n, -1) for w in EXPERT_WEIGHTS]
+        cols += [optimizer.state[getattr(mod, w)][k].reshape(n, per) for w in EXPERT_WEIGHTS]
     return torch.cat(cols, dim=1)
 
 
@@ -47,9 +47,7 @@ def move_ownership(s: FSSDP, model: GPT, optimizer: torch.optim.Optimizer,
         rows = rows.index_select(0, sel)  # [n_new, 3C]
         n, width = len(keep), rows.shape[1] // 3
         parts = rows.split(width, dim=1)  # params, exp_avg, exp_avg_sq: each [n_new, C]
-        sizes = [getattr(mod, w)[0].numel() if mod.w1.shape[0] else 0 for w in EXPERT_WEIGHTS]
-        if not sizes[0]:
-            sizes = [mod.d_ffn * mod.d_model] * 3
+        sizes = [mod.d_ffn * mod.d_model] * len(EXPERT_WEIGHTS)
         shapes = {"w1": (mod.d_ffn, mod.d_model), "w2": (mod.d_model, mod.d_ffn), "w3": (mod.d_ffn, mod.d_model)}
         splits = [p.split(sizes, dim=1) for p in parts]
         for wi, w in enumerate(EXPERT_WEIGHTS):

@@ -57,6 +57,10 @@ def exchange_and_compute(x: torch.Tensor, route: RouterOutput, slot_rank: torch.
         x_grouped = x_recv[perm]  # [R, d] grouped by expert
     with span("experts"):
         y_grouped = expert_fn(x_grouped, counts_local.tolist())  # [R, d]
+        if x_grouped.requires_grad and not y_grouped.requires_grad:
+            # no expert rows here (R = 0): keep the combine all-to-all in the graph so its backward
+            # collective runs on this rank too, like on every other rank
+            y_grouped = y_grouped + x_grouped * 0
     with span("combine"):
         y_recv = torch.empty_like(y_grouped).index_copy(0, perm, y_grouped)  # back to [src][e] layout
         y_sorted = all_to_all_uneven(y_recv, recv.sum(1).tolist(), sent.sum(1).tolist(), group)  # [S, d]

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from sparsetrain.train.state import flat_state, set_optimizer_step
 
@@ -82,12 +83,21 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         state = {k: v for k, v in state.items() if not k.startswith("optim.")}
     try:
         dcp.load(state, checkpoint_id=str(path), no_dist=not _is_dist())
-    except Exception as e:  # DCP raises many types for truncated/mismatched files
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupt or does not match this model: {msg[:300]}") from e
+    except (Exception, CheckpointException) as e:  # DCP raises many types; CheckpointException is a BaseException
+        raise CheckpointError(f"checkpoint {path} is corrupt or does not match this model: "
+                              f"{_first_cause(e)[:300]}") from e
     if optimizer is not None and "optim.step" in state:
         set_optimizer_step(optimizer, state["optim.step"])
     return extra
+
+
+def _first_cause(e: BaseException) -> str:
+    """One line naming the underlying error (DCP wraps per-rank failures in CheckpointException)."""
+    if isinstance(e, CheckpointException) and e.failures:
+        exc = next(iter(e.failures.values()))[0]
+        return f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:

@@ -19,6 +19,7 @@ CASES = {
     "4r_2nodes_reshard": (4, ["parallel.pretend_nodes=2", "parallel.fssdp.reshard_every=4"]),
     "4r_keep": (4, ["parallel.fssdp.keep_materialized=true", "parallel.fssdp.reshard_every=3"]),
     "2r_skew_ddp": (2, ["moe.router_skew=1.2", "parallel.dense=ddp", "parallel.fssdp.reshard_every=5"]),
+    "4r_2experts_reshard": (4, ["moe.num_experts=2", "moe.router_skew=1.6", "parallel.fssdp.reshard_every=2"]),
     "4r_nopf_t1": (4, ["parallel.fssdp.prefetch=false", "parallel.fssdp.overlap_budget=1", "moe.router_skew=1.2"]),
 }
 

@@ -1,0 +1,113 @@
+"""`run_job(cfg)`: dispatch a validated config to the inline, Ray or torchrun backend."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+from sparsetrain.launcher.env import ENTRY_ENV, PROGRESS_ENV, Failure, RankSlot, free_port, rank_env, root_cause
+from sparsetrain.launcher.errors import LaunchError
+from sparsetrain.launcher.ray_runtime import DEFAULT_ENTRY, load_entry, run_ray
+
+if TYPE_CHECKING:
+    from sparsetrain.config import Config
+
+
+@contextmanager
+def _patched_env(env: dict[str, str]) -> Iterator[None]:
+    """Set env vars for the duration of the block, then restore the old values."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_inline(cfg_dict: dict, entry: str = DEFAULT_ENTRY) -> dict | None:
+    """Call the entry in this process as a 1-rank world (no launcher, no Ray)."""
+    launch = cfg_dict["launch"]
+    if int(launch["workers"]) != 1:
+        raise LaunchError(f"launch.backend=inline runs one process, but launch.workers={launch['workers']}; "
+                          "use launch.backend=ray or torchrun for several workers")
+    slot = RankSlot(rank=0, local_rank=0, local_world_size=1, node="local")
+    env = rank_env(slot, 1, "127.0.0.1", free_port("127.0.0.1"), int(launch["torch_threads"]))
+    env[PROGRESS_ENV] = os.environ.get(PROGRESS_ENV, "1")
+    with _patched_env(env):
+        return load_entry(entry)(cfg_dict)
+
+
+def torchrun_command(nproc: int, config_path: str, summary_out: str, entry: str = DEFAULT_ENTRY) -> list[str]:
+    """The single-node torchrun command line (torchrun == python -m torch.distributed.run)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "sparsetrain.launcher.torchrun_entry", "--config", config_path,
+            "--summary-out", summary_out, "--entry", entry]
+
+
+def _first_error(summary_out: str) -> tuple[int | None, str]:
+    """The causing rank's traceback among those the ranks left next to the summary file (rank, text)."""
+    failures = []
+    for p in Path(summary_out).parent.glob(Path(summary_out).name + ".rank*.err"):
+        rank = int(p.name.rsplit(".rank", 1)[1].split(".")[0])
+        failures.append(Failure(rank, "", p.read_text(), p.stat().st_mtime))
+    if not failures:
+        return None, ""
+    cause = root_cause(failures)
+    return cause.rank, cause.details
+
+
+def run_torchrun(cfg_dict: dict, entry: str = DEFAULT_ENTRY) -> dict | None:
+    """Run the job under a local torchrun with launch.workers processes."""
+    launch = cfg_dict["launch"]
+    with tempfile.TemporaryDirectory(prefix="st-torchrun-") as tmp:
+        cfg_path, summary = os.path.join(tmp, "config.yaml"), os.path.join(tmp, "summary.json")
+        Path(cfg_path).write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+        env = dict(os.environ, OMP_NUM_THREADS=str(launch["torch_threads"]))
+        proc = subprocess.Popen(torchrun_command(int(launch["workers"]), cfg_path, summary, entry), env=env)
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+        if rc != 0:
+            rank, tb = _first_error(summary)
+            if rank is None:
+                raise LaunchError(f"torchrun exited with code {rc} (see the output above)")
+            last = tb.strip().splitlines()[-1] if tb.strip() else "error"
+            raise LaunchError(f"rank {rank} failed: {last}", rank=rank, details=tb)
+        return json.loads(Path(summary).read_text()) if os.path.exists(summary) else None
+
+
+def run_job(cfg: Config, entry: str | None = None) -> dict | None:
+    """Run a validated config on its launch.backend; returns rank 0's summary (None if it has none)."""
+    from sparsetrain.config import to_dict
+
+    entry = entry or os.environ.get(ENTRY_ENV) or DEFAULT_ENTRY
+    cfg_dict = to_dict(cfg)
+    backend = cfg.launch.backend
+    if backend == "inline":
+        return run_inline(cfg_dict, entry)
+    if backend == "torchrun":
+        if cfg.launch.address:
+            raise LaunchError("launch.address is a Ray address; launch.backend=torchrun runs on this machine only "
+                              "(run torchrun on each node yourself for multi-node, see docs/launching.md)")
+        return run_torchrun(cfg_dict, entry)
+    if backend == "ray":
+        return run_ray(cfg_dict, entry)
+    raise LaunchError(f"launch.backend={backend!r}; allowed: ray, torchrun, inline")

@@ -1,0 +1,150 @@
+"""MoE layer: the LocalDispatcher equals a per-token loop; capacity mode drops exactly the over-capacity slots."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsetrain.model.moe import LocalDispatcher, MoELayer, capacity_keep
+
+pytestmark = [pytest.mark.unit]
+
+D, E, FFN = 16, 4, 24
+
+
+def _layer(top_k: int = 2, capacity_factor: float = 0.0, dtype=torch.float64) -> MoELayer:
+    torch.manual_seed(0)
+    layer = MoELayer(D, E, top_k, FFN, aux_loss_coef=0.01, z_loss_coef=0.001, capacity_factor=capacity_factor)
+    layer.router.reset_parameters(0.5)
+    layer.experts.reset_parameters(0.2, 0.2)
+    return layer.to(dtype)
+
+
+def _x(b: int = 3, s: int = 8, dtype=torch.float64, seed: int = 1) -> torch.Tensor:
+    return torch.randn(b, s, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+def _expert(layer: MoELayer, e: int, v: torch.Tensor) -> torch.Tensor:
+    ex = layer.experts
+    return ex.w2[e] @ (F.silu(ex.w1[e] @ v) * (ex.w3[e] @ v))
+
+
+def _naive(layer: MoELayer, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """For each token: sum_k w_k * expert_{e_k}(x), skipping slots not kept."""
+    route = layer.last_route
+    flat = x.reshape(-1, D)
+    t, k = route.expert_ids.shape
+    out = torch.zeros_like(flat)
+    for i in range(t):
+        for j in range(k):
+            if keep is not None and not bool(keep[i * k + j]):
+                continue
+            out[i] += route.weights[i, j] * _expert(layer, int(route.expert_ids[i, j]), flat[i])
+    return out.view_as(x)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_dropless_matches_per_token_loop_fp64(top_k):
+    layer = _layer(top_k)
+    x = _x()
+    y = layer(x)
+    assert y.shape == x.shape and y.dtype == torch.float64
+    assert layer.last_dropped == 0
+    torch.testing.assert_close(y, _naive(layer, x), rtol=1e-12, atol=1e-12)
+
+
+def test_tokens_per_expert_matches_bincount():
+    layer = _layer(2)
+    layer(_x())
+    r = layer.last_route
+    assert torch.equal(r.tokens_per_expert, torch.bincount(r.expert_ids.flatten(), minlength=E))
+    assert int(r.tokens_per_expert.sum()) == 3 * 8 * 2
+
+
+def test_large_capacity_equals_dropless_exactly():
+    x = _x()
+    ref = _layer(2)(x)
+    big = _layer(2, capacity_factor=float(E))  # capacity = T*k: nothing can drop
+    y = big(x)
+    assert big.last_dropped == 0
+    assert torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("cf", [0.5, 0.75, 1.0])
+def test_small_capacity_drops_counted_and_zero(cf):
+    layer = _layer(2, capacity_factor=cf)
+    x = _x()
+    y = layer(x)
+    ids = layer.last_route.expert_ids
+    t, k = ids.shape
+    cap = math.ceil(cf * t * k / E)
+    # manual: walk slots in token order, keep the first `cap` per expert
+    seen = [0] * E
+    keep = torch.zeros(t * k, dtype=torch.bool)
+    for s, e in enumerate(ids.flatten().tolist()):
+        keep[s] = seen[e] < cap
+        seen[e] += 1
+    assert torch.equal(capacity_keep(ids, E, cap), keep)
+    dropped = int((~keep).sum())
+    assert dropped == sum(max(0, c - cap) for c in seen)
+    assert layer.last_dropped == dropped
+    if cf < 1.0:
+        assert dropped > 0
+    torch.testing.assert_close(y, _naive(layer, x, keep), rtol=1e-12, atol=1e-12)
+
+
+def test_fully_dropped_token_outputs_zero():
+    layer = _layer(1, capacity_factor=1.0 / 24)  # capacity 1 slot per expert for 24 tokens, k=1
+    x = _x()
+    y = layer(x).reshape(-1, D)
+    keep = capacity_keep(layer.last_route.expert_ids, E, 1)
+    assert int(keep.sum()) <= E
+    assert torch.count_nonzero(y[~keep]) == 0
+    assert layer.last_dropped == 24 - int(keep.sum())
+
+
+def test_gradients_reach_every_expert_that_received_tokens():
+    layer = _layer(2, dtype=torch.float32)
+    x = _x(dtype=torch.float32).requires_grad_(True)
+    y = layer(x)
+    (y.pow(2).sum() + layer.last_route.aux_loss + layer.last_route.z_loss).backward()
+    counts = layer.last_route.tokens_per_expert
+    for name in ("w1", "w2", "w3"):
+        g = getattr(layer.experts, name).grad
+        assert g is not None
+        for e in range(E):
+            nz = bool(g[e].abs().sum() > 0)
+            assert nz == bool(counts[e] > 0), (name, e, counts.tolist())
+    assert layer.router.gate.weight.grad.abs().sum() > 0
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_expert_with_no_tokens_gets_zero_grad():
+    layer = _layer(1, dtype=torch.float32)
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+        layer.router.skew_prior[0] = 10.0
+    # expert 0 wins every token; experts 1..E-1 get none
+    x = _x(dtype=torch.float32)
+    layer(x).sum().backward()
+    assert layer.last_route.tokens_per_expert[0] == 24
+    g = layer.experts.w1.grad
+    assert g[0].abs().sum() > 0 and torch.count_nonzero(g[1:]) == 0
+
+
+def test_dispatcher_is_swappable():
+    layer = _layer(2)
+    x = _x()
+    ref = layer(x)
+    calls = []
+
+    class Recording(LocalDispatcher):
+        def __call__(self, experts, x, route):
+            calls.append(x.shape)
+            return super().__call__(experts, x, route)
+
+    layer.dispatcher = Recording()
+    torch.testing.assert_close(layer(x), ref, rtol=0, atol=0)
+    assert calls == [torch.Size([24, D])]

@@ -1,0 +1,183 @@
+"""Checkpoints: exact resume, atomic commit, corruption errors, per-expert keys, resharding across world sizes."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from sparsetrain.config import config_from_dict, to_dict
+from sparsetrain.model.gpt import build_model
+from sparsetrain.train import checkpoint as ckpt
+from sparsetrain.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from sparsetrain.train.trainer import Trainer
+from tests.dist_utils import run_distributed
+from tests.parity_utils import small_config
+from tests.train.test_trainer import tiny_cfg
+
+
+class _Stop(Exception):
+    pass
+
+
+def _run(cfg, stop_after: int | None = None) -> Trainer:
+    """Train; with stop_after, die right after that step (its checkpoint, if due, is committed)."""
+    tr = Trainer(cfg)
+    if stop_after is not None:
+        step_fn = tr.train_step
+
+        def train_step(step):
+            if step > stop_after:
+                raise _Stop(step)
+            return step_fn(step)
+
+        tr.train_step = train_step
+        with pytest.raises(_Stop):
+            tr.fit()
+    else:
+        tr.fit()
+    return tr
+
+
+def _keys(path: Path) -> set[str]:
+    return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory) -> tuple[Path, list[float]]:
+    """An uninterrupted 6-step run with checkpoint.every=3."""
+    out = tmp_path_factory.mktemp("full")
+    tr = _run(tiny_cfg(out, "checkpoint.every=3", "moe.num_experts=4", steps=6))
+    return out, [r["loss"] for r in tr.history]
+
+
+@pytest.mark.unit
+def test_exact_resume_single_process(tmp_path, six_steps):
+    _, full = six_steps
+    cfg = tiny_cfg(tmp_path, "checkpoint.every=3", "checkpoint.resume=true", "moe.num_experts=4", steps=6)
+    first = _run(cfg, stop_after=3)  # steps 0..3 run, checkpoint at step 2, crash before step 4
+    assert [r["step"] for r in first.history] == [0, 1, 2, 3]
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000002"
+    second = _run(cfg)
+    assert second.start_step == 3
+    assert [r["step"] for r in second.history] == [3, 4, 5]
+    resumed = [r["loss"] for r in second.history]
+    assert resumed == full[3:], (resumed, full[3:])  # bit-exact on CPU
+    # metrics.jsonl reads like one run: steps past the checkpoint were dropped before appending
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.unit
+def test_per_expert_keys_and_keep(six_steps):
+    out, _ = six_steps
+    root = out / "checkpoints"
+    found = [p.name for p in ckpt.committed(root)]
+    assert found == ["step_00000002", "step_00000005"]
+    keys = _keys(root / "step_00000005")
+    assert "model.layers.0.ffn.experts.3.w1" in keys
+    assert "optim.layers.0.ffn.experts.3.w1.exp_avg" in keys
+    assert "optim.layers.1.ffn.experts.0.w2.exp_avg_sq" in keys
+    assert "model.layers.0.ffn.experts.w1" not in keys  # never the stacked tensor
+    assert "model.layers.0.ffn.router.expert_bias" in keys and "optim.step" in keys
+    extra = json.loads((root / "step_00000005" / ckpt.EXTRA).read_text())
+    assert extra["step"] == 5 and config_from_dict(extra["config"]).train.steps == 6
+
+
+@pytest.mark.unit
+def test_keep_prunes_old_checkpoints(tmp_path):
+    tr = _run(tiny_cfg(tmp_path, "checkpoint.every=1", "checkpoint.keep=2", steps=4))
+    assert [p.name for p in ckpt.committed(tr.ckpt_dir)] == ["step_00000002", "step_00000003"]
+
+
+@pytest.mark.unit
+def test_uncommitted_dirs_ignored(tmp_path, six_steps):
+    out, _ = six_steps
+    root = tmp_path / "checkpoints"
+    shutil.copytree(out / "checkpoints" / "step_00000002", root / "step_00000002")
+    tmp = root / ".tmp-step_00000009"
+    shutil.copytree(out / "checkpoints" / "step_00000005", tmp)  # complete-looking, but never renamed
+    half = root / "step_00000007"
+    shutil.copytree(out / "checkpoints" / "step_00000005", half)
+    (half / ckpt.EXTRA).unlink()  # crashed before the extra file: not committed
+    assert latest_checkpoint(root) == root / "step_00000002"
+    assert latest_checkpoint(tmp_path / "nothing-here") is None
+
+
+@pytest.mark.unit
+def test_corrupt_checkpoint_raises_with_path(tmp_path, six_steps):
+    out, _ = six_steps
+    path = tmp_path / "step_00000005"
+    shutil.copytree(out / "checkpoints" / "step_00000005", path)
+    cfg = tiny_cfg(tmp_path, "moe.num_experts=4")
+    data = sorted(path.glob("*.distcp"))
+    assert data
+    with open(data[0], "r+b") as f:
+        f.truncate(data[0].stat().st_size // 3)
+    with pytest.raises(CheckpointError) as ei:
+        load_checkpoint(path, build_model(cfg), None)
+    assert str(path) in str(ei.value)
+    (path / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match="incomplete") as ei:
+        load_checkpoint(path, build_model(cfg), None)
+    assert str(path) in str(ei.value)
+    assert latest_checkpoint(tmp_path) is None
+
+
+@pytest.mark.unit
+def test_checkpoint_of_other_model_shape_raises(tmp_path, six_steps):
+    out, _ = six_steps
+    path = out / "checkpoints" / "step_00000005"
+    with pytest.raises(CheckpointError) as ei:
+        load_checkpoint(path, build_model(tiny_cfg(tmp_path, "moe.num_experts=4", "model.d_model=64")), None)
+    assert str(path) in str(ei.value)
+
+
+# ------------------------------------------------------------------ resharding across world sizes
+
+RESHARD = ["checkpoint.every=3", "checkpoint.resume=true", "model.d_model=32", "moe.d_ffn=32", "model.seq_len=16",
+           "parallel.pretend_nodes=0", "parallel.fssdp.overlap_budget=2", "parallel.fssdp.reshard_every=0"]
+
+
+def _train_body(rank: int, world: int, cfg: dict, out: str) -> dict:
+    from tests.parity_utils import train_and_collect
+
+    res = train_and_collect(cfg, out)
+    return {"losses": res["losses"]}
+
+
+def _resume_cfg(cfg: dict, strategy: str, workers: int, ckpt_dir: str) -> dict:
+    d = json.loads(json.dumps(cfg))
+    d["parallel"]["strategy"] = strategy
+    d["launch"]["workers"] = workers
+    d["checkpoint"]["dir"] = ckpt_dir
+    return to_dict(config_from_dict(d))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ep", "fssdp"])
+def test_resume_on_fewer_ranks(tmp_path, strategy):
+    cfg = small_config(f"parallel.strategy={strategy}", *RESHARD, steps=4)
+    full = run_distributed(_train_body, 4, cfg, str(tmp_path / "w4"))[0]["losses"]  # saves after step 2
+    saved = tmp_path / "w4" / "checkpoints" / "step_00000002"
+    assert saved.is_dir()
+    keys = _keys(saved)
+    assert "model.layers.0.ffn.experts.3.w1" in keys and "optim.layers.0.ffn.experts.3.w1.exp_avg" in keys
+    assert "model.layers.1.ffn.experts.7.w3" in keys  # every expert, whichever rank held it
+    for workers, strat in ((2, strategy), (1, "none")):
+        ck = tmp_path / f"ck{workers}"
+        shutil.copytree(saved, ck / saved.name)
+        rcfg = _resume_cfg(cfg, strat, workers, str(ck))
+        if workers == 1:
+            from tests.parity_utils import train_and_collect
+
+            got = train_and_collect(rcfg, str(tmp_path / "w1"))["losses"]
+        else:
+            got = run_distributed(_train_body, workers, rcfg, str(tmp_path / f"w{workers}"))[0]["losses"]
+        assert len(got) == 1, got  # only step 3 ran
+        torch.testing.assert_close(torch.tensor(got[0]), torch.tensor(full[3]), rtol=1e-5, atol=1e-6,
+                                   msg=f"{strategy} 4 ranks -> {strat} on {workers}: {got[0]} vs {full[3]}")
