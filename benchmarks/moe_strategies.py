@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 MODEL = ["model.d_model=128", "model.n_layers=2", "model.n_heads=4", "model.seq_len=128", "moe.num_experts=16",
          "moe.top_k=2", "moe.d_ffn=512", "train.eval_every=0", "train.log_every=1000", "train.progress=false",
-         "checkpoint.save_final=false", "checkpoint.resume=false", "launch.torch_threads=1", "train.warmup_steps=2"]
+         "checkpoint.save_final=false", "checkpoint.resume=false", "launch.torch_threads=1", "train.warmup_steps=2",
+         "moe.aux_loss_coef=0.0"]  # aux loss off: the router keeps the Zipf skew under study
 FSSDP = ["parallel.fssdp.slots_per_rank=4", "parallel.fssdp.reshard_every=3", "parallel.fssdp.load_window=3"]
 
 

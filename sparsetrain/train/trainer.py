@@ -17,7 +17,7 @@ from sparsetrain.model.gpt import GPT, build_model
 from sparsetrain.parallel import build_strategy
 from sparsetrain.parallel.mesh import DistInfo
 from sparsetrain.telemetry.comm import COMM
-from sparsetrain.telemetry.metrics import MetricsWriter, format_log, summary_table, truncate_after
+from sparsetrain.telemetry.metrics import MetricsWriter, format_log, placement_table, summary_table, truncate_after
 from sparsetrain.telemetry.timers import TIMERS, span
 from sparsetrain.train import checkpoint as ckpt
 from sparsetrain.train.optim import build_optimizer, lr_at
@@ -268,6 +268,8 @@ class Trainer:
             rows = [(k, v) for k, v in summary.items() if not isinstance(v, (dict, list))]
             print(summary_table(rows), flush=True)
             for k, v in summary.items():
-                if isinstance(v, (dict, list)):
+                if k == "hottest_placement":
+                    print(placement_table(v), flush=True)
+                elif isinstance(v, (dict, list)):
                     print(f"{k}: {json.dumps(v)}", flush=True)
         return summary
