@@ -20,10 +20,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 MODEL = ["model.d_model=128", "model.n_layers=2", "model.n_heads=4", "model.seq_len=128", "moe.num_experts=16",
-         "moe.top_k=2", "moe.d_ffn=512", "train.eval_every=0", "train.log_every=1000", "train.progress=false",
+         "moe.top_k=2", "moe.d_ffn=2048", "train.eval_every=0", "train.log_every=1000", "train.progress=false",
          "checkpoint.save_final=false", "checkpoint.resume=false", "launch.torch_threads=1", "train.warmup_steps=2",
          "moe.aux_loss_coef=0.0"]  # aux loss off: the router keeps the Zipf skew under study
-FSSDP = ["parallel.fssdp.slots_per_rank=4", "parallel.fssdp.reshard_every=3", "parallel.fssdp.load_window=3"]
+FSSDP = ["parallel.fssdp.slots_per_rank=2", "parallel.fssdp.reshard_every=5", "parallel.fssdp.load_window=3"]
+VARIANTS = {  # name -> overrides; every variant runs on the same data in the same processes
+    "ep": ["parallel.strategy=ep"],
+    "fssdp": ["parallel.strategy=fssdp", "parallel.fssdp.planner=hecate", *FSSDP],
+    "fssdp-lpt": ["parallel.strategy=fssdp", "parallel.fssdp.planner=lpt_spill", *FSSDP],
+}
 
 
 def _peak_rss_reset() -> bool:
@@ -83,13 +88,14 @@ def _run_one(overrides: list[str], steps: int, warmup: int) -> dict:
             "bytes": agg, "peak_rss_mib": _peak_rss_mib() if rss_ok else float("nan")}
 
 
-def _rank_body(rank: int, world: int, skews: list[float], steps: int, warmup: int, fssdp: list[str]) -> list[dict]:
+def _rank_body(rank: int, world: int, skews: list[float], steps: int, warmup: int,
+               variants: dict[str, list[str]]) -> list[dict]:
     import torch
 
     torch.set_num_threads(1)
     out = []
     for s in skews:
-        for name, extra in (("ep", ["parallel.strategy=ep"]), ("fssdp", ["parallel.strategy=fssdp", *fssdp])):
+        for name, extra in variants.items():
             res = _run_one([f"moe.router_skew={s}", *extra], steps, warmup)
             out.append({"skew": s, "strategy": name, **res})
     return out
@@ -116,7 +122,7 @@ def report(world: int, per_rank: list[list[dict]], all_gather_mib: float) -> lis
     for r in rows:
         ep = next(x for x in rows if x["skew"] == r["skew"] and x["strategy"] == "ep")
         ratio = r["step_ms"] / ep["step_ms"]
-        lines.append(f"| {world} | {r['skew']:.1f} | {r['strategy']:<5} | {r['step_ms']:8.1f} | {ratio:5.2f} | "
+        lines.append(f"| {world} | {r['skew']:.1f} | {r['strategy']:<9} | {r['step_ms']:8.1f} | {ratio:5.2f} | "
                      f"{r['tok']:5.2f} | {r['busy']:5.2f} | {r['spag']:6.2f} | {r['sprs']:6.2f} | "
                      f"{100 * r['spag'] / all_gather_mib if all_gather_mib else 0:5.1f}% | {r['a2a']:6.2f} | "
                      f"{r['rss']:7.0f} |")
@@ -129,11 +135,12 @@ def main() -> None:
     ap.add_argument("--skews", type=float, nargs="+", default=[0.0, 0.8, 1.2, 1.6])
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=6)
-    ap.add_argument("--fssdp", nargs="*", default=FSSDP, help="overrides for the fssdp runs")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--fssdp", nargs="*", default=None, help="extra overrides for the fssdp variants")
     args = ap.parse_args()
     from tests.dist_utils import run_distributed
 
-    d_model, d_ffn, e, layers = 128, 512, 16, 2
+    d_model, d_ffn, e, layers = 128, 2048, 16, 2
     chunk_mib = 3 * d_model * d_ffn * 4 / 2**20
     header = ["| ranks | zipf s | strategy | step ms (median) | vs ep | expert tokens max/mean | "
               "expert busy max/mean | spAG MiB/step | spRS MiB/step | spAG vs all-gather | a2a MiB/step | "
@@ -144,7 +151,8 @@ def main() -> None:
     for world in args.worlds:
         # all-gather of every expert to every rank, per step (forward + backward re-gather), all layers
         all_gather_mib = 2 * layers * e * (world - 1) * chunk_mib
-        per_rank = run_distributed(_rank_body, world, args.skews, args.steps, args.warmup, args.fssdp, timeout=3000)
+        variants = {k: VARIANTS[k] + (args.fssdp or [] if k != "ep" else []) for k in args.variants}
+        per_rank = run_distributed(_rank_body, world, args.skews, args.steps, args.warmup, variants, timeout=3000)
         print("\n".join(report(world, per_rank, all_gather_mib)), flush=True)
 
 

@@ -21,7 +21,7 @@ from sparsetrain.model.gpt import GPT
 from sparsetrain.model.router import RouterOutput
 from sparsetrain.parallel.ep import keep_expert_rows
 from sparsetrain.parallel.mesh import DistInfo
-from sparsetrain.parallel.placement import LayerPlacement, LoadTracker, initial_owners, reshard_owners
+from sparsetrain.parallel.placement import LayerPlacement, LoadTracker, initial_owners, owned_load, reshard_owners
 from sparsetrain.parallel.planners import get_planner
 from sparsetrain.parallel.routing import choose_replicas
 from sparsetrain.parallel.sparse_collectives import SpAGHandle, spag, spag_start, sprs
@@ -42,6 +42,16 @@ def split_chunks(mat: torch.Tensor, d_model: int, d_ffn: int) -> dict[str, torch
     n, hd = mat.shape[0], d_model * d_ffn
     return {"w1": mat[:, :hd].view(n, d_ffn, d_model), "w2": mat[:, hd:2 * hd].view(n, d_model, d_ffn),
             "w3": mat[:, 2 * hd:].view(n, d_ffn, d_model)}
+
+
+REPLICATE_EVERYWHERE = ("hecate", "eplb")
+RESHARD_GAIN = 0.02  # re-shard only when owned-load max/mean improves by at least this fraction
+
+
+def _imbalance(loads: torch.Tensor, owners: list[list[int]], world: int, replicas: Optional[list]) -> float:
+    """max/mean over ranks of owned load summed over layers."""
+    per_rank = owned_load(loads, owners, world, replicas)
+    return float(per_rank.max() / per_rank.mean().clamp_min(1e-12))
 
 
 def _lists(p: LayerPlacement) -> tuple[list[int], list[list[int]]]:
@@ -291,8 +301,13 @@ class FSSDP(Strategy):
         if every and (step + 1) % every == 0:
             from sparsetrain.parallel.reshard import move_ownership
 
-            new_owners = reshard_owners(self.tracker.predicted(), self.owners, self.topo, self.placements)
-            if new_owners != self.owners:
+            loads = self.tracker.predicted()
+            # planners that copy hot experts to every rank spread their load regardless of the owner;
+            # planners that replicate only on overload need the owners themselves balanced
+            replicas = self.placements if self.fcfg.planner in REPLICATE_EVERYWHERE else None
+            new_owners = reshard_owners(loads, self.owners, self.topo, replicas)
+            if new_owners != self.owners and _imbalance(loads, new_owners, self.info.world, replicas) < \
+                    (1 - RESHARD_GAIN) * _imbalance(loads, self.owners, self.info.world, replicas):
                 new_opt = move_ownership(self, model, optimizer, new_owners)
                 self.owners = new_owners
                 self.reshards += 1
