@@ -130,7 +130,6 @@ class CheckpointConfig:
     resume: bool = True  # resume from the latest committed checkpoint in dir
     save_final: bool = True
     keep: int = 2
-    compressed: bool = False  # store N:M-sparse weights in compressed form
 
 
 @dataclass

@@ -37,7 +37,9 @@ def train_and_collect(cfg_dict: dict, out_dir: str) -> dict[str, Any]:
     losses = [r["loss"] for r in tr.history]
     state = full_model_state(tr.model)
     extra = {k: v for k, v in tr.history[-1].items() if isinstance(v, (int, float))} if tr.history else {}
-    return {"losses": losses, "state": state, "last": extra, "rank": int(os.environ.get("RANK", "0"))}
+    reshards = getattr(tr.strategy, "reshards", 0)
+    return {"losses": losses, "state": state, "last": extra, "rank": int(os.environ.get("RANK", "0")),
+            "reshards": reshards}
 
 
 def run_reference(cfg_dict: dict, out_dir: str) -> dict[str, Any]:
@@ -56,3 +58,20 @@ def assert_same_training(ref: dict, got: dict, rtol: float = 1e-5, atol: float =
     assert set(model_keys) <= set(got["state"]), sorted(set(model_keys) - set(got["state"]))[:5]
     for k in model_keys:
         torch.testing.assert_close(got["state"][k], ref["state"][k], rtol=rtol * 10, atol=atol * 10, msg=k)
+
+
+def _parity_body(rank: int, world: int, cfg: dict, out: str) -> dict:
+    res = train_and_collect(cfg, out)
+    return res if rank == 0 else {"losses": res["losses"]}
+
+
+def check_parity(world: int, cfg: dict, tmp: Any, rtol: float = 1e-5, atol: float = 1e-6) -> dict[str, Any]:
+    """Train cfg on `world` gloo ranks and on one process; losses and final parameters must agree."""
+    from tests.dist_utils import run_distributed
+
+    ref = run_reference(cfg, str(tmp / "ref"))
+    results = run_distributed(_parity_body, world, cfg, str(tmp / "dist"))
+    assert_same_training(ref, results[0], rtol=rtol, atol=atol)
+    for r in results[1:]:
+        assert r["losses"] == results[0]["losses"]
+    return results[0]

@@ -53,8 +53,8 @@ class NMState:
 
     def apply(self, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Masked weight by the configured method (SR-STE or magnitude), with beta(t)."""
-        if self.cfg.method == "sr_ste":
-            return sr_ste(w, mask, self.beta, self.cfg.lambda_w)
+        if self.cfg.method == "sr_ste":  # straight-through here; the lambda_w decay: NMSparsifier.add_decay_grads
+            return sr_ste(w, mask, self.beta, 0.0)
         return masked_weight(w, mask, self.beta)
 
 
@@ -174,6 +174,25 @@ class NMSparsifier:
         for k, mod in self.experts.items():
             out.update({f"{k}.{w}": getattr(mod, w) for w in EXPERT_WEIGHTS})
         return out
+
+    @torch.no_grad()
+    def add_decay_grads(self) -> None:
+        """SR-STE decay, once per optimizer step on the owned weights: grad += lambda_w * (1 - mask) * W.
+
+        Applied after gradient synchronisation rather than inside every masked-weight backward, so it
+        does not scale with gradient accumulation, with the number of ranks averaging the gradient, or
+        with the number of FSSDP copies of an expert. The mask is the current magnitude mask of W (the
+        forward's mask whenever masks are refreshed every step).
+        """
+        if self.cfg.method != "sr_ste" or self.cfg.lambda_w == 0:
+            return
+        for w in self.weights().values():
+            if w.grad is None or w.numel() == 0:
+                continue
+            wl = w.to_local() if hasattr(w, "to_local") else w  # FSDP2: this rank's whole rows
+            gl = w.grad.to_local() if hasattr(w.grad, "to_local") else w.grad
+            mask = self.state.mask(wl).to(wl.dtype)
+            gl.add_(self.cfg.lambda_w * (1 - mask) * wl)
 
     @torch.no_grad()
     def stats(self) -> dict[str, float]:

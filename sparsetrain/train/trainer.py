@@ -134,6 +134,8 @@ class Trainer:
         if os.environ.get("SPARSETRAIN_FAIL_RANK") == str(self.info.rank) and step >= 1:
             raise RuntimeError(f"injected failure on rank {self.info.rank}")
         self.strategy.finish_backward(self.model)
+        if self.sparsifier is not None:
+            self.sparsifier.add_decay_grads()
         stats = _allreduce_mean(stats)
         ce = float(stats[0])
         rec: dict[str, Any] = {"step": step, "loss": ce, "aux_loss": float(stats[1]), "z_loss": float(stats[2]),

@@ -98,6 +98,7 @@ def test_grouped_experts_forward_uses_masked_weights_and_sr_ste_grad() -> None:
             getattr(dense, k).copy_(ws[k])
     assert torch.allclose(y, dense(x, counts), atol=1e-6)
     y.square().sum().backward()
+    nm_sparsifier(model).add_decay_grads()  # once per optimizer step, after gradient sync
     # pruned positions get the SR-STE decay term on top of the dense straight-through gradient
     ref = {k: getattr(dense, k) for k in ("w1", "w2", "w3")}
     dense(x, counts).square().sum().backward()
