@@ -21,7 +21,13 @@ from sparsetrain.model.gpt import GPT
 from sparsetrain.model.router import RouterOutput
 from sparsetrain.parallel.ep import keep_expert_rows
 from sparsetrain.parallel.mesh import DistInfo
-from sparsetrain.parallel.placement import LayerPlacement, LoadTracker, initial_owners, owned_load, reshard_owners
+from sparsetrain.parallel.placement import (
+    LayerPlacement,
+    LoadTracker,
+    initial_owners,
+    owned_load,
+    reshard_owners_per_layer,
+)
 from sparsetrain.parallel.planners import get_planner
 from sparsetrain.parallel.routing import choose_replicas
 from sparsetrain.parallel.sparse_collectives import SpAGHandle, spag, spag_start, sprs
@@ -49,9 +55,10 @@ RESHARD_GAIN = 0.02  # re-shard only when owned-load max/mean improves by at lea
 
 
 def _imbalance(loads: torch.Tensor, owners: list[list[int]], world: int, replicas: Optional[list]) -> float:
-    """max/mean over ranks of owned load summed over layers."""
-    per_rank = owned_load(loads, owners, world, replicas)
-    return float(per_rank.max() / per_rank.mean().clamp_min(1e-12))
+    """Mean over layers of max/mean owned load per rank (each layer's expert compute is synchronous)."""
+    per_layer = [owned_load(loads[li:li + 1], owners[li:li + 1], world, replicas[li:li + 1] if replicas else None)
+                 for li in range(len(owners))]
+    return sum(float(r.max() / r.mean().clamp_min(1e-12)) for r in per_layer) / max(len(per_layer), 1)
 
 
 def _lists(p: LayerPlacement) -> tuple[list[int], list[list[int]]]:
@@ -214,7 +221,9 @@ class FSSDP(Strategy):
         shape = tuple(mat.shape)
 
         def pack(t: torch.Tensor) -> Any:
-            if t.untyped_storage().data_ptr() == ptr and t.device == mat.device:
+            # empty tensors all have data_ptr 0: match only real views of the (non-empty) gathered buffer
+            if ptr and t.numel() and t.dtype == mat.dtype and t.device == mat.device \
+                    and t.untyped_storage().data_ptr() == ptr:
                 return ("fssdp_chunk", t.storage_offset(), tuple(t.shape), t.stride())
             return t
 
@@ -305,7 +314,7 @@ class FSSDP(Strategy):
             # planners that copy hot experts to every rank spread their load regardless of the owner;
             # planners that replicate only on overload need the owners themselves balanced
             replicas = self.placements if self.fcfg.planner in REPLICATE_EVERYWHERE else None
-            new_owners = reshard_owners(loads, self.owners, self.topo, replicas)
+            new_owners = reshard_owners_per_layer(loads, self.owners, self.topo, replicas)
             if new_owners != self.owners and _imbalance(loads, new_owners, self.info.world, replicas) < \
                     (1 - RESHARD_GAIN) * _imbalance(loads, self.owners, self.info.world, replicas):
                 new_opt = move_ownership(self, model, optimizer, new_owners)

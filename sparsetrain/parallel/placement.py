@@ -244,3 +244,38 @@ def __getattr__(name: str) -> Any:
 
         return getattr(planners, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def reshard_owners_per_layer(loads: torch.Tensor, owners: Sequence[Sequence[int]], topo: Topology,
+                             replicas: Sequence[LayerPlacement] | None = None,
+                             chunk_slack: int = 1) -> list[list[int]]:
+    """Re-sharding that balances each layer's owned load first (compute is synchronous per layer), then the
+    sum over layers: layer by layer, heaviest experts first, each to the least-loaded node then rank, ranked by
+    (load in this layer, load summed over layers); ties keep the current owner, then the lower index."""
+    if loads.dim() != 2:
+        raise ValueError(f"loads must be 2-D [num_layers, num_experts], got shape {tuple(loads.shape)}")
+    num_layers, num_experts = loads.shape
+    if len(owners) != num_layers or any(len(row) != num_experts for row in owners):
+        raise ValueError(f"owners must be {num_layers} lists of {num_experts} ranks to match loads")
+    world = topo.world
+    cap = math.ceil(num_experts / world) + chunk_slack
+    total = [0.0] * world
+    new: list[list[int]] = []
+    for layer in range(num_layers):
+        vals = check_plan_inputs(loads[layer], owners[layer], topo, 0)
+        ncop = [len(replicas[layer].copies[e]) if replicas is not None else 1 for e in range(num_experts)]
+        share = [vals[e] / ncop[e] for e in range(num_experts)]
+        here, count, row = [0.0] * world, [0] * world, [int(o) for o in owners[layer]]
+        for e in sorted(range(num_experts), key=lambda x: (-share[x], x)):
+            ok = [r for r in range(world) if count[r] < cap]
+            node_load = {n: sum(here[r] for r in topo.ranks_of_node(n)) for n in {topo.node_of(r) for r in ok}}
+            best_node = min(node_load, key=lambda n: (node_load[n], n != topo.node_of(row[e]), n))
+            cand = [r for r in ok if topo.node_of(r) == best_node]
+            target = min(cand, key=lambda r: (here[r], total[r], r != row[e], r))
+            row[e] = target
+            here[target] += share[e]
+            count[target] += 1
+        for r in range(world):
+            total[r] += here[r]
+        new.append(row)
+    return new
