@@ -15,7 +15,8 @@ CASES = {
     "4r_lpt_reshard": (4, ["parallel.fssdp.planner=lpt_spill", "parallel.fssdp.reshard_every=3", "moe.router_skew=1.2"]),
     "4r_eplb": (4, ["parallel.fssdp.planner=eplb", "parallel.pretend_nodes=2", "moe.router_skew=1.2"]),
     "2r_skew_ddp": (2, ["moe.router_skew=1.2", "parallel.dense=ddp", "parallel.fssdp.reshard_every=5"]),
-    "4r_2experts_reshard": (4, ["moe.num_experts=2", "moe.router_skew=1.6", "parallel.fssdp.reshard_every=2"]),
+    "4r_2experts": (4, ["moe.num_experts=2", "moe.router_skew=1.6", "parallel.fssdp.reshard_every=2"]),
+    "4r_2experts_lpt": (4, ["moe.num_experts=2", "parallel.fssdp.planner=lpt_spill", "moe.router_skew=1.6"]),
     "4r_nopf_t1": (4, ["parallel.fssdp.prefetch=false", "parallel.fssdp.overlap_budget=1", "moe.router_skew=1.2"]),
 }
 
