@@ -46,9 +46,23 @@ def _peak_rss_mib() -> float:
     return float("nan")
 
 
+def _state_mib(tr) -> float:
+    """This rank's training state: local params + grads + Adam moments, plus its largest gathered layer."""
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    params = sum(local(p).numel() * local(p).element_size() for p in tr.model.parameters())
+    adam = sum(local(v).numel() * local(v).element_size() for st in tr.optimizer.state.values()
+               for v in st.values() if hasattr(v, "numel") and v.dim() > 0)
+    copies = 0
+    mat_ids = getattr(tr.strategy, "mat_ids", {})
+    if mat_ids:
+        copies = max(len(v) for v in mat_ids.values()) * tr.strategy.chunk_bytes
+    return (2 * params + adam + copies) / 2**20
+
+
 def _run_one(overrides: list[str], steps: int, warmup: int) -> dict:
     """Build a Trainer in this rank, run `steps` steps, return this rank's measurements."""
-    import torch
     import torch.distributed as dist
 
     from sparsetrain.config import load_config
@@ -84,7 +98,8 @@ def _run_one(overrides: list[str], steps: int, warmup: int) -> dict:
     if rank_zero := (dist.get_rank() == 0) and hasattr(tr.strategy, "overlap_budget"):
         print(f"[bench] {overrides} overlap budget t={tr.strategy.overlap_budget} reshards={tr.strategy.reshards}",
               flush=rank_zero)
-    return {"step_s": sorted(times)[len(times) // 2], "busy_s": sum(busy) / n, "tokens": sum(tokens) / n,
+    return {"state_mib": _state_mib(tr), "step_s": sorted(times)[len(times) // 2], "busy_s": sum(busy) / n,
+            "tokens": sum(tokens) / n,
             "bytes": agg, "peak_rss_mib": _peak_rss_mib() if rss_ok else float("nan")}
 
 
@@ -117,7 +132,8 @@ def report(world: int, per_rank: list[list[dict]], all_gather_mib: float) -> lis
                      "spag": sum(r["bytes"]["spag"] for r in recs) / 2**20,
                      "sprs": sum(r["bytes"]["sprs"] for r in recs) / 2**20,
                      "a2a": sum(r["bytes"]["all_to_all"] for r in recs) / 2**20,
-                     "rss": max(r["peak_rss_mib"] for r in recs)})
+                     "rss": max(r["peak_rss_mib"] for r in recs),
+                     "state": max(r["state_mib"] for r in recs), "state_min": min(r["state_mib"] for r in recs)})
     lines = []
     for r in rows:
         ep = next(x for x in rows if x["skew"] == r["skew"] and x["strategy"] == "ep")
@@ -125,7 +141,7 @@ def report(world: int, per_rank: list[list[dict]], all_gather_mib: float) -> lis
         lines.append(f"| {world} | {r['skew']:.1f} | {r['strategy']:<9} | {r['step_ms']:8.1f} | {ratio:5.2f} | "
                      f"{r['tok']:5.2f} | {r['busy']:5.2f} | {r['spag']:6.2f} | {r['sprs']:6.2f} | "
                      f"{100 * r['spag'] / all_gather_mib if all_gather_mib else 0:5.1f}% | {r['a2a']:6.2f} | "
-                     f"{r['rss']:7.0f} |")
+                     f"{r['state']:7.1f} / {r['state_min']:.1f} | {r['rss']:7.0f} |")
     return lines
 
 
@@ -144,7 +160,8 @@ def main() -> None:
     chunk_mib = 3 * d_model * d_ffn * 4 / 2**20
     header = ["| ranks | zipf s | strategy | step ms (median) | vs ep | expert tokens max/mean | "
               "expert busy max/mean | spAG MiB/step | spRS MiB/step | spAG vs all-gather | a2a MiB/step | "
-              "peak RSS MiB/rank |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "train state MiB/rank max / min | process RSS high-water MiB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print(f"# moe_strategies: {e} experts top-2, d_model {d_model}, d_ffn {d_ffn}, {layers} MoE layers, "
           f"seq 128, global batch 16, steps {args.steps} (first {args.warmup} not timed)")
     print("\n".join(header), flush=True)
