@@ -74,6 +74,15 @@ class FSSDPDispatcher:
     def __call__(self, experts: GroupedExperts, x: torch.Tensor, route: RouterOutput) -> tuple[torch.Tensor, int]:
         s, li = self.s, self.layer
         placement = s.placements[li]
+        slot_rank = choose_replicas(route.expert_ids.reshape(-1), s.info.rank, placement, s.topo)  # [T*k]
+        if not s.replicated(li):
+            # P1 = P0 this step: the owners compute on their own Parameters; no spAG, no spRS, no copies
+            s.mat_ids[li] = list(experts.expert_ids)
+            out, dropped, counts = exchange_and_compute(
+                x, route, slot_rank, experts.num_experts, experts.expert_ids,
+                lambda xs, c: experts(xs, c, ids=experts.expert_ids), None, s.cfg.moe.capacity_factor)
+            s.rank_tokens[li] = float(counts.sum())
+            return out, dropped
         handle = s.pending.pop(li, None) or s.start_gather(li, experts)
         t_wait = time.perf_counter()
         mat, mat_ids = handle.wait()  # data only; gradients go home in finish_backward (spRS)
@@ -82,7 +91,6 @@ class FSSDPDispatcher:
         if torch.is_grad_enabled():
             mat = _Materialized.apply(s.anchor, mat, s, li)
         ws = split_chunks(mat, experts.d_model, experts.d_ffn)
-        slot_rank = choose_replicas(route.expert_ids.reshape(-1), s.info.rank, placement, s.topo)  # [T*k]
 
         def expert_fn(xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
             return experts(xs, counts, ids=mat_ids, stacked=ws)
@@ -208,8 +216,12 @@ class FSSDP(Strategy):
 
     def _prefetch(self, li: int) -> None:
         """Block pre-forward hook: post this layer's spAG so it overlaps attention."""
-        if li not in self.pending:
+        if li not in self.pending and self.replicated(li):
             self.pending[li] = self.start_gather(li, self.model_ref.moe_layers()[li].experts)
+
+    def replicated(self, li: int) -> bool:
+        """Whether layer li has any copy beyond its owners this step (same answer on every rank)."""
+        return any(len(c) > 1 for c in self.placements[li].copies)
 
     def note_gather(self, li: int, t_wait: float) -> None:
         window = t_wait - self.gather_start.pop(li, t_wait)
@@ -247,6 +259,8 @@ class FSSDP(Strategy):
     def reduce_scatter_grads(self, model: GPT) -> None:
         """spRS for every layer in order: copies' grads summed into the owner's param grads."""
         for li, moe in enumerate(model.moe_layers()):
+            if not self.replicated(li):
+                continue  # owners computed on their Parameters: the grads are already there
             mod = moe.experts
             owners, copies = _lists(self.placements[li])
             grad = self.grad_stash.pop(li, None)

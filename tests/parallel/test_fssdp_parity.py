@@ -17,6 +17,7 @@ CASES = {
     "2r_skew_ddp": (2, ["moe.router_skew=1.2", "parallel.dense=ddp", "parallel.fssdp.reshard_every=5"]),
     "4r_2experts": (4, ["moe.num_experts=2", "moe.router_skew=1.6", "parallel.fssdp.reshard_every=2"]),
     "4r_2experts_lpt": (4, ["moe.num_experts=2", "parallel.fssdp.planner=lpt_spill", "moe.router_skew=1.6"]),
+    "2r_none_reshard": (2, ["parallel.fssdp.planner=none", "moe.router_skew=1.2", "parallel.fssdp.reshard_every=3"]),
     "4r_nopf_t1": (4, ["parallel.fssdp.prefetch=false", "parallel.fssdp.overlap_budget=1", "moe.router_skew=1.2"]),
 }
 
