@@ -58,6 +58,7 @@ class FSSDPConfig:
     load_window: int = 5  # steps averaged for the predicted load
     reshard_every: int = 0  # re-shard ownership every K steps (0 = never)
     prefetch: bool = True  # issue the next layer's spAG early (async)
+    compress_chunks: bool = True  # N:M-masked experts travel compressed in spAG (when copies can use it)
 
 
 @dataclass

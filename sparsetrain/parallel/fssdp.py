@@ -19,6 +19,7 @@ from torch import nn
 from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts
 from sparsetrain.model.gpt import GPT
 from sparsetrain.model.router import RouterOutput
+from sparsetrain.parallel.chunk_codec import NMChunkCodec, chunk_codec_for
 from sparsetrain.parallel.ep import keep_expert_rows
 from sparsetrain.parallel.mesh import DistInfo
 from sparsetrain.parallel.placement import (
@@ -86,6 +87,8 @@ class FSSDPDispatcher:
         handle = s.pending.pop(li, None) or s.start_gather(li, experts)
         t_wait = time.perf_counter()
         mat, mat_ids = handle.wait()  # data only; gradients go home in finish_backward (spRS)
+        if s.codec is not None:
+            mat = s.codec.decode(mat)  # [n_mat, B] bytes -> [n_mat, C] masked weights
         s.note_gather(li, t_wait)
         s.mat_ids[li] = mat_ids
         if torch.is_grad_enabled():
@@ -212,7 +215,12 @@ class FSSDP(Strategy):
     def start_gather(self, li: int, experts: GroupedExperts) -> SpAGHandle:
         owners, copies = _lists(self.placements[li])
         self.gather_start[li] = time.perf_counter()
-        return spag_start(owned_flat(experts).detach(), experts.expert_ids, owners, copies, self.group)
+        return spag_start(self._send_rows(experts), experts.expert_ids, owners, copies, self.group)
+
+    def _send_rows(self, experts: GroupedExperts) -> torch.Tensor:
+        """Owned chunks as sent by spAG: dense rows [n_owned, C], or N:M-compressed bytes [n_owned, B]."""
+        rows = owned_flat(experts).detach()
+        return self.codec.encode(rows) if self.codec is not None else rows
 
     def _prefetch(self, li: int) -> None:
         """Block pre-forward hook: post this layer's spAG so it overlaps attention."""
@@ -253,8 +261,8 @@ class FSSDP(Strategy):
         """Backward re-gather of layer li's chunks (data only), at its output-grad hook."""
         owners, copies = _lists(self.placements[li])
         with torch.no_grad():
-            buf, _ = spag(owned_flat(experts).detach(), experts.expert_ids, owners, copies, self.group)
-        self.regathered[li] = buf
+            buf, _ = spag(self._send_rows(experts), experts.expert_ids, owners, copies, self.group)
+        self.regathered[li] = self.codec.decode(buf) if self.codec is not None else buf
 
     def reduce_scatter_grads(self, model: GPT) -> None:
         """spRS for every layer in order: copies' grads summed into the owner's param grads."""
@@ -308,6 +316,8 @@ class FSSDP(Strategy):
         return int(min(t.item(), self.cfg.moe.num_experts))
 
     def _replan(self) -> None:
+        e = self.model_ref.moe_layers()[0].experts
+        self.codec = chunk_codec_for(self.model_ref, self.fcfg.compress_chunks, e.d_model, e.d_ffn, e.w1.dtype)
         loads = self.tracker.predicted()  # [L, E]
         self.overlap_budget = self._budget()
         self.placements = [self.planner(loads[li], self.owners[li], self.topo, self.fcfg.slots_per_rank,
@@ -364,7 +374,8 @@ class FSSDP(Strategy):
 
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.name, "planner": self.fcfg.planner, "nodes": self.topo.num_nodes,
-                "reshards": self.reshards, "hottest_placement": self.hottest()}
+                "reshards": self.reshards, "compressed_chunks": self.codec is not None,
+                "hottest_placement": self.hottest()}
 
     def extra_state(self) -> dict[str, Any]:
         if self.info.world == 1:
