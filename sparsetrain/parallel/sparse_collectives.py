@@ -15,7 +15,7 @@ all traffic goes over the given fixed group, by one of two transports:
          pair carrying all its chunks; ranks with nothing to exchange post nothing.
   'a2a': one `all_to_all_single` with uneven splits; every rank of the group joins.
 Measured on this machine (gloo, 4 ranks, 2 cores shared with other jobs, so noisy;
-benchmarks/RESULTS_collectives.md): when one owner feeds the others (3 of 12 rank pairs
+benchmarks/RESULTS.md): when one owner feeds the others (3 of 12 rank pairs
 active) p2p was 1.1-2x faster on a quiet machine and even under load; once half or more of
 the pairs are active, one a2a was as fast or up to 3x faster (p2p pays a per-message cost
 and serial waits). Default 'auto' picks per placement from n_pairs, the number of
