@@ -116,7 +116,8 @@ def generate(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
              checkpoint: str | None = typer.Option(None, help="checkpoint dir (default: latest in out_dir)"),
              prompt: str = typer.Option("def ", help="text prompt (bytes)"),
              tokens: int = typer.Option(200, help="new tokens to sample"),
-             temperature: float = typer.Option(0.8), top_k: int = typer.Option(40), seed: int = typer.Option(0)) -> None:
+             temperature: float = typer.Option(0.8), top_k: int = typer.Option(40),
+             seed: int = typer.Option(0)) -> None:
     """Sample text from a checkpoint (byte-level vocab)."""
     cfg = _load(config, (overrides or []) + SINGLE)
     try:

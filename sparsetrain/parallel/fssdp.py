@@ -55,7 +55,7 @@ REPLICATE_EVERYWHERE = ("hecate", "eplb")
 RESHARD_GAIN = 0.02  # re-shard only when owned-load max/mean improves by at least this fraction
 
 
-def _imbalance(loads: torch.Tensor, owners: list[list[int]], world: int, replicas: Optional[list]) -> float:
+def _imbalance(loads: torch.Tensor, owners: list[list[int]], world: int, replicas: list | None) -> float:
     """Mean over layers of max/mean owned load per rank (each layer's expert compute is synchronous)."""
     per_layer = [owned_load(loads[li:li + 1], owners[li:li + 1], world, replicas[li:li + 1] if replicas else None)
                  for li in range(len(owners))]
@@ -164,6 +164,7 @@ class FSSDP(Strategy):
         self.overlap_budget = self.fcfg.overlap_budget
         self.reshards = 0
         self.group: dist.ProcessGroup | None = None
+        self.codec: NMChunkCodec | None = None  # set per step when expert copies can travel compressed
 
     # ------------------------------------------------------------------ set-up
     def apply(self, model: GPT) -> GPT:
@@ -277,7 +278,7 @@ class FSSDP(Strategy):
                                    device=mod.w1.device, dtype=mod.w1.dtype)
             with torch.no_grad():
                 owned, _ = sprs(grad, self.mat_ids.get(li, []), owners, copies, self.group)  # [n_owned, C]
-            n, per = owned.shape[0], mod.d_model * mod.d_ffn
+            per = mod.d_model * mod.d_ffn
             for i, w in enumerate(EXPERT_WEIGHTS):
                 p = getattr(mod, w)
                 part = owned[:, i * per:(i + 1) * per].reshape(p.shape)
