@@ -54,10 +54,11 @@ def _state_mib(tr) -> float:
     params = sum(local(p).numel() * local(p).element_size() for p in tr.model.parameters())
     adam = sum(local(v).numel() * local(v).element_size() for st in tr.optimizer.state.values()
                for v in st.values() if hasattr(v, "numel") and v.dim() > 0)
-    copies = 0
-    mat_ids = getattr(tr.strategy, "mat_ids", {})
-    if mat_ids:
-        copies = max(len(v) for v in mat_ids.values()) * tr.strategy.chunk_bytes
+    copies = 0  # the largest gathered layer (layers without copies compute on the owned Parameters)
+    s = tr.strategy
+    gathered = [len(v) for li, v in getattr(s, "mat_ids", {}).items() if s.replicated(li)]
+    if gathered:
+        copies = max(gathered) * s.chunk_bytes
     return (2 * params + adam + copies) / 2**20
 
 

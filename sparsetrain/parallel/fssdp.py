@@ -339,7 +339,7 @@ class FSSDP(Strategy):
             # planners that copy hot experts to every rank spread their load regardless of the owner;
             # planners that replicate only on overload need the owners themselves balanced
             replicas = self.placements if self.fcfg.planner in REPLICATE_EVERYWHERE else None
-            new_owners = reshard_owners_per_layer(loads, self.owners, self.topo, replicas)
+            new_owners = reshard_owners_per_layer(loads, self.owners, self.topo, replicas, chunk_slack=0)  # memory = EP
             if new_owners != self.owners and _imbalance(loads, new_owners, self.info.world, replicas) < \
                     (1 - RESHARD_GAIN) * _imbalance(loads, self.owners, self.info.world, replicas):
                 new_opt = move_ownership(self, model, optimizer, new_owners)
