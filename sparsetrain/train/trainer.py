@@ -224,7 +224,18 @@ class Trainer:
         bar.close()
         elapsed = time.perf_counter() - t_start
         TIMERS.enabled = False
+        if self.start_step >= cfg.train.steps:  # resumed a finished run: report it instead of nothing
+            self._print(f"run already complete at step {cfg.train.steps} (checkpoint in {self.ckpt_dir}); "
+                        f"set checkpoint.resume=false or another train.out_dir to train again")
+            self.history = self._logged_records()[-1:]
+            val_loss = self.evaluate()
         return self._summary(elapsed, val_loss)
+
+    def _logged_records(self) -> list[dict[str, Any]]:
+        path = self.out_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def _sum_over_ranks(self, comm: dict[str, int]) -> dict[str, int]:
         """Bytes sent per collective this step, summed over all ranks."""
