@@ -2,6 +2,7 @@
 from sparsetrain.kernels.nm_format import NMCompressed, compress_nm, decompress, is_nm_sparse
 from sparsetrain.sparsity.compressed import from_compressed_state_dict, state_dict_nbytes, to_compressed_state_dict
 from sparsetrain.sparsity.config import NMConfig, parse_nm
+from sparsetrain.sparsity.export import export_compressed, load_compressed
 from sparsetrain.sparsity.masks import kept_fraction, nm_mask, select_mask, transposable_nm_mask
 from sparsetrain.sparsity.schedule import beta_at, mask_decay_beta, structure_stage
 from sparsetrain.sparsity.sparsify import (
@@ -18,7 +19,7 @@ from sparsetrain.sparsity.srste import SRSTE, masked_weight, sr_ste
 
 __all__ = [
     "SRSTE", "NMCompressed", "NMConfig", "NMExpertTransform", "NMParametrization", "NMSparsifier", "NMState",
-    "beta_at", "compress_nm", "decompress", "default_filter", "from_compressed_state_dict", "is_nm_sparse",
+    "beta_at", "compress_nm", "export_compressed", "load_compressed", "decompress", "default_filter", "from_compressed_state_dict", "is_nm_sparse",
     "kept_fraction", "mask_decay_beta", "masked_state_dict", "masked_weight", "nm_mask", "nm_sparsifier",
     "parse_nm", "select_mask", "sparsify_", "sr_ste", "state_dict_nbytes", "structure_stage",
     "to_compressed_state_dict", "transposable_nm_mask",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,9 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
         tmp.mkdir(parents=True)
     _barrier()
     state = {k: v.detach() for k, v in flat_state(model, optimizer).items()}
-    dcp.save(state, checkpoint_id=str(tmp), no_dist=not _is_dist())
+    with warnings.catch_warnings():  # DCP warns that a single process saves alone: that is intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not _is_dist())
     if _rank() == 0:
         (tmp / EXTRA).write_text(json.dumps({"step": step, **extra}))
         shutil.rmtree(final, ignore_errors=True)
@@ -82,7 +85,9 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     if optimizer is None:
         state = {k: v for k, v in state.items() if not k.startswith("optim.")}
     try:
-        dcp.load(state, checkpoint_id=str(path), no_dist=not _is_dist())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path), no_dist=not _is_dist())
     except (Exception, CheckpointException) as e:  # DCP raises many types; CheckpointException is a BaseException
         raise CheckpointError(f"checkpoint {path} is corrupt or does not match this model: "
                               f"{_first_cause(e)[:300]}") from e
