@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 
 from sparsetrain.kernels.nm_format import NMCompressed, compress_nm
+from sparsetrain.model.experts import expert_shapes
 
 
 class NMChunkCodec:
@@ -19,7 +20,7 @@ class NMChunkCodec:
 
     def __init__(self, d_model: int, d_ffn: int, n: int, m: int, dtype: torch.dtype) -> None:
         self.n, self.m, self.dtype = n, m, dtype
-        self.shapes = [(d_ffn, d_model), (d_model, d_ffn), (d_ffn, d_model)]  # w1, w2, w3 as [out, in]
+        self.shapes = list(expert_shapes(d_model, d_ffn).values())  # w1, w2, w3 as [out, in]
         probe = [compress_nm(torch.zeros(1, o, i, dtype=dtype), n, m) for o, i in self.shapes]
         self.value_bytes = [c.values[0].numel() * c.values.element_size() for c in probe]
         self.index_bytes = [c.indices[0].numel() for c in probe]

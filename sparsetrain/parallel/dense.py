@@ -21,13 +21,13 @@ def apply_dense_sharding(model: nn.Module, info: DistInfo, ignored: set[nn.Param
     return model
 
 
-def all_reduce_grads(params: list[nn.Parameter], world: int) -> None:
-    """Average the gradients of replicated params over all ranks in one flat buffer."""
+def all_reduce_grads(params: list[nn.Parameter], world: int, group: dist.ProcessGroup | None = None) -> None:
+    """Sum the gradients over `group` (default: all ranks) in one flat buffer, then divide by `world`."""
     grads = [p.grad for p in params if p.grad is not None]
     if world == 1 or not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])  # [sum numel]
-    dist.all_reduce(flat)
+    dist.all_reduce(flat, group=group)
     flat /= world
     offset = 0
     for g in grads:

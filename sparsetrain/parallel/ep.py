@@ -58,7 +58,7 @@ class ExpertParallel(Strategy):
         mesh = build_mesh(self.info, self.ep_size)
         self.mesh = mesh
         self.ep_group = mesh["ep"].get_group()
-        self.replica_group = mesh["dp"].get_group() if self.info.world > self.ep_size else None
+        self.replica_group = mesh["dp"].get_group()  # size 1 when one EP group spans the world
 
     def apply(self, model: GPT) -> GPT:
         self.install_count_reducer(model)
@@ -90,16 +90,9 @@ class ExpertParallel(Strategy):
         """Expert grads hold the sum over the EP group's tokens; sum over replicas, divide by world."""
         if self.info.world == 1:
             return
-        grads = [p.grad for p in self._expert_list if p.grad is not None]
-        if grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            if self.replica_group is not None:
-                dist.all_reduce(flat, group=self.replica_group)
-            flat /= self.info.world
-            off = 0
-            for g in grads:
-                g.copy_(flat[off:off + g.numel()].view_as(g))
-                off += g.numel()
+        from sparsetrain.parallel.dense import all_reduce_grads
+
+        all_reduce_grads(self._expert_list, self.info.world, group=self.replica_group)
         if self.cfg.parallel.dense == "ddp":
             from sparsetrain.parallel.dense import all_reduce_grads
 
@@ -107,12 +100,8 @@ class ExpertParallel(Strategy):
 
     def step_metrics(self, comm: dict[str, int]) -> dict[str, float]:
         out = {"a2a_MB": comm.get("all_to_all", 0) / 2**20}
-        if self.info.world > 1 and self.rank_tokens:
-            t = torch.tensor([sum(self.rank_tokens.values())], dtype=torch.float64)
-            allt = [torch.zeros_like(t) for _ in range(self.info.world)]
-            dist.all_gather(allt, t)
-            v = torch.cat(allt)
-            out["rank_tokens_max_mean"] = float(v.max() / v.mean().clamp_min(1e-9))
+        if self.info.world > 1:
+            out["rank_tokens_max_mean"] = self.rank_tokens_max_mean()
         return out
 
     def describe(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ re-sharded every `fssdp.reshard_every` steps with params and Adam state moving t
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -99,7 +100,7 @@ class FSSDPDispatcher:
             return experts(xs, counts, ids=mat_ids, stacked=ws)
 
         release = (not s.fcfg.keep_materialized) and torch.is_grad_enabled()
-        ctx = s.release_hooks(li, mat) if release else _null()
+        ctx = s.release_hooks(li, mat) if release else contextlib.nullcontext()
         with ctx:
             out, dropped, counts = exchange_and_compute(x, route, slot_rank, experts.num_experts, mat_ids, expert_fn,
                                                         None, s.cfg.moe.capacity_factor)
@@ -129,14 +130,6 @@ class _Materialized(torch.autograd.Function):
         s.grad_stash[li] = grad if li not in s.grad_stash else s.grad_stash[li] + grad
         s.regathered.pop(li, None)  # every use of this layer's copies is done
         return torch.zeros((), dtype=grad.dtype), None, None, None
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: object) -> None:
-        return None
 
 
 class FSSDP(Strategy):
@@ -353,11 +346,7 @@ class FSSDP(Strategy):
         out = {"spag_MB": comm.get("spag", 0) / 2**20, "sprs_MB": comm.get("sprs", 0) / 2**20,
                "a2a_MB": comm.get("all_to_all", 0) / 2**20}
         if self.info.world > 1:
-            t = torch.tensor([sum(self.rank_tokens.values())], dtype=torch.float64)
-            allt = [torch.zeros_like(t) for _ in range(self.info.world)]
-            dist.all_gather(allt, t)
-            v = torch.cat(allt)
-            out["rank_tokens_max_mean"] = float(v.max() / v.mean().clamp_min(1e-9))
+            out["rank_tokens_max_mean"] = self.rank_tokens_max_mean()
             out["overlap_budget"] = self.overlap_budget
         return out
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from sparsetrain.model.experts import EXPERT_WEIGHTS
+from sparsetrain.model.experts import EXPERT_WEIGHTS, expert_shapes
 from sparsetrain.model.gpt import GPT
 from sparsetrain.parallel.placement import LayerPlacement
 from sparsetrain.parallel.sparse_collectives import spag
@@ -48,7 +48,7 @@ def move_ownership(s: FSSDP, model: GPT, optimizer: torch.optim.Optimizer,
         n, width = len(keep), rows.shape[1] // 3
         parts = rows.split(width, dim=1)  # params, exp_avg, exp_avg_sq: each [n_new, C]
         sizes = [mod.d_ffn * mod.d_model] * len(EXPERT_WEIGHTS)
-        shapes = {"w1": (mod.d_ffn, mod.d_model), "w2": (mod.d_model, mod.d_ffn), "w3": (mod.d_ffn, mod.d_model)}
+        shapes = expert_shapes(mod.d_model, mod.d_ffn)
         splits = [p.split(sizes, dim=1) for p in parts]
         for wi, w in enumerate(EXPERT_WEIGHTS):
             param = nn.Parameter(splits[0][wi].reshape(n, *shapes[w]).clone())

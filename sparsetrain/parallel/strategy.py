@@ -86,6 +86,14 @@ class Strategy:
         for moe in model.moe_layers():
             moe.router.reduce_counts = self.reduce_counts
 
+    def rank_tokens_max_mean(self) -> float:
+        """max/mean over ranks of the expert slots each rank computed in its last forward (collective)."""
+        t = torch.tensor([sum(getattr(self, "rank_tokens", {}).values())], dtype=torch.float64)
+        parts = [torch.zeros_like(t) for _ in range(self.info.world)]
+        dist.all_gather(parts, t)
+        v = torch.cat(parts)
+        return float(v.max() / v.mean().clamp_min(1e-9))
+
     def step_metrics(self, comm: dict[str, int]) -> dict[str, float]:
         """Strategy-specific numbers for the log line (bytes moved, imbalance, ...)."""
         return {}

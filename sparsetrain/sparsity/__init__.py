@@ -19,7 +19,8 @@ from sparsetrain.sparsity.srste import SRSTE, masked_weight, sr_ste
 
 __all__ = [
     "SRSTE", "NMCompressed", "NMConfig", "NMExpertTransform", "NMParametrization", "NMSparsifier", "NMState",
-    "beta_at", "compress_nm", "export_compressed", "load_compressed", "decompress", "default_filter", "from_compressed_state_dict", "is_nm_sparse",
+    "beta_at", "compress_nm", "export_compressed", "load_compressed", "decompress", "default_filter",
+    "from_compressed_state_dict", "is_nm_sparse",
     "kept_fraction", "mask_decay_beta", "masked_state_dict", "masked_weight", "nm_mask", "nm_sparsifier",
     "parse_nm", "select_mask", "sparsify_", "sr_ste", "state_dict_nbytes", "structure_stage",
     "to_compressed_state_dict", "transposable_nm_mask",

@@ -62,6 +62,7 @@ def placement_table(layers: list[dict[str, Any]]) -> str:
     """Hottest experts per layer: predicted load, owner rank, ranks holding a copy."""
     lines = ["hottest experts (predicted tokens/step, owner, copies):"]
     for layer in layers:
-        cells = [f"e{x['expert']}: {x['load']:.0f} tok, owner r{x['owner']}, copies {x['copies']}" for x in layer["experts"]]
+        cells = [f"e{x['expert']}: {x['load']:.0f} tok, owner r{x['owner']}, copies {x['copies']}"
+                 for x in layer["experts"]]
         lines.append(f"  layer {layer['layer']}: " + " | ".join(cells))
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from sparsetrain.config import Config, to_dict
 from sparsetrain.data import TokenBatches
 from sparsetrain.model.gpt import GPT, build_model
 from sparsetrain.parallel import build_strategy
-from sparsetrain.parallel.mesh import DistInfo
+from sparsetrain.parallel.mesh import DistInfo, all_reduce_mean
 from sparsetrain.telemetry.comm import COMM
 from sparsetrain.telemetry.metrics import MetricsWriter, format_log, placement_table, summary_table, truncate_after
 from sparsetrain.telemetry.timers import TIMERS, span
@@ -25,13 +25,6 @@ from sparsetrain.train.optim import build_optimizer, lr_at
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the message names the step."""
-
-
-def _allreduce_mean(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-        t = t / dist.get_world_size()
-    return t
 
 
 class Trainer:
@@ -103,7 +96,7 @@ class Trainer:
             with self._autocast():
                 total += self.model(x, y).loss.float()
         self.model.train()
-        return float(_allreduce_mean(total / self.cfg.data.eval_batches))
+        return float(all_reduce_mean(total / self.cfg.data.eval_batches))
 
     # ----------------------------------------------------------------- one step
     def train_step(self, step: int) -> dict[str, Any]:
@@ -136,7 +129,7 @@ class Trainer:
         self.strategy.finish_backward(self.model)
         if self.sparsifier is not None:
             self.sparsifier.add_decay_grads()
-        stats = _allreduce_mean(stats)
+        stats = all_reduce_mean(stats)
         ce = float(stats[0])
         rec: dict[str, Any] = {"step": step, "loss": ce, "aux_loss": float(stats[1]), "z_loss": float(stats[2]),
                                "lr": lr, "fwd_s": t_fwd, "bwd_s": t_bwd}
@@ -272,7 +265,8 @@ class Trainer:
             "params": sum(p.numel() for p in self.model.parameters()), "world": self.info.world,
             **self.strategy.describe(),
         }
-        for k in ("expert_load_max_mean", "expert_busy_max_mean", "spag_MB", "sprs_MB", "a2a_MB", "rank_tokens_max_mean"):
+        for k in ("expert_load_max_mean", "expert_busy_max_mean", "spag_MB", "sprs_MB", "a2a_MB",
+                  "rank_tokens_max_mean"):
             if k in last:
                 summary[k] = last[k]
         if self.info.is_main:
