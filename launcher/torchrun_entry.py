@@ -58,4 +58,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # The run is over and its process groups are destroyed: leave without interpreter
+    # finalization, where C++ objects still reachable from Python (gloo pairs, autograd
+    # hooks) can abort the process and turn a finished run into a torchrun failure.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

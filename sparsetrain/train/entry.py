@@ -1,6 +1,7 @@
 """Worker entry: the same function runs under Ray, torchrun or in-process."""
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -20,12 +21,29 @@ def train_worker(cfg_dict: dict) -> dict[str, Any] | None:
     validate_world(cfg, info.world)
     from sparsetrain.train.trainer import Trainer
 
+    ok = False
     try:
         summary = Trainer(cfg, info).fit()
+        ok = True
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed(clean=ok)
     return summary if info.is_main else None
+
+
+def shutdown_distributed(clean: bool) -> None:
+    """Tear the process groups down; after a clean run, every rank first waits for the others.
+
+    Without the barrier a fast rank closes its gloo sockets while a slower one still
+    finishes its last collective, and that rank can abort in gloo's teardown (seen as
+    "terminate called without an active exception" under torchrun). The trainer and
+    its wrapped modules are already unreferenced here, so nothing holds a group.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_inline(cfg_dict: dict) -> dict[str, Any] | None:

@@ -40,7 +40,7 @@ class RayHead:
         self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
-    def wait_ready(self, timeout_s: float = 60) -> None:
+    def wait_ready(self, timeout_s: float = 150) -> None:
         """Block until the dashboard's Jobs API accepts connections."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

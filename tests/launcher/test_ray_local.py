@@ -16,7 +16,7 @@ from sparsetrain.launcher import LaunchError, run_job
 from sparsetrain.config import load_config
 from tests.launcher.ray_head import kill_pids, pids_mentioning
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(90)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
 SMOKE = "sparsetrain.launcher.smoke:smoke_worker"
 FAST = ["train.steps=3", "train.log_every=1", "train.eval_every=0", "checkpoint.save_final=false",

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from tests.launcher.ray_head import RayHead
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(90)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
 TINY = ["train.steps=3", "train.log_every=1", "train.eval_every=0", "checkpoint.save_final=false",
         "parallel.strategy=dp", "parallel.pretend_nodes=0"]
@@ -38,7 +38,7 @@ def head() -> Iterator[RayHead]:
 def test_submit_tiny_and_read_logs(head: RayHead, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RAY_AUTH_TOKEN", head.token)  # the client finds the token the way a user's shell would
     job_id = submit(head.dashboard, "tiny", [*TINY, f"train.out_dir={tmp_path}/run"], workers=1, wait=True,
-                    timeout_s=75)
+                    timeout_s=200)
     assert job_id.startswith("sparsetrain-")
     runner = CliRunner()
     status = runner.invoke(jobs_app, ["status", job_id, "--address", head.dashboard])
