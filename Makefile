@@ -7,7 +7,7 @@ STAMP := $(VENV)/.sparsetrain-installed
 EXTRAS ?= ray,triton,nvml,dev
 PYTEST_ARGS ?= -q -p no:cacheprovider
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test lint bench clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,9 @@ run: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check sparsetrain kernels launcher benchmarks tests
 
 bench: setup
 	$(PY) benchmarks/moe_strategies.py

@@ -159,9 +159,9 @@ def main() -> None:
 
     d_model, d_ffn, e, layers = 128, 2048, 16, 2
     chunk_mib = 3 * d_model * d_ffn * 4 / 2**20
-    header = ["| ranks | zipf s | strategy | step ms (median) | vs ep | expert tokens max/mean | "
+    header = [("| ranks | zipf s | strategy | step ms (median) | vs ep | expert tokens max/mean | "
               "expert busy max/mean | spAG MiB/step | spRS MiB/step | spAG vs all-gather | a2a MiB/step | "
-              "train state MiB/rank max / min | process RSS high-water MiB |",
+              "train state MiB/rank max / min | process RSS high-water MiB |"),
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print(f"# moe_strategies: {e} experts top-2, d_model {d_model}, d_ffn {d_ffn}, {layers} MoE layers, "
           f"seq 128, global batch 16, steps {args.steps} (first {args.warmup} not timed)")

@@ -5,6 +5,7 @@ is unit-tested without processes.
 """
 from __future__ import annotations
 
+import io
 import os
 import socket
 from dataclasses import dataclass
@@ -143,6 +144,44 @@ class LinePrefixer:
         """Return the unterminated rest (with a newline), if any."""
         rest, self._buf = self._buf.rstrip("\r"), ""
         return self.prefix + rest + "\n" if rest else ""
+
+
+class PrefixedStream(io.TextIOBase):
+    """A text stream that writes every line to `base` with a `(rank N) ` prefix.
+
+    Used where each rank owns its stdout/stderr (torchrun) so their interleaved
+    console output reads like the Ray launcher's. Whole lines pass at once; a
+    partial line waits for its end (or `close_rest`).
+    """
+
+    def __init__(self, base: io.TextIOBase, rank: int) -> None:
+        super().__init__()
+        self.base = base
+        self.prefixer = LinePrefixer(rank, keep_cr=base.isatty())
+
+    def write(self, text: str) -> int:
+        if out := self.prefixer.feed(text):
+            self.base.write(out)
+        return len(text)
+
+    def flush(self) -> None:
+        self.base.flush()
+
+    def isatty(self) -> bool:
+        return self.base.isatty()
+
+    def fileno(self) -> int:
+        return self.base.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.base, "encoding", "utf-8")
+
+    def close_rest(self) -> None:
+        """Write the unterminated rest, if any, and flush."""
+        if rest := self.prefixer.flush():
+            self.base.write(rest)
+        self.base.flush()
 
 
 PEER_ERROR_MARKERS = (

@@ -2,7 +2,8 @@
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
 MASTER_PORT; this module loads the config (with `--set a.b=v` overrides), turns
-off the progress bar on ranks other than 0, and calls the worker entry. Works
+off the progress bar on ranks other than 0, prefixes every line the rank prints
+with `(rank N) ` (as the Ray launcher does), and calls the worker entry. Works
 for multi-node torchrun too (`--nnodes`, `--rdzv-endpoint`), no Ray needed.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from sparsetrain.launcher.env import PROGRESS_ENV
+from sparsetrain.launcher.env import PROGRESS_ENV, PrefixedStream
 
 DEFAULT_ENTRY = "sparsetrain.train.entry:train_worker"
 
@@ -28,6 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--entry", default=DEFAULT_ENTRY, help="worker function as module:function")
     p.add_argument("--summary-out", default="", help="rank 0 writes the run summary here as JSON; "
                    "a failing rank writes its traceback to <summary-out>.rank<R>.err")
+    p.add_argument("--no-rank-prefix", dest="rank_prefix", action="store_false",
+                   help="print worker output as is (default: every line starts with '(rank N) ')")
     return p.parse_args(argv)
 
 
@@ -45,13 +48,21 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ["RANK"])
     if rank != 0:
         os.environ[PROGRESS_ENV] = "0"
-    cfg = load_config(args.config, args.overrides)
+    streams = (sys.stdout, sys.stderr)
+    if args.rank_prefix:
+        sys.stdout, sys.stderr = PrefixedStream(sys.stdout, rank), PrefixedStream(sys.stderr, rank)
     try:
+        cfg = load_config(args.config, args.overrides)
         summary = load_entry(args.entry)(to_dict(cfg))
     except BaseException:
         if args.summary_out:
             Path(f"{args.summary_out}.rank{rank}.err").write_text(traceback.format_exc())
         raise
+    finally:
+        for s in (sys.stdout, sys.stderr):
+            if isinstance(s, PrefixedStream):
+                s.close_rest()
+        sys.stdout, sys.stderr = streams
     if rank == 0 and args.summary_out:
         Path(args.summary_out).write_text(json.dumps(summary, default=str))
     return 0

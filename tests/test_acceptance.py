@@ -19,7 +19,7 @@ def _train(out: Path, *overrides: str) -> list[dict]:
            "--set", "checkpoint.save_final=false", "--set", "train.progress=false"]
     for o in overrides:
         cmd += ["--set", o]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

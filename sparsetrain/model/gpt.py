@@ -84,7 +84,7 @@ class GPT(nn.Module):
             if p.dim() < 2:
                 continue
             last = name.rsplit(".", 1)[-1]
-            is_out = last in ("w2",) or name.endswith("attn.wo.weight") or name.endswith("ffn.w2.weight")
+            is_out = last in ("w2",) or name.endswith(("attn.wo.weight", "ffn.w2.weight"))
             nn.init.normal_(p, std=out_std if is_out else std)
         for mod in self.modules():
             if isinstance(mod, RMSNorm):

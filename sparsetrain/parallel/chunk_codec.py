@@ -7,7 +7,7 @@ N/M of the value bytes plus log2(M) bits per kept value.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -52,7 +52,7 @@ class NMChunkCodec:
 
 
 def chunk_codec_for(model: Any, enabled: bool, d_model: int, d_ffn: int,
-                    dtype: torch.dtype) -> Optional[NMChunkCodec]:
+                    dtype: torch.dtype) -> NMChunkCodec | None:
     """A codec when the experts are N:M masked in a way copies can use compressed, else None."""
     sp = getattr(model, "nm_sparsifier", None)
     if not enabled or sp is None or not sp.experts:

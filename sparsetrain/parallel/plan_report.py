@@ -43,11 +43,11 @@ def plan_report(cfg: Config) -> str:
     bytes_p = 2 if cfg.train.precision == "bf16" else 4
     dense, per_expert, n_moe = layer_sizes(cfg)
     topo, owners, placement, loads = initial_placement(cfg, world)
-    lines = [f"FSSDP plan: {world} ranks ({topo.num_nodes} nodes x {topo.ranks_per_node}), "
+    lines = [(f"FSSDP plan: {world} ranks ({topo.num_nodes} nodes x {topo.ranks_per_node}), "
              f"{cfg.moe.num_experts} experts x {n_moe} MoE layers, planner {cfg.parallel.fssdp.planner}, "
-             f"slots/rank {cfg.parallel.fssdp.slots_per_rank}",
-             f"dense params {dense:,} (FSDP2-sharded), one expert {per_expert:,} params "
-             f"({per_expert * bytes_p / 2**20:.2f} MiB per chunk)", "",
+             f"slots/rank {cfg.parallel.fssdp.slots_per_rank}"),
+             (f"dense params {dense:,} (FSDP2-sharded), one expert {per_expert:,} params "
+             f"({per_expert * bytes_p / 2**20:.2f} MiB per chunk)"), "",
              "rank  owned  copies  params GiB  grads GiB  adam GiB  copies GiB  total GiB"]
     extra = placement.extra_count(world)
     for r in range(world):

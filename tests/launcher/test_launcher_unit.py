@@ -10,6 +10,7 @@ from sparsetrain.launcher import LaunchError
 from sparsetrain.launcher.env import (
     PROGRESS_ENV,
     LinePrefixer,
+    PrefixedStream,
     RankSlot,
     assign_ranks,
     forwarded_env,
@@ -93,6 +94,18 @@ def test_prefixer_crlf_split_across_chunks() -> None:
     p = LinePrefixer(0)
     assert p.feed("line\r") == ""
     assert p.feed("\nnext\n") == "(rank 0) line\n(rank 0) next\n"
+
+
+def test_prefixed_stream_prefixes_print_and_keeps_partial_lines() -> None:
+    import io
+
+    base = io.StringIO()
+    s = PrefixedStream(base, 3)
+    print("step 1 | loss 2.0", file=s)
+    s.write("tail without newline")
+    assert base.getvalue() == "(rank 3) step 1 | loss 2.0\n"
+    s.close_rest()
+    assert base.getvalue().endswith("(rank 3) tail without newline\n")
 
 
 def test_normalize_address() -> None:

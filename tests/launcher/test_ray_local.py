@@ -100,10 +100,13 @@ def test_ray_ctrl_c_stops_workers_and_runtime(ray_tmp: str) -> None:
     assert "interrupted: stopping 2 worker(s)" in err and "KeyboardInterrupt" in err
 
 
-def test_torchrun_two_workers_real_trainer(tmp_path) -> None:
+def test_torchrun_two_workers_real_trainer(tmp_path, capfd: pytest.CaptureFixture) -> None:
     cfg = load_config("tiny", [*FAST, f"train.out_dir={tmp_path}/run", "launch.backend=torchrun"])
     summary = run_job(cfg)
     assert summary is not None and summary["world"] == 2 and summary["steps_run"] == 3
+    out = capfd.readouterr().out.splitlines()
+    assert any(ln.startswith("(rank 0) step     2 | loss") for ln in out), out
+    assert not any(ln.startswith("step ") for ln in out), out
 
 
 def test_torchrun_failure_names_rank(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
