@@ -59,6 +59,7 @@ class FSSDPConfig:
     reshard_every: int = 0  # re-shard ownership every K steps (0 = never)
     prefetch: bool = True  # issue the next layer's spAG early (async)
     compress_chunks: bool = True  # N:M-masked experts travel compressed in spAG (when copies can use it)
+    overlap_sprs: bool = True  # post each layer's spRS (async) as soon as its chunk grads are done
 
 
 @dataclass

@@ -14,6 +14,7 @@ class TokenBatches:
     def __init__(self, cfg: Config, rank: int = 0, world: int = 1) -> None:
         self.seq_len, self.seed = cfg.model.seq_len, cfg.train.seed
         self.global_batch, self.rank, self.world = cfg.data.batch_size, rank, world
+        self.micro_batches = cfg.train.grad_accum
         self.train, self.val = load_corpus(cfg.data.corpus, cfg.data.val_fraction)
         for name, arr in (("train", self.train), ("val", self.val)):
             if len(arr) <= self.seq_len + 1:
@@ -39,9 +40,17 @@ class TokenBatches:
         return slice(self.rank * per, (self.rank + 1) * per)
 
     def train_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's share [B/world, S] of the global training batch of `step`."""
+        """This rank's share [B/world, S] of the global training batch of `step`.
+
+        With grad accumulation the global batch is cut into micro-batches first and each
+        micro-batch is sharded over the ranks, so micro-batch k of every rank together is
+        exactly micro-batch k of a single-process run: per-micro-batch statistics reduced
+        over ranks (the load-balancing loss's expert counts) equal the single-process ones.
+        """
         starts = self._global_starts(self.train, 0, step, self.global_batch)
-        return self._windows(self.train, starts[self.local_slice(self.global_batch)])
+        micro = starts.reshape(self.micro_batches, -1)  # [accum, B/accum]
+        local = micro[:, self.local_slice(micro.shape[1])].reshape(-1)  # [accum * B/(accum*world)]
+        return self._windows(self.train, local)
 
     def val_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of the fixed validation batch number i."""

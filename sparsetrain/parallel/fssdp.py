@@ -32,7 +32,7 @@ from sparsetrain.parallel.placement import (
 )
 from sparsetrain.parallel.planners import get_planner
 from sparsetrain.parallel.routing import choose_replicas
-from sparsetrain.parallel.sparse_collectives import SpAGHandle, spag, spag_start, sprs
+from sparsetrain.parallel.sparse_collectives import SpAGHandle, SpRSHandle, spag, spag_start, sprs_start
 from sparsetrain.parallel.strategy import Strategy
 from sparsetrain.parallel.token_exchange import exchange_and_compute
 from sparsetrain.parallel.topology import Topology
@@ -107,6 +107,11 @@ class FSSDPDispatcher:
         if release and out.requires_grad:
             # the layer's output grad arrives at the same point of backward on every rank: re-gather there
             out.register_hook(lambda g: s.regather(li, experts))
+        if s.fcfg.overlap_sprs and x.requires_grad:
+            # x's grad is complete only after every expert GEMM of this layer ran backward, and autograd
+            # runs the (later-created) chunk-grad nodes before x's producer: the stash is final here, on
+            # every rank at the same point. Post spRS now so it overlaps the earlier layers' backward.
+            x.register_hook(lambda g: s.post_sprs(li, experts))
         s.rank_tokens[li] = float(counts.sum())
         return out, dropped
 
@@ -120,13 +125,16 @@ class _Materialized(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, anchor: torch.Tensor, mat: torch.Tensor, s: "FSSDP", li: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, anchor: torch.Tensor, mat: torch.Tensor, s: FSSDP, li: int) -> torch.Tensor:  # type: ignore[override]
         ctx.s, ctx.li = s, li
         return mat.view_as(mat)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple:  # type: ignore[override]
         s, li = ctx.s, ctx.li
+        if li in s.sprs_pending:
+            raise RuntimeError(f"FSSDP layer {li}: chunk gradients arrived after their spRS was posted; "
+                               "set parallel.fssdp.overlap_sprs=false and report this")
         s.grad_stash[li] = grad if li not in s.grad_stash else s.grad_stash[li] + grad
         s.regathered.pop(li, None)  # every use of this layer's copies is done
         return torch.zeros((), dtype=grad.dtype), None, None, None
@@ -149,6 +157,9 @@ class FSSDP(Strategy):
         self.rank_tokens: dict[int, float] = {}
         self.regathered: dict[int, torch.Tensor] = {}
         self.grad_stash: dict[int, torch.Tensor] = {}  # layer -> grad of its gathered chunks [n_mat, C]
+        self.sprs_pending: dict[int, SpRSHandle] = {}  # layer -> spRS posted during backward
+        self.sprs_posted = {"backward": 0, "after": 0}  # spRS calls posted during backward vs after it
+        self.last_micro = True
         self.mat_ids: dict[int, list[int]] = {}
         self.anchor = torch.zeros((), requires_grad=True)  # lets gathered chunks join the autograd graph
         self.gather_start: dict[int, float] = {}
@@ -258,19 +269,41 @@ class FSSDP(Strategy):
             buf, _ = spag(self._send_rows(experts), experts.expert_ids, owners, copies, self.group)
         self.regathered[li] = self.codec.decode(buf) if self.codec is not None else buf
 
+    def before_backward(self, last_micro: bool) -> None:
+        self.last_micro = last_micro
+
+    def _stashed_grad(self, li: int, mod: GroupedExperts) -> torch.Tensor:
+        """Layer li's chunk grads [n_mat, C] (zeros when this rank's copies got no gradient)."""
+        grad = self.grad_stash.pop(li, None)
+        if grad is None:
+            grad = torch.zeros(len(self.mat_ids.get(li, [])), self.chunk_bytes // mod.w1.element_size(),
+                               device=mod.w1.device, dtype=mod.w1.dtype)
+        return grad
+
+    def post_sprs(self, li: int, experts: GroupedExperts) -> None:
+        """Input-grad hook of layer li: post its spRS (async) once the step's last backward reaches it."""
+        if not self.last_micro or li in self.sprs_pending or not self.replicated(li):
+            return
+        owners, copies = _lists(self.placements[li])
+        self.sprs_posted["backward"] += 1
+        self.sprs_pending[li] = sprs_start(self._stashed_grad(li, experts), self.mat_ids.get(li, []),
+                                           owners, copies, self.group)
+
     def reduce_scatter_grads(self, model: GPT) -> None:
-        """spRS for every layer in order: copies' grads summed into the owner's param grads."""
-        for li, moe in enumerate(model.moe_layers()):
+        """spRS for every replicated layer, last layer first (the order backward posts them in):
+        copies' grads summed into the owner's param grads."""
+        moes = model.moe_layers()
+        for li in reversed(range(len(moes))):
             if not self.replicated(li):
                 continue  # owners computed on their Parameters: the grads are already there
-            mod = moe.experts
-            owners, copies = _lists(self.placements[li])
-            grad = self.grad_stash.pop(li, None)
-            if grad is None:
-                grad = torch.zeros(len(self.mat_ids.get(li, [])), self.chunk_bytes // mod.w1.element_size(),
-                                   device=mod.w1.device, dtype=mod.w1.dtype)
-            with torch.no_grad():
-                owned, _ = sprs(grad, self.mat_ids.get(li, []), owners, copies, self.group)  # [n_owned, C]
+            mod = moes[li].experts
+            handle = self.sprs_pending.pop(li, None)
+            if handle is None:
+                self.sprs_posted["after"] += 1
+                owners, copies = _lists(self.placements[li])
+                handle = sprs_start(self._stashed_grad(li, mod), self.mat_ids.get(li, []), owners, copies,
+                                    self.group)
+            owned, _ = handle.wait()  # [n_owned, C]
             per = mod.d_model * mod.d_ffn
             for i, w in enumerate(EXPERT_WEIGHTS):
                 p = getattr(mod, w)

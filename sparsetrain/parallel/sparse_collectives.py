@@ -36,7 +36,8 @@ from torch import Tensor
 
 from sparsetrain.telemetry.comm import COMM
 
-__all__ = ["DEFAULT_TRANSPORT", "TRANSPORTS", "SpAGHandle", "SparsePlan", "plan_sparse", "spag", "spag_start", "sprs"]
+__all__ = ["DEFAULT_TRANSPORT", "TRANSPORTS", "SpAGHandle", "SpRSHandle", "SparsePlan", "plan_sparse", "spag",
+           "spag_start", "sprs", "sprs_start"]
 
 TRANSPORTS = ("auto", "p2p", "a2a")
 DEFAULT_TRANSPORT = "auto"  # chosen by measurement, see module docstring
@@ -180,42 +181,50 @@ def _post_exchange(
     return list(dist.batch_isend_irecv(ops)), recv
 
 
+class _Posted:
+    """One exchange in flight; on CUDA posted on a side stream so it overlaps compute."""
+
+    def __init__(self, src: Tensor, send_rows: tuple[tuple[int, ...], ...], recv_counts: list[int],
+                 group: dist.ProcessGroup | None, transport: str) -> None:
+        self.device = src.device
+        self._stream = _side_stream(src.device) if src.is_cuda else None
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream(src.device))
+            src.record_stream(self._stream)  # read on the side stream while the caller may drop it
+            with torch.cuda.stream(self._stream):
+                self.works, self.recv = _post_exchange(src, send_rows, recv_counts, group, transport)
+        else:
+            self.works, self.recv = _post_exchange(src, send_rows, recv_counts, group, transport)
+
+    def finish(self) -> Tensor:
+        """Complete the transfers; returns the received rows usable on the current stream."""
+        if self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                for w in self.works:
+                    w.wait()
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self._stream)
+            self.recv.record_stream(current)
+        else:
+            for w in self.works:
+                w.wait()
+        return self.recv
+
+
 class SpAGHandle:
     """An spAG in flight: `wait()` completes it and returns (materialized, mat_ids), autograd-connected."""
 
     def __init__(self, owned: Tensor, plan: SparsePlan, group: dist.ProcessGroup | None, transport: str) -> None:
         self.owned, self.plan, self.group, self.transport = owned, plan, group, transport
-        self._stream = _side_stream(owned.device) if owned.is_cuda else None
         with torch.no_grad():
             src = owned.detach()
-            if self._stream is not None:
-                self._stream.wait_stream(torch.cuda.current_stream(owned.device))
-                src.record_stream(self._stream)  # read on the side stream while the caller may drop it
-                with torch.cuda.stream(self._stream):
-                    self._works, self._recv = self._post(src)
-            else:
-                self._works, self._recv = self._post(src)
-        self._done = False
-
-    def _post(self, src: Tensor) -> tuple[list[dist.Work], Tensor]:
-        plan = self.plan
-        works, recv = _post_exchange(src, plan.send_rows, [len(r) for r in plan.recv_rows], self.group, self.transport)
+            self._posted = _Posted(src, plan.send_rows, [len(r) for r in plan.recv_rows], group, transport)
         COMM.add("spag", plan.n_send * src.shape[1] * src.element_size())
-        return works, recv
+        self._done = False
 
     def _finish(self) -> Tensor:
         """Complete the transfers; returns the received rows [n_recv, C] usable on the current stream."""
-        if self._stream is not None:
-            with torch.cuda.stream(self._stream):
-                for w in self._works:
-                    w.wait()
-            current = torch.cuda.current_stream(self.owned.device)
-            current.wait_stream(self._stream)
-            self._recv.record_stream(current)
-        else:
-            for w in self._works:
-                w.wait()
-        return self._recv
+        return self._posted.finish()
 
     def wait(self) -> tuple[Tensor, list[int]]:
         """Complete the gather; gradients of the result flow back to `owned` through spRS."""
@@ -223,8 +232,34 @@ class SpAGHandle:
             raise RuntimeError("SpAGHandle.wait() called twice")
         self._done = True
         mat = _SpAG.apply(self.owned, self)
-        self.owned = self._recv = None  # type: ignore[assignment]  # release buffers
+        self.owned = self._posted = None  # type: ignore[assignment]  # release buffers
         return mat, list(self.plan.mat_ids)
+
+
+class SpRSHandle:
+    """An spRS in flight (data only, no autograd): `wait()` returns (owned sums [n_owned, C], owned_ids).
+
+    Posted as soon as a layer's chunk gradients are complete, it overlaps the backward of
+    the layers before it; the owner's own rows are summed first, then the copies' rows by
+    ascending source rank, exactly as the blocking `sprs`.
+    """
+
+    def __init__(self, mat: Tensor, plan: SparsePlan, group: dist.ProcessGroup | None, transport: str) -> None:
+        self.plan = plan
+        with torch.no_grad():
+            mat = mat.detach().contiguous()
+            self._posted = _Posted(mat, plan.recv_rows, [len(r) for r in plan.send_rows], group, transport)
+            self._own = mat.index_select(0, _idx(plan.owned_in_mat, mat.device))  # [n_owned, C]
+        COMM.add("sprs", plan.n_recv * mat.shape[1] * mat.element_size())
+        self._done = False
+
+    def wait(self) -> tuple[Tensor, list[int]]:
+        if self._done:
+            raise RuntimeError("SpRSHandle.wait() called twice")
+        self._done = True
+        out = _sum_into_owned(self._own, self._posted.finish(), self.plan)
+        self._own = self._posted = None  # type: ignore[assignment]
+        return out, list(self.plan.owned_ids)
 
 
 def _assemble(owned: Tensor, recv: Tensor, plan: SparsePlan) -> Tensor:
@@ -238,6 +273,14 @@ def _assemble(owned: Tensor, recv: Tensor, plan: SparsePlan) -> Tensor:
     return mat
 
 
+def _sum_into_owned(own: Tensor, recv: Tensor, plan: SparsePlan) -> Tensor:
+    """own [n_owned, C] plus the copies' rows received per source rank (ascending: deterministic)."""
+    for rows, chunk in zip(plan.send_rows, recv.split([len(r) for r in plan.send_rows])):
+        if rows:
+            own.index_add_(0, _idx(rows, own.device), chunk)
+    return own
+
+
 def _reduce(mat: Tensor, plan: SparsePlan, group: dist.ProcessGroup | None, transport: str) -> Tensor:
     """spRS body: send copies' rows to owners, sum into owned rows: [n_mat, C] -> [n_owned, C]."""
     mat = mat.contiguous()
@@ -246,10 +289,7 @@ def _reduce(mat: Tensor, plan: SparsePlan, group: dist.ProcessGroup | None, tran
     out = mat.index_select(0, _idx(plan.owned_in_mat, mat.device))  # [n_owned, C], own contribution first
     for w in works:
         w.wait()
-    for rows, chunk in zip(plan.send_rows, recv.split([len(r) for r in plan.send_rows])):
-        if rows:  # peers in ascending rank order: deterministic summation
-            out.index_add_(0, _idx(rows, mat.device), chunk)
-    return out
+    return _sum_into_owned(out, recv, plan)
 
 
 class _SpAG(torch.autograd.Function):
@@ -315,6 +355,22 @@ def spag(
 ) -> tuple[Tensor, list[int]]:
     """Sparse all-gather: owned [n_owned, C] -> (materialized [n_mat, C], mat_ids); backward is spRS."""
     return spag_start(owned, owned_ids, owners, copies, group, transport=transport).wait()
+
+
+def sprs_start(
+    materialized: Tensor,
+    mat_ids: list[int],
+    owners: list[int],
+    copies: list[list[int]],
+    group: dist.ProcessGroup | None = None,
+    *,
+    transport: str | None = None,
+) -> SpRSHandle:
+    """Post an spRS now (non-blocking, data only); `.wait()` gives (owned sums [n_owned, C], owned_ids)."""
+    rank, world = _group_info(group)
+    plan = plan_sparse(owners, copies, rank, world)
+    _check(materialized, mat_ids, plan.mat_ids, "mat")
+    return SpRSHandle(materialized, plan, group, plan.transport(transport or DEFAULT_TRANSPORT))
 
 
 def sprs(

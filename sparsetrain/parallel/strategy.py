@@ -54,6 +54,9 @@ class Strategy:
         """How many ranks hold an identical copy of this (local) gradient; used for the global norm."""
         return 1
 
+    def before_backward(self, last_micro: bool) -> None:
+        """Called before each micro-batch's backward; `last_micro`: the step's gradients complete in it."""
+
     def finish_backward(self, model: GPT) -> None:
         """Synchronise gradients not handled by module wrappers (e.g. expert grads)."""
 

@@ -117,6 +117,7 @@ class Trainer:
                 out = self.model(x, y)
                 loss = out.loss + out.aux_loss + out.z_loss
             t1 = time.perf_counter()
+            self.strategy.before_backward(last_micro=mi == cfg.grad_accum - 1)
             (loss / cfg.grad_accum).backward()
             t_fwd, t_bwd = t_fwd + t1 - t0, t_bwd + time.perf_counter() - t1
             stats += torch.stack([out.loss.detach().float(), out.aux_loss.detach().float(),

@@ -74,6 +74,18 @@ def test_rank_slices_concatenate_to_global_batch(stdlib_batches, world):
     assert torch.equal(torch.cat(vparts), stdlib_batches.val_batch(1)[0])
 
 
+@pytest.mark.parametrize("world,accum", [(2, 2), (2, 4), (4, 2)])
+def test_micro_batch_k_of_all_ranks_is_single_process_micro_batch_k(world, accum):
+    """Grad accumulation: ranks shard each micro-batch, not the whole step's batch."""
+    single = TokenBatches(_cfg(f"train.grad_accum={accum}"))
+    full_x, _ = single.train_batch(2)
+    mb = 8 // accum
+    for k in range(accum):
+        ranks = [_as_rank(single, r, world).train_batch(2)[0] for r in range(world)]
+        per = mb // world  # rows of micro-batch k on each rank
+        assert torch.equal(torch.cat([x[k * per:(k + 1) * per] for x in ranks]), full_x[k * mb:(k + 1) * mb])
+
+
 def test_train_val_split_by_file_is_disjoint(stdlib_batches):
     root = Path(sysconfig.get_paths()["stdlib"])
     rels = [str(f.relative_to(root)) for f in stdlib_files()]

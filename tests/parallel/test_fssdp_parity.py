@@ -19,6 +19,9 @@ CASES = {
     "4r_2experts_lpt": (4, ["moe.num_experts=2", "parallel.fssdp.planner=lpt_spill", "moe.router_skew=1.6"]),
     "2r_none_reshard": (2, ["parallel.fssdp.planner=none", "moe.router_skew=1.2", "parallel.fssdp.reshard_every=3"]),
     "4r_nopf_t1": (4, ["parallel.fssdp.prefetch=false", "parallel.fssdp.overlap_budget=1", "moe.router_skew=1.2"]),
+    "4r_sprs_after_backward": (4, ["parallel.fssdp.overlap_sprs=false", "moe.router_skew=1.2"]),
+    "4r_accum2_keep": (4, ["train.grad_accum=2", "parallel.fssdp.keep_materialized=true", "moe.router_skew=1.2"]),
+    "2r_accum2_reshard": (2, ["train.grad_accum=2", "parallel.fssdp.reshard_every=3", "moe.router_skew=1.2"]),
 }
 
 
@@ -28,6 +31,15 @@ def test_fssdp_matches_single_process(tmp_path, case):
     res = check_parity(world, small_config("parallel.strategy=fssdp", *extra, steps=10), tmp_path)
     if "reshard" in case:
         assert res["reshards"] >= 1, "the case must actually move expert ownership"
+    posted = res["sprs_posted"]
+    if "parallel.fssdp.planner=none" in extra:  # owners compute on their own Parameters: no copies, no spRS
+        assert sum(posted.values()) == 0, posted
+        return
+    assert sum(posted.values()) > 0, "the case must replicate some expert (else spRS is never exercised)"
+    if "sprs_after_backward" in case:
+        assert posted["backward"] == 0, posted
+    else:  # every spRS was posted from the backward hook, overlapping the earlier layers' backward
+        assert posted["after"] == 0, posted
 
 
 @pytest.mark.parametrize("world", [2, 4])
