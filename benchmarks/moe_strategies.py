@@ -28,6 +28,12 @@ VARIANTS = {  # name -> overrides; every variant runs on the same data in the sa
     "ep": ["parallel.strategy=ep"],
     "fssdp": ["parallel.strategy=fssdp", "parallel.fssdp.planner=hecate", *FSSDP],
     "fssdp-lpt": ["parallel.strategy=fssdp", "parallel.fssdp.planner=lpt_spill", *FSSDP],
+    # spRS posted from each layer's input-grad hook during backward (sprs_post=auto posts it after
+    # backward on CPU): the overlap's A/B on the same data
+    "fssdp-overlap": ["parallel.strategy=fssdp", "parallel.fssdp.planner=hecate", *FSSDP,
+                      "parallel.fssdp.sprs_post=backward"],
+    "fssdp-lpt-overlap": ["parallel.strategy=fssdp", "parallel.fssdp.planner=lpt_spill", *FSSDP,
+                          "parallel.fssdp.sprs_post=backward"],
 }
 
 
@@ -152,7 +158,7 @@ def main() -> None:
     ap.add_argument("--skews", type=float, nargs="+", default=[0.0, 0.8, 1.2, 1.6])
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=6)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=["ep", "fssdp", "fssdp-lpt"], choices=list(VARIANTS))
     ap.add_argument("--fssdp", nargs="*", default=None, help="extra overrides for the fssdp variants")
     args = ap.parse_args()
     from tests.dist_utils import run_distributed

@@ -59,7 +59,8 @@ class FSSDPConfig:
     reshard_every: int = 0  # re-shard ownership every K steps (0 = never)
     prefetch: bool = True  # issue the next layer's spAG early (async)
     compress_chunks: bool = True  # N:M-masked experts travel compressed in spAG (when copies can use it)
-    overlap_sprs: bool = True  # post each layer's spRS (async) as soon as its chunk grads are done
+    sprs_post: str = "auto"  # backward: post each layer's spRS from its input-grad hook (overlaps the
+    # earlier layers' backward) | after: all after backward | auto: backward on CUDA, after on CPU (measured)
 
 
 @dataclass
@@ -314,6 +315,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(0 < cfg.data.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     _check(p.strategy in STRATEGY_NAMES, f"parallel.strategy={p.strategy!r}; allowed: {', '.join(STRATEGY_NAMES)}")
     _check(p.dense in ("fsdp2", "ddp"), f"parallel.dense={p.dense!r}; allowed: fsdp2, ddp")
+    _check(p.fssdp.sprs_post in ("auto", "backward", "after"),
+           f"parallel.fssdp.sprs_post={p.fssdp.sprs_post!r}; allowed: auto, backward, after")
     _check(cfg.launch.workers >= 1, f"launch.workers must be >= 1, got {cfg.launch.workers}")
     _check(cfg.launch.backend in ("ray", "torchrun", "inline"),
            f"launch.backend={cfg.launch.backend!r}; allowed: ray, torchrun, inline")

@@ -168,6 +168,7 @@ ONE = ["launch.workers=1"]
     (["parallel.strategy=bogus"], "parallel.strategy"),
     (["train.precision=fp8"], "train.precision"),
     (["moe.balance=magic"], "moe.balance"),
+    (["parallel.fssdp.sprs_post=early"], "parallel.fssdp.sprs_post"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_validation_rules(overrides, needle):
     ov = overrides if any(o.startswith("launch.workers") for o in overrides) else ONE + overrides

@@ -107,7 +107,7 @@ class FSSDPDispatcher:
         if release and out.requires_grad:
             # the layer's output grad arrives at the same point of backward on every rank: re-gather there
             out.register_hook(lambda g: s.regather(li, experts))
-        if s.fcfg.overlap_sprs and x.requires_grad:
+        if s.sprs_in_backward and x.requires_grad:
             # x's grad is complete only after every expert GEMM of this layer ran backward, and autograd
             # runs the (later-created) chunk-grad nodes before x's producer: the stash is final here, on
             # every rank at the same point. Post spRS now so it overlaps the earlier layers' backward.
@@ -134,7 +134,7 @@ class _Materialized(torch.autograd.Function):
         s, li = ctx.s, ctx.li
         if li in s.sprs_pending:
             raise RuntimeError(f"FSSDP layer {li}: chunk gradients arrived after their spRS was posted; "
-                               "set parallel.fssdp.overlap_sprs=false and report this")
+                               "set parallel.fssdp.sprs_post=after and report this")
         s.grad_stash[li] = grad if li not in s.grad_stash else s.grad_stash[li] + grad
         s.regathered.pop(li, None)  # every use of this layer's copies is done
         return torch.zeros((), dtype=grad.dtype), None, None, None
@@ -159,6 +159,10 @@ class FSSDP(Strategy):
         self.grad_stash: dict[int, torch.Tensor] = {}  # layer -> grad of its gathered chunks [n_mat, C]
         self.sprs_pending: dict[int, SpRSHandle] = {}  # layer -> spRS posted during backward
         self.sprs_posted = {"backward": 0, "after": 0}  # spRS calls posted during backward vs after it
+        # CPU/gloo (benchmarks/RESULTS.md): posting during backward was 1.8-3% slower at 4 ranks on 2 cores,
+        # nothing idle to overlap with; on CUDA the exchange runs on a side stream beside the backward kernels
+        post = self.fcfg.sprs_post
+        self.sprs_in_backward = post == "backward" or (post == "auto" and info.device.type == "cuda")
         self.last_micro = True
         self.mat_ids: dict[int, list[int]] = {}
         self.anchor = torch.zeros((), requires_grad=True)  # lets gathered chunks join the autograd graph

@@ -19,7 +19,7 @@ CASES = {
     "4r_2experts_lpt": (4, ["moe.num_experts=2", "parallel.fssdp.planner=lpt_spill", "moe.router_skew=1.6"]),
     "2r_none_reshard": (2, ["parallel.fssdp.planner=none", "moe.router_skew=1.2", "parallel.fssdp.reshard_every=3"]),
     "4r_nopf_t1": (4, ["parallel.fssdp.prefetch=false", "parallel.fssdp.overlap_budget=1", "moe.router_skew=1.2"]),
-    "4r_sprs_after_backward": (4, ["parallel.fssdp.overlap_sprs=false", "moe.router_skew=1.2"]),
+    "4r_sprs_after_backward": (4, ["parallel.fssdp.sprs_post=after", "moe.router_skew=1.2"]),
     "4r_accum2_keep": (4, ["train.grad_accum=2", "parallel.fssdp.keep_materialized=true", "moe.router_skew=1.2"]),
     "2r_accum2_reshard": (2, ["train.grad_accum=2", "parallel.fssdp.reshard_every=3", "moe.router_skew=1.2"]),
 }
@@ -28,6 +28,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_fssdp_matches_single_process(tmp_path, case):
     world, extra = CASES[case]
+    if not any(o.startswith("parallel.fssdp.sprs_post=") for o in extra):
+        extra = [*extra, "parallel.fssdp.sprs_post=backward"]  # auto posts after backward on CPU
     res = check_parity(world, small_config("parallel.strategy=fssdp", *extra, steps=10), tmp_path)
     if "reshard" in case:
         assert res["reshards"] >= 1, "the case must actually move expert ownership"
