@@ -159,8 +159,8 @@ class FSSDP(Strategy):
         self.grad_stash: dict[int, torch.Tensor] = {}  # layer -> grad of its gathered chunks [n_mat, C]
         self.sprs_pending: dict[int, SpRSHandle] = {}  # layer -> spRS posted during backward
         self.sprs_posted = {"backward": 0, "after": 0}  # spRS calls posted during backward vs after it
-        # CPU/gloo (benchmarks/RESULTS.md): posting during backward was 1.8-3% slower at 4 ranks on 2 cores,
-        # nothing idle to overlap with; on CUDA the exchange runs on a side stream beside the backward kernels
+        # CPU/gloo (benchmarks/RESULTS.md): posting during backward measured 0.96-1.03x the step time of
+        # posting after it (2 cores, nothing idle to overlap with); on CUDA it runs on a side stream
         post = self.fcfg.sprs_post
         self.sprs_in_backward = post == "backward" or (post == "auto" and info.device.type == "cuda")
         self.last_micro = True
