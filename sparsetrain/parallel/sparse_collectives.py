@@ -328,6 +328,15 @@ def _check(x: Tensor, ids: list[int], expected: tuple[int, ...], what: str) -> N
         raise ValueError(f"{what}: {x.shape[0]} rows for {len(expected)} ids")
 
 
+def _planned(x: Tensor, ids: list[int], owners: list[int], copies: list[list[int]],
+             group: dist.ProcessGroup | None, transport: str | None, what: str) -> tuple[SparsePlan, str]:
+    """This rank's plan for the placement, x checked against it ('owned' or 'mat' rows), and the transport."""
+    rank, world = _group_info(group)
+    plan = plan_sparse(owners, copies, rank, world)
+    _check(x, ids, plan.owned_ids if what == "owned" else plan.mat_ids, what)
+    return plan, plan.transport(transport or DEFAULT_TRANSPORT)
+
+
 def spag_start(
     owned: Tensor,
     owned_ids: list[int],
@@ -338,10 +347,8 @@ def spag_start(
     transport: str | None = None,
 ) -> SpAGHandle:
     """Post spAG sends/receives now (non-blocking); call `.wait()` right before the chunks are used."""
-    rank, world = _group_info(group)
-    plan = plan_sparse(owners, copies, rank, world)
-    _check(owned, owned_ids, plan.owned_ids, "owned")
-    return SpAGHandle(owned.contiguous(), plan, group, plan.transport(transport or DEFAULT_TRANSPORT))
+    plan, how = _planned(owned, owned_ids, owners, copies, group, transport, "owned")
+    return SpAGHandle(owned.contiguous(), plan, group, how)
 
 
 def spag(
@@ -367,10 +374,8 @@ def sprs_start(
     transport: str | None = None,
 ) -> SpRSHandle:
     """Post an spRS now (non-blocking, data only); `.wait()` gives (owned sums [n_owned, C], owned_ids)."""
-    rank, world = _group_info(group)
-    plan = plan_sparse(owners, copies, rank, world)
-    _check(materialized, mat_ids, plan.mat_ids, "mat")
-    return SpRSHandle(materialized, plan, group, plan.transport(transport or DEFAULT_TRANSPORT))
+    plan, how = _planned(materialized, mat_ids, owners, copies, group, transport, "mat")
+    return SpRSHandle(materialized, plan, group, how)
 
 
 def sprs(
@@ -383,8 +388,5 @@ def sprs(
     transport: str | None = None,
 ) -> tuple[Tensor, list[int]]:
     """Sparse reduce-scatter: materialized [n_mat, C] -> (owned sums [n_owned, C], owned_ids); backward is spAG."""
-    rank, world = _group_info(group)
-    plan = plan_sparse(owners, copies, rank, world)
-    _check(materialized, mat_ids, plan.mat_ids, "mat")
-    out = _SpRS.apply(materialized, plan, group, plan.transport(transport or DEFAULT_TRANSPORT))
-    return out, list(plan.owned_ids)
+    plan, how = _planned(materialized, mat_ids, owners, copies, group, transport, "mat")
+    return _SpRS.apply(materialized, plan, group, how), list(plan.owned_ids)

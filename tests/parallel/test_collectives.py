@@ -18,6 +18,7 @@ from sparsetrain.parallel.collectives import (
     spag,
     spag_start,
     sprs,
+    sprs_start,
 )
 from sparsetrain.telemetry.comm import COMM, CommStats
 from tests.dist_utils import DistributedError, run_distributed
@@ -121,6 +122,27 @@ def _async_body(rank: int, world: int) -> bool:
     return True
 
 
+def _sprs_async_body(rank: int, world: int) -> bool:
+    """Two sprs_start handles in flight at once (as backward posts them), waited last-first, equal sprs."""
+    c = 5
+    layers = [random_placement(40 + i, 9, world, 2) for i in range(2)]
+    mats, handles = [], []
+    for i, (owners, copies) in enumerate(layers):
+        mat_ids = [e for e in range(9) if rank in copies[e]]
+        mats.append(table(50 + i + 100 * rank, 9, c)[mat_ids].clone())
+        handles.append(sprs_start(mats[-1], mat_ids, owners, copies))
+    _ = torch.randn(64, 64) @ torch.randn(64, 64)  # compute overlapping the transfers
+    for i in reversed(range(2)):
+        owners, copies = layers[i]
+        got, ids = handles[i].wait()
+        ref, ref_ids = sprs(mats[i], list(handles[i].plan.mat_ids), owners, copies)
+        assert ids == ref_ids == [e for e in range(9) if owners[e] == rank]
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)  # same summation order: bitwise equal
+        with pytest.raises(RuntimeError, match="twice"):
+            handles[i].wait()
+    return True
+
+
 def _subgroup_body(rank: int, world: int) -> list[int] | None:
     """spag over a subgroup [1, 3] of a 4-rank world: placement ranks are group ranks."""
     sub = dist.new_group([1, 3])
@@ -179,6 +201,11 @@ def test_spag_sprs(world: int) -> None:
 @pytest.mark.distributed
 def test_spag_start_wait_equals_spag() -> None:
     assert run_distributed(_async_body, 4) == [True] * 4
+
+
+@pytest.mark.distributed
+def test_sprs_start_wait_equals_sprs() -> None:
+    assert run_distributed(_sprs_async_body, 4) == [True] * 4
 
 
 @pytest.mark.distributed
