@@ -28,7 +28,7 @@ from sparsetrain.parallel.placement import (
     LoadTracker,
     initial_owners,
     owned_load,
-    reshard_owners_per_layer,
+    reshard_owners_min_moves,
 )
 from sparsetrain.parallel.planners import get_planner
 from sparsetrain.parallel.routing import choose_replicas
@@ -369,7 +369,7 @@ class FSSDP(Strategy):
             # planners that copy hot experts to every rank spread their load regardless of the owner;
             # planners that replicate only on overload need the owners themselves balanced
             replicas = self.placements if self.fcfg.planner in REPLICATE_EVERYWHERE else None
-            new_owners = reshard_owners_per_layer(loads, self.owners, self.topo, replicas, chunk_slack=0)  # memory = EP
+            new_owners = reshard_owners_min_moves(loads, self.owners, self.topo, replicas)  # memory = EP
             if new_owners != self.owners and _imbalance(loads, new_owners, self.info.world, replicas) < \
                     (1 - RESHARD_GAIN) * _imbalance(loads, self.owners, self.info.world, replicas):
                 new_opt = move_ownership(self, model, optimizer, new_owners)

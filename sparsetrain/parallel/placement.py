@@ -246,12 +246,20 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def reshard_owners_per_layer(loads: torch.Tensor, owners: Sequence[Sequence[int]], topo: Topology,
-                             replicas: Sequence[LayerPlacement] | None = None,
-                             chunk_slack: int = 1) -> list[list[int]]:
-    """Re-sharding that balances each layer's owned load first (compute is synchronous per layer), then the
-    sum over layers: layer by layer, heaviest experts first, each to the least-loaded node then rank, ranked by
-    (load in this layer, load summed over layers); ties keep the current owner, then the lower index."""
+def reshard_owners_min_moves(loads: torch.Tensor, owners: Sequence[Sequence[int]], topo: Topology,
+                             replicas: Sequence[LayerPlacement] | None = None, chunk_slack: int = 0,
+                             min_gain: float = 0.02) -> list[list[int]]:
+    """Re-sharding by few moves: per layer, from the current owners, repeatedly move one expert off the
+    most-loaded rank, or swap it with a lighter expert of another rank, choosing the exchange that lowers
+    that pair's peak the most; stop when no exchange lowers it by `min_gain` x the layer's mean rank load.
+
+    Each layer's expert compute is synchronous, so per-layer balance decides the step time. An expert's
+    load counts `load / |copies|` when `replicas` is given. A rank owns at most ceil(E/world) + chunk_slack
+    chunks per layer (chunk_slack=0: persistent memory equals EP's, so only swaps when E % world == 0).
+    Ties: fewer chunks moved, then the least-loaded node, then lower indices. Deterministic.
+    Rebuilding the assignment from scratch (longest-processing-time first) balanced as well but moved
+    about half of the experts at every re-shard on noisy loads; this moves only what pays.
+    """
     if loads.dim() != 2:
         raise ValueError(f"loads must be 2-D [num_layers, num_experts], got shape {tuple(loads.shape)}")
     num_layers, num_experts = loads.shape
@@ -259,23 +267,43 @@ def reshard_owners_per_layer(loads: torch.Tensor, owners: Sequence[Sequence[int]
         raise ValueError(f"owners must be {num_layers} lists of {num_experts} ranks to match loads")
     world = topo.world
     cap = math.ceil(num_experts / world) + chunk_slack
-    total = [0.0] * world
     new: list[list[int]] = []
     for layer in range(num_layers):
         vals = check_plan_inputs(loads[layer], owners[layer], topo, 0)
         ncop = [len(replicas[layer].copies[e]) if replicas is not None else 1 for e in range(num_experts)]
         share = [vals[e] / ncop[e] for e in range(num_experts)]
-        here, count, row = [0.0] * world, [0] * world, [int(o) for o in owners[layer]]
-        for e in sorted(range(num_experts), key=lambda x: (-share[x], x)):
-            ok = [r for r in range(world) if count[r] < cap]
-            node_load = {n: sum(here[r] for r in topo.ranks_of_node(n)) for n in {topo.node_of(r) for r in ok}}
-            best_node = min(node_load, key=lambda n: (node_load[n], n != topo.node_of(row[e]), n))
-            cand = [r for r in ok if topo.node_of(r) == best_node]
-            target = min(cand, key=lambda r: (here[r], total[r], r != row[e], r))
-            row[e] = target
-            here[target] += share[e]
-            count[target] += 1
-        for r in range(world):
-            total[r] += here[r]
+        row = [int(o) for o in owners[layer]]
+        movable = [e for e in range(num_experts) if ncop[e] < world]  # copied everywhere: stays put
+        here = [0.0] * world
+        for e in range(num_experts):
+            here[row[e]] += share[e]
+        mean = sum(here) / world
+        for _ in range(2 * num_experts):  # each exchange strictly lowers a peak: this bound is never the limit
+            hot = min(range(world), key=lambda r: (-here[r], r))
+            node_load = [sum(here[r] for r in topo.ranks_of_node(n)) for n in range(topo.num_nodes)]
+            mine = [e for e in movable if row[e] == hot]
+            best: tuple | None = None
+            for cold in range(world):
+                if cold == hot:
+                    continue
+                theirs = [e for e in movable if row[e] == cold]
+                room = sum(1 for o in row if o == cold) < cap
+                for a in mine:
+                    options = ([(None, share[a])] if room else []) + \
+                              [(b, share[a] - share[b]) for b in theirs if share[b] < share[a]]
+                    for b, d in options:
+                        peak = max(here[hot] - d, here[cold] + d)
+                        key = (peak, b is not None, node_load[topo.node_of(cold)], here[cold], cold, a,
+                               -1 if b is None else b)
+                        if best is None or key < best[0]:
+                            best = (key, cold, a, b, d)
+            if best is None or here[hot] - best[0][0] < min_gain * mean:
+                break
+            _, cold, a, b, d = best
+            row[a] = cold
+            if b is not None:
+                row[b] = hot
+            here[hot] -= d
+            here[cold] += d
         new.append(row)
     return new
