@@ -15,7 +15,7 @@ import torch
 
 from sparsetrain.parallel.topology import Topology
 
-__all__ = ["LayerPlacement", "LoadTracker", "initial_owners", "owned_load", "reshard_owners"]
+__all__ = ["LayerPlacement", "LoadTracker", "initial_owners", "owned_load", "reshard_owners", "reshard_owners_min_moves"]
 
 
 @dataclass(frozen=True)
