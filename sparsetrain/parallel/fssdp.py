@@ -120,8 +120,9 @@ class _Materialized(torch.autograd.Function):
     """Marks gathered chunks as differentiable; backward stashes their grad for spRS (no comm here).
 
     Communication inside autograd callbacks runs in an order that depends on each rank's graph, which
-    differs between ranks with different placements; blocking collectives there can deadlock. So spRS
-    runs in `finish_backward`, layer by layer, identically on every rank.
+    differs between ranks with different placements (a rank whose copies got no token never runs this
+    node); blocking collectives here deadlocked. So spRS is posted either from the layer's input-grad hook
+    (every rank has it, at the same point of backward) or after backward, layer by layer on every rank.
     """
 
     @staticmethod
