@@ -103,7 +103,8 @@ def _run_one(overrides: list[str], steps: int, warmup: int) -> dict:
     n = max(len(times), 1)
     agg = {k: sum(b.get(k, 0) for b in bytes_) / n for k in ("spag", "sprs", "all_to_all")}
     if rank_zero := (dist.get_rank() == 0) and hasattr(tr.strategy, "overlap_budget"):
-        print(f"[bench] {overrides} overlap budget t={tr.strategy.overlap_budget} reshards={tr.strategy.reshards}",
+        print(f"[bench] {overrides} overlap budget t={tr.strategy.overlap_budget} reshards={tr.strategy.reshards} "
+              f"moved experts={tr.strategy.reshard_moves}",
               flush=rank_zero)
     return {"state_mib": _state_mib(tr), "step_s": sorted(times)[len(times) // 2], "busy_s": sum(busy) / n,
             "tokens": sum(tokens) / n,

@@ -172,6 +172,7 @@ class FSSDP(Strategy):
         self.bandwidth: float | None = None  # bytes/s measured once at set-up
         self.overlap_budget = self.fcfg.overlap_budget
         self.reshards = 0
+        self.reshard_moves = 0  # expert chunks whose owner changed, summed over re-shards
         self.group: dist.ProcessGroup | None = None
         self.codec: NMChunkCodec | None = None  # set per step when expert copies can travel compressed
 
@@ -374,6 +375,8 @@ class FSSDP(Strategy):
             if new_owners != self.owners and _imbalance(loads, new_owners, self.info.world, replicas) < \
                     (1 - RESHARD_GAIN) * _imbalance(loads, self.owners, self.info.world, replicas):
                 new_opt = move_ownership(self, model, optimizer, new_owners)
+                self.reshard_moves += sum(a != b for old, new in zip(self.owners, new_owners)
+                                          for a, b in zip(old, new))
                 self.owners = new_owners
                 self.reshards += 1
         self._replan()
@@ -402,7 +405,8 @@ class FSSDP(Strategy):
 
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.name, "planner": self.fcfg.planner, "nodes": self.topo.num_nodes,
-                "reshards": self.reshards, "compressed_chunks": self.codec is not None,
+                "reshards": self.reshards, "reshard_moves": self.reshard_moves,
+                "compressed_chunks": self.codec is not None,
                 "hottest_placement": self.hottest()}
 
     def extra_state(self) -> dict[str, Any]:
@@ -410,7 +414,7 @@ class FSSDP(Strategy):
             return {}
         st = self.tracker.state_dict()
         return {"tracker": {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in st.items()},
-                "reshards": self.reshards}
+                "reshards": self.reshards, "reshard_moves": self.reshard_moves}
 
     def load_extra_state(self, state: dict[str, Any], model: GPT) -> None:
         if self.info.world == 1 or not state.get("tracker"):
@@ -419,4 +423,5 @@ class FSSDP(Strategy):
         self.tracker.load_state_dict({k: (torch.tensor(v, dtype=torch.float64) if isinstance(v, list) else v)
                                      for k, v in tr.items()})
         self.reshards = int(state.get("reshards", 0))
+        self.reshard_moves = int(state.get("reshard_moves", 0))
         self._replan()
