@@ -214,14 +214,23 @@ def skewed_layers(num_layers: int, num_experts: int, seed: int) -> torch.Tensor:
     return torch.stack([base[torch.randperm(num_experts, generator=g)] for _ in range(num_layers)])  # [L, E]
 
 
-@settings(max_examples=30, deadline=None)
-@given(st.integers(0, 1000), st.sampled_from([(4, 2), (8, 4), (8, 2)]), st.sampled_from([8, 16, 12]),
-       st.integers(2, 5))
-def test_reshard_balances_owned_load(seed, shape, num_experts, num_layers):
+def reshard_cases(max_layers: int):
+    """Hypothesis cases (seed, (world, ranks per node), experts, layers) for the re-sharding properties."""
+    return lambda f: settings(max_examples=30, deadline=None)(given(
+        st.integers(0, 1000), st.sampled_from([(4, 2), (8, 4), (8, 2)]), st.sampled_from([8, 16, 12]),
+        st.integers(1, max_layers))(f))
+
+
+def reshard_setup(seed: int, shape: tuple[int, int], num_experts: int, num_layers: int):
+    """(world, topology, skewed loads [L, E], round-robin owners [L][E])."""
     world, rpn = shape
-    topo = Topology(world, rpn)
     loads = skewed_layers(num_layers, num_experts, seed)
-    owners = [initial_owners(num_experts, world)] * num_layers
+    return world, Topology(world, rpn), loads, [initial_owners(num_experts, world) for _ in range(num_layers)]
+
+
+@reshard_cases(max_layers=5)
+def test_reshard_balances_owned_load(seed, shape, num_experts, num_layers):
+    world, topo, loads, owners = reshard_setup(seed, shape, num_experts, num_layers)
     new = reshard_owners(loads, owners, topo)
     assert new == reshard_owners(loads.clone(), [list(r) for r in owners], topo)  # deterministic
 
@@ -269,14 +278,9 @@ def _layer_imbalance(loads: torch.Tensor, owners: list[list[int]], world: int) -
                                                  for i in range(len(owners)))]
 
 
-@settings(max_examples=30, deadline=None)
-@given(st.integers(0, 1000), st.sampled_from([(4, 2), (8, 4), (8, 2)]), st.sampled_from([8, 16, 12]),
-       st.integers(1, 3))
+@reshard_cases(max_layers=3)
 def test_min_moves_never_worse_keeps_memory_and_is_deterministic(seed, shape, num_experts, num_layers):
-    world, rpn = shape
-    topo = Topology(world, rpn)
-    loads = skewed_layers(num_layers, num_experts, seed)
-    owners = [initial_owners(num_experts, world) for _ in range(num_layers)]
+    world, topo, loads, owners = reshard_setup(seed, shape, num_experts, num_layers)
     new = reshard_owners_min_moves(loads, owners, topo)
     assert new == reshard_owners_min_moves(loads.clone(), [list(r) for r in owners], topo)
     for before, after in zip(_layer_imbalance(loads, owners, world), _layer_imbalance(loads, new, world)):
