@@ -239,9 +239,10 @@ class SpAGHandle:
 class SpRSHandle:
     """An spRS in flight (data only, no autograd): `wait()` returns (owned sums [n_owned, C], owned_ids).
 
-    Posted as soon as a layer's chunk gradients are complete, it overlaps the backward of
-    the layers before it; the owner's own rows are summed first, then the copies' rows by
-    ascending source rank, exactly as the blocking `sprs`.
+    The body of every spRS: the blocking `sprs` (spAG's backward) posts one and waits at once;
+    FSSDP posts one as soon as a layer's chunk gradients are complete, so it overlaps the backward
+    of the layers before it. The owner's own rows come first, then the copies' rows by ascending
+    source rank.
     """
 
     def __init__(self, mat: Tensor, plan: SparsePlan, group: dist.ProcessGroup | None, transport: str) -> None:
@@ -257,9 +258,12 @@ class SpRSHandle:
         if self._done:
             raise RuntimeError("SpRSHandle.wait() called twice")
         self._done = True
-        out = _sum_into_owned(self._own, self._posted.finish(), self.plan)
+        out, recv, plan = self._own, self._posted.finish(), self.plan
+        for rows, chunk in zip(plan.send_rows, recv.split([len(r) for r in plan.send_rows])):
+            if rows:  # peers in ascending rank order: deterministic summation
+                out.index_add_(0, _idx(rows, out.device), chunk)
         self._own = self._posted = None  # type: ignore[assignment]
-        return out, list(self.plan.owned_ids)
+        return out, list(plan.owned_ids)
 
 
 def _assemble(owned: Tensor, recv: Tensor, plan: SparsePlan) -> Tensor:
@@ -271,25 +275,6 @@ def _assemble(owned: Tensor, recv: Tensor, plan: SparsePlan) -> Tensor:
     if flat:
         mat.index_copy_(0, _idx(flat, owned.device), recv)
     return mat
-
-
-def _sum_into_owned(own: Tensor, recv: Tensor, plan: SparsePlan) -> Tensor:
-    """own [n_owned, C] plus the copies' rows received per source rank (ascending: deterministic)."""
-    for rows, chunk in zip(plan.send_rows, recv.split([len(r) for r in plan.send_rows])):
-        if rows:
-            own.index_add_(0, _idx(rows, own.device), chunk)
-    return own
-
-
-def _reduce(mat: Tensor, plan: SparsePlan, group: dist.ProcessGroup | None, transport: str) -> Tensor:
-    """spRS body: send copies' rows to owners, sum into owned rows: [n_mat, C] -> [n_owned, C]."""
-    mat = mat.contiguous()
-    works, recv = _post_exchange(mat, plan.recv_rows, [len(r) for r in plan.send_rows], group, transport)
-    COMM.add("sprs", plan.n_recv * mat.shape[1] * mat.element_size())
-    out = mat.index_select(0, _idx(plan.owned_in_mat, mat.device))  # [n_owned, C], own contribution first
-    for w in works:
-        w.wait()
-    return _sum_into_owned(out, recv, plan)
 
 
 class _SpAG(torch.autograd.Function):
@@ -311,7 +296,7 @@ class _SpRS(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mat: Tensor, plan: SparsePlan, group: dist.ProcessGroup | None, transport: str) -> Tensor:  # type: ignore[override]
         ctx.plan, ctx.group, ctx.transport = plan, group, transport
-        return _reduce(mat, plan, group, transport)
+        return SpRSHandle(mat, plan, group, transport).wait()[0]
 
     @staticmethod
     def backward(ctx, grad_owned: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
