@@ -93,10 +93,7 @@ class ExpertParallel(Strategy):
         from sparsetrain.parallel.dense import all_reduce_grads
 
         all_reduce_grads(self._expert_list, self.info.world, group=self.replica_group)
-        if self.cfg.parallel.dense == "ddp":
-            from sparsetrain.parallel.dense import all_reduce_grads
-
-            all_reduce_grads([p for p in model.parameters() if p not in self._expert_params], self.info.world)
+        self.all_reduce_dense_grads(model, skip=self._expert_params)
 
     def step_metrics(self, comm: dict[str, int]) -> dict[str, float]:
         out = {"a2a_MB": comm.get("all_to_all", 0) / 2**20}

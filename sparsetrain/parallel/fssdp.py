@@ -278,22 +278,22 @@ class FSSDP(Strategy):
     def before_backward(self, last_micro: bool) -> None:
         self.last_micro = last_micro
 
-    def _stashed_grad(self, li: int, mod: GroupedExperts) -> torch.Tensor:
-        """Layer li's chunk grads [n_mat, C] (zeros when this rank's copies got no gradient)."""
+    def _start_sprs(self, li: int, mod: GroupedExperts) -> SpRSHandle:
+        """Post layer li's spRS of its stashed chunk grads [n_mat, C] (zeros when this rank's copies got
+        no gradient)."""
         grad = self.grad_stash.pop(li, None)
         if grad is None:
             grad = torch.zeros(len(self.mat_ids.get(li, [])), self.chunk_bytes // mod.w1.element_size(),
                                device=mod.w1.device, dtype=mod.w1.dtype)
-        return grad
+        owners, copies = _lists(self.placements[li])
+        return sprs_start(grad, self.mat_ids.get(li, []), owners, copies, self.group)
 
     def post_sprs(self, li: int, experts: GroupedExperts) -> None:
         """Input-grad hook of layer li: post its spRS (async) once the step's last backward reaches it."""
         if not self.last_micro or li in self.sprs_pending or not self.replicated(li):
             return
-        owners, copies = _lists(self.placements[li])
         self.sprs_posted["backward"] += 1
-        self.sprs_pending[li] = sprs_start(self._stashed_grad(li, experts), self.mat_ids.get(li, []),
-                                           owners, copies, self.group)
+        self.sprs_pending[li] = self._start_sprs(li, experts)
 
     def reduce_scatter_grads(self, model: GPT) -> None:
         """spRS for every replicated layer, last layer first (the order backward posts them in):
@@ -306,9 +306,7 @@ class FSSDP(Strategy):
             handle = self.sprs_pending.pop(li, None)
             if handle is None:
                 self.sprs_posted["after"] += 1
-                owners, copies = _lists(self.placements[li])
-                handle = sprs_start(self._stashed_grad(li, mod), self.mat_ids.get(li, []), owners, copies,
-                                    self.group)
+                handle = self._start_sprs(li, mod)
             owned, _ = handle.wait()  # [n_owned, C]
             per = mod.d_model * mod.d_ffn
             for i, w in enumerate(EXPERT_WEIGHTS):
@@ -328,10 +326,7 @@ class FSSDP(Strategy):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             p.grad /= self.info.world
-        if self.cfg.parallel.dense == "ddp":
-            from sparsetrain.parallel.dense import all_reduce_grads
-
-            all_reduce_grads([p for p in model.parameters() if p not in self._expert_params], self.info.world)
+        self.all_reduce_dense_grads(model, skip=self._expert_params)
 
     def replication(self, name: str, p: torch.Tensor) -> int:
         if hasattr(p, "to_local") or p in getattr(self, "_expert_params", set()):

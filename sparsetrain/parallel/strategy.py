@@ -54,6 +54,13 @@ class Strategy:
         """How many ranks hold an identical copy of this (local) gradient; used for the global norm."""
         return 1
 
+    def all_reduce_dense_grads(self, model: GPT, skip: set[torch.nn.Parameter]) -> None:
+        """parallel.dense=ddp: average over all ranks the grads of every parameter not in `skip`."""
+        if self.cfg.parallel.dense == "ddp":
+            from sparsetrain.parallel.dense import all_reduce_grads
+
+            all_reduce_grads([p for p in model.parameters() if p not in skip], self.info.world)
+
     def before_backward(self, last_micro: bool) -> None:
         """Called before each micro-batch's backward; `last_micro`: the step's gradients complete in it."""
 
