@@ -288,6 +288,11 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    """A choice field: `value` of dotted `key` must be one of `allowed` (the error lists them)."""
+    _check(value in allowed, f"{key}={value!r}; allowed: {', '.join(allowed)}")
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Cross-field checks, run before anything starts."""
     m, e, t, p = cfg.model, cfg.moe, cfg.train, cfg.parallel
@@ -299,7 +304,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(e.num_experts >= 1, f"moe.num_experts must be >= 1, got {e.num_experts}")
     _check(1 <= e.top_k <= e.num_experts, f"moe.top_k={e.top_k} must be in [1, moe.num_experts={e.num_experts}]")
     _check(e.d_ffn > 0, f"moe.d_ffn must be > 0, got {e.d_ffn}")
-    _check(e.balance in ("aux_loss", "aux_free"), f"moe.balance={e.balance!r}; allowed: aux_loss, aux_free")
+    _one_of("moe.balance", e.balance, ("aux_loss", "aux_free"))
     _check(e.capacity_factor >= 0, f"moe.capacity_factor must be >= 0, got {e.capacity_factor}")
     _check(t.steps > 0, f"train.steps must be > 0, got {t.steps}")
     _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
@@ -308,22 +313,20 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
     _check(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     _check(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
-    _check(t.precision in ("fp32", "bf16"), f"train.precision={t.precision!r}; allowed: fp32, bf16")
-    _check(t.on_nan in ("error", "skip"), f"train.on_nan={t.on_nan!r}; allowed: error, skip")
-    _check(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}; allowed: auto, cpu, cuda")
+    _one_of("train.precision", t.precision, ("fp32", "bf16"))
+    _one_of("train.on_nan", t.on_nan, ("error", "skip"))
+    _one_of("train.device", t.device, ("auto", "cpu", "cuda"))
     _check(cfg.data.batch_size >= 1, f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
     _check(0 < cfg.data.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
-    _check(p.strategy in STRATEGY_NAMES, f"parallel.strategy={p.strategy!r}; allowed: {', '.join(STRATEGY_NAMES)}")
-    _check(p.dense in ("fsdp2", "ddp"), f"parallel.dense={p.dense!r}; allowed: fsdp2, ddp")
-    _check(p.fssdp.sprs_post in ("auto", "backward", "after"),
-           f"parallel.fssdp.sprs_post={p.fssdp.sprs_post!r}; allowed: auto, backward, after")
+    _one_of("parallel.strategy", p.strategy, STRATEGY_NAMES)
+    _one_of("parallel.dense", p.dense, ("fsdp2", "ddp"))
+    _one_of("parallel.fssdp.sprs_post", p.fssdp.sprs_post, ("auto", "backward", "after"))
     _check(cfg.launch.workers >= 1, f"launch.workers must be >= 1, got {cfg.launch.workers}")
-    _check(cfg.launch.backend in ("ray", "torchrun", "inline"),
-           f"launch.backend={cfg.launch.backend!r}; allowed: ray, torchrun, inline")
+    _one_of("launch.backend", cfg.launch.backend, ("ray", "torchrun", "inline"))
     s = cfg.sparsity
     if s.enabled:
         _check(0 < s.n <= s.m, f"sparsity: need 0 < n <= m, got {s.n}:{s.m}")
-        _check(s.method in ("magnitude", "sr_ste"), f"sparsity.method={s.method!r}; allowed: magnitude, sr_ste")
+        _one_of("sparsity.method", s.method, ("magnitude", "sr_ste"))
     world = world_size or cfg.launch.workers
     validate_world(cfg, world)
 
