@@ -1,0 +1,108 @@
+"""FSSDP's per-layer path: materialize a layer's chunks (spAG), dispatch tokens to copies, compute.
+
+`FSSDPDispatcher` is the MoE layer's `Dispatcher` under FSSDP; `_Materialized` joins the gathered
+chunks to the autograd graph and stashes their gradient for spRS, which the strategy
+(`sparsetrain.parallel.fssdp.FSSDP`) posts at points that are the same on every rank.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts
+from sparsetrain.model.router import RouterOutput
+from sparsetrain.parallel.routing import choose_replicas
+from sparsetrain.parallel.token_exchange import exchange_and_compute
+
+if TYPE_CHECKING:
+    from sparsetrain.parallel.fssdp import FSSDP
+
+
+def owned_flat(experts: GroupedExperts) -> torch.Tensor:
+    """Owned chunks as rows: [n_owned, C] with C = |w1| + |w2| + |w3| per expert (autograd-connected)."""
+    n, per = experts.w1.shape[0], experts.d_model * experts.d_ffn
+    return torch.cat([getattr(experts, w).reshape(n, per) for w in EXPERT_WEIGHTS], dim=1)  # [n, C]
+
+
+def split_chunks(mat: torch.Tensor, d_model: int, d_ffn: int) -> dict[str, torch.Tensor]:
+    """[n, C] rows -> stacked views w1/w3 [n, d_ffn, d], w2 [n, d, d_ffn] (no copies)."""
+    n, hd = mat.shape[0], d_model * d_ffn
+    return {"w1": mat[:, :hd].view(n, d_ffn, d_model), "w2": mat[:, hd:2 * hd].view(n, d_model, d_ffn),
+            "w3": mat[:, 2 * hd:].view(n, d_ffn, d_model)}
+
+
+class FSSDPDispatcher:
+    """Per-layer dispatcher: materialize chunks (spAG), topology-aware slot routing, exchange, compute."""
+
+    def __init__(self, strategy: FSSDP, layer: int) -> None:
+        self.s, self.layer = strategy, layer
+
+    def __call__(self, experts: GroupedExperts, x: torch.Tensor, route: RouterOutput) -> tuple[torch.Tensor, int]:
+        s, li = self.s, self.layer
+        placement = s.placements[li]
+        slot_rank = choose_replicas(route.expert_ids.reshape(-1), s.info.rank, placement, s.topo)  # [T*k]
+        if not s.replicated(li):
+            # P1 = P0 this step: the owners compute on their own Parameters; no spAG, no spRS, no copies
+            s.mat_ids[li] = list(experts.expert_ids)
+            out, dropped, counts = exchange_and_compute(
+                x, route, slot_rank, experts.num_experts, experts.expert_ids,
+                lambda xs, c: experts(xs, c, ids=experts.expert_ids), None, s.cfg.moe.capacity_factor)
+            s.rank_tokens[li] = float(counts.sum())
+            return out, dropped
+        handle = s.pending.pop(li, None) or s.start_gather(li, experts)
+        t_wait = time.perf_counter()
+        mat, mat_ids = handle.wait()  # data only; gradients go home in finish_backward (spRS)
+        if s.codec is not None:
+            mat = s.codec.decode(mat)  # [n_mat, B] bytes -> [n_mat, C] masked weights
+        s.note_gather(li, t_wait)
+        s.mat_ids[li] = mat_ids
+        if torch.is_grad_enabled():
+            mat = _Materialized.apply(s.anchor, mat, s, li)
+        ws = split_chunks(mat, experts.d_model, experts.d_ffn)
+
+        def expert_fn(xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+            return experts(xs, counts, ids=mat_ids, stacked=ws)
+
+        release = (not s.fcfg.keep_materialized) and torch.is_grad_enabled()
+        ctx = s.release_hooks(li, mat) if release else contextlib.nullcontext()
+        with ctx:
+            out, dropped, counts = exchange_and_compute(x, route, slot_rank, experts.num_experts, mat_ids, expert_fn,
+                                                        None, s.cfg.moe.capacity_factor)
+        if release and out.requires_grad:
+            # the layer's output grad arrives at the same point of backward on every rank: re-gather there
+            out.register_hook(lambda g: s.regather(li, experts))
+        if s.sprs_in_backward and x.requires_grad:
+            # x's grad is complete only after every expert GEMM of this layer ran backward, and autograd
+            # runs the (later-created) chunk-grad nodes before x's producer: the stash is final here, on
+            # every rank at the same point. Post spRS now so it overlaps the earlier layers' backward.
+            x.register_hook(lambda g: s.post_sprs(li, experts))
+        s.rank_tokens[li] = float(counts.sum())
+        return out, dropped
+
+
+class _Materialized(torch.autograd.Function):
+    """Marks gathered chunks as differentiable; backward stashes their grad for spRS (no comm here).
+
+    Communication inside autograd callbacks runs in an order that depends on each rank's graph, which
+    differs between ranks with different placements (a rank whose copies got no token never runs this
+    node); blocking collectives here deadlocked. So spRS is posted either from the layer's input-grad hook
+    (every rank has it, at the same point of backward) or after backward, layer by layer on every rank.
+    """
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, mat: torch.Tensor, s: FSSDP, li: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.s, ctx.li = s, li
+        return mat.view_as(mat)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:  # type: ignore[override]
+        s, li = ctx.s, ctx.li
+        if li in s.sprs_pending:
+            raise RuntimeError(f"FSSDP layer {li}: chunk gradients arrived after their spRS was posted; "
+                               "set parallel.fssdp.sprs_post=after and report this")
+        s.grad_stash[li] = grad if li not in s.grad_stash else s.grad_stash[li] + grad
+        s.regathered.pop(li, None)  # every use of this layer's copies is done
+        return torch.zeros((), dtype=grad.dtype), None, None, None
