@@ -23,7 +23,7 @@ def _fail(msg: str, code: int = 2) -> None:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from sparsetrain.data.corpus import DataError
+    from sparsetrain.data.errors import DataError
     from sparsetrain.train.checkpoint import CheckpointError
 
     errs: list[type[BaseException]] = [ConfigError, DataError, CheckpointError]

@@ -99,10 +99,21 @@ class OffloadConfig:
 
 @dataclass
 class DataConfig:
-    corpus: str = "stdlib"  # "stdlib" (embedded) or a directory holding train.bin / val.bin
+    corpus: str = "stdlib"  # "stdlib" (embedded bytes) or a shard directory (meta.json, or nanoGPT train.bin)
     batch_size: int = 16  # global batch (sequences) per optimizer step, split over dp ranks
     val_fraction: float = 0.05
     eval_batches: int = 8
+    sampling: str = "random"  # random (seeded windows) | sequential (epochs of non-overlapping windows)
+    val_split: str = "auto"  # files (the corpus's val shards) | fraction (tail of train) | auto
+    tokenizer: str = "byte"  # byte | path/to/tokenizer.json | hf:<hub name> | tiktoken:<encoding>
+    # `sparsetrain data prepare` / `train-tokenizer` read these:
+    source: str = "stdlib"  # stdlib | file, directory or glob of text/JSONL/Parquet files | hf:<dataset or path>
+    source_format: str = "auto"  # auto | text | jsonl | parquet | hf
+    text_field: str = "text"  # JSONL key, Parquet column or dataset column holding the text
+    hf_config: str = ""  # dataset configuration name (hf: sources)
+    hf_split: str = "train"  # dataset split (hf: sources)
+    shard_tokens: int = 100_000_000  # tokens per shard file
+    prepare_workers: int = 0  # tokenizer processes (0 = one per CPU)
 
 
 @dataclass
@@ -318,6 +329,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _one_of("train.device", t.device, ("auto", "cpu", "cuda"))
     _check(cfg.data.batch_size >= 1, f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
     _check(0 < cfg.data.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    _one_of("data.sampling", cfg.data.sampling, ("random", "sequential"))
+    _one_of("data.val_split", cfg.data.val_split, ("auto", "files", "fraction"))
+    _one_of("data.source_format", cfg.data.source_format, ("auto", "text", "jsonl", "parquet", "hf"))
+    _check(cfg.data.shard_tokens > 0, f"data.shard_tokens must be > 0, got {cfg.data.shard_tokens}")
+    _check(cfg.data.prepare_workers >= 0, f"data.prepare_workers must be >= 0, got {cfg.data.prepare_workers}")
     _one_of("parallel.strategy", p.strategy, STRATEGY_NAMES)
     _one_of("parallel.dense", p.dense, ("fsdp2", "ddp"))
     _one_of("parallel.fssdp.sprs_post", p.fssdp.sprs_post, ("auto", "backward", "after"))

@@ -1,4 +1,4 @@
-"""Token corpora: the embedded Python-stdlib byte corpus and nanoGPT-style uint16 .bin memmaps."""
+"""Token corpora: the embedded Python-stdlib byte corpus, or a directory of token shards (see shards.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sparsetrain.data.errors import DataError
+from sparsetrain.data.shards import ShardSet, open_shard_dir
+
 STDLIB_MAX_BYTES = 24 << 20  # cap on the embedded corpus (train + val), bytes
-
-
-class DataError(ValueError):
-    """Missing, empty or malformed data; the message names the path."""
 
 
 def _cache_dir() -> Path:
@@ -71,27 +70,9 @@ def build_stdlib_corpus(val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     return train, val
 
 
-def load_token_bins(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """nanoGPT layout: <path>/train.bin and <path>/val.bin, uint16 tokens, memory-mapped."""
-    root = Path(path)
-    if not root.is_dir():
-        raise DataError(f"data.corpus: directory not found: {root} (expected train.bin and val.bin inside, "
-                        f"or corpus 'stdlib')")
-    out = []
-    for split in ("train", "val"):
-        f = root / f"{split}.bin"
-        if not f.exists():
-            raise DataError(f"data.corpus: missing {f} (nanoGPT uint16 token file)")
-        if f.stat().st_size < 4:
-            raise DataError(f"data.corpus: {f} is empty")
-        if f.stat().st_size % 2:
-            raise DataError(f"data.corpus: {f} has an odd byte size; expected uint16 tokens")
-        out.append(np.memmap(f, dtype=np.uint16, mode="r"))
-    return out[0], out[1]
-
-
-def load_corpus(corpus: str, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Resolve `data.corpus` to (train, val) token arrays."""
+def load_corpus(corpus: str, val_fraction: float) -> ShardSet:
+    """Resolve `data.corpus` to its token arrays: the embedded stdlib bytes or a shard directory."""
     if corpus == "stdlib":
-        return build_stdlib_corpus(val_fraction)
-    return load_token_bins(corpus)
+        train, val = build_stdlib_corpus(val_fraction)
+        return ShardSet([train], [val], {"tokenizer": {"kind": "byte", "name": "byte", "vocab_size": 256}})
+    return open_shard_dir(corpus)

@@ -119,7 +119,8 @@ def _write_bins(d: Path, n_train: int = 2000, n_val: int = 500, vocab: int = 300
 
 def test_nanogpt_bin_dir_loads(tmp_path):
     _write_bins(tmp_path)
-    tr, va = load_corpus(str(tmp_path), 0.05)
+    shards = load_corpus(str(tmp_path), 0.05)
+    (tr,), (va,) = shards.train, shards.val
     assert len(tr) == 2000 and len(va) == 500 and tr.dtype == np.uint16
     b = TokenBatches(_cfg(f"data.corpus={tmp_path}", "model.vocab_size=300"))
     x, _ = b.train_batch(0)
@@ -138,12 +139,21 @@ def test_missing_dir_names_path(tmp_path):
         load_corpus(str(missing), 0.05)
 
 
-@pytest.mark.parametrize("which", ["train", "val"])
-def test_missing_file_names_path(tmp_path, which):
+def test_missing_train_file_names_path(tmp_path):
     _write_bins(tmp_path)
-    (tmp_path / f"{which}.bin").unlink()
-    with pytest.raises(DataError, match=str(tmp_path / f"{which}.bin")):
+    (tmp_path / "train.bin").unlink()
+    with pytest.raises(DataError, match=str(tmp_path / "train.bin")):
         load_corpus(str(tmp_path), 0.05)
+
+
+def test_missing_val_file_holds_out_train_tail(tmp_path):
+    _write_bins(tmp_path)
+    (tmp_path / "val.bin").unlink()
+    b = TokenBatches(_cfg(f"data.corpus={tmp_path}", "model.vocab_size=300"))
+    assert b.val_source == "fraction"
+    assert len(b.val) == 100 and len(b.train) == 1900  # ceil(2000 * 0.05) tokens held out
+    with pytest.raises(DataError, match="no val shards"):
+        TokenBatches(_cfg(f"data.corpus={tmp_path}", "model.vocab_size=300", "data.val_split=files"))
 
 
 def test_empty_file_names_path(tmp_path):
