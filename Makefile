@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sparsetrain-installed
-EXTRAS ?= ray,triton,nvml,dev
+EXTRAS ?= ray,triton,nvml,viz,dev
 PYTEST_ARGS ?= -q -p no:cacheprovider
 
 .PHONY: setup run test lint bench clean

@@ -138,6 +138,19 @@ def plan(config: str = ConfigOpt, overrides: list[str] | None = SetOpt) -> None:
     typer.echo(plan_report(cfg))
 
 
+@app.command()
+def report(path: str = typer.Argument(..., help="a run dir (metrics.jsonl) or a sweep dir (sweep.jsonl)"),
+           out: str | None = typer.Option(None, help="output dir (default: PATH/report)")) -> None:
+    """Write PNG plots and a Markdown page for a run or a sweep."""
+    from sparsetrain.report import write_report
+
+    try:
+        md = write_report(path, out)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        _fail(str(e), 1)
+    typer.echo(f"wrote {md} ({len(list(md.parent.glob('*.png')))} PNGs)")
+
+
 def _mount_launcher() -> None:
     """Job commands live in sparsetrain.launcher (Ray imported only when they run)."""
     try:

@@ -135,6 +135,8 @@ class TrainConfig:
     on_nan: str = "error"  # error | skip
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | mlflow | wandb
+    gpu_telemetry_s: float = 2.0  # NVML sampling interval per worker (0 = off; nothing happens without a GPU)
 
 
 @dataclass
@@ -327,6 +329,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _one_of("train.precision", t.precision, ("fp32", "bf16"))
     _one_of("train.on_nan", t.on_nan, ("error", "skip"))
     _one_of("train.device", t.device, ("auto", "cpu", "cuda"))
+    _check_trackers(t.trackers)
+    _check(t.gpu_telemetry_s >= 0, f"train.gpu_telemetry_s must be >= 0, got {t.gpu_telemetry_s}")
     _check(cfg.data.batch_size >= 1, f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
     _check(0 < cfg.data.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     _one_of("data.sampling", cfg.data.sampling, ("random", "sequential"))
@@ -345,6 +349,17 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _one_of("sparsity.method", s.method, ("magnitude", "sr_ste"))
     world = world_size or cfg.launch.workers
     validate_world(cfg, world)
+
+
+def _check_trackers(names: list[str]) -> None:
+    """Known tracker names; mlflow/wandb must be installed when asked for (tensorboard is skipped if missing)."""
+    import importlib.util
+
+    for name in names:
+        _one_of("train.trackers", name, ("tensorboard", "mlflow", "wandb"))
+        if name != "tensorboard" and importlib.util.find_spec(name) is None:
+            raise ConfigError(f"train.trackers lists {name!r} but the {name} package is not installed "
+                              f"(pip install {name}, or remove it from train.trackers)")
 
 
 def validate_world(cfg: Config, world: int) -> None:

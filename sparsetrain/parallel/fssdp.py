@@ -34,6 +34,7 @@ from sparsetrain.parallel.sparse_collectives import SpAGHandle, SpRSHandle, spag
 from sparsetrain.parallel.strategy import Strategy
 from sparsetrain.parallel.topology import Topology
 from sparsetrain.telemetry.comm import COMM
+from sparsetrain.telemetry.timers import span
 
 REPLICATE_EVERYWHERE = ("hecate", "eplb")
 RESHARD_GAIN = 0.02  # re-shard only when owned-load max/mean improves by at least this fraction
@@ -230,7 +231,8 @@ class FSSDP(Strategy):
             return
         self.pending.clear()
         self.regathered.clear()
-        self.reduce_scatter_grads(model)
+        with span("sprs"):  # spRS still to finish after backward (posted ones may be done)
+            self.reduce_scatter_grads(model)
         for p in self._expert_params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

@@ -16,6 +16,7 @@ from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts
 from sparsetrain.model.router import RouterOutput
 from sparsetrain.parallel.routing import choose_replicas
 from sparsetrain.parallel.token_exchange import exchange_and_compute
+from sparsetrain.telemetry.timers import span
 
 if TYPE_CHECKING:
     from sparsetrain.parallel.fssdp import FSSDP
@@ -54,7 +55,8 @@ class FSSDPDispatcher:
             return out, dropped
         handle = s.pending.pop(li, None) or s.start_gather(li, experts)
         t_wait = time.perf_counter()
-        mat, mat_ids = handle.wait()  # data only; gradients go home in finish_backward (spRS)
+        with span("spag_wait"):  # exposed part of the gather (the rest hid behind compute)
+            mat, mat_ids = handle.wait()  # data only; gradients go home in finish_backward (spRS)
         if s.codec is not None:
             mat = s.codec.decode(mat)  # [n_mat, B] bytes -> [n_mat, C] masked weights
         s.note_gather(li, t_wait)

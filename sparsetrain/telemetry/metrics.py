@@ -2,26 +2,69 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to <out_dir>/metrics.jsonl (rank 0 only)."""
+    """Rank 0's run log: one JSON object per logged step in <out_dir>/metrics.jsonl, the same scalars to the
+    trackers (TensorBoard by default; an expert-load heatmap image per log), placements.jsonl when it changes."""
 
-    def __init__(self, out_dir: str | Path, enabled: bool, fresh: bool) -> None:
+    def __init__(self, out_dir: str | Path, enabled: bool, fresh: bool, trackers: Sequence[str] = (),
+                 start_step: int = 0) -> None:
         self.path = Path(out_dir) / "metrics.jsonl"
+        self.placements_path = self.path.parent / "placements.jsonl"
         self.enabled = enabled
+        self.trackers: list[Any] = []
+        self.loads: list[list[float]] | None = None  # [L, E] token counts summed over the interval
+        self.last_placement: list | None = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if fresh and self.path.exists():
-                self.path.unlink()
+            for p in (self.path, self.placements_path):
+                if fresh and p.exists():
+                    p.unlink()
+            from sparsetrain.telemetry.tracking import open_trackers
+
+            self.trackers = open_trackers(list(trackers), self.path.parent, start_step)
+
+    def note_loads(self, counts: list[list[float]]) -> None:
+        """Add one step's per-layer expert token counts [L, E] to the interval's heatmap."""
+        if self.loads is None:
+            self.loads = [list(row) for row in counts]
+        else:
+            self.loads = [[a + b for a, b in zip(r0, r1)] for r0, r1 in zip(self.loads, counts)]
+
+    def note_placement(self, step: int, placements: Sequence[Any]) -> None:
+        """Append the per-layer owners and copies to placements.jsonl when they differ from the last written."""
+        if not self.enabled or not placements:
+            return
+        layers = [{"owners": list(p.owners), "copies": [list(c) for c in p.copies]} for p in placements]
+        if layers != self.last_placement:
+            self.last_placement = layers
+            with self.placements_path.open("a") as f:
+                f.write(json.dumps({"step": step, "layers": layers}) + "\n")
 
     def write(self, record: dict[str, Any], resumed_from: int | None = None) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.trackers:
+            from sparsetrain.telemetry.tracking import load_image, scalars
+
+            values = scalars(record)
+            for t in self.trackers:
+                t.log(record["step"], values)
+                if self.loads is not None:
+                    t.image(record["step"], "expert_load", load_image(self.loads))
+        self.loads = None
+
+    def close(self) -> None:
+        """Flush and close the trackers."""
+        for t in self.trackers:
+            t.close()
+        self.trackers = []
 
 
 def truncate_after(path: Path, step: int) -> None:

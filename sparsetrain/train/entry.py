@@ -19,13 +19,16 @@ def train_worker(cfg_dict: dict) -> dict[str, Any] | None:
         torch.set_num_threads(cfg.launch.torch_threads)
     info = init_distributed(cfg.train.device)
     validate_world(cfg, info.world)
+    from sparsetrain.telemetry.gpu import start_sampler, stop_sampler
     from sparsetrain.train.trainer import Trainer
 
     ok = False
+    start_sampler(cfg.train.gpu_telemetry_s if info.device.type == "cuda" else 0.0)
     try:
         summary = Trainer(cfg, info).fit()
         ok = True
     finally:
+        stop_sampler()
         shutdown_distributed(clean=ok)
     return summary if info.is_main else None
 

@@ -17,6 +17,8 @@ from sparsetrain.model.gpt import GPT, build_model
 from sparsetrain.parallel import build_strategy
 from sparsetrain.parallel.mesh import DistInfo, all_reduce_mean
 from sparsetrain.telemetry.comm import COMM
+from sparsetrain.telemetry.gpu import gpu_metrics
+from sparsetrain.telemetry.intervals import IntervalMeans
 from sparsetrain.telemetry.metrics import MetricsWriter, format_log, placement_table, summary_table, truncate_after
 from sparsetrain.telemetry.timers import TIMERS, span
 from sparsetrain.train import checkpoint as ckpt
@@ -175,7 +177,9 @@ class Trainer:
 
         cfg = self.cfg
         self.maybe_resume()
-        writer = MetricsWriter(self.out_dir, self.info.is_main, fresh=self.start_step == 0)
+        writer = MetricsWriter(self.out_dir, self.info.is_main, fresh=self.start_step == 0,
+                               trackers=cfg.train.trackers, start_step=self.start_step)
+        intervals = IntervalMeans()  # logged losses/timings are means over the steps since the last log
         loads_path = self.out_dir / "expert_loads.jsonl"
         if self.info.is_main and self.start_step == 0 and loads_path.exists():
             loads_path.unlink()
@@ -189,12 +193,14 @@ class Trainer:
         for step in range(self.start_step, cfg.train.steps):
             COMM.reset()
             rec = self.train_step(step)
+            intervals.add(rec)
             comm = COMM.snapshot()  # this step's bytes, before any eval traffic
             interval_steps += 1
             counts = rec.pop("_counts", None)
             if counts is not None and self.info.is_main:
                 with loads_path.open("a") as f:
                     f.write(json.dumps({"step": step, "counts": counts}) + "\n")
+                writer.note_loads(counts)
             last = step == cfg.train.steps - 1
             if cfg.train.eval_every and ((step + 1) % cfg.train.eval_every == 0 or last):
                 val_loss = self.evaluate()
@@ -205,6 +211,9 @@ class Trainer:
                 interval_t, interval_steps = now, 0
                 rec.update(self.strategy.step_metrics(self._sum_over_ranks(comm)))
                 rec.update(self._timer_metrics())
+                rec.update(gpu_metrics())
+                intervals.finish(rec)
+                writer.note_placement(step, getattr(self.strategy, "placements", None))
                 writer.write(rec)
                 self._print(format_log(rec))
                 self.history.append(rec)
@@ -216,6 +225,7 @@ class Trainer:
             if (every and (step + 1) % every == 0) or (last and cfg.checkpoint.save_final and every >= 0):
                 self.save(step)
         bar.close()
+        writer.close()
         elapsed = time.perf_counter() - t_start
         TIMERS.enabled = False
         if self.start_step >= cfg.train.steps:  # resumed a finished run: report it instead of nothing
@@ -240,19 +250,29 @@ class Trainer:
         return {n: int(v) for n, v in zip(names, t.tolist())}
 
     def _timer_metrics(self) -> dict[str, float]:
-        """Forward spans (ms) for this interval, max over ranks, plus expert CPU-time imbalance."""
+        """Forward spans (ms) for this interval, max over ranks, plus expert CPU-time imbalance.
+
+        `ranks` holds each rank's values (busy CPU ms of attention/experts, wall ms of every span, routed
+        slots): what `sparsetrain sim calibrate` fits and `sparsetrain report` draws."""
         wall, cpu = TIMERS.pop()
         names = ("attention", "dispatch", "experts", "combine", "optimizer")
-        vals = torch.tensor([wall.get(n, 0.0) for n in names] + [cpu.get("experts", 0.0)], dtype=torch.float64)
+        extra = ("spag_wait", "sprs")  # exposed spAG wait and spRS (after backward), wall
+        tokens = sum(getattr(self.strategy, "rank_tokens", {}).values())
+        vals = torch.tensor([wall.get(n, 0.0) for n in names] + [wall.get(n, 0.0) for n in extra]
+                            + [cpu.get("attention", 0.0), tokens, cpu.get("experts", 0.0)], dtype=torch.float64)
         out: dict[str, float] = {}
         if dist.is_available() and dist.is_initialized():
             gathered = [torch.zeros_like(vals) for _ in range(dist.get_world_size())]
             dist.all_gather(gathered, vals)
-            allv = torch.stack(gathered)  # [world, 6]
+            allv = torch.stack(gathered)  # [world, 10]
             busy = allv[:, -1]
             out["expert_busy_max_mean"] = float(busy.max() / busy.mean().clamp_min(1e-12))
-            vals = allv.max(0).values
-        for n, v in zip(names, vals[:-1].tolist()):
+        else:
+            allv = vals[None]  # [1, 10]
+        cols = [f"{n}_ms" for n in names + extra] + ["attention_cpu_ms", "tokens", "experts_cpu_ms"]
+        out["ranks"] = {c: [round(v * (1 if c == "tokens" else 1000), 4) for v in allv[:, i].tolist()]
+                        for i, c in enumerate(cols)}
+        for n, v in zip(names, allv.max(0).values[:len(names)].tolist()):
             out[f"t_{n}_ms"] = 1000 * v
         return out
 

@@ -1,0 +1,71 @@
+"""`sparsetrain report` writes PNGs and Markdown for a run dir and for a sweep dir."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sparsetrain.report import write_report
+
+pytestmark = pytest.mark.unit
+pytest.importorskip("matplotlib")
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _fake_run(d):
+    d.mkdir()
+    recs = []
+    for step in (1, 3, 5):
+        r = {"step": step, "loss": 5.0 - step / 2, "lr": 1e-3, "tokens_per_s": 1000.0 + step, "mfu": 0.01 * step,
+             "peak_mem_gib": 1.0 + step / 10,
+             "ranks": {k: [1.0 + step, 2.0] for k in ("attention_ms", "experts_ms", "dispatch_ms", "combine_ms",
+                                                      "attention_cpu_ms", "experts_cpu_ms")}}
+        if step == 5:
+            r["val_loss"] = 3.0
+        recs.append(r)
+    _jsonl(d / "metrics.jsonl", recs)
+    _jsonl(d / "expert_loads.jsonl", [{"step": s, "counts": [[s, 2, 3, 4], [4, 3, 2, 1]]} for s in range(6)])
+    _jsonl(d / "placements.jsonl", [{"step": s, "layers": [{"owners": [0, 0, 1, 1], "copies": [[0, 1], [0], [1], [1]]}] * 2}
+                                    for s in (1, 5)])
+    (d / "summary.json").write_text(json.dumps({"steps": 6, "final_loss": 2.5, "strategy": "fssdp"}))
+
+
+def test_run_report_writes_every_picture(tmp_path):
+    _fake_run(tmp_path / "run")
+    md = write_report(tmp_path / "run")
+    names = {p.name for p in md.parent.glob("*.png")}
+    assert names == {"loss.png", "throughput.png", "expert_load.png", "placement.png", "rank_busy.png", "memory.png"}
+    text = md.read_text()
+    for n in names:
+        assert f"]({n})" in text
+    assert "| final_loss | 2.5 |" in text and "val 3.0000" in text
+
+
+def test_sweep_report_and_cli(tmp_path):
+    d = tmp_path / "sweep"
+    d.mkdir()
+    rows = []
+    for i, (strategy, skew) in enumerate([(s, k) for s in ("ep", "fssdp") for k in (0.0, 1.2)]):
+        rows.append({"point": i, "keys": {"moe.router_skew": skew, "parallel.strategy": strategy}, "status": "ok",
+                     "tokens_per_s": 100.0 + i, "final_loss": 4.0})
+    rows.append({"point": 4, "keys": {"moe.router_skew": 2.0, "parallel.strategy": "ep"}, "status": "failed",
+                 "error": "rank 1 failed: boom"})
+    _jsonl(d / "sweep.jsonl", rows)
+    proc = subprocess.run([sys.executable, "-m", "sparsetrain.cli", "report", str(d)], check=False,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 PNGs" in proc.stdout
+    text = (d / "report" / "report.md").read_text()
+    assert "4 of 5 points finished" in text and "failed: rank 1 failed: boom" in text
+    assert (d / "report" / "tokens_per_s.png").stat().st_size > 1000
+
+
+def test_report_of_nothing_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sparsetrain.cli", "report", str(tmp_path)], check=False,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "neither metrics.jsonl" in proc.stderr and "Traceback" not in proc.stderr
