@@ -151,6 +151,32 @@ def report(path: str = typer.Argument(..., help="a run dir (metrics.jsonl) or a 
     typer.echo(f"wrote {md} ({len(list(md.parent.glob('*.png')))} PNGs)")
 
 
+@app.command()
+def sweep(path: str = typer.Argument(..., help="sweep file, e.g. configs/sweeps/strategies_skew.yaml"),
+          retry_failed: bool = typer.Option(True, help="rerun points recorded as failed"),
+          dry_run: bool = typer.Option(False, help="validate and list the points without running them")) -> None:
+    """Run a grid/list of configs, one launcher run per point; resumable; writes sweep.csv + sweep.jsonl."""
+    from sparsetrain.launcher.errors import LaunchError
+    from sparsetrain.launcher.sweep import load_sweep, run_sweep
+
+    try:
+        sw = load_sweep(path)
+        if dry_run:
+            for p in sw.points:
+                typer.echo(f"{p.index:>3}  {p.point_id}  " + ", ".join(f"{k}={v}" for k, v in p.keys.items()))
+            return
+        rows = run_sweep(sw, retry_failed=retry_failed)
+    except LaunchError as e:
+        _fail(str(e), 2)
+    except KeyboardInterrupt:
+        _fail("interrupted (finished points are kept; run the same command to resume)", 130)
+    ok = sum(r["status"] == "ok" for r in rows)
+    typer.echo(f"{ok}/{len(sw.points)} points ok; table: {sw.out_dir / 'sweep.csv'} "
+               f"(report: sparsetrain report {sw.out_dir})")
+    if ok < len(sw.points):
+        raise typer.Exit(1)
+
+
 def _mount_launcher() -> None:
     """Job commands live in sparsetrain.launcher (Ray imported only when they run)."""
     try:

@@ -23,8 +23,12 @@ def _metric_plot(rows: list[dict[str, Any]], keys: list[str], metric: str, out: 
     x_key, rest = keys[0], keys[1:]
     groups: dict[str, list[tuple[Any, float]]] = defaultdict(list)
     for r in pts:
-        label = ", ".join(f"{k}={r['keys'][k]}" for k in rest) or metric
+        if x_key not in r["keys"]:
+            continue  # a listed point without the first key
+        label = ", ".join(f"{k}={r['keys'].get(k, '-')}" for k in rest) or metric
         groups[label].append((r["keys"][x_key], r[metric]))
+    if not groups:
+        return None
     xs = sorted({x for g in groups.values() for x, _ in g}, key=_sort_key)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -45,7 +49,7 @@ def sweep_report(sweep_dir: Path, out: Path) -> Path:
     rows = read_jsonl(sweep_dir / "sweep.jsonl")
     if not rows:
         raise ValueError(f"{sweep_dir / 'sweep.jsonl'} has no points")
-    keys = list(rows[0]["keys"])
+    keys = list(dict.fromkeys(k for r in rows for k in r["keys"]))
     ok = [r for r in rows if r.get("status") == "ok"]
     out.mkdir(parents=True, exist_ok=True)
     md = [f"# Sweep report: `{sweep_dir}`", "", f"{len(ok)} of {len(rows)} points finished; swept: "
@@ -56,7 +60,7 @@ def sweep_report(sweep_dir: Path, out: Path) -> Path:
     for r in rows:
         vals = [f"{r[m]:.4g}" if isinstance(r.get(m), (int, float)) else "" for m in shown]
         status = r.get("status", "") if r.get("status") == "ok" else f"failed: {r.get('error', '')}"
-        md.append(f"| {r['point']} | " + " | ".join(str(r["keys"][k]) for k in keys) + f" | {status} | "
+        md.append(f"| {r['point']} | " + " | ".join(str(r["keys"].get(k, "")) for k in keys) + f" | {status} | "
                   + " | ".join(vals) + " |")
     md.append("")
     for m in shown:
