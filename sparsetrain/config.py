@@ -45,7 +45,9 @@ class MoEConfig:
     z_loss_coef: float = 0.001  # router z-loss
     balance: str = "aux_loss"  # aux_loss | aux_free (bias balancing, DeepSeek-V3)
     bias_update_rate: float = 0.001  # aux_free: step size of the expert bias update
-    capacity_factor: float = 0.0  # 0 = dropless; > 0 = capacity mode (tokens over capacity dropped)
+    capacity_factor: float = 0.0  # 0 = dropless; > 0 = capacity mode: an expert takes at most
+    # ceil(cf * tokens * top_k / E) slots of a rank's tokens; first choices kept before second (then by gate score)
+    capacity_renorm: bool = True  # capacity mode, top_k > 1: rescale a token's surviving weights to sum to 1
     router_skew: float = 0.0  # benchmark knob: adds a fixed Zipf(s) log-prior to router logits
 
 

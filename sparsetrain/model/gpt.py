@@ -35,7 +35,8 @@ class Block(nn.Module):
         if use_moe:
             self.ffn = MoELayer(m.d_model, e.num_experts, e.top_k, e.d_ffn, aux_loss_coef=e.aux_loss_coef,
                                 z_loss_coef=e.z_loss_coef, balance=e.balance, bias_update_rate=e.bias_update_rate,
-                                router_skew=e.router_skew, capacity_factor=e.capacity_factor)
+                                router_skew=e.router_skew, capacity_factor=e.capacity_factor,
+                                capacity_renorm=e.capacity_renorm)
         else:
             self.ffn = MLP(m.d_model, m.d_ffn_dense or 4 * m.d_model)
 

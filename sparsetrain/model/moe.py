@@ -34,29 +34,57 @@ def combine_slots(y_slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (y_slots.view(t, k, -1) * weights.unsqueeze(-1)).sum(dim=1)  # [T, k, d] -> [T, d]
 
 
-def capacity_keep(expert_ids: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
-    """Bool mask [T*k]: slot kept if it is among the first `capacity` slots of its expert (token order)."""
-    flat = expert_ids.flatten()  # [T*k]
-    one_hot = torch.nn.functional.one_hot(flat, num_experts)  # [T*k, E]
+def capacity_keep(expert_ids: torch.Tensor, scores: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """Bool mask [T*k]: GShard/DeepSpeed priority -- every first choice before any second choice, within a
+    choice rank the higher gate score first (ties: token order); an expert keeps its first `capacity` slots.
+
+    expert_ids [T, k] (column j = the token's (j+1)-th choice), scores [T, k] the gate probabilities.
+    """
+    t, k = expert_ids.shape
+    flat = expert_ids.flatten()  # [T*k] slot s = token s // k, choice s % k
+    by_score = torch.argsort(-scores.detach().flatten().float(), stable=True)  # [T*k] score desc, token order
+    choice = torch.arange(k, device=flat.device).repeat(t)  # [T*k]
+    priority = by_score[torch.argsort(choice[by_score], stable=True)]  # [T*k] choice rank, then score
+    one_hot = torch.nn.functional.one_hot(flat[priority], num_experts)  # [T*k, E] in priority order
     position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # [T*k] rank of slot within its expert
-    return position < capacity
+    keep = torch.empty_like(position, dtype=torch.bool)
+    keep[priority] = position < capacity
+    return keep
+
+
+def expert_capacity(capacity_factor: float, tokens: int, top_k: int, num_experts: int) -> int:
+    """Slots an expert may take: ceil(capacity_factor * tokens * top_k / num_experts)."""
+    return math.ceil(capacity_factor * tokens * top_k / num_experts)
+
+
+def capacity_weights(weights: torch.Tensor, keep: torch.Tensor, renormalize: bool) -> torch.Tensor:
+    """Combine weights [T, k] after drops: dropped slots 0; survivors rescaled to sum to 1 when `renormalize`
+    (DeepSpeed/GShard top-2; a token with no surviving slot gets 0 everywhere)."""
+    kept = keep.view_as(weights)  # [T, k]
+    w = weights * kept.to(weights.dtype)
+    if renormalize and weights.shape[1] > 1:
+        lost = ~kept.all(dim=-1, keepdim=True)  # [T, 1] only tokens that lost a slot change (exact otherwise)
+        w = torch.where(lost, w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny), w)
+    return w
 
 
 class LocalDispatcher:
     """Single-device dispatch: sort slots by expert, run each expert on its tokens, unsort, combine."""
 
-    def __init__(self, capacity_factor: float = 0.0) -> None:
-        self.capacity_factor = capacity_factor
+    def __init__(self, capacity_factor: float = 0.0, capacity_renorm: bool = True) -> None:
+        self.capacity_factor, self.capacity_renorm = capacity_factor, capacity_renorm
 
     def __call__(self, experts: GroupedExperts, x: torch.Tensor, route: RouterOutput) -> tuple[torch.Tensor, int]:
         t, k = route.expert_ids.shape
         ids = route.expert_ids
         dropped = 0
         keep = None
+        weights = route.weights
         if self.capacity_factor > 0:
-            cap = math.ceil(self.capacity_factor * t * k / experts.num_experts)
-            keep = capacity_keep(ids, experts.num_experts, cap)  # [T*k]
+            cap = expert_capacity(self.capacity_factor, t, k, experts.num_experts)
+            keep = capacity_keep(ids, route.gate_scores(), experts.num_experts, cap)  # [T*k]
             dropped = int((~keep).sum())
+            weights = capacity_weights(weights, keep, self.capacity_renorm)
         with span("dispatch"):
             order, counts = sort_by_expert(ids, experts.num_experts)
             if keep is not None:
@@ -67,7 +95,7 @@ class LocalDispatcher:
             y_sorted = experts(x_sorted, counts.tolist())  # [S, d]
         with span("combine"):
             y_slots = x.new_zeros(t * k, x.shape[-1]).index_copy(0, order, y_sorted)  # [T*k, d]
-            return combine_slots(y_slots, route.weights), dropped
+            return combine_slots(y_slots, weights), dropped
 
 
 class MoELayer(nn.Module):
@@ -76,9 +104,10 @@ class MoELayer(nn.Module):
     def __init__(self, d_model: int, num_experts: int, top_k: int, d_ffn: int, **router_kw) -> None:
         super().__init__()
         capacity_factor = router_kw.pop("capacity_factor", 0.0)
+        capacity_renorm = router_kw.pop("capacity_renorm", True)
         self.router = TopKRouter(d_model, num_experts, top_k, **router_kw)
         self.experts = GroupedExperts(num_experts, d_model, d_ffn)
-        self.dispatcher: Dispatcher = LocalDispatcher(capacity_factor)
+        self.dispatcher: Dispatcher = LocalDispatcher(capacity_factor, capacity_renorm)
         self.last_route: RouterOutput | None = None
         self.last_dropped = 0
 

@@ -20,6 +20,11 @@ class RouterOutput:
     tokens_per_expert: torch.Tensor  # [E] long, this rank's routed slots per expert
     aux_loss: torch.Tensor  # scalar load-balancing loss (already times its coefficient)
     z_loss: torch.Tensor  # scalar router z-loss (already times its coefficient)
+    scores: torch.Tensor | None = None  # [T, k] gate probabilities of the chosen experts (before top-k renorm)
+
+    def gate_scores(self) -> torch.Tensor:
+        """[T, k] gate scores that order slots for capacity drops (the raw probabilities when known)."""
+        return self.scores if self.scores is not None else self.weights
 
 
 def zipf_log_prior(num_experts: int, s: float) -> torch.Tensor:
@@ -55,6 +60,7 @@ class TopKRouter(nn.Module):
         select = probs + self.expert_bias if self.balance == "aux_free" else probs
         _, expert_ids = torch.topk(select, self.top_k, dim=-1)  # [T, k]
         weights = probs.gather(-1, expert_ids)  # [T, k]
+        scores = weights.detach()
         if self.top_k > 1:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         counts = torch.bincount(expert_ids.flatten(), minlength=self.num_experts)  # [E]
@@ -71,7 +77,7 @@ class TopKRouter(nn.Module):
         z = x.new_zeros((), dtype=torch.float32)
         if self.z_loss_coef > 0:
             z = self.z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
-        return RouterOutput(expert_ids, weights.to(x.dtype), counts, aux, z)
+        return RouterOutput(expert_ids, weights.to(x.dtype), counts, aux, z, scores)
 
     @torch.no_grad()
     def update_bias(self) -> None:

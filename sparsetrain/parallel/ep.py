@@ -35,7 +35,8 @@ class EPDispatcher:
         slot_rank = route.expert_ids.reshape(-1) // s.experts_per_rank  # [T*k] EP-group rank
         out, dropped, counts = exchange_and_compute(
             x, route, slot_rank, experts.num_experts, experts.expert_ids,
-            lambda xs, c: experts(xs, c, ids=experts.expert_ids), s.ep_group, s.cfg.moe.capacity_factor)
+            lambda xs, c: experts(xs, c, ids=experts.expert_ids), s.ep_group, s.cfg.moe.capacity_factor,
+            s.cfg.moe.capacity_renorm)
         s.rank_tokens[self.layer] = float(counts.sum())
         return out, dropped
 

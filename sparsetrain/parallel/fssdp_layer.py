@@ -50,7 +50,8 @@ class FSSDPDispatcher:
             s.mat_ids[li] = list(experts.expert_ids)
             out, dropped, counts = exchange_and_compute(
                 x, route, slot_rank, experts.num_experts, experts.expert_ids,
-                lambda xs, c: experts(xs, c, ids=experts.expert_ids), None, s.cfg.moe.capacity_factor)
+                lambda xs, c: experts(xs, c, ids=experts.expert_ids), None, s.cfg.moe.capacity_factor,
+                s.cfg.moe.capacity_renorm)
             s.rank_tokens[li] = float(counts.sum())
             return out, dropped
         handle = s.pending.pop(li, None) or s.start_gather(li, experts)
@@ -72,7 +73,8 @@ class FSSDPDispatcher:
         ctx = s.release_hooks(li, mat) if release else contextlib.nullcontext()
         with ctx:
             out, dropped, counts = exchange_and_compute(x, route, slot_rank, experts.num_experts, mat_ids, expert_fn,
-                                                        None, s.cfg.moe.capacity_factor)
+                                                        None, s.cfg.moe.capacity_factor,
+                                                        s.cfg.moe.capacity_renorm)
         if release and out.requires_grad:
             # the layer's output grad arrives at the same point of backward on every rank: re-gather there
             out.register_hook(lambda g: s.regather(li, experts))

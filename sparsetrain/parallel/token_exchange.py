@@ -6,7 +6,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from sparsetrain.model.moe import capacity_keep, combine_slots
+from sparsetrain.model.moe import capacity_keep, capacity_weights, combine_slots, expert_capacity
 from sparsetrain.model.router import RouterOutput
 from sparsetrain.parallel.all_to_all import all_to_all_uneven
 from sparsetrain.telemetry.timers import span
@@ -23,8 +23,12 @@ def _exchange_count_matrix(c: torch.Tensor, group: dist.ProcessGroup | None) -> 
 
 def exchange_and_compute(x: torch.Tensor, route: RouterOutput, slot_rank: torch.Tensor, num_experts: int,
                          local_ids: list[int], expert_fn: ExpertFn, group: dist.ProcessGroup | None,
-                         capacity_factor: float = 0.0) -> tuple[torch.Tensor, int, torch.Tensor]:
+                         capacity_factor: float = 0.0,
+                         capacity_renorm: bool = True) -> tuple[torch.Tensor, int, torch.Tensor]:
     """Send each slot to `slot_rank`, run local experts grouped by expert, return combined [T, d].
+
+    Capacity mode (capacity_factor > 0) drops over-capacity slots before they leave this rank, in GShard
+    priority order over this rank's tokens (`capacity_keep`), and renormalizes the survivors' weights.
 
     Returns (output [T, d], dropped slots, tokens computed per local expert [len(local_ids)]).
     """
@@ -33,12 +37,15 @@ def exchange_and_compute(x: torch.Tensor, route: RouterOutput, slot_rank: torch.
     d = x.shape[-1]
     flat_e = route.expert_ids.reshape(-1)  # [T*k]
     dropped = 0
+    weights = route.weights
     with span("dispatch"):
         key = slot_rank * num_experts + flat_e  # [T*k] grouped by destination rank, then expert
         order = torch.argsort(key, stable=True)
         if capacity_factor > 0:  # GShard-style local capacity per expert on this rank's tokens
-            keep = capacity_keep(route.expert_ids, num_experts, int(-(-capacity_factor * t * k // num_experts)))
+            cap = expert_capacity(capacity_factor, t, k, num_experts)
+            keep = capacity_keep(route.expert_ids, route.gate_scores(), num_experts, cap)  # [T*k]
             dropped = int((~keep).sum())
+            weights = capacity_weights(weights, keep, capacity_renorm)
             order = order[keep[order]]
         sent = torch.bincount(key[order], minlength=world * num_experts).view(world, num_experts)  # [world, E]
         recv = _exchange_count_matrix(sent, group)  # [world(src), E]
@@ -65,4 +72,4 @@ def exchange_and_compute(x: torch.Tensor, route: RouterOutput, slot_rank: torch.
         y_recv = torch.empty_like(y_grouped).index_copy(0, perm, y_grouped)  # back to [src][e] layout
         y_sorted = all_to_all_uneven(y_recv, recv.sum(1).tolist(), sent.sum(1).tolist(), group)  # [S, d]
         y_slots = x.new_zeros(t * k, d).index_copy(0, order, y_sorted)  # [T*k, d]
-        return combine_slots(y_slots, route.weights), dropped, counts_local
+        return combine_slots(y_slots, weights), dropped, counts_local

@@ -87,6 +87,8 @@ def format_log(rec: dict[str, Any]) -> str:
         parts.append(f"spAG {rec['spag_MB']:.2f}MB spRS {rec['sprs_MB']:.2f}MB")
     if "a2a_MB" in rec:
         parts.append(f"a2a {rec['a2a_MB']:.2f}MB")
+    if "dropped_slots" in rec:
+        parts.append(f"dropped {rec['dropped_slots']}")
     return " | ".join(parts)
 
 

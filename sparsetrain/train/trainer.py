@@ -108,7 +108,7 @@ class Trainer:
             g["lr"] = lr
         x_all, y_all = self.data.train_batch(step)
         micro = x_all.shape[0] // cfg.grad_accum
-        stats = torch.zeros(3, device=self.device)  # ce, aux, z
+        stats = torch.zeros(4, device=self.device)  # ce, aux, z, dropped slots (capacity mode)
         counts = None
         t_fwd = t_bwd = 0.0
         for mi in range(cfg.grad_accum):
@@ -123,7 +123,8 @@ class Trainer:
             (loss / cfg.grad_accum).backward()
             t_fwd, t_bwd = t_fwd + t1 - t0, t_bwd + time.perf_counter() - t1
             stats += torch.stack([out.loss.detach().float(), out.aux_loss.detach().float(),
-                                  out.z_loss.detach().float()]).to(self.device) / cfg.grad_accum
+                                  out.z_loss.detach().float(),
+                                  torch.tensor(float(out.dropped))]).to(self.device) / cfg.grad_accum
             if out.tokens_per_expert is not None:
                 c = out.tokens_per_expert.detach().float()
                 counts = c if counts is None else counts + c
@@ -136,6 +137,8 @@ class Trainer:
         ce = float(stats[0])
         rec: dict[str, Any] = {"step": step, "loss": ce, "aux_loss": float(stats[1]), "z_loss": float(stats[2]),
                                "lr": lr, "fwd_s": t_fwd, "bwd_s": t_bwd}
+        if self.cfg.moe.capacity_factor > 0:  # slots dropped this step, all ranks and micro-batches
+            rec["dropped_slots"] = round(float(stats[3]) * cfg.grad_accum * self.info.world)
         if not torch.isfinite(stats).all():
             if cfg.on_nan == "error":
                 raise NonFiniteLossError(f"non-finite loss {ce} at step {step} (train.on_nan=error; "
@@ -287,7 +290,7 @@ class Trainer:
             **self.strategy.describe(),
         }
         for k in ("expert_load_max_mean", "expert_busy_max_mean", "spag_MB", "sprs_MB", "a2a_MB",
-                  "rank_tokens_max_mean"):
+                  "rank_tokens_max_mean", "dropped_slots"):
             if k in last:
                 summary[k] = last[k]
         if self.info.is_main:

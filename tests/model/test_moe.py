@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsetrain.model.moe import LocalDispatcher, MoELayer, capacity_keep
+from sparsetrain.model.moe import LocalDispatcher, MoELayer, capacity_keep, capacity_weights
 
 pytestmark = [pytest.mark.unit]
 
@@ -31,8 +31,8 @@ def _expert(layer: MoELayer, e: int, v: torch.Tensor) -> torch.Tensor:
     return ex.w2[e] @ (F.silu(ex.w1[e] @ v) * (ex.w3[e] @ v))
 
 
-def _naive(layer: MoELayer, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """For each token: sum_k w_k * expert_{e_k}(x), skipping slots not kept."""
+def _naive(layer: MoELayer, x: torch.Tensor, keep: torch.Tensor | None = None, renorm: bool = False) -> torch.Tensor:
+    """For each token: sum_k w_k * expert_{e_k}(x), skipping slots not kept (weights renormalized if asked)."""
     route = layer.last_route
     flat = x.reshape(-1, D)
     t, k = route.expert_ids.shape
@@ -41,8 +41,24 @@ def _naive(layer: MoELayer, x: torch.Tensor, keep: torch.Tensor | None = None) -
         for j in range(k):
             if keep is not None and not bool(keep[i * k + j]):
                 continue
-            out[i] += route.weights[i, j] * _expert(layer, int(route.expert_ids[i, j]), flat[i])
+            w = route.weights[i, j]
+            if renorm and k > 1:
+                w = w / sum(route.weights[i, jj] for jj in range(k) if bool(keep[i * k + jj]))
+            out[i] += w * _expert(layer, int(route.expert_ids[i, j]), flat[i])
     return out.view_as(x)
+
+
+def _priority_keep(ids: torch.Tensor, scores: torch.Tensor, cap: int) -> torch.Tensor:
+    """Reference: visit slots by (choice rank, gate score descending, token), keep the first `cap` per expert."""
+    t, k = ids.shape
+    slots = sorted(range(t * k), key=lambda s: (s % k, -float(scores.flatten()[s]), s // k))
+    seen = [0] * E
+    keep = torch.zeros(t * k, dtype=torch.bool)
+    for s in slots:
+        e = int(ids.flatten()[s])
+        keep[s] = seen[e] < cap
+        seen[e] += 1
+    return keep
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
@@ -72,34 +88,44 @@ def test_large_capacity_equals_dropless_exactly():
     assert torch.equal(y, ref)
 
 
+@pytest.mark.parametrize("renorm", [False, True])
 @pytest.mark.parametrize("cf", [0.5, 0.75, 1.0])
-def test_small_capacity_drops_counted_and_zero(cf):
+def test_small_capacity_drops_by_choice_rank_then_score(cf, renorm):
     layer = _layer(2, capacity_factor=cf)
+    layer.dispatcher.capacity_renorm = renorm
     x = _x()
     y = layer(x)
-    ids = layer.last_route.expert_ids
+    route = layer.last_route
+    ids, scores = route.expert_ids, route.gate_scores()
     t, k = ids.shape
     cap = math.ceil(cf * t * k / E)
-    # manual: walk slots in token order, keep the first `cap` per expert
-    seen = [0] * E
-    keep = torch.zeros(t * k, dtype=torch.bool)
-    for s, e in enumerate(ids.flatten().tolist()):
-        keep[s] = seen[e] < cap
-        seen[e] += 1
-    assert torch.equal(capacity_keep(ids, E, cap), keep)
+    keep = _priority_keep(ids, scores, cap)
+    assert torch.equal(capacity_keep(ids, scores, E, cap), keep)
     dropped = int((~keep).sum())
-    assert dropped == sum(max(0, c - cap) for c in seen)
+    per_expert = torch.bincount(ids.flatten(), minlength=E).tolist()
+    assert dropped == sum(max(0, c - cap) for c in per_expert)
     assert layer.last_dropped == dropped
     if cf < 1.0:
         assert dropped > 0
-    torch.testing.assert_close(y, _naive(layer, x, keep), rtol=1e-12, atol=1e-12)
+    for e in range(E):  # an expert keeps a second choice only once every first choice for it is kept
+        first = (ids[:, 0] == e)
+        if bool((keep.view(t, k)[:, 1] & (ids[:, 1] == e)).any()):
+            assert bool(keep.view(t, k)[:, 0][first].all())
+    torch.testing.assert_close(y, _naive(layer, x, keep, renorm), rtol=1e-12, atol=1e-12)
+
+
+def test_capacity_weights_renormalize_survivors():
+    w = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.5, 0.5]])
+    keep = torch.tensor([True, False, True, True, False, False])
+    torch.testing.assert_close(capacity_weights(w, keep, True), torch.tensor([[1.0, 0.0], [0.6, 0.4], [0.0, 0.0]]))
+    torch.testing.assert_close(capacity_weights(w, keep, False), torch.tensor([[0.7, 0.0], [0.6, 0.4], [0.0, 0.0]]))
 
 
 def test_fully_dropped_token_outputs_zero():
     layer = _layer(1, capacity_factor=1.0 / 24)  # capacity 1 slot per expert for 24 tokens, k=1
     x = _x()
     y = layer(x).reshape(-1, D)
-    keep = capacity_keep(layer.last_route.expert_ids, E, 1)
+    keep = capacity_keep(layer.last_route.expert_ids, layer.last_route.gate_scores(), E, 1)
     assert int(keep.sum()) <= E
     assert torch.count_nonzero(y[~keep]) == 0
     assert layer.last_dropped == 24 - int(keep.sum())
