@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sparsetrain-installed
-EXTRAS ?= ray,triton,nvml,viz,dev
+EXTRAS ?= ray,triton,nvml,viz,data,dev
 PYTEST_ARGS ?= -q -p no:cacheprovider
 
 .PHONY: setup run test lint bench clean

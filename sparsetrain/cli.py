@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from sparsetrain.config import Config, ConfigError, load_config, to_dict
+from sparsetrain.data.commands import data_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train Mixture-of-Experts and N:M-sparse transformers (FSSDP, EP, N:M).")
@@ -55,6 +56,10 @@ def train(config: str = ConfigOpt, overrides: list[str] | None = SetOpt) -> None
     """Train: in-process for 1 worker, else N workers via the launcher (Ray by default)."""
     cfg = _load(config, overrides)
     try:
+        if not cfg.launch.address:  # local data: every shard and the tokenizer checked before any process starts
+            from sparsetrain.data.check import check_data
+
+            check_data(cfg)
         if cfg.launch.workers == 1 and not cfg.launch.address and cfg.launch.backend != "torchrun":
             from sparsetrain.train.entry import run_inline
 
@@ -188,6 +193,7 @@ def _mount_launcher() -> None:
 
 
 _mount_launcher()
+app.add_typer(data_app, name="data", help="Prepare token shards from local corpora; train a BPE tokenizer.")
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ def stdlib_files() -> list[Path]:
     return files
 
 
-def _is_val(rel: str, val_fraction: float) -> bool:
+def is_val_key(rel: str, val_fraction: float) -> bool:
     """Deterministic split by file: crc32 of the relative path."""
     return (zlib.crc32(rel.encode()) % 10_000) < val_fraction * 10_000
 
@@ -51,7 +51,7 @@ def build_stdlib_corpus(val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
         except OSError:
             continue
         rel = str(f.relative_to(root))
-        parts[_is_val(rel, val_fraction)].append(data)
+        parts[is_val_key(rel, val_fraction)].append(data)
         total += len(data)
         if total >= STDLIB_MAX_BYTES:
             break

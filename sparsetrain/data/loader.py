@@ -23,6 +23,7 @@ from sparsetrain.config import Config
 from sparsetrain.data.corpus import load_corpus
 from sparsetrain.data.errors import DataError
 from sparsetrain.data.shards import ShardSet
+from sparsetrain.data.tokenizer import check_tokenizer
 
 _TAGS = {"train": 0, "val": 1}
 
@@ -95,6 +96,7 @@ class TokenBatches:
         self.global_batch, self.rank, self.world = d.batch_size, rank, world
         self.micro_batches = cfg.train.grad_accum
         self.shards = load_corpus(d.corpus, d.val_fraction)
+        self.tokenizer = check_tokenizer(d.tokenizer, cfg.model.vocab_size, d.corpus, self.shards.meta.get("tokenizer"))
         train, val, self.val_source = split_corpus(self.shards, d.val_split, d.val_fraction)
         self.train_split = TokenSplit("train", train, self.seq_len, d.sampling)
         self.val_split = TokenSplit("val", val, self.seq_len, d.sampling)

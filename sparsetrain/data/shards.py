@@ -19,6 +19,7 @@ import numpy as np
 from sparsetrain.data.errors import DataError
 
 META = "meta.json"
+PREPARE_STATE = ".prepare-state.json"  # present while `data prepare` is unfinished (see prepare.py)
 FORMAT = "sparsetrain-token-shards"
 VERSION = 1
 DTYPES: dict[str, np.dtype] = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}  # little-endian on disk
@@ -123,6 +124,9 @@ def open_shard_dir(root: str | Path) -> ShardSet:
         if not out.train:
             raise DataError(f"data.corpus: {root / META} lists no train shards")
         return out
+    if (root / PREPARE_STATE).exists():
+        raise DataError(f"data.corpus: {root}: preparation did not finish; run `sparsetrain data prepare` "
+                        f"again to resume it")
     if not (root / "train.bin").exists():
         raise DataError(f"data.corpus: missing {root / 'train.bin'} (nanoGPT uint16 token file) and no {META} "
                         f"(from `sparsetrain data prepare`) in {root}")

@@ -85,7 +85,8 @@ class Trainer:
         self._print(f"resumed from {path} at step {self.start_step}")
 
     def save(self, step: int) -> Path:
-        extra = {"strategy": self.strategy.extra_state(), "config": to_dict(self.cfg)}
+        extra = {"strategy": self.strategy.extra_state(), "config": to_dict(self.cfg),
+                 "tokenizer": self.data.tokenizer.record(with_content=True)}  # generate decodes with it
         return ckpt.save_checkpoint(self.ckpt_dir, step, self.model, self.optimizer, extra, self.cfg.checkpoint.keep)
 
     @torch.no_grad()

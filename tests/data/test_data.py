@@ -11,7 +11,7 @@ import torch
 
 from sparsetrain.config import load_config
 from sparsetrain.data import DataError, TokenBatches, load_corpus
-from sparsetrain.data.corpus import STDLIB_MAX_BYTES, _is_val, stdlib_files
+from sparsetrain.data.corpus import STDLIB_MAX_BYTES, is_val_key, stdlib_files
 
 pytestmark = [pytest.mark.unit]
 
@@ -89,10 +89,10 @@ def test_micro_batch_k_of_all_ranks_is_single_process_micro_batch_k(world, accum
 def test_train_val_split_by_file_is_disjoint(stdlib_batches):
     root = Path(sysconfig.get_paths()["stdlib"])
     rels = [str(f.relative_to(root)) for f in stdlib_files()]
-    val = {r for r in rels if _is_val(r, 0.05)}
-    train = {r for r in rels if not _is_val(r, 0.05)}
+    val = {r for r in rels if is_val_key(r, 0.05)}
+    train = {r for r in rels if not is_val_key(r, 0.05)}
     assert val and train and not (val & train)
-    assert all(_is_val(r, 0.05) == _is_val(r, 0.05) for r in rels[:200])  # deterministic
+    assert all(is_val_key(r, 0.05) == is_val_key(r, 0.05) for r in rels[:200])  # deterministic
     assert 0.01 < len(val) / len(rels) < 0.15
     # a sizeable val file that made it into the corpus lands in val bytes only
     total, picked = 0, None
@@ -101,7 +101,7 @@ def test_train_val_split_by_file_is_disjoint(stdlib_batches):
         rel = str(f.relative_to(root))
         if total >= STDLIB_MAX_BYTES:
             break
-        if _is_val(rel, 0.05) and 5_000 < f.stat().st_size < 50_000:
+        if is_val_key(rel, 0.05) and 5_000 < f.stat().st_size < 50_000:
             picked = f
             break
     assert picked is not None

@@ -22,14 +22,14 @@ def _cfg(corpus: Path, vocab: int, *extra: str):
                                 f"data.corpus={corpus}", f"model.vocab_size={vocab}", *extra])
 
 
-def write_dir(root: Path, splits: dict[str, list[np.ndarray]], vocab: int) -> dict:
-    """A shard directory as `data prepare` leaves it."""
+def write_dir(root: Path, splits: dict[str, list[np.ndarray]], vocab: int, tokenizer: dict | None = None) -> dict:
+    """A shard directory as `data prepare` leaves it (no tokenizer record unless given)."""
     root.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(vocab)
     entries = {split: [write_shard(root / shard_name(split, i), arr, dtype) for i, arr in enumerate(arrs)]
                for split, arrs in splits.items()}
     meta = {"format": FORMAT, "version": VERSION, "dtype": dtype, "vocab_size": vocab, "complete": True,
-            "tokenizer": {"kind": "test", "name": "test", "vocab_size": vocab}, "shards": entries}
+            "shards": entries, **({"tokenizer": tokenizer} if tokenizer else {})}
     write_meta(root, meta)
     return meta
 

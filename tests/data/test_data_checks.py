@@ -1,0 +1,90 @@
+"""The run's tokenizer checked against model.vocab_size and the corpus; bad shards refused before any process."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from sparsetrain.data import DataError
+from sparsetrain.data.check import check_data
+from sparsetrain.data.prepare import prepare
+from sparsetrain.data.shards import shard_name
+from tests.data.conftest import data_cfg
+
+pytestmark = [pytest.mark.unit]
+
+
+@pytest.fixture(scope="module")
+def bpe_corpus(text_dir, bpe_json, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bpe_corpus")
+    prepare(data_cfg(f"data.source={text_dir}", f"data.corpus={out}", f"data.tokenizer={bpe_json}",
+                     "data.shard_tokens=4000"), workers=1, progress=False, log=lambda m: None)
+    return out
+
+
+def _cfg(corpus, tok, vocab: int, *extra: str):
+    return data_cfg(f"data.corpus={corpus}", f"data.tokenizer={tok}", f"model.vocab_size={vocab}", *extra)
+
+
+def test_matching_tokenizer_and_padded_vocab_pass(bpe_corpus, bpe_json):
+    info = check_data(_cfg(bpe_corpus, bpe_json, 384))  # model vocab padded above the tokenizer's 320
+    assert info["tokenizer"]["vocab_size"] == 320 and info["dtype"] == "uint16"
+    assert info["train_shards"] > 1 and info["val_split"] == "files" and info["train_tokens"] > 10_000
+
+
+def test_model_vocab_below_tokenizer_refused(bpe_corpus, bpe_json):
+    with pytest.raises(DataError, match=r"model.vocab_size=300 is smaller than .* \(320\)"):
+        check_data(_cfg(bpe_corpus, bpe_json, 300))
+
+
+def test_corpus_tokenized_with_another_tokenizer_refused(bpe_corpus, bpe_json):
+    with pytest.raises(DataError, match="was tokenized with .*tokenizer.json.* but data.tokenizer='byte'"):
+        check_data(_cfg(bpe_corpus, "byte", 384))
+    with pytest.raises(DataError, match="data.corpus='stdlib' was tokenized with 'byte'"):
+        check_data(_cfg("stdlib", bpe_json, 384))
+
+
+def _train_cli(monkeypatch, *sets: str):
+    """`sparsetrain train` in this process with every launch path replaced by a test failure."""
+    from sparsetrain import launcher
+    from sparsetrain.cli import app
+    from sparsetrain.train import entry
+
+    def spawned(*a, **k):
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(launcher, "run_job", spawned)
+    monkeypatch.setattr(entry, "run_inline", spawned)
+    args = ["train", "-c", "tiny"]
+    for s in sets:
+        args += ["--set", s]
+    return CliRunner().invoke(app, args)
+
+
+def test_short_or_corrupt_shard_refused_before_spawn(bpe_corpus, bpe_json, tmp_path, monkeypatch):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(bpe_corpus, bad)
+    sets = (f"data.corpus={bad}", f"data.tokenizer={bpe_json}", "model.vocab_size=320", "launch.workers=2")
+    victim = bad / shard_name("train", 1)
+    victim.write_bytes(victim.read_bytes()[:1001])  # truncated mid-token
+    r = _train_cli(monkeypatch, *sets)
+    assert r.exit_code == 1, r.output
+    assert "truncated or corrupt" in r.output and str(victim) in r.output and "process was started" not in r.output
+    victim.write_bytes(b"")
+    assert "truncated or corrupt" in _train_cli(monkeypatch, *sets).output
+    r = _train_cli(monkeypatch, f"data.corpus={bpe_corpus}", sets[1], "model.vocab_size=256", "launch.workers=2")
+    assert r.exit_code == 1 and "model.vocab_size=256 is smaller" in r.output
+
+
+def test_token_over_vocab_in_unrecorded_corpus_refused_before_spawn(tmp_path, monkeypatch):
+    d = tmp_path / "nano"
+    d.mkdir()
+    arr = np.full(500, 7, dtype=np.uint16)
+    arr[3] = 999
+    arr.tofile(d / "train.bin")
+    arr[3] = 1
+    arr.tofile(d / "val.bin")
+    r = _train_cli(monkeypatch, f"data.corpus={d}", "launch.workers=2")
+    assert r.exit_code == 1 and "token id 999 >= model.vocab_size=256" in r.output
