@@ -182,6 +182,60 @@ def sweep(path: str = typer.Argument(..., help="sweep file, e.g. configs/sweeps/
         raise typer.Exit(1)
 
 
+RunDirsArg = typer.Argument(..., help="run directories (config.yaml + metrics.jsonl)")
+sim_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Step-time simulator: predict, calibrate.")
+app.add_typer(sim_app, name="sim")
+
+
+@sim_app.command("predict")
+def sim_predict(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
+                cluster: str = typer.Option("h100-sxm-8x", help="name under configs/clusters/ or a YAML path"),
+                gpus: str = typer.Option("8,64,512,4096", help="comma-separated GPU counts"),
+                workload: str = typer.Option("", help="zipf:S or an expert_loads.jsonl / run dir "
+                                             "(default: zipf:moe.router_skew)"),
+                batch_per_gpu: int = typer.Option(0, help="sequences per GPU (default: data.batch_size / workers)"),
+                variants: str = typer.Option("dp,ep,fssdp-hecate,fssdp-lpt_spill,fssdp-eplb",
+                                             help="strategies / fssdp-PLANNER"),
+                out: str = typer.Option("runs/sim", help="directory for predictions.json and PNGs")) -> None:
+    """Predict step time, tokens/s, MFU, memory and bytes per link vs GPU count for each strategy."""
+    cfg = _load(config, overrides)
+    from sparsetrain.sim.cluster import load_cluster
+    from sparsetrain.sim.scale import format_table, scale_rows, write_outputs
+    from sparsetrain.sim.shape import setup_from_config
+
+    try:
+        counts = [int(g) for g in gpus.split(",") if g.strip()]
+        c = load_cluster(cluster)
+        per_gpu = batch_per_gpu or max(1, cfg.data.batch_size // cfg.launch.workers)
+        rows = scale_rows(setup_from_config(cfg), c, counts, workload or f"zipf:{cfg.moe.router_skew}", per_gpu,
+                          tuple(v.strip() for v in variants.split(",") if v.strip()))
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(format_table(rows))
+    pngs = write_outputs(rows, Path(out), f"{config} on {c.name}, {per_gpu} seq/GPU, {workload or 'zipf'}")
+    typer.echo(f"wrote {Path(out) / 'predictions.json'} and {len(pngs)} PNGs under {out}")
+
+
+@sim_app.command("calibrate")
+def sim_calibrate(run_dirs: list[str] = RunDirsArg,
+                  base: str = typer.Option("cpu-2core", help="cluster whose unfitted numbers are kept"),
+                  name: str = typer.Option("calibrated", help="name of the fitted cluster"),
+                  out: str = typer.Option("", help="write the fitted cluster YAML here")) -> None:
+    """Fit compute, link, optimizer and overhead constants from measured runs."""
+    from sparsetrain.sim.calibrate import calibrate
+    from sparsetrain.sim.cluster import load_cluster
+
+    try:
+        fitted, diag = calibrate(run_dirs, load_cluster(base), name)
+    except ValueError as e:
+        _fail(str(e))
+    text = fitted.to_yaml()
+    if out:
+        Path(out).write_text(f"# fitted by sparsetrain sim calibrate from {len(run_dirs)} runs: "
+                             f"{', '.join(run_dirs)}\n" + text)
+    typer.echo(text + json.dumps(diag))
+
+
 def _mount_launcher() -> None:
     """Job commands live in sparsetrain.launcher (Ray imported only when they run)."""
     try:

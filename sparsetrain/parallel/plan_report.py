@@ -7,7 +7,7 @@ from sparsetrain.config import Config
 from sparsetrain.parallel.placement import LayerPlacement, initial_owners
 from sparsetrain.parallel.planners import get_planner
 from sparsetrain.parallel.topology import Topology
-from sparsetrain.sim.costmodel import zipf_loads
+from sparsetrain.sim.workload import zipf_loads
 
 
 def _gib(n: float) -> str:

@@ -13,11 +13,12 @@ import torch
 from sparsetrain.parallel.placement import LayerPlacement
 from sparsetrain.parallel.topology import Topology
 
-__all__ = ["candidate_table", "choose_replicas", "rank_loads", "share_matrix"]
+__all__ = ["candidate_table", "candidates", "choose_replicas", "rank_loads", "share_matrix"]
 
 
-def _candidates(copies: tuple[int, ...], src_rank: int, topo: Topology) -> tuple[int, ...]:
-    """Best tier of `copies` for `src_rank`: itself, else same node, else all (sorted)."""
+def candidates(copies: tuple[int, ...], src_rank: int, topo: Topology) -> tuple[int, ...]:
+    """Best tier of `copies` for `src_rank`: itself, else same node, else all (sorted); depends on the source
+    only through whether it holds a copy and which node it is on (the simulator relies on this)."""
     if src_rank in copies:
         return (src_rank,)
     node = topo.node_of(src_rank)
@@ -36,7 +37,7 @@ def _candidate_table(placement: LayerPlacement, topo: Topology, src_rank: int,
                      device: str) -> tuple[torch.Tensor, torch.Tensor]:
     if not 0 <= src_rank < topo.world:
         raise ValueError(f"src_rank={src_rank} out of range; allowed 0..{topo.world - 1}")
-    cands = [_candidates(c, src_rank, topo) for c in placement.copies]
+    cands = [candidates(c, src_rank, topo) for c in placement.copies]
     width = max((len(c) for c in cands), default=1)
     table = torch.empty(len(cands), width, dtype=torch.long)
     for e, c in enumerate(cands):
@@ -81,7 +82,7 @@ def _share_matrix(placement: LayerPlacement, topo: Topology) -> torch.Tensor:
     m = torch.zeros(placement.num_experts, topo.world, dtype=torch.float64)
     for src in range(topo.world):
         for e, c in enumerate(placement.copies):
-            cand = _candidates(c, src, topo)
+            cand = candidates(c, src, topo)
             for r in cand:
                 m[e, r] += 1.0 / (len(cand) * topo.world)
     return m

@@ -184,6 +184,10 @@ class Trainer:
         writer = MetricsWriter(self.out_dir, self.info.is_main, fresh=self.start_step == 0,
                                trackers=cfg.train.trackers, start_step=self.start_step)
         intervals = IntervalMeans()  # logged losses/timings are means over the steps since the last log
+        if self.info.is_main:  # what `sparsetrain sim calibrate` and `report` read back beside the metrics
+            import yaml
+
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         loads_path = self.out_dir / "expert_loads.jsonl"
         if self.info.is_main and self.start_step == 0 and loads_path.exists():
             loads_path.unlink()

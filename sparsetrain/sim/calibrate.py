@@ -1,0 +1,165 @@
+"""`sparsetrain sim calibrate RUN_DIRS`: fit a cluster's compute and link constants from measured runs.
+
+Each run dir holds config.yaml and metrics.jsonl, whose records carry per-rank span times (`ranks`).
+Fits, by least squares over (logged step, rank) samples (the first logged interval is warm-up, skipped):
+- compute: forward busy CPU time of attention + experts = FLOPs / achievable_flops + passes x layer_overhead_s
+  (per-rank thread CPU time, so ranks sharing the host's cores do not count each other's work);
+- link: forward all-to-all wall time (dispatch + combine spans) = peer messages x latency + bytes / bandwidth;
+- backward/forward compute ratio from each record's fwd_s / bwd_s less the collective spans;
+- optimizer seconds per local parameter from the optimizer span;
+- step overhead: what the measured step time (from tokens/s) keeps beyond the model, mean over runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from sparsetrain.sim.cluster import Cluster
+from sparsetrain.sim.shape import SimSetup, setup_from_config
+
+
+@dataclass
+class RunData:
+    """One measured run: its setup, world size and logged records (warm-up dropped)."""
+
+    path: Path
+    setup: SimSetup
+    world: int
+    records: list[dict[str, Any]]
+    strategy: str  # the runtime strategy (none/dp/ep/fssdp)
+
+
+def load_run(path: str | Path, skip: int = 1) -> RunData:
+    """Read config.yaml + metrics.jsonl of a run directory."""
+    from sparsetrain.config import config_from_dict
+
+    p = Path(path)
+    if not (p / "config.yaml").exists() or not (p / "metrics.jsonl").exists():
+        raise ValueError(f"{p}: a calibration run needs config.yaml and metrics.jsonl (written by sparsetrain train)")
+    cfg = config_from_dict(yaml.safe_load((p / "config.yaml").read_text()))
+    recs = [json.loads(ln) for ln in (p / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    recs = [r for r in recs[skip:] if isinstance(r.get("ranks"), dict)]
+    if not recs:
+        raise ValueError(f"{p}: no logged records with per-rank timings after the first {skip} (log more often)")
+    return RunData(p, setup_from_config(cfg), len(recs[0]["ranks"]["experts_ms"]), recs, cfg.parallel.strategy)
+
+
+def compute_features(run: RunData, rec: dict[str, Any], rank: int) -> tuple[float, float, float]:
+    """(forward FLOPs, layer passes, measured forward busy seconds) of one rank at one logged step."""
+    s, r = run.setup, rec["ranks"]
+    tokens_rank = s.tokens / run.world
+    slots = r["tokens"][rank] if r["tokens"][rank] > 0 else tokens_rank * s.top_k * s.n_moe  # dp/none: all local
+    flops = s.n_layers * tokens_rank * s.attn_fwd_flops() + slots * s.expert_fwd_flops()
+    busy = (r["attention_cpu_ms"][rank] + r["experts_cpu_ms"][rank]) / 1000
+    return flops, float(s.n_layers + s.n_moe), busy
+
+
+def link_features(run: RunData, rec: dict[str, Any]) -> tuple[float, float, float] | None:
+    """(peer messages, bytes sent per rank, measured seconds) of the forward all-to-alls at one step."""
+    if run.world == 1 or run.strategy not in ("ep", "fssdp") or "a2a_MB" not in rec:
+        return None
+    r = rec["ranks"]
+    secs = sum(r["dispatch_ms"][i] + r["combine_ms"][i] for i in range(run.world)) / run.world / 1000
+    fwd_bytes = rec["a2a_MB"] * 2**20 / run.world / 2  # the record sums ranks, forward + backward
+    msgs = run.setup.n_moe * 3 * (run.world - 1)  # counts, dispatch, combine: one message per peer each
+    return float(msgs), fwd_bytes, secs
+
+
+def _lstsq_nonneg(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Least squares x @ b = y with b >= 0 (a negative coefficient is dropped and the rest refitted)."""
+    cols = list(range(x.shape[1]))
+    while cols:
+        b = torch.linalg.lstsq(x[:, cols], y[:, None]).solution[:, 0]
+        if (b >= 0).all():
+            out = torch.zeros(x.shape[1], dtype=x.dtype)
+            out[cols] = b
+            return out
+        cols.pop(int(b.argmin()))
+    return torch.zeros(x.shape[1], dtype=x.dtype)
+
+
+def fit(runs: list[RunData], base: Cluster) -> tuple[Cluster, dict[str, Any]]:
+    """A cluster whose compute/link/optimizer/overhead constants fit the runs; plus fit diagnostics."""
+    from sparsetrain.sim.predict import predict
+
+    comp = [compute_features(run, rec, k) for run in runs for rec in run.records for k in range(run.world)]
+    x = torch.tensor([[f, n] for f, n, _ in comp], dtype=torch.float64)
+    y = torch.tensor([b for _, _, b in comp], dtype=torch.float64)
+    inv_flops, overhead = _lstsq_nonneg(x, y).tolist()
+    if inv_flops <= 0:
+        raise ValueError("calibration: forward busy time does not grow with FLOPs in these runs; "
+                         "use runs of different sizes or batch")
+    link = [f for run in runs for rec in run.records if (f := link_features(run, rec)) is not None]
+    lat, bw = base.intra_node_latency_s, base.intra_node_Bps
+    if len(link) >= 2:
+        lx = torch.tensor([[m, b] for m, b, _ in link], dtype=torch.float64)
+        ly = torch.tensor([t for _, _, t in link], dtype=torch.float64)
+        a, inv_bw = _lstsq_nonneg(lx, ly).tolist()
+        lat = a
+        bw = 1.0 / inv_bw if inv_bw > 0 else bw
+    ratios = []
+    for run in runs:
+        for rec in run.records:
+            r0 = rec["ranks"]
+            comm = (r0["dispatch_ms"][0] + r0["combine_ms"][0]) / 1000
+            fwd = rec.get("fwd_s", 0.0) - comm - r0.get("spag_wait_ms", [0.0])[0] / 1000
+            if fwd > 0 and rec.get("bwd_s"):
+                ratios.append(max(rec["bwd_s"] - comm, 0.0) / fwd)
+    ratio = float(torch.tensor(ratios).median()) if ratios else base.bwd_fwd_ratio
+    opt = []
+    for run in runs:
+        params = _local_params(run)
+        opt += [(params, rec["ranks"]["optimizer_ms"][k] / 1000) for rec in run.records for k in range(run.world)]
+    ox = torch.tensor([p for p, _ in opt], dtype=torch.float64)
+    oy = torch.tensor([t for _, t in opt], dtype=torch.float64)
+    per_param = float((ox * oy).sum() / (ox * ox).sum()) if opt else 0.0
+    fitted = dataclasses.replace(base, achievable_flops=1.0 / inv_flops, peak_flops=max(base.peak_flops, 1.0 / inv_flops),
+                                 layer_overhead_s=overhead, intra_node_Bps=bw, intra_node_latency_s=lat,
+                                 bwd_fwd_ratio=ratio, optimizer_s_per_param=per_param, step_overhead_s=0.0)
+    residuals = []
+    for run in runs:
+        measured = measured_step_s(run)
+        pred = predict(run.setup, fitted, run.world, run_shares(run)).step_time_s
+        residuals.append(measured - pred)
+    fitted = dataclasses.replace(fitted, step_overhead_s=max(0.0, sum(residuals) / len(residuals)))
+    diag = {"compute_samples": len(comp), "link_samples": len(link), "bwd_fwd_samples": len(ratios),
+            "step_residuals_s": residuals}
+    return fitted, diag
+
+
+def _local_params(run: RunData) -> float:
+    s = run.setup
+    expert_total = s.n_moe * s.num_experts * s.expert_params
+    if run.world == 1 or run.strategy in ("dp", "none"):
+        return float(s.dense_params + expert_total)
+    dense = s.dense_params / run.world if s.dense == "fsdp2" else s.dense_params
+    return dense + expert_total / run.world
+
+
+def measured_step_s(run: RunData) -> float:
+    """Mean step time over the run's logged intervals (from interval tokens/s)."""
+    vals = [run.setup.tokens / r["tokens_per_s"] for r in run.records if r.get("tokens_per_s")]
+    return sum(vals) / len(vals)
+
+
+def run_shares(run: RunData) -> torch.Tensor:
+    """The run's own expert shares [n_moe, E] from its expert_loads.jsonl (uniform if absent)."""
+    from sparsetrain.sim.workload import replay_loads
+
+    s = run.setup
+    if (run.path / "expert_loads.jsonl").exists():
+        return replay_loads(run.path / "expert_loads.jsonl", s.num_experts, s.n_moe, skip_steps=1)
+    return torch.full((s.n_moe, s.num_experts), 1.0 / s.num_experts, dtype=torch.float64)
+
+
+def calibrate(run_dirs: list[str | Path], base: Cluster, name: str) -> tuple[Cluster, dict[str, Any]]:
+    """Load the runs and fit; the result is named `name` and runs on device 'cpu' if the base does."""
+    runs = [load_run(d) for d in run_dirs]
+    fitted, diag = fit(runs, base)
+    return dataclasses.replace(fitted, name=name), diag

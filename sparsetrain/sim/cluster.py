@@ -1,0 +1,79 @@
+"""Cluster descriptions for the simulator: GPUs per node, link bandwidth/latency, FLOP/s (configs/clusters/)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+CLUSTER_DIR = Path(__file__).resolve().parents[2] / "configs" / "clusters"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Numbers per GPU (or per rank on a CPU host); bandwidths are bytes/s each way."""
+
+    name: str
+    gpus_per_node: int
+    intra_node_Bps: float
+    intra_node_latency_s: float
+    inter_node_Bps: float
+    inter_node_latency_s: float
+    peak_flops: float  # for MFU
+    achievable_flops: float  # what GEMM-heavy training compute reaches per rank
+    layer_overhead_s: float = 0.0  # fixed cost per layer pass (kernel launches / interpreter)
+    hbm_bytes: int = 0  # memory per rank (0 = not checked)
+    hbm_Bps: float = 0.0  # memory bandwidth (optimizer step); 0 = ignore the optimizer
+    bwd_fwd_ratio: float = 2.0  # backward compute / forward compute
+    optimizer_s_per_param: float = 0.0  # measured alternative to hbm_Bps (calibrated CPU hosts)
+    step_overhead_s: float = 0.0  # per step, outside layers (calibrated hosts: loss, clipping, bookkeeping)
+    device: str = "cuda"  # cuda | cpu: where spRS overlaps backward under sprs_post=auto (as the runtime)
+
+    def __post_init__(self) -> None:
+        for f in ("intra_node_Bps", "inter_node_Bps", "peak_flops", "achievable_flops"):
+            if not getattr(self, f) > 0:
+                raise ValueError(f"cluster {self.name}: {f} must be > 0, got {getattr(self, f)}")
+        for f in ("intra_node_latency_s", "inter_node_latency_s", "layer_overhead_s", "hbm_Bps",
+                  "optimizer_s_per_param", "step_overhead_s"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"cluster {self.name}: {f} must be >= 0, got {getattr(self, f)}")
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"cluster {self.name}: device must be cuda or cpu, got {self.device!r}")
+        if self.gpus_per_node < 1:
+            raise ValueError(f"cluster {self.name}: gpus_per_node must be >= 1, got {self.gpus_per_node}")
+
+    def link(self, same_node: bool) -> tuple[float, float]:
+        """(bandwidth bytes/s, latency s) of one link tier."""
+        if same_node:
+            return self.intra_node_Bps, self.intra_node_latency_s
+        return self.inter_node_Bps, self.inter_node_latency_s
+
+    def to_yaml(self) -> str:
+        """YAML text loadable by `load_cluster`."""
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+def list_clusters() -> list[str]:
+    """Names of the shipped cluster descriptions."""
+    return sorted(p.stem for p in CLUSTER_DIR.glob("*.yaml"))
+
+
+def load_cluster(name_or_path: str | Path) -> Cluster:
+    """A cluster by name under configs/clusters/ or by YAML path; unknown keys are errors."""
+    p = Path(name_or_path)
+    if not p.exists():
+        p = CLUSTER_DIR / f"{name_or_path}.yaml"
+    if not p.exists():
+        raise ValueError(f"unknown cluster {name_or_path!r}; known: {', '.join(list_clusters())} (or a YAML path)")
+    data = yaml.safe_load(p.read_text()) or {}
+    fields = {f.name for f in dataclasses.fields(Cluster)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(f"{p}: unknown cluster key(s) {unknown}; allowed: {sorted(fields)}")
+    data.setdefault("name", p.stem)
+    try:
+        return Cluster(**{k: (float(v) if isinstance(v, str) and k not in ("name", "device") else v)
+                          for k, v in data.items() if k != "name"}, name=str(data["name"]))
+    except TypeError as e:
+        raise ValueError(f"{p}: {e}") from None

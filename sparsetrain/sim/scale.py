@@ -1,0 +1,73 @@
+"""`sparsetrain sim predict`: every strategy (and FSSDP planner) at several GPU counts; a table and PNG plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sparsetrain.sim.cluster import Cluster
+from sparsetrain.sim.predict import predict
+from sparsetrain.sim.shape import SimSetup
+from sparsetrain.sim.workload import workload_loads
+
+VARIANTS = ("dp", "ep", "fssdp-hecate", "fssdp-lpt_spill", "fssdp-eplb")
+COLUMNS = (("step_time_s", "step ms", 1e3), ("tokens_per_s", "tokens/s", 1.0), ("mfu", "MFU %", 100.0),
+           ("token_imbalance", "imbal", 1.0), ("compute_s", "compute ms", 1e3), ("a2a_s", "a2a ms", 1e3),
+           ("spag_s", "spAG ms", 1e3), ("sprs_s", "spRS ms", 1e3), ("exposed_comm_s", "exposed ms", 1e3),
+           ("latency_s", "latency ms", 1e3), ("mem_per_rank_gib", "mem GiB", 1.0),
+           ("intra_bytes_per_rank", "intra GB", 1e-9), ("inter_bytes_per_rank", "inter GB", 1e-9))
+PLOTS = (("step_time_s", "step time (s)"), ("tokens_per_s", "tokens/s"), ("mfu", "MFU"),
+         ("mem_per_rank_gib", "memory per rank (GiB)"), ("inter_bytes_per_rank", "bytes per rank over inter-node links"),
+         ("intra_bytes_per_rank", "bytes per rank over intra-node links"))
+
+
+def variant_setup(s: SimSetup, variant: str) -> SimSetup:
+    """'dp' | 'ep' | 'fssdp-PLANNER' -> the setup with that strategy and planner."""
+    strategy, _, planner = variant.partition("-")
+    return s.with_(strategy=strategy, planner=planner or s.planner)
+
+
+def scale_rows(s: SimSetup, c: Cluster, gpus: list[int], workload: str, batch_per_gpu: int,
+               variants: tuple[str, ...] = VARIANTS) -> list[dict[str, Any]]:
+    """One prediction row per (GPU count, variant); the global batch grows with the GPUs (weak scaling)."""
+    loads = workload_loads(workload, s.num_experts, s.n_moe)
+    rows = []
+    for world in gpus:
+        for v in variants:
+            p = predict(variant_setup(s, v).with_(batch_size=batch_per_gpu * world), c, world, loads)
+            rows.append({"gpus": world, "variant": v, **p.row()})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Aligned text table of the main columns."""
+    head = ["gpus", "variant"] + [h for _, h, _ in COLUMNS]
+    body = [[str(r["gpus"]), r["variant"]] + [f"{r[k] * f:,.4g}" for k, _, f in COLUMNS] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head, *body])
+
+
+def write_outputs(rows: list[dict[str, Any]], out: Path, title: str) -> list[Path]:
+    """predictions.json + one PNG per metric against GPU count (log2 axis), one line per variant."""
+    from sparsetrain.report.plots import pyplot, save
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "predictions.json").write_text(json.dumps(rows, indent=1))
+    plt = pyplot()
+    paths = []
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    for key, label in PLOTS:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for v in variants:
+            pts = [(r["gpus"], r[key]) for r in rows if r["variant"] == v]
+            ax.plot(*zip(*pts), marker="o", label=v)
+        ax.set_xscale("log", base=2)
+        if key not in ("mfu",):
+            ax.set_yscale("log")
+        ax.set_xlabel("GPUs")
+        ax.set_ylabel(label)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+        paths.append(save(fig, out / f"{key}.png"))
+    return paths

@@ -1,0 +1,137 @@
+"""Simulator: hand-computed cases, the runtime's dispatch rule, monotonicity, workloads, clusters."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from sparsetrain.parallel.placement import LayerPlacement
+from sparsetrain.parallel.routing import choose_replicas
+from sparsetrain.parallel.topology import Topology
+from sparsetrain.sim.cluster import Cluster, list_clusters, load_cluster
+from sparsetrain.sim.predict import predict
+from sparsetrain.sim.shape import SimSetup
+from sparsetrain.sim.traffic import Traffic, dispatch_matrix, ring_time
+from sparsetrain.sim.workload import overlap_budget, replay_loads, resample_shares, workload_loads, zipf_loads
+
+pytestmark = pytest.mark.unit
+
+C = Cluster(name="hand", gpus_per_node=2, intra_node_Bps=1e9, intra_node_latency_s=1e-4, inter_node_Bps=1e8,
+            inter_node_latency_s=1e-3, peak_flops=2e10, achievable_flops=1e10, layer_overhead_s=0.0)
+S = SimSetup(d_model=64, n_layers=1, n_moe=1, seq_len=32, vocab_size=256, num_experts=2, top_k=1, d_ffn=128,
+             d_ffn_dense=256, batch_size=4, dense_params=0, strategy="ep", dense="fsdp2")
+
+
+def test_ep_two_ranks_by_hand():
+    p = predict(S, C, 2, torch.full((1, 2), 0.5, dtype=torch.float64))
+    slots = 4 * 32 / 2  # tokens per rank, top-1
+    one_way = slots / 2 * 64 * 4  # half of each rank's slots leave it, fp32 rows
+    a2a = 4 * (1e-4 + one_way / 1e9) + 1 * 1e-4  # dispatch+combine, fwd+bwd, then the count exchange (1 peer)
+    assert p.a2a_s == pytest.approx(a2a)
+    assert p.latency_s == pytest.approx(5e-4)
+    attn = slots * (2 * 4 * 64**2 + 4 * 32 * 64) / 1e10
+    other = slots * (2 * 64 * 2 + 2 * 64 * 256) / 1e10  # router + LM head (no dense MLP layer)
+    expert = slots * 2 * 3 * 64 * 128 / 1e10  # every rank computes `slots` slots (balanced)
+    assert p.compute_s == pytest.approx(3 * (attn + other + expert))
+    assert p.token_imbalance == pytest.approx(1.0)
+    assert p.intra_bytes_per_rank == pytest.approx(4 * one_way) and p.inter_bytes_per_rank == 0
+    assert p.step_time_s == pytest.approx(p.compute_s + p.a2a_s + p.exposed_comm_s + p.optimizer_s)
+    assert p.tokens_per_s == pytest.approx(128 / p.step_time_s)
+
+
+def test_traffic_two_nodes_by_hand():
+    topo = Topology(4, 2)
+    flow = torch.zeros(4, 4, dtype=torch.float64)
+    flow[0, 1], flow[0, 2], flow[3, 0] = 1e6, 2e6, 5e5  # bytes
+    t = Traffic.from_matrix(flow, topo)
+    assert t.send_intra.tolist() == [1e6, 0, 0, 0] and t.send_inter.tolist() == [2e6, 0, 0, 5e5]
+    assert t.peers_intra.tolist() == [1, 1, 0, 0] and t.peers_inter.tolist() == [2, 0, 1, 1]
+    # rank 0: intra 1e-4 + 1e6/1e9; inter 2 peers * 1e-3 + max(2e6 sent, 5e5 received) / 1e8
+    assert t.rank_times(C)[0] == pytest.approx(max(1e-4 + 1e-3, 2e-3 + 2e-2))
+    assert t.time(C) == pytest.approx(2e-3 + 2e-2)
+    assert ring_time(8e6, 4, topo, C) == pytest.approx(8e6 * 3 / 4 / 1e8 + 2 * 2 * 1e-3)
+    assert ring_time(8e6, 1, Topology(1, 1), C) == 0.0
+
+
+def test_dispatch_matrix_matches_the_runtime_rule():
+    topo = Topology(4, 2)
+    p = LayerPlacement.from_lists([0, 1, 2, 3, 3], [[0, 2], [1], [2, 3], [3, 0, 1], [3]])
+    shares = torch.tensor([0.4, 0.1, 0.2, 0.2, 0.1], dtype=torch.float64)
+    slots = 1000
+    flow = dispatch_matrix(slots, shares, p, topo)  # [src, dst]
+    for src in range(4):
+        ids = torch.repeat_interleave(torch.arange(5), (shares * slots).round().long())  # slots in expert order
+        got = torch.bincount(choose_replicas(ids, src, p, topo), minlength=4).double()
+        assert torch.allclose(flow[src], got, atol=1.0), (src, flow[src], got)  # even split up to one slot
+    assert flow.sum().item() == pytest.approx(4 * slots)
+
+
+def _cpuish(**kw) -> Cluster:
+    return dataclasses.replace(C, **kw)
+
+
+def test_monotone_in_skew_bandwidth_latency_flops():
+    s = S.with_(num_experts=8, top_k=2, n_moe=2, n_layers=2, batch_size=16, dense_params=10_000)
+    ep = [predict(s, C, 4, zipf_loads(8, k).expand(2, -1)).step_time_s for k in (0.0, 0.5, 1.0, 1.5)]
+    assert ep == sorted(ep) and ep[-1] > 1.3 * ep[0]  # EP slows down as skew grows
+    for strategy in ("ep", "fssdp"):
+        base = predict(s.with_(strategy=strategy), C, 4, zipf_loads(8, 1.2).expand(2, -1))
+        fast = predict(s.with_(strategy=strategy), _cpuish(intra_node_Bps=1e10, inter_node_Bps=1e9), 4,
+                       zipf_loads(8, 1.2).expand(2, -1))
+        slow = predict(s.with_(strategy=strategy), _cpuish(intra_node_latency_s=1e-3), 4,
+                       zipf_loads(8, 1.2).expand(2, -1))
+        quick = predict(s.with_(strategy=strategy), _cpuish(achievable_flops=1e11), 4,
+                        zipf_loads(8, 1.2).expand(2, -1))
+        assert fast.step_time_s <= base.step_time_s <= slow.step_time_s
+        assert quick.compute_s == pytest.approx(base.compute_s / 10)
+
+
+def test_fssdp_balances_skew_with_the_runtime_planners():
+    s = S.with_(num_experts=8, top_k=2, n_moe=2, n_layers=2, batch_size=64, d_model=256, d_ffn=1024, seq_len=64,
+                strategy="fssdp", slots_per_rank=2, overlap_budget=2)
+    fast = _cpuish(intra_node_Bps=1e12, intra_node_latency_s=1e-6, inter_node_Bps=1e11, inter_node_latency_s=1e-6)
+    loads = zipf_loads(8, 1.5).expand(2, -1)
+    ep = predict(s.with_(strategy="ep"), fast, 4, loads)
+    for planner in ("hecate", "lpt_spill", "eplb"):
+        f = predict(s.with_(planner=planner), fast, 4, loads)
+        assert f.token_imbalance < ep.token_imbalance and f.step_time_s < ep.step_time_s, planner
+        assert f.spag_s > 0 and f.overlap_budget == 2
+    none = predict(s.with_(planner="none"), fast, 4, loads)
+    assert none.spag_s == 0 and none.token_imbalance == pytest.approx(ep.token_imbalance)
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"shares must be \[1, 2\]"):
+        predict(S, C, 2, torch.ones(2, 2))
+    with pytest.raises(ValueError, match="do not fill nodes of 2"):
+        predict(S, C, 3, torch.full((1, 2), 0.5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="strategy 'pp' unknown"):
+        S.with_(strategy="pp")
+    with pytest.raises(ValueError, match="unknown cluster 'nope'"):
+        load_cluster("nope")
+    with pytest.raises(ValueError, match="zipf:S"):
+        workload_loads("zipf:x", 4, 1)
+
+
+def test_workloads_zipf_replay_and_resample(tmp_path):
+    z = zipf_loads(8, 1.0)
+    assert z.sum().item() == pytest.approx(1.0) and z[0] / z[1] == pytest.approx(2.0)
+    assert torch.allclose(resample_shares(z, 8), z)
+    r = resample_shares(torch.tensor([3.0, 1.0]), 4)
+    assert torch.allclose(r, torch.tensor([0.375, 0.375, 0.125, 0.125], dtype=torch.float64))
+    rows = [{"step": i, "counts": [[30, 10], [10, 30]]} for i in range(3)]
+    (tmp_path / "expert_loads.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loads = replay_loads(tmp_path, 4, 3)  # 2 recorded experts -> 4, 2 recorded layers cycled to 3
+    assert loads.shape == (3, 4) and torch.allclose(loads[2], loads[0])
+    assert torch.allclose(loads[1], torch.tensor([0.125, 0.125, 0.375, 0.375], dtype=torch.float64))
+    assert overlap_budget(1e-3, 100e9, 10_000_000) == 10
+
+
+def test_shipped_clusters_load():
+    names = list_clusters()
+    assert {"h100-sxm-8x", "a100-8x", "h200-8x", "cpu-2core"} <= set(names)
+    for n in names:
+        c = load_cluster(n)
+        assert c.achievable_flops <= c.peak_flops and c.gpus_per_node >= 1
