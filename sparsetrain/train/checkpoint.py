@@ -1,4 +1,10 @@
-"""Checkpoints with torch.distributed.checkpoint, committed atomically (complete or absent)."""
+"""Checkpoints with torch.distributed.checkpoint: committed atomically, verified before anything is read.
+
+Save: every rank writes into `.tmp-step_N`, the files are hashed into `manifest.json`, then rank 0 renames
+the directory to `step_N` (the rename is the commit: a kill leaves the previous checkpoint as it was).
+Load: the manifest is checked (sizes, SHA-256) before any file is parsed, and DCP's `.metadata` pickle is
+read only through `safe_dcp.VerifiedReader`. Resume takes the newest checkpoint that verifies.
+"""
 from __future__ import annotations
 
 import json
@@ -14,13 +20,14 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
+from sparsetrain.train.manifest import MANIFEST, METADATA, CheckpointError, verify_checkpoint, write_manifest
+from sparsetrain.train.safe_dcp import VerifiedReader
 from sparsetrain.train.state import flat_state, set_optimizer_step
 
+__all__ = ["EXTRA", "CheckpointError", "committed", "fallback_line", "find_resumable", "is_checkpoint_dir",
+           "latest_checkpoint", "load_checkpoint", "read_extra", "save_checkpoint", "step_of", "verify_checkpoint"]
+
 EXTRA = "trainer_state.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, corrupt or does not match the model."""
 
 
 def _is_dist() -> bool:
@@ -40,17 +47,25 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
 
 
+def step_of(path: Path) -> int:
+    """The step number in a `step_N` directory name (-1 when the name carries none)."""
+    try:
+        return int(path.name.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
 def committed(root: str | Path) -> list[Path]:
-    """Committed checkpoints under root, oldest first (only complete ones carry the extra file)."""
+    """Committed checkpoint directories under root (renamed into place), oldest first; not yet verified."""
     r = Path(root)
     if not r.is_dir():
         return []
-    return sorted(p for p in r.glob("step_*") if p.is_dir() and (p / EXTRA).exists() and (p / ".metadata").exists())
+    return sorted((p for p in r.glob("step_*") if p.is_dir()), key=lambda p: (step_of(p), p.name))
 
 
 def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     extra: dict[str, Any], keep: int = 2) -> Path:
-    """Write to a temp dir on every rank, then rank 0 renames it into place after a barrier."""
+    """Write to a temp dir on every rank, hash it into a manifest, then rank 0 renames it into place."""
     root = Path(root)
     final, tmp = step_dir(root, step), root / f".tmp-step_{step:08d}"
     if _rank() == 0:
@@ -63,34 +78,55 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
         dcp.save(state, checkpoint_id=str(tmp), no_dist=not _is_dist())
     if _rank() == 0:
         (tmp / EXTRA).write_text(json.dumps({"step": step, **extra}))
+    _barrier()
+    write_manifest(tmp, step)  # collective: every rank hashes its share of the files
+    if _rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in committed(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        _prune(root, keep, final)
     _barrier()
     return final
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Load weights (and optimizer state) into the live model in place; returns the trainer extra state."""
-    path = Path(path)
-    if not (path / ".metadata").exists() or not (path / EXTRA).exists():
-        raise CheckpointError(f"checkpoint {path} is incomplete or not a sparsetrain checkpoint "
-                              f"(missing .metadata or {EXTRA})")
+def _prune(root: Path, keep: int, newest_good: Path) -> None:
+    """Keep the last `keep` checkpoints, and always the one just written (the newest known-good one),
+    even when checkpoints with higher step numbers (left by an earlier attempt, maybe bad) take the slots."""
+    if keep <= 0:
+        return
+    for old in committed(root)[:-keep]:
+        if old != newest_good:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def read_extra(path: Path) -> dict[str, Any]:
+    """The trainer state JSON of a checkpoint (call after verify_checkpoint)."""
     try:
-        extra = json.loads((path / EXTRA).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        return json.loads((path / EXTRA).read_text())
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path}: unreadable {EXTRA}: {e}") from None
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    manifest: dict[str, Any] | None = None) -> dict:
+    """Verify (unless `manifest` says it already was), then load weights (and optimizer state) in place.
+
+    Returns the trainer extra state. Collective when a process group is up (every rank calls it).
+    """
+    path = Path(path)
+    if manifest is None:
+        manifest = verify_checkpoint(path, required=(EXTRA,))
+    extra = read_extra(path)
+    reader = VerifiedReader(path, manifest["files"][METADATA]["sha256"])
+    reader.read_metadata()  # a refused .metadata raises CheckpointError here, before DCP logs its own fallback
     state = flat_state(model, optimizer)
     if optimizer is None:
         state = {k: v for k, v in state.items() if not k.startswith("optim.")}
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path), no_dist=not _is_dist())
+            dcp.load(state, storage_reader=reader, no_dist=not _is_dist())
     except (Exception, CheckpointException) as e:  # DCP raises many types; CheckpointException is a BaseException
-        raise CheckpointError(f"checkpoint {path} is corrupt or does not match this model: "
-                              f"{_first_cause(e)[:300]}") from e
+        raise CheckpointError(f"checkpoint {path} does not match this model: {_first_cause(e)[:300]}") from e
     if optimizer is not None and "optim.step" in state:
         set_optimizer_step(optimizer, state["optim.step"])
     return extra
@@ -105,6 +141,40 @@ def _first_cause(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def find_resumable(root: str | Path) -> tuple[Path | None, dict[str, Any] | None, list[tuple[Path, str]]]:
+    """Newest checkpoint under root that verifies: (path, manifest, [(refused newer path, reason), ...]).
+
+    Collective when a process group is up. (None, None, refused) when nothing under root verifies.
+    """
+    refused: list[tuple[Path, str]] = []
+    for path in reversed(committed(root)):
+        try:
+            return path, verify_checkpoint(path, required=(EXTRA,)), refused
+        except CheckpointError as e:
+            refused.append((path, str(e)))
+    return None, None, refused
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
-    found = committed(root)
-    return found[-1] if found else None
+    """The newest checkpoint under root that verifies (None if none does). Collective like find_resumable."""
+    return find_resumable(root)[0]
+
+
+def fallback_line(root: str | Path, good: Path | None, refused: list[tuple[Path, str]]) -> str:
+    """One line saying which checkpoints were refused and what resuming from `good` costs.
+
+    Raises CheckpointError when nothing verifies: starting over silently would lose the run.
+    """
+    newest, reason = refused[0]
+    more = f" (and {len(refused) - 1} more refused)" if len(refused) > 1 else ""
+    if good is None:
+        raise CheckpointError(f"no checkpoint under {root} verifies: {reason}{more}; move the bad ones away "
+                              f"or set checkpoint.resume=false to start over")
+    lost = step_of(newest) - step_of(good)
+    return (f"checkpoint refused: {reason}{more}; resuming from {good.name} instead, "
+            f"{lost} step{'s' if lost != 1 else ''} earlier (trained again)")
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """Whether `path` is one checkpoint (as opposed to a directory of them)."""
+    return (path / MANIFEST).exists() or (path / METADATA).exists() or (path / EXTRA).exists()

@@ -71,13 +71,15 @@ class Trainer:
             tqdm.write(msg)
 
     def maybe_resume(self) -> None:
-        """Load the latest committed checkpoint in checkpoint.dir when resume is on."""
+        """Load the newest checkpoint in checkpoint.dir that verifies, when resume is on."""
         if not self.cfg.checkpoint.resume:
             return
-        path = ckpt.latest_checkpoint(self.ckpt_dir)
+        path, manifest, refused = ckpt.find_resumable(self.ckpt_dir)
+        if refused:
+            self._print(ckpt.fallback_line(self.ckpt_dir, path, refused))
         if path is None:
             return
-        extra = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        extra = ckpt.load_checkpoint(path, self.model, self.optimizer, manifest)
         self.strategy.load_extra_state(extra.get("strategy", {}), self.model)
         self.start_step = int(extra["step"]) + 1
         if self.info.is_main:

@@ -1,4 +1,7 @@
-"""Checkpoints: exact resume, atomic commit, corruption errors, per-expert keys, resharding across world sizes."""
+"""Checkpoints: exact resume, atomic commit, corruption errors, per-expert keys, resharding across world sizes.
+
+Integrity (manifest, crafted pickles, fallback, retention): test_checkpoint_integrity.py.
+"""
 from __future__ import annotations
 
 import json
@@ -7,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 
 from sparsetrain.config import config_from_dict, to_dict
 from sparsetrain.model.gpt import build_model
 from sparsetrain.train import checkpoint as ckpt
 from sparsetrain.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from sparsetrain.train.safe_dcp import load_metadata
 from sparsetrain.train.trainer import Trainer
 from tests.dist_utils import run_distributed
 from tests.parity_utils import small_config
@@ -43,7 +46,7 @@ def _run(cfg, stop_after: int | None = None) -> Trainer:
 
 
 def _keys(path: Path) -> set[str]:
-    return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    return set(load_metadata((path / ".metadata").read_bytes(), str(path)).state_dict_metadata)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +124,7 @@ def test_corrupt_checkpoint_raises_with_path(tmp_path, six_steps):
         load_checkpoint(path, build_model(cfg), None)
     assert str(path) in str(ei.value)
     (path / ".metadata").unlink()
-    with pytest.raises(CheckpointError, match="incomplete") as ei:
+    with pytest.raises(CheckpointError, match="file .metadata is missing") as ei:
         load_checkpoint(path, build_model(cfg), None)
     assert str(path) in str(ei.value)
     assert latest_checkpoint(tmp_path) is None

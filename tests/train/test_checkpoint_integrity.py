@@ -1,0 +1,193 @@
+"""Checkpoint integrity: manifest verified before anything is read, no code from `.metadata`, fallback, retention."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sparsetrain.model.gpt import build_model
+from sparsetrain.train import checkpoint as ckpt
+from sparsetrain.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from sparsetrain.train.manifest import MANIFEST, sha256_file
+from sparsetrain.train.safe_dcp import load_metadata
+from tests.test_cli import TINY, _sets, cli
+from tests.train.test_checkpoint import _run, six_steps  # noqa: F401 - the module fixture is shared
+from tests.train.test_trainer import tiny_cfg
+
+pytestmark = [pytest.mark.unit]
+
+RESUME = ["checkpoint.every=3", "checkpoint.resume=true", "moe.num_experts=4"]
+
+
+def _copy(src_run: Path, dst: Path, *steps: int) -> Path:
+    root = dst / "checkpoints"
+    for s in steps:
+        shutil.copytree(src_run / "checkpoints" / f"step_{s:08d}", root / f"step_{s:08d}")
+    return root
+
+
+def _biggest_shard(path: Path) -> Path:
+    return max(path.glob("*.distcp"), key=lambda p: p.stat().st_size)
+
+
+def _flip_byte(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+def _reseal(path: Path, name: str) -> None:
+    """Rewrite the manifest entry of `name` to match the file (what an attacker who controls both can do)."""
+    man = json.loads((path / MANIFEST).read_text())
+    man["files"][name] = {"sha256": sha256_file(path / name), "bytes": (path / name).stat().st_size}
+    (path / MANIFEST).write_text(json.dumps(man))
+
+
+class _RunsCommand:
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_manifest_hashes_every_file(six_steps):  # noqa: F811
+    out, _ = six_steps
+    path = out / "checkpoints" / "step_00000005"
+    man = json.loads((path / MANIFEST).read_text())
+    on_disk = sorted(p.name for p in path.iterdir() if p.name != MANIFEST)
+    assert sorted(man["files"]) == on_disk and ".metadata" in on_disk and ckpt.EXTRA in on_disk
+    for name, entry in man["files"].items():
+        data = (path / name).read_bytes()
+        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    assert man["step"] == 5
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_flipped_byte_refused_and_resume_falls_back(tmp_path, six_steps, capsys):  # noqa: F811
+    out, full = six_steps
+    root = _copy(out, tmp_path, 2, 5)
+    shard = _biggest_shard(root / "step_00000005")
+    _flip_byte(shard)
+    with pytest.raises(CheckpointError, match=f"file {shard.name} fails its SHA-256") as ei:
+        load_checkpoint(root / "step_00000005", build_model(tiny_cfg(tmp_path, *RESUME)), None)
+    assert str(root / "step_00000005") in str(ei.value) and "\n" not in str(ei.value)
+    assert latest_checkpoint(root) == root / "step_00000002"
+    tr = _run(tiny_cfg(tmp_path, *RESUME, steps=6))
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("checkpoint refused")]
+    assert len(lines) == 1, lines
+    assert shard.name in lines[0] and "resuming from step_00000002" in lines[0] and "3 steps earlier" in lines[0]
+    assert tr.start_step == 3
+    assert [r["loss"] for r in tr.history] == full[3:]  # the good checkpoint resumes bit-exact
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete_shard", "delete_metadata", "delete_manifest"])
+def test_damaged_checkpoint_named_and_skipped(tmp_path, six_steps, damage):  # noqa: F811
+    out, _ = six_steps
+    root = _copy(out, tmp_path, 2, 5)
+    path = root / "step_00000005"
+    shard = _biggest_shard(path)
+    if damage == "truncate":
+        with open(shard, "r+b") as f:
+            f.truncate(shard.stat().st_size // 3)
+        want = f"file {shard.name} has {shard.stat().st_size} bytes"
+    elif damage == "delete_shard":
+        shard.unlink()
+        want = f"file {shard.name} is missing"
+    elif damage == "delete_metadata":
+        (path / ".metadata").unlink()
+        want = "file .metadata is missing"
+    else:
+        (path / MANIFEST).unlink()
+        want = f"has no {MANIFEST}"
+    with pytest.raises(CheckpointError, match=want):
+        load_checkpoint(path, build_model(tiny_cfg(tmp_path, *RESUME)), None)
+    good, _, refused = ckpt.find_resumable(root)
+    assert good == root / "step_00000002"
+    assert [p for p, _ in refused] == [path] and want in refused[0][1]
+
+
+def test_nothing_verifies_is_an_error_not_a_fresh_start(tmp_path, six_steps):  # noqa: F811
+    out, _ = six_steps
+    root = _copy(out, tmp_path, 5)
+    (root / "step_00000005" / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match="no checkpoint under .* verifies.*checkpoint.resume=false"):
+        _run(tiny_cfg(tmp_path, *RESUME, steps=6))  # refused before a single step is trained
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("resealed", [False, True])
+def test_crafted_metadata_pickle_never_runs(tmp_path, six_steps, resealed):  # noqa: F811
+    out, _ = six_steps
+    path = _copy(out, tmp_path, 5) / "step_00000005"
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_RunsCommand(f"touch {marker}"))
+    size = (path / ".metadata").stat().st_size  # padded to the original size: only the SHA-256 can tell
+    (path / ".metadata").write_bytes(payload + b"\0" * (size - len(payload)))
+    if resealed:  # the manifest vouches for the crafted file: the restricted unpickler still refuses it
+        _reseal(path, ".metadata")
+        want = "posix.system is not allowed in checkpoint metadata"
+    else:
+        want = "file .metadata fails its SHA-256"
+    with pytest.raises(CheckpointError, match=want):
+        load_checkpoint(path, build_model(tiny_cfg(tmp_path, *RESUME)), None)
+    assert not marker.exists()
+    if not resealed:
+        return
+    # the same checkpoint through the command line: a one-line error, nothing run
+    r = cli("eval", "--config", "tiny", *_sets(TINY), "--checkpoint", str(path))
+    assert r.returncode == 1 and not marker.exists()
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and str(path) in lines[0] and ".metadata" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_metadata_unpickler_reads_real_metadata(six_steps):  # noqa: F811
+    out, _ = six_steps
+    md = load_metadata((out / "checkpoints" / "step_00000005" / ".metadata").read_bytes(), "test")
+    assert "model.layers.0.ffn.experts.3.w1" in md.state_dict_metadata
+    with pytest.raises(CheckpointError, match="builtins.eval is not allowed"):
+        load_metadata(pickle.dumps(_Eval()), "test")
+
+
+class _Eval:
+    def __reduce__(self):
+        return (eval, ("1",))
+
+
+def test_retention_keeps_last_good_when_newer_are_bad(tmp_path, six_steps):  # noqa: F811
+    out, _ = six_steps
+    root = tmp_path / "checkpoints"
+    bad = root / "step_00000099"
+    shutil.copytree(out / "checkpoints" / "step_00000005", bad)
+    _flip_byte(_biggest_shard(bad))  # a newer, bad checkpoint left by an earlier attempt
+    tr = _run(tiny_cfg(tmp_path, "checkpoint.every=1", "checkpoint.keep=1", "checkpoint.resume=false",
+                       "moe.num_experts=4", steps=3))
+    assert [p.name for p in ckpt.committed(tr.ckpt_dir)] == ["step_00000002", "step_00000099"]
+    assert latest_checkpoint(root) == root / "step_00000002"
+
+
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path, six_steps, monkeypatch):  # noqa: F811
+    out, _ = six_steps
+    root = _copy(out, tmp_path, 2)
+    cfg = tiny_cfg(tmp_path, *RESUME, steps=6)
+    from sparsetrain.train.trainer import Trainer
+
+    tr = Trainer(cfg)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # dies after the shards are written, before the manifest and rename
+
+    monkeypatch.setattr(ckpt, "write_manifest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tr.save(5)
+    assert (root / ".tmp-step_00000005").is_dir() and not (root / "step_00000005").exists()
+    assert latest_checkpoint(root) == root / "step_00000002"
+    load_checkpoint(root / "step_00000002", build_model(cfg), None)
