@@ -26,8 +26,9 @@ def _fail(msg: str, code: int = 2) -> None:
 def _known_errors() -> tuple[type[BaseException], ...]:
     from sparsetrain.data.errors import DataError
     from sparsetrain.train.checkpoint import CheckpointError
+    from sparsetrain.train.run_lock import RunLockError
 
-    errs: list[type[BaseException]] = [ConfigError, DataError, CheckpointError]
+    errs: list[type[BaseException]] = [ConfigError, DataError, CheckpointError, RunLockError]
     try:
         from sparsetrain.train.trainer import NonFiniteLossError
 
@@ -55,19 +56,22 @@ def _load(config: str, overrides: list[str] | None) -> Config:
 def train(config: str = ConfigOpt, overrides: list[str] | None = SetOpt) -> None:
     """Train: in-process for 1 worker, else N workers via the launcher (Ray by default)."""
     cfg = _load(config, overrides)
+    from sparsetrain.train.run_lock import run_lock
+
     try:
         if not cfg.launch.address:  # local data: every shard and the tokenizer checked before any process starts
             from sparsetrain.data.check import check_data
 
             check_data(cfg)
-        if cfg.launch.workers == 1 and not cfg.launch.address and cfg.launch.backend != "torchrun":
-            from sparsetrain.train.entry import run_inline
+        with run_lock(cfg.train.out_dir, cfg.checkpoint.dir, log=lambda m: typer.echo(m, err=True)):
+            if cfg.launch.workers == 1 and not cfg.launch.address and cfg.launch.backend != "torchrun":
+                from sparsetrain.train.entry import run_inline
 
-            run_inline(to_dict(cfg))
-        else:
-            from sparsetrain.launcher import run_job
+                run_inline(to_dict(cfg))
+            else:
+                from sparsetrain.launcher import run_job
 
-            run_job(cfg)
+                run_job(cfg)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except _known_errors() as e:
@@ -89,10 +93,15 @@ def _single_process_model(cfg: Config, checkpoint: str | None):
 
     model = build_model(cfg)
     root = Path(checkpoint or cfg.checkpoint.dir or f"{cfg.train.out_dir}/checkpoints")
-    path = root if (root / ".metadata").exists() else ckpt.latest_checkpoint(root)
-    if path is None:
-        _fail(f"no committed checkpoint under {root}")
-    ckpt.load_checkpoint(path, model, None)
+    if ckpt.is_checkpoint_dir(root):  # one checkpoint named: verified, refused if bad
+        path, manifest = root, None
+    else:  # a directory of checkpoints: the newest that verifies
+        path, manifest, refused = ckpt.find_resumable(root)
+        if refused:
+            typer.echo(ckpt.fallback_line(root, path, refused), err=True)
+        if path is None:
+            _fail(f"no committed checkpoint under {root}")
+    ckpt.load_checkpoint(path, model, None, manifest)
     model.eval()
     return model, path
 

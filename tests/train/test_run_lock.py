@@ -1,0 +1,102 @@
+"""One run per out_dir: a held lock names its holder, a stale one is taken over, two CLI runs collide fast."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sparsetrain.train.run_lock import LOCK_NAME, RunLockError, _identity, _proc_start, run_lock
+from tests.test_cli import ROOT, TINY, _sets, cli
+
+pytestmark = [pytest.mark.unit]
+
+
+def _holder(pid: int, **kw) -> dict:
+    return {**_identity(), "pid": pid, "proc_start": _proc_start(pid), "started": "2026-12-01 10:00:00 UTC", **kw}
+
+
+def test_live_holder_refused_with_host_pid_start(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / LOCK_NAME).write_text(json.dumps(_holder(sleeper.pid)))
+        with pytest.raises(RunLockError) as ei, run_lock(tmp_path):
+            pass
+        msg = str(ei.value)
+        assert f"pid {sleeper.pid} on {socket.gethostname()}, started 2026-12-01 10:00:00 UTC" in msg
+        assert str(tmp_path) in msg and "\n" not in msg
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == sleeper.pid  # left alone
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.mark.parametrize("case", ["dead", "pid_reused", "rebooted"])
+def test_stale_lock_taken_over_with_a_line(tmp_path, case):
+    if case == "dead":
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        holder, why = _holder(gone.pid), "no longer running"
+    elif case == "pid_reused":  # our own (live) pid, but recorded with another start time
+        holder, why = _holder(os.getpid(), proc_start="1"), "belongs to another process"
+    else:
+        holder, why = _holder(os.getpid(), boot_id="another-boot"), "rebooted"
+    (tmp_path / LOCK_NAME).write_text(json.dumps(holder))
+    lines: list[str] = []
+    with run_lock(tmp_path, log=lines.append):
+        mine = json.loads((tmp_path / LOCK_NAME).read_text())
+        assert mine["pid"] == os.getpid() and mine["token"] != holder["token"]
+    assert len(lines) == 1 and "taking over the stale lock" in lines[0] and why in lines[0]
+    assert f"pid {holder['pid']}" in lines[0]
+    assert not (tmp_path / LOCK_NAME).exists()  # released on exit
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temp files left behind
+
+
+def test_other_host_never_taken_over(tmp_path):
+    (tmp_path / LOCK_NAME).write_text(json.dumps(_holder(999999, host="elsewhere")))
+    with pytest.raises(RunLockError, match="pid 999999 on elsewhere"), run_lock(tmp_path):
+        pass
+
+
+def test_nested_and_released_on_error(tmp_path):
+    ck = tmp_path / "ck"
+    with pytest.raises(ValueError), run_lock(tmp_path / "out", ck):
+        assert (tmp_path / "out" / LOCK_NAME).exists() and (ck / LOCK_NAME).exists()
+        with pytest.raises(RunLockError, match=f"pid {os.getpid()}"), run_lock(ck):
+            pass
+        raise ValueError
+    assert not (tmp_path / "out" / LOCK_NAME).exists() and not (ck / LOCK_NAME).exists()
+    with run_lock(tmp_path / "out", tmp_path / "out" / "checkpoints"):  # inside out_dir: one lock
+        assert not (tmp_path / "out" / "checkpoints" / LOCK_NAME).exists()
+
+
+def test_two_cli_runs_on_one_out_dir(tmp_path):
+    out = tmp_path / "run"
+    sets = _sets(TINY) + ["--set", f"train.out_dir={out}"]
+    env = {**os.environ, "SPARSETRAIN_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "sparsetrain.cli", "train", "-c", "tiny", *sets,
+                              "--set", "train.steps=100000", "--set", "checkpoint.save_final=false"],
+                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / LOCK_NAME).exists():
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline, "the first run never took the lock"
+            time.sleep(0.2)
+        r = cli("train", "-c", "tiny", *sets, "--set", "train.steps=1")
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 1 and len(lines) == 1, r.stderr
+        assert f"pid {first.pid} on {socket.gethostname()}" in lines[0] and "in use" in lines[0]
+        assert not (out / "metrics.jsonl").exists() or first.poll() is None
+    finally:
+        first.send_signal(signal.SIGKILL)  # dies holding the lock
+        first.wait()
+    r = cli("train", "-c", "tiny", *sets, "--set", "train.steps=1", "--set", "checkpoint.resume=false")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"taking over the stale lock {out / LOCK_NAME} of pid {first.pid}" in r.stderr
+    assert not (out / LOCK_NAME).exists()
