@@ -144,12 +144,19 @@ def generate(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
 
 
 @app.command()
-def plan(config: str = ConfigOpt, overrides: list[str] | None = SetOpt) -> None:
-    """Print per-rank memory and the initial FSSDP placement for launch.workers ranks, without training."""
+def plan(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
+         cluster: str = typer.Option("", help="cluster for the predicted step time (default: h100-sxm-8x for GPU "
+                                     "configs, cpu-2core otherwise)")) -> None:
+    """Print per-rank memory, the initial FSSDP placement and the predicted step time, without training."""
     cfg = _load(config, overrides)
     from sparsetrain.parallel.plan_report import plan_report
+    from sparsetrain.sim.scale import plan_prediction
 
     typer.echo(plan_report(cfg))
+    try:
+        typer.echo(plan_prediction(cfg, cluster))
+    except ValueError as e:
+        _fail(str(e))
 
 
 @app.command()

@@ -71,3 +71,18 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, title: str) -> list[Pat
         ax.legend(fontsize=7)
         paths.append(save(fig, out / f"{key}.png"))
     return paths
+
+
+def plan_prediction(cfg: Any, cluster: str = "") -> str:
+    """One line for `sparsetrain plan`: the simulator's step time for the config on launch.workers ranks."""
+    from sparsetrain.sim.cluster import load_cluster
+    from sparsetrain.sim.shape import setup_from_config
+
+    gpu = cfg.launch.gpus_per_worker > 0 or cfg.train.device == "cuda"
+    c = load_cluster(cluster or ("h100-sxm-8x" if gpu else "cpu-2core"))
+    s = setup_from_config(cfg)
+    p = predict(s, c, cfg.launch.workers, workload_loads(f"zipf:{cfg.moe.router_skew}", s.num_experts, s.n_moe))
+    return (f"predicted step on {c.name} ({cfg.launch.workers} ranks, zipf:{cfg.moe.router_skew}): "
+            f"{1e3 * p.step_time_s:.1f} ms (compute {1e3 * p.compute_s:.1f}, all-to-all {1e3 * p.a2a_s:.1f}, "
+            f"exposed spAG/spRS/dense {1e3 * p.exposed_comm_s:.1f}), {p.tokens_per_s:,.0f} tokens/s, "
+            f"MFU {100 * p.mfu:.1f}%, {p.mem_per_rank_gib:.2f} GiB on the fullest rank (sparsetrain sim predict)")

@@ -135,3 +135,17 @@ def test_shipped_clusters_load():
     for n in names:
         c = load_cluster(n)
         assert c.achievable_flops <= c.peak_flops and c.gpus_per_node >= 1
+
+
+def test_plan_line_names_cluster_and_terms():
+    from sparsetrain.config import load_config
+    from sparsetrain.sim.scale import plan_prediction, scale_rows
+
+    line = plan_prediction(load_config("tiny", ["launch.workers=2"]))
+    assert line.startswith("predicted step on cpu-2core (2 ranks, zipf:0.0):") and "all-to-all" in line
+    s = SimSetup(d_model=64, n_layers=2, n_moe=2, seq_len=32, vocab_size=256, num_experts=8, top_k=2, d_ffn=128,
+                 d_ffn_dense=256, batch_size=8, dense_params=50_000)
+    rows = scale_rows(s, C, [2, 4], "zipf:1.0", 2, ("ep", "fssdp-lpt_spill"))
+    assert [(r["gpus"], r["variant"]) for r in rows] == [(2, "ep"), (2, "fssdp-lpt_spill"), (4, "ep"),
+                                                         (4, "fssdp-lpt_spill")]
+    assert rows[2]["tokens_per_s"] > 0 and rows[2]["inter_bytes_per_rank"] > 0  # 4 GPUs span 2 nodes of 2
