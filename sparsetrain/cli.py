@@ -87,7 +87,7 @@ def show_config(config: str = ConfigOpt, overrides: list[str] | None = SetOpt) -
 
 
 def _single_process_model(cfg: Config, checkpoint: str | None):
-    """A strategy-free model with weights from a checkpoint (any world size / strategy)."""
+    """A strategy-free model with weights from a checkpoint (any world size / strategy), and its extra state."""
     from sparsetrain.model.gpt import build_model
     from sparsetrain.train import checkpoint as ckpt
 
@@ -101,9 +101,9 @@ def _single_process_model(cfg: Config, checkpoint: str | None):
             typer.echo(ckpt.fallback_line(root, path, refused), err=True)
         if path is None:
             _fail(f"no committed checkpoint under {root}")
-    ckpt.load_checkpoint(path, model, None, manifest)
+    extra = ckpt.load_checkpoint(path, model, None, manifest)
     model.eval()
-    return model, path
+    return model, path, extra
 
 
 @app.command("eval")
@@ -116,7 +116,7 @@ def evaluate(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
 
         from sparsetrain.data import TokenBatches
 
-        model, path = _single_process_model(cfg, checkpoint)
+        model, path, _ = _single_process_model(cfg, checkpoint)
         data = TokenBatches(cfg)
         with torch.no_grad():
             losses = [float(model(*data.val_batch(i)).loss) for i in range(cfg.data.eval_batches)]
@@ -128,17 +128,46 @@ def evaluate(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
 @app.command()
 def generate(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
              checkpoint: str | None = typer.Option(None, help="checkpoint dir (default: latest in out_dir)"),
-             prompt: str = typer.Option("def ", help="text prompt (bytes)"),
-             tokens: int = typer.Option(200, help="new tokens to sample"),
-             temperature: float = typer.Option(0.8), top_k: int = typer.Option(40),
-             seed: int = typer.Option(0)) -> None:
-    """Sample text from a checkpoint (byte-level vocab)."""
+             prompt: str = typer.Option("def ", help="text prompt"),
+             prompt_file: str | None = typer.Option(None, help="read the prompt from this file (UTF-8)"),
+             tokens: int = typer.Option(200, help="new tokens to sample (at most)"),
+             temperature: float = typer.Option(0.8, help="0 = greedy"), top_k: int = typer.Option(40, help="0 = off"),
+             top_p: float = typer.Option(1.0, help="nucleus sampling mass (1 = off)"),
+             seed: int = typer.Option(0), cache: bool = typer.Option(True, help="KV cache (--no-cache: full "
+                                                                         "forward per token, for comparison)"),
+             stop_at_eot: bool = typer.Option(True, help="stop at the tokenizer's end-of-text token")) -> None:
+    """Sample text from a checkpoint, decoded with the tokenizer the run trained with."""
     cfg = _load(config, (overrides or []) + SINGLE)
+    if not 0 < top_p <= 1:
+        _fail(f"--top-p must be in (0, 1], got {top_p}")
+    if tokens < 0 or top_k < 0:
+        _fail(f"--tokens and --top-k must be >= 0, got {tokens} and {top_k}")
     try:
-        from sparsetrain.model.sample import sample
+        import time
 
-        model, _ = _single_process_model(cfg, checkpoint)
-        typer.echo(sample(model, prompt, tokens, temperature, top_k, seed))
+        from sparsetrain.data.tokenizer import tokenizer_from_record
+        from sparsetrain.model.sample import generate as sample_ids
+
+        text = prompt
+        if prompt_file is not None:
+            try:
+                text = Path(prompt_file).read_text(encoding="utf-8")
+            except OSError as e:
+                _fail(f"--prompt-file {prompt_file}: {e.strerror}")
+        model, _, extra = _single_process_model(cfg, checkpoint)
+        tok = tokenizer_from_record(extra.get("tokenizer") or {}, cfg.data.tokenizer)
+        if tok.vocab_size > cfg.model.vocab_size:
+            _fail(f"the checkpoint's tokenizer {tok.name!r} has {tok.vocab_size} tokens but model.vocab_size="
+                  f"{cfg.model.vocab_size}", 1)
+        ids = tok.encode_batch([text])[0] or tok.encode_batch(["\n"])[0]
+        t0 = time.perf_counter()
+        gen = sample_ids(model, ids, tokens, temperature, top_k, top_p, seed, use_cache=cache,
+                         vocab_limit=tok.vocab_size, stop_id=tok.eot_id if stop_at_eot else None)
+        secs = time.perf_counter() - t0
+        typer.echo(tok.decode(ids + gen.ids))
+        typer.echo(f"[{len(gen.ids)} tokens in {secs:.2f}s, {len(gen.ids) / max(secs, 1e-9):.1f} tokens/s, "
+                   f"{gen.positions} positions run, {'KV cache' if cache else 'no cache'}, tokenizer {tok.name}]",
+                   err=True)
     except _known_errors() as e:
         _fail(str(e), 1)
 

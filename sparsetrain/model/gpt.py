@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsetrain.config import Config
+from sparsetrain.model.kv_cache import KVCache, LayerKV
 from sparsetrain.model.layers import MLP, Attention, RMSNorm, rope_tables
 from sparsetrain.model.moe import MoELayer
 from sparsetrain.telemetry.timers import span
@@ -44,9 +45,9 @@ class Block(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.ffn, MoELayer)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV | None = None) -> torch.Tensor:
         with span("attention"):
-            x = x + self.attn(self.attn_norm(x), cos, sin)
+            x = x + self.attn(self.attn_norm(x), cos, sin, kv)
         if self.is_moe:
             return x + self.ffn(self.ffn_norm(x))
         with span("dense_ffn"):
@@ -91,11 +92,25 @@ class GPT(nn.Module):
             if isinstance(mod, RMSNorm):
                 nn.init.ones_(mod.weight)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
-        """idx [B, S] token ids -> logits [B, S, V] and the losses when targets are given."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> ModelOutput:
+        """idx [B, S] token ids -> logits [B, S, V] and the losses when targets are given.
+
+        With a KVCache, idx holds positions cache.pos .. cache.pos + S - 1 (decoding: S = 1); earlier
+        positions come from the cache, and the cache advances by S.
+        """
         x = self.tok_emb(idx)  # [B, S, d]
-        for block in self.layers:
-            x = block(x, self.rope_cos, self.rope_sin)
+        if cache is None:
+            for block in self.layers:
+                x = block(x, self.rope_cos, self.rope_sin)
+        else:
+            start, end = cache.pos, cache.pos + idx.shape[1]
+            if end > self.rope_cos.shape[0]:
+                raise ValueError(f"positions up to {end} exceed model.seq_len={self.rope_cos.shape[0]}")
+            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+            for i, block in enumerate(self.layers):
+                x = block(x, cos, sin, cache.layer(i))
+            cache.advance(idx.shape[1])
         logits = self.lm_head(self.norm(x))  # [B, S, V]
         out = ModelOutput(logits=logits)
         moes = self.moe_layers()
@@ -108,6 +123,11 @@ class GPT(nn.Module):
         if targets is not None:
             out.loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
         return out
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+        """An empty KVCache for this model (max_len defaults to model.seq_len)."""
+        m, p = self.cfg.model, self.tok_emb.weight
+        return KVCache(m.n_layers, batch, m.n_heads, m.d_model // m.n_heads, max_len or m.seq_len, p.device, p.dtype)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

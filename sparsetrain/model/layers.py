@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsetrain.model.kv_cache import LayerKV
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
@@ -43,13 +45,25 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d_model, d_model, bias=False)
         self.wo = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV | None = None) -> torch.Tensor:
+        """x [B, S, d] at positions given by cos/sin (offset by kv.pos when decoding with a cache)."""
         b, s, d = x.shape
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # [B, S, d] -> [B, H, S, hd]
         q, k, v = heads(self.wq(x)), heads(self.wk(x)), heads(self.wv(x))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, S, hd]
+        if kv is None or kv.pos == 0:
+            if kv is not None:
+                kv.update(k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, S, hd]
+        else:
+            past = kv.pos
+            k, v = kv.update(k, v)  # [B, H, past + S, hd]
+            mask = None  # one new position attends to every cached one
+            if s > 1:  # query i sits at position past + i: keys 0 .. past + i
+                key_pos = torch.arange(k.shape[2], device=x.device)  # [past + S]
+                mask = key_pos[None, :] <= past + torch.arange(s, device=x.device)[:, None]  # [S, past + S]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, S, hd]
         return self.wo(y.transpose(1, 2).reshape(b, s, d))  # [B, H, S, hd] -> [B, S, d]
 
 

@@ -88,3 +88,35 @@ def test_token_over_vocab_in_unrecorded_corpus_refused_before_spawn(tmp_path, mo
     arr.tofile(d / "val.bin")
     r = _train_cli(monkeypatch, f"data.corpus={d}", "launch.workers=2")
     assert r.exit_code == 1 and "token id 999 >= model.vocab_size=256" in r.output
+
+
+def test_checkpoint_records_tokenizer_and_generate_decodes_with_it(bpe_corpus, bpe_json, tmp_path):
+    """Train on a BPE corpus, remove the tokenizer file: generate still decodes with the run's tokenizer."""
+    import json
+    import shutil
+
+    from tests.test_cli import TINY, _sets, cli
+
+    tok_copy = tmp_path / "tok.json"
+    shutil.copy(bpe_json, tok_copy)
+    out = tmp_path / "run"
+    sets = _sets([*TINY, "train.steps=2", f"train.out_dir={out}", f"data.corpus={bpe_corpus}",
+                  f"data.tokenizer={tok_copy}", "model.vocab_size=384"])
+    r = cli("train", "-c", "tiny", *sets, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (ck,) = sorted((out / "checkpoints").glob("step_*"))
+    rec = json.loads((ck / "trainer_state.json").read_text())["tokenizer"]
+    assert rec["kind"] == "hf_file" and rec["vocab_size"] == 320 and rec["json"] == bpe_json.read_text()
+    tok_copy.unlink()  # generate must not need the file any more
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("def main(")
+    outs = []
+    for flag in ("--cache", "--no-cache"):
+        r = cli("generate", "-c", "tiny", *sets, "--prompt-file", str(prompt), "--tokens", "8",
+                "--temperature", "0", flag, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.startswith("def main(") and "tokenizer " in r.stderr
+        outs.append(r.stdout)
+    assert outs[0] == outs[1]
+    r = cli("generate", "-c", "tiny", *sets, "--set", "model.vocab_size=256", timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
