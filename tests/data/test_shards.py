@@ -164,3 +164,12 @@ def test_short_shards_only_refused(tmp_path):
     write_dir(tmp_path, {"train": [np.arange(10), np.arange(12)], "val": [np.arange(100)]}, 1000)
     with pytest.raises(DataError, match="train split .* has 22 tokens"):
         TokenBatches(_cfg(tmp_path, 1000))
+
+
+@pytest.mark.parametrize("key,value", [("data.sampling", "shuffle"), ("data.val_split", "random"),
+                                       ("data.source_format", "csv")])
+def test_data_choices_checked_at_load(key, value):
+    from sparsetrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{key}='{value}'; allowed"):
+        load_config("tiny", [f"{key}={value}"])
