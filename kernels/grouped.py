@@ -11,7 +11,8 @@ _logged: set[str] = set()
 
 def grouped_linear_reference(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """y[rows of expert e] = x[rows of e] @ weight[e].T; x [N, in] sorted by expert, weight [E, out, in]."""
-    outs = [xe @ weight[e].t() for e, xe in enumerate(torch.split(x, counts, dim=0))]
+    # experts without rows are skipped: in decoding (one token) most of them are empty
+    outs = [xe @ weight[e].t() for e, xe in enumerate(torch.split(x, counts, dim=0)) if counts[e]]
     return torch.cat(outs, dim=0) if outs else x.new_zeros(0, weight.shape[1])  # [N, out]
 
 
