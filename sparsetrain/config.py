@@ -139,6 +139,7 @@ class TrainConfig:
     progress: bool = True
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | mlflow | wandb
     gpu_telemetry_s: float = 2.0  # NVML sampling interval per worker (0 = off; nothing happens without a GPU)
+    peak_tflops: float = 0.0  # peak TFLOP/s of one rank for MFU; 0 = GPU device table (CPU: no MFU)
 
 
 @dataclass
@@ -333,6 +334,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _one_of("train.device", t.device, ("auto", "cpu", "cuda"))
     _check_trackers(t.trackers)
     _check(t.gpu_telemetry_s >= 0, f"train.gpu_telemetry_s must be >= 0, got {t.gpu_telemetry_s}")
+    _check(t.peak_tflops >= 0, f"train.peak_tflops must be >= 0 (0 = from the device table), got {t.peak_tflops}")
     _check(cfg.data.batch_size >= 1, f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
     _check(0 < cfg.data.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     _one_of("data.sampling", cfg.data.sampling, ("random", "sequential"))

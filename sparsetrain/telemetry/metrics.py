@@ -81,6 +81,13 @@ def format_log(rec: dict[str, Any]) -> str:
     if "val_loss" in rec:
         parts.append(f"val {rec['val_loss']:.4f}")
     parts += [f"lr {rec['lr']:.2e}", f"tok/s {rec['tokens_per_s']:,.0f}"]
+    if "step_ms" in rec:
+        parts.append(f"step {rec['step_ms']:,.0f}ms")
+    if "tflops_per_rank" in rec:
+        tf = rec["tflops_per_rank"]
+        parts.append(f"TFLOP/s/rank {tf:.3g}" + (f" MFU {100 * rec['mfu']:.1f}%" if "mfu" in rec else ""))
+    if rec.get("peak_memory_mib"):
+        parts.append(f"mem max {max(rec['peak_memory_mib']):,.0f}MiB")
     if "expert_load_max_mean" in rec:
         parts.append(f"load max/mean {rec['expert_load_max_mean']:.2f}")
     if "spag_MB" in rec:

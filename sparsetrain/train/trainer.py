@@ -17,8 +17,10 @@ from sparsetrain.model.gpt import GPT, build_model
 from sparsetrain.parallel import build_strategy
 from sparsetrain.parallel.mesh import DistInfo, all_reduce_mean
 from sparsetrain.telemetry.comm import COMM
+from sparsetrain.telemetry.flops import model_size, peak_tflops, train_flops_per_token
 from sparsetrain.telemetry.gpu import gpu_metrics
 from sparsetrain.telemetry.intervals import IntervalMeans
+from sparsetrain.telemetry.memory import PeakMemory, gather_peak_mib, return_freed_memory, warm_imports
 from sparsetrain.telemetry.metrics import MetricsWriter, format_log, placement_table, summary_table, truncate_after
 from sparsetrain.telemetry.timers import TIMERS, span
 from sparsetrain.train import checkpoint as ckpt
@@ -35,6 +37,10 @@ class Trainer:
     def __init__(self, cfg: Config, info: DistInfo | None = None) -> None:
         self.cfg, self.info = cfg, info or DistInfo()
         self.device = self.info.device
+        warm_imports()
+        if self.device.type == "cpu":
+            return_freed_memory()  # RSS then follows live tensors (see telemetry/memory.py)
+        self.memory = PeakMemory(self.device)  # baseline: after imports, before the run allocates
         self.strategy = build_strategy(cfg, self.info)
         model = build_model(cfg, self.device)
         self.sparsifier = None
@@ -54,6 +60,7 @@ class Trainer:
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.out_dir / "checkpoints")
         self.start_step = 0
         self.history: list[dict[str, Any]] = []
+        self.train_s = 0.0  # wall seconds spent in training steps (no eval / checkpoint)
 
     # ----------------------------------------------------------------- helpers
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -194,18 +201,19 @@ class Trainer:
         if self.info.is_main and self.start_step == 0 and loads_path.exists():
             loads_path.unlink()
         TIMERS.enabled, TIMERS.sync_cuda = True, self.device.type == "cuda"
-        tokens_per_step = cfg.data.batch_size * cfg.model.seq_len
         bar = tqdm(total=cfg.train.steps, initial=self.start_step, disable=not self._progress(),
                    dynamic_ncols=True, leave=False)
         t_start, val_loss = time.perf_counter(), None
-        interval_t, interval_steps = time.perf_counter(), 0
+        interval_s, interval_steps = 0.0, 0  # training-step wall time (no eval / checkpoint) since the last log
         self.model.train()
         for step in range(self.start_step, cfg.train.steps):
             COMM.reset()
+            t0 = time.perf_counter()
             rec = self.train_step(step)
+            dt = time.perf_counter() - t0  # ends after the loss / grad norm reached the host: device work done
             intervals.add(rec)
             comm = COMM.snapshot()  # this step's bytes, before any eval traffic
-            interval_steps += 1
+            interval_s, interval_steps, self.train_s = interval_s + dt, interval_steps + 1, self.train_s + dt
             counts = rec.pop("_counts", None)
             if counts is not None and self.info.is_main:
                 with loads_path.open("a") as f:
@@ -216,9 +224,9 @@ class Trainer:
                 val_loss = self.evaluate()
                 rec["val_loss"] = val_loss
             if (step + 1) % cfg.train.log_every == 0 or last or "val_loss" in rec:
-                now = time.perf_counter()
-                rec["tokens_per_s"] = tokens_per_step * interval_steps / max(now - interval_t, 1e-9)
-                interval_t, interval_steps = now, 0
+                rec.update(self._throughput(interval_s, interval_steps))
+                rec["peak_memory_mib"] = gather_peak_mib(self.memory)
+                interval_s, interval_steps = 0.0, 0
                 rec.update(self.strategy.step_metrics(self._sum_over_ranks(comm)))
                 rec.update(self._timer_metrics())
                 rec.update(gpu_metrics())
@@ -244,6 +252,17 @@ class Trainer:
             self.history = self._logged_records()[-1:]
             val_loss = self.evaluate()
         return self._summary(elapsed, val_loss)
+
+    def _throughput(self, seconds: float, steps: int) -> dict[str, float]:
+        """Step time, global tokens/s, model TFLOP/s per rank and MFU over `steps` training steps."""
+        tokens = self.cfg.data.batch_size * self.cfg.model.seq_len * steps
+        tok_s = tokens / max(seconds, 1e-9)
+        tflops = train_flops_per_token(self.cfg) * tok_s / self.info.world / 1e12
+        out = {"step_ms": 1000 * seconds / max(steps, 1), "tokens_per_s": tok_s, "tflops_per_rank": tflops}
+        peak = peak_tflops(self.cfg, self.device)
+        if peak > 0:
+            out["mfu"] = tflops / peak
+        return out
 
     def _logged_records(self) -> list[dict[str, Any]]:
         path = self.out_dir / "metrics.jsonl"
@@ -289,11 +308,14 @@ class Trainer:
     def _summary(self, elapsed: float, val_loss: float | None) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
         steps_run = self.cfg.train.steps - self.start_step
+        size = model_size(self.cfg)
+        peaks = gather_peak_mib(self.memory)  # every rank calls _summary
         summary = {
             "steps": self.cfg.train.steps, "steps_run": steps_run, "final_loss": last.get("loss"),
             "val_loss": val_loss, "elapsed_s": elapsed,
-            "tokens_per_s": self.cfg.data.batch_size * self.cfg.model.seq_len * steps_run / max(elapsed, 1e-9),
-            "params": sum(p.numel() for p in self.model.parameters()), "world": self.info.world,
+            **(self._throughput(self.train_s, steps_run) if steps_run > 0 else {}),
+            "params_total": size.total, "params_active": size.active, "world": self.info.world,
+            "peak_memory_mib": [round(p, 1) for p in peaks],
             **self.strategy.describe(),
         }
         for k in ("expert_load_max_mean", "expert_busy_max_mean", "spag_MB", "sprs_MB", "a2a_MB",

@@ -37,13 +37,21 @@ def test_loss_decreases_and_metrics_jsonl(tmp_path):
     recs = _records(tmp_path)
     assert [r["step"] for r in recs] == [4, 9, 14, 19, 24, 29]
     for r in recs:
-        assert {"step", "loss", "tokens_per_s", "lr", "grad_norm", "aux_loss", "z_loss"} <= r.keys()
+        assert {"step", "loss", "tokens_per_s", "lr", "grad_norm", "aux_loss", "z_loss", "step_ms",
+                "tflops_per_rank", "peak_memory_mib"} <= r.keys()
         assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0
+        # tokens/s and step time describe the same steps: batch x seq tokens per step
+        assert r["tokens_per_s"] * r["step_ms"] / 1000 == pytest.approx(8 * 32, rel=1e-6)
+        assert len(r["peak_memory_mib"]) == 1 and r["peak_memory_mib"][0] > 0
+        assert "mfu" not in r  # CPU without train.peak_tflops: no MFU claimed
         assert ("val_loss" in r) == ((r["step"] + 1) % 10 == 0)
     first, last = recs[0]["loss"], recs[-1]["loss"]
     assert last < first - 0.5, [r["loss"] for r in recs]
     assert recs[-1]["val_loss"] < math.log(256) - 0.5
     assert summary["steps_run"] == 30 and summary["final_loss"] == last
+    assert summary["params_total"] == sum(p.numel() for p in tr.model.parameters())  # one process: all of it
+    assert summary["params_active"] < summary["params_total"]
+    assert "params" not in summary and len(summary["peak_memory_mib"]) == 1
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 30
     loads = [json.loads(ln) for ln in (tmp_path / "expert_loads.jsonl").read_text().splitlines()]
     assert len(loads) == 30 and len(loads[0]["counts"]) == 2  # one row per step, one list per MoE layer
