@@ -63,6 +63,9 @@ def train(config: str = ConfigOpt, overrides: list[str] | None = SetOpt) -> None
             from sparsetrain.data.check import check_data
 
             check_data(cfg)
+        from sparsetrain.train.checkpoint import preflight_resume
+
+        preflight_resume(to_dict(cfg))  # a checkpoint of another model is refused before anything starts
         with run_lock(cfg.train.out_dir, cfg.checkpoint.dir, log=lambda m: typer.echo(m, err=True)):
             if cfg.launch.workers == 1 and not cfg.launch.address and cfg.launch.backend != "torchrun":
                 from sparsetrain.train.entry import run_inline

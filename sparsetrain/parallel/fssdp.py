@@ -18,6 +18,7 @@ from torch import nn
 
 from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts
 from sparsetrain.model.gpt import GPT
+from sparsetrain.parallel import fssdp_state
 from sparsetrain.parallel.chunk_codec import NMChunkCodec, chunk_codec_for
 from sparsetrain.parallel.ep import keep_expert_rows
 from sparsetrain.parallel.fssdp_layer import FSSDPDispatcher, owned_flat
@@ -254,9 +255,12 @@ class FSSDP(Strategy):
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(min(t.item(), self.cfg.moe.num_experts))
 
-    def _replan(self) -> None:
+    def _replan(self, restored: list[LayerPlacement] | None = None) -> None:
         e = self.model_ref.moe_layers()[0].experts
         self.codec = chunk_codec_for(self.model_ref, self.fcfg.compress_chunks, e.d_model, e.d_ffn, e.w1.dtype)
+        if restored is not None:  # resume: the plan saved with the checkpoint, not a new one
+            self.placements = restored
+            return
         loads = self.tracker.predicted()  # [L, E]
         self.overlap_budget = self._budget()
         self.placements = [self.planner(loads[li], self.owners[li], self.topo, self.fcfg.slots_per_rank,
@@ -318,16 +322,10 @@ class FSSDP(Strategy):
     def extra_state(self) -> dict[str, Any]:
         if self.info.world == 1:
             return {}
-        st = self.tracker.state_dict()
-        return {"tracker": {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in st.items()},
-                "reshards": self.reshards, "reshard_moves": self.reshard_moves}
+        return fssdp_state.extra_state(self)
 
     def load_extra_state(self, state: dict[str, Any], model: GPT) -> None:
+        """Restore tracker, ownership, plan and budget (before the checkpoint's tensors are loaded)."""
         if self.info.world == 1 or not state.get("tracker"):
             return
-        tr = state["tracker"]
-        self.tracker.load_state_dict({k: (torch.tensor(v, dtype=torch.float64) if isinstance(v, list) else v)
-                                     for k, v in tr.items()})
-        self.reshards = int(state.get("reshards", 0))
-        self.reshard_moves = int(state.get("reshard_moves", 0))
-        self._replan()
+        fssdp_state.load_extra_state(self, state, model)

@@ -48,7 +48,7 @@ class Strategy:
         return {}
 
     def load_extra_state(self, state: dict[str, Any], model: GPT) -> None:
-        """Restore what extra_state() saved."""
+        """Restore what extra_state() saved; the trainer calls it before the checkpoint's tensors are loaded."""
 
     def replication(self, name: str, p: torch.Tensor) -> int:
         """How many ranks hold an identical copy of this (local) gradient; used for the global norm."""

@@ -20,12 +20,14 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
+from sparsetrain.train.fingerprint import compare
 from sparsetrain.train.manifest import MANIFEST, METADATA, CheckpointError, verify_checkpoint, write_manifest
 from sparsetrain.train.safe_dcp import VerifiedReader
 from sparsetrain.train.state import flat_state, set_optimizer_step
 
 __all__ = ["EXTRA", "CheckpointError", "committed", "fallback_line", "find_resumable", "is_checkpoint_dir",
-           "latest_checkpoint", "load_checkpoint", "read_extra", "save_checkpoint", "step_of", "verify_checkpoint"]
+           "latest_checkpoint", "load_checkpoint", "preflight_resume", "read_extra", "resume_config_changes",
+           "save_checkpoint", "step_of", "verify_checkpoint"]
 
 EXTRA = "trainer_state.json"
 
@@ -178,3 +180,33 @@ def fallback_line(root: str | Path, good: Path | None, refused: list[tuple[Path,
 def is_checkpoint_dir(path: Path) -> bool:
     """Whether `path` is one checkpoint (as opposed to a directory of them)."""
     return (path / MANIFEST).exists() or (path / METADATA).exists() or (path / EXTRA).exists()
+
+
+def resume_config_changes(extra: dict[str, Any], cfg_dict: dict[str, Any], path: Path) -> list[str]:
+    """Run-control keys that differ from the checkpoint's config ('key old -> new'); CheckpointError listing
+    every model-defining key that differs (sizes, vocab, experts, top_k, sparsity structure)."""
+    refused, changed = compare(extra.get("config") or {}, cfg_dict)
+    if refused:
+        raise CheckpointError(f"checkpoint {path} belongs to a different model: {', '.join(refused)}; resume "
+                              f"with the checkpoint's values, or start a new run (another train.out_dir, or "
+                              f"checkpoint.resume=false)")
+    return changed
+
+
+def preflight_resume(cfg_dict: dict[str, Any]) -> None:
+    """Before any process starts: refuse to resume the newest checkpoint into a different model.
+
+    Reads only that checkpoint's trainer_state.json (plain JSON, nothing unpickled); the ranks verify the
+    checkpoint and check again before loading it.
+    """
+    if not cfg_dict["checkpoint"]["resume"]:
+        return
+    root = Path(cfg_dict["checkpoint"]["dir"] or Path(cfg_dict["train"]["out_dir"]) / "checkpoints")
+    for path in reversed(committed(root)):
+        try:
+            extra = json.loads((path / EXTRA).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(extra, dict):
+            resume_config_changes(extra, cfg_dict, path)
+        return

@@ -24,6 +24,7 @@ from sparsetrain.telemetry.memory import PeakMemory, gather_peak_mib, return_fre
 from sparsetrain.telemetry.metrics import MetricsWriter, format_log, placement_table, summary_table, truncate_after
 from sparsetrain.telemetry.timers import TIMERS, span
 from sparsetrain.train import checkpoint as ckpt
+from sparsetrain.train.fingerprint import fingerprint
 from sparsetrain.train.optim import build_optimizer, lr_at
 
 
@@ -86,8 +87,16 @@ class Trainer:
             self._print(ckpt.fallback_line(self.ckpt_dir, path, refused))
         if path is None:
             return
-        extra = ckpt.load_checkpoint(path, self.model, self.optimizer, manifest)
-        self.strategy.load_extra_state(extra.get("strategy", {}), self.model)
+        extra = ckpt.read_extra(path)
+        changed = ckpt.resume_config_changes(extra, to_dict(self.cfg), path)
+        if changed:
+            self._print(f"config changed since {path.name} (run control, allowed): {'; '.join(changed)}")
+        held = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.strategy.load_extra_state(extra.get("strategy", {}), self.model)  # FSSDP: ownership before weights
+        trainable = [p for _, p in self.strategy.trainable(self.model)]
+        if {id(p) for p in trainable} != {id(p) for p in held}:  # experts re-owned: an optimizer over them
+            self.optimizer = build_optimizer(self.strategy.trainable(self.model), self.cfg.train)
+        ckpt.load_checkpoint(path, self.model, self.optimizer, manifest)
         self.start_step = int(extra["step"]) + 1
         if self.info.is_main:
             truncate_after(self.out_dir / "metrics.jsonl", int(extra["step"]))
@@ -95,6 +104,7 @@ class Trainer:
 
     def save(self, step: int) -> Path:
         extra = {"strategy": self.strategy.extra_state(), "config": to_dict(self.cfg),
+                 "fingerprint": fingerprint(to_dict(self.cfg)),
                  "tokenizer": self.data.tokenizer.record(with_content=True)}  # generate decodes with it
         return ckpt.save_checkpoint(self.ckpt_dir, step, self.model, self.optimizer, extra, self.cfg.checkpoint.keep)
 
