@@ -53,7 +53,11 @@ def _gather(local: Any, collective: bool) -> list[Any]:
 def write_manifest(directory: Path, step: int) -> dict[str, Any]:
     """Hash every file in `directory` (split over ranks) and write the manifest on rank 0. Collective."""
     rank, world = _world()
-    names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST) if rank == 0 else []
+    if world > 1:  # rank 0's listing for all: a shared filesystem's caches may lag on other nodes
+        box = [names]
+        dist.broadcast_object_list(box, src=0)
+        names = box[0]
     mine = {n: {"sha256": sha256_file(directory / n), "bytes": (directory / n).stat().st_size}
             for n in names[rank::world]}
     files: dict[str, Any] = {}
