@@ -104,7 +104,7 @@ def _single_process_model(cfg: Config, checkpoint: str | None):
             typer.echo(ckpt.fallback_line(root, path, refused), err=True)
         if path is None:
             _fail(f"no committed checkpoint under {root}")
-    extra = ckpt.load_checkpoint(path, model, None, manifest)
+    extra = ckpt.load_checkpoint(path, model, None, manifest, cfg_dict=to_dict(cfg))
     model.eval()
     return model, path, extra
 

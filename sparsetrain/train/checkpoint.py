@@ -109,15 +109,19 @@ def read_extra(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    manifest: dict[str, Any] | None = None) -> dict:
+                    manifest: dict[str, Any] | None = None, cfg_dict: dict[str, Any] | None = None) -> dict:
     """Verify (unless `manifest` says it already was), then load weights (and optimizer state) in place.
 
+    With `cfg_dict`, a checkpoint of another model (model-defining keys differ) is refused listing the keys.
     Returns the trainer extra state. Collective when a process group is up (every rank calls it).
     """
     path = Path(path)
     if manifest is None:
         manifest = verify_checkpoint(path, required=(EXTRA,))
     extra = read_extra(path)
+    if cfg_dict is not None:
+        resume_config_changes(extra, cfg_dict, path, hint="use the config it was trained with (in its "
+                                                          f"{EXTRA})")
     reader = VerifiedReader(path, manifest["files"][METADATA]["sha256"])
     reader.read_metadata()  # a refused .metadata raises CheckpointError here, before DCP logs its own fallback
     state = flat_state(model, optimizer)
@@ -182,14 +186,17 @@ def is_checkpoint_dir(path: Path) -> bool:
     return (path / MANIFEST).exists() or (path / METADATA).exists() or (path / EXTRA).exists()
 
 
-def resume_config_changes(extra: dict[str, Any], cfg_dict: dict[str, Any], path: Path) -> list[str]:
+RESUME_HINT = ("resume with the checkpoint's values, or start a new run (another train.out_dir, or "
+               "checkpoint.resume=false)")
+
+
+def resume_config_changes(extra: dict[str, Any], cfg_dict: dict[str, Any], path: Path,
+                          hint: str = RESUME_HINT) -> list[str]:
     """Run-control keys that differ from the checkpoint's config ('key old -> new'); CheckpointError listing
     every model-defining key that differs (sizes, vocab, experts, top_k, sparsity structure)."""
     refused, changed = compare(extra.get("config") or {}, cfg_dict)
     if refused:
-        raise CheckpointError(f"checkpoint {path} belongs to a different model: {', '.join(refused)}; resume "
-                              f"with the checkpoint's values, or start a new run (another train.out_dir, or "
-                              f"checkpoint.resume=false)")
+        raise CheckpointError(f"checkpoint {path} belongs to a different model: {', '.join(refused)}; {hint}")
     return changed
 
 

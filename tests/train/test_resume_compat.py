@@ -54,6 +54,19 @@ def test_model_defining_change_refused_listing_keys(tmp_path, six_steps):  # noq
 
 
 @pytest.mark.unit
+def test_eval_load_of_other_model_lists_keys(tmp_path, six_steps):  # noqa: F811
+    from sparsetrain.model.gpt import build_model
+
+    out, _ = six_steps
+    path = out / "checkpoints" / "step_00000005"
+    cfg = tiny_cfg(tmp_path, *RESUME, "model.d_model=64", "parallel.strategy=none")
+    with pytest.raises(CheckpointError, match=r"different model: model.d_model 32 -> 64; use the config it was"):
+        ckpt.load_checkpoint(path, build_model(cfg), None, cfg_dict=to_dict(cfg))
+    same = tiny_cfg(tmp_path, *RESUME, "train.lr=0.5")  # run-control differences do not matter to eval
+    ckpt.load_checkpoint(path, build_model(same), None, cfg_dict=to_dict(same))
+
+
+@pytest.mark.unit
 def test_run_control_change_allowed_and_logged(tmp_path, six_steps, capsys):  # noqa: F811
     out, _ = six_steps
     _with_checkpoint(out, tmp_path)
