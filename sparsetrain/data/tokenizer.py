@@ -185,3 +185,11 @@ def check_tokenizer(spec: str, model_vocab: int, corpus: str, corpus_record: dic
                         f"(vocab {tok.vocab_size}); run `sparsetrain data prepare` with this tokenizer "
                         f"and point data.corpus at its output")
     return tok
+
+
+def check_resume_tokenizer(saved: dict[str, Any] | None, current: Tokenizer, checkpoint: str) -> None:
+    """Refuse to resume a checkpoint trained with another tokenizer (its ids would mean other text)."""
+    if saved and not same_tokenizer(saved, current.record()):
+        raise DataError(f"checkpoint {checkpoint} was trained with tokenizer {saved.get('name')!r} "
+                        f"(vocab {saved.get('vocab_size')}), this run uses {current.name!r} (vocab "
+                        f"{current.vocab_size}); start a new run (another train.out_dir, or checkpoint.resume=false)")

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from sparsetrain.config import Config, to_dict
 from sparsetrain.data import TokenBatches
+from sparsetrain.data.tokenizer import check_resume_tokenizer
 from sparsetrain.model.gpt import GPT, build_model
 from sparsetrain.parallel import build_strategy
 from sparsetrain.parallel.mesh import DistInfo, all_reduce_mean
@@ -88,6 +89,7 @@ class Trainer:
         if path is None:
             return
         extra = ckpt.read_extra(path)
+        check_resume_tokenizer(extra.get("tokenizer"), self.data.tokenizer, str(path))
         changed = ckpt.resume_config_changes(extra, to_dict(self.cfg), path)
         if changed:
             self._print(f"config changed since {path.name} (run control, allowed): {'; '.join(changed)}")

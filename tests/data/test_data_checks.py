@@ -120,3 +120,8 @@ def test_checkpoint_records_tokenizer_and_generate_decodes_with_it(bpe_corpus, b
     assert outs[0] == outs[1]
     r = cli("generate", "-c", "tiny", *sets, "--set", "model.vocab_size=256", timeout=300)
     assert r.returncode != 0 and "Traceback" not in r.stderr
+    # resuming this run with another tokenizer is refused before any process starts
+    with pytest.raises(DataError, match="was trained with tokenizer .*tok.json.* this run uses 'byte'"):
+        check_data(data_cfg("data.corpus=stdlib", "model.vocab_size=384", f"train.out_dir={out}"))
+    check_data(data_cfg("data.corpus=stdlib", "model.vocab_size=384", f"train.out_dir={out}",
+                        "checkpoint.resume=false"))
