@@ -56,7 +56,11 @@ class FSSDPConfig:
     keep_materialized: bool = False  # keep gathered copies for backward (no re-gather)
     planner: str = "hecate"  # placement planner registry key
     slots_per_rank: int = 2  # extra expert copies a rank may hold per layer (m)
-    overlap_budget: int = -1  # chunks gatherable during attention (t); -1 = measure
+    overlap_budget: int = -1  # chunks gatherable during attention (t); -1 = from the cost model, fixed at set-up
+    cost_gate: bool = True  # a layer keeps copies only when the compute they save beats the bytes they move
+    link_GBps: float = 0.0  # spAG/spRS bandwidth per rank for the cost model; 0 = device default, -1 = measure
+    # once at set-up (kept in checkpoints; placement then depends on that measurement)
+    expert_TFLOPs: float = 0.0  # expert GEMM throughput per rank for the cost model; 0 = device default
     load_window: int = 5  # steps averaged for the predicted load
     reshard_every: int = 0  # re-shard ownership every K steps (0 = never)
     prefetch: bool = True  # issue the next layer's spAG early (async)
@@ -345,6 +349,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _one_of("parallel.strategy", p.strategy, STRATEGY_NAMES)
     _one_of("parallel.dense", p.dense, ("fsdp2", "ddp"))
     _one_of("parallel.fssdp.sprs_post", p.fssdp.sprs_post, ("auto", "backward", "after"))
+    _check(p.fssdp.link_GBps >= 0 or p.fssdp.link_GBps == -1,
+           f"parallel.fssdp.link_GBps={p.fssdp.link_GBps}; allowed: > 0, 0 (device default) or -1 (measure)")
+    _check(p.fssdp.expert_TFLOPs >= 0, f"parallel.fssdp.expert_TFLOPs must be >= 0, got {p.fssdp.expert_TFLOPs}")
     _check(cfg.launch.workers >= 1, f"launch.workers must be >= 1, got {cfg.launch.workers}")
     _one_of("launch.backend", cfg.launch.backend, ("ray", "torchrun", "inline"))
     s = cfg.sparsity

@@ -13,6 +13,9 @@ SMALL = [
     "moe.num_experts=8", "moe.top_k=2", "moe.d_ffn=64", "data.batch_size=8", "data.eval_batches=2",
     "train.eval_every=0", "train.log_every=1", "train.warmup_steps=2", "train.progress=false",
     "checkpoint.save_final=false", "checkpoint.resume=false", "launch.torch_threads=1",
+    # parity runs exercise the copy machinery at shapes where copies would not pay (tests/parallel/test_copy_cost.py
+    # and test_fssdp_no_copies.py cover the gate)
+    "parallel.fssdp.cost_gate=false",
 ]
 
 

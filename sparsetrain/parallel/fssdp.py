@@ -4,8 +4,11 @@ Each MoE layer's experts are chunks (one chunk = one expert's w1/w2/w3); every c
 holding the Parameters and optimizer state. Before the layer runs, the chunks this rank's placement
 says it needs are gathered (prefetched in the block's pre-forward hook, overlapping attention); tokens
 go to a copy on their own rank, else their node, else remote; spRS (spAG's backward) sums the copies'
-gradients into the owner. Placement is re-planned every step from all-reduced loads; ownership is
-re-sharded every `fssdp.reshard_every` steps with params and Adam state moving together.
+gradients into the owner. Placement is re-planned every step from all-reduced loads, and a layer keeps
+copies only when the cost model says they save more compute than they cost (`copy_cost.py`); a layer
+without copies runs exactly EP's path. Ownership is re-sharded every `fssdp.reshard_every` steps with
+params and Adam state moving together. The machine numbers behind the overlap budget and the gate are
+fixed at set-up, so the placement is a deterministic function of the seed and config.
 """
 from __future__ import annotations
 
@@ -20,6 +23,15 @@ from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts
 from sparsetrain.model.gpt import GPT
 from sparsetrain.parallel import fssdp_state
 from sparsetrain.parallel.chunk_codec import NMChunkCodec, chunk_codec_for
+from sparsetrain.parallel.copy_cost import (
+    DEVICE_DEFAULTS,
+    CopyCost,
+    attention_flops_per_token,
+    copies_can_pay,
+    expert_flops_per_slot,
+    gate_copies,
+    overlap_budget_from_model,
+)
 from sparsetrain.parallel.ep import keep_expert_rows
 from sparsetrain.parallel.fssdp_layer import FSSDPDispatcher, owned_flat
 from sparsetrain.parallel.mesh import DistInfo
@@ -78,10 +90,12 @@ class FSSDP(Strategy):
         self.last_micro = True
         self.mat_ids: dict[int, list[int]] = {}
         self.anchor = torch.zeros((), requires_grad=True)  # lets gathered chunks join the autograd graph
-        self.gather_start: dict[int, float] = {}
-        self.window_s: float | None = None  # EMA of compute time available to hide a gather
-        self.bandwidth: float | None = None  # bytes/s measured once at set-up
+        self.bandwidth: float | None = None  # spAG bytes/s per rank: config, device default, or measured once
         self.overlap_budget = self.fcfg.overlap_budget
+        self.cost: CopyCost | None = None  # the copy cost gate's numbers (None: gate off)
+        self.copies_gated = 0  # layer-steps whose proposed copies the gate dropped
+        self.is_replicated: list[bool] = []  # per layer, this step: any copy beyond the owners
+        self.owner_index: list[torch.Tensor] = []  # per layer: expert -> owner rank [E] (dispatch without copies)
         self.reshards = 0
         self.reshard_moves = 0  # expert chunks whose owner changed, summed over re-shards
         self.group: dist.ProcessGroup | None = None
@@ -108,8 +122,7 @@ class FSSDP(Strategy):
 
             apply_dense_sharding(model, self.info, ignored=self._expert_params)
         self.chunk_bytes = owned_flat(moes[0].experts).shape[1] * moes[0].experts.w1.element_size()
-        if self.overlap_budget < 0:
-            self.bandwidth = self._measure_bandwidth(moes[0].experts)
+        self._set_machine_numbers(moes[0].experts)
         self._replan()
         if self.fcfg.prefetch:
             for block in model.layers:
@@ -117,6 +130,26 @@ class FSSDP(Strategy):
                     li = moes.index(block.ffn)
                     block.register_forward_pre_hook(lambda mod, args, li=li: self._prefetch(li))
         return model
+
+    def _set_machine_numbers(self, experts: GroupedExperts, measured_Bps: float | None = None) -> None:
+        """Fix, once, the bandwidth, expert throughput, overlap budget and copy cost for the whole run
+        (`measured_Bps`: a bandwidth measured by an earlier run of this job, restored from its checkpoint)."""
+        f, cfg = self.fcfg, self.cfg
+        intra, inter, tflops = DEVICE_DEFAULTS["cuda" if self.info.device.type == "cuda" else "cpu"]
+        if f.link_GBps < 0:
+            self.bandwidth = measured_Bps or self._measure_bandwidth(experts)
+        else:
+            self.bandwidth = 1e9 * (f.link_GBps or (inter if self.topo.num_nodes > 1 else intra))
+        flops_per_s = 1e12 * (f.expert_TFLOPs or tflops)
+        if f.overlap_budget < 0:  # attention time of one block x bandwidth / chunk bytes
+            m = cfg.model
+            tokens = cfg.data.batch_size * m.seq_len // (self.info.world * cfg.train.grad_accum)
+            self.overlap_budget = overlap_budget_from_model(
+                tokens * attention_flops_per_token(m.d_model, m.seq_len), flops_per_s, self.bandwidth,
+                self.chunk_bytes, cfg.moe.num_experts)
+        if f.cost_gate:
+            self.cost = CopyCost(self.chunk_bytes, expert_flops_per_slot(experts.d_model, experts.d_ffn),
+                                 flops_per_s, self.bandwidth, 2 if f.keep_materialized else 3, self.overlap_budget)
 
     def _measure_bandwidth(self, experts: GroupedExperts) -> float:
         """Time one spAG that sends a chunk from every owner to every rank; all ranks agree (min)."""
@@ -136,7 +169,6 @@ class FSSDP(Strategy):
     # ------------------------------------------------------------------ gathers
     def start_gather(self, li: int, experts: GroupedExperts) -> SpAGHandle:
         owners, copies = _lists(self.placements[li])
-        self.gather_start[li] = time.perf_counter()
         return spag_start(self._send_rows(experts), experts.expert_ids, owners, copies, self.group)
 
     def _send_rows(self, experts: GroupedExperts) -> torch.Tensor:
@@ -151,11 +183,7 @@ class FSSDP(Strategy):
 
     def replicated(self, li: int) -> bool:
         """Whether layer li has any copy beyond its owners this step (same answer on every rank)."""
-        return any(len(c) > 1 for c in self.placements[li].copies)
-
-    def note_gather(self, li: int, t_wait: float) -> None:
-        window = t_wait - self.gather_start.pop(li, t_wait)
-        self.window_s = window if self.window_s is None else 0.8 * self.window_s + 0.2 * window
+        return self.is_replicated[li]
 
     def release_hooks(self, li: int, mat: torch.Tensor):
         """Saved-tensor hooks: views of the gathered chunks are not kept; backward gathers them again."""
@@ -245,26 +273,27 @@ class FSSDP(Strategy):
             return 1
         return self.info.world
 
-    def _budget(self) -> int:
-        """Overlap budget t: configured, or compute window x bandwidth / chunk bytes (min over ranks)."""
-        if self.fcfg.overlap_budget >= 0:
-            return self.fcfg.overlap_budget
-        if self.window_s is None or self.bandwidth is None:
-            return self.fcfg.slots_per_rank
-        t = torch.tensor([int(self.window_s * self.bandwidth / max(self.chunk_bytes, 1))], dtype=torch.long)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return int(min(t.item(), self.cfg.moe.num_experts))
-
     def _replan(self, restored: list[LayerPlacement] | None = None) -> None:
+        """This step's placement per layer: the planner's proposal, kept only where the copies pay
+        (`restored`: the plan saved with a checkpoint, used as is on resume)."""
         e = self.model_ref.moe_layers()[0].experts
         self.codec = chunk_codec_for(self.model_ref, self.fcfg.compress_chunks, e.d_model, e.d_ffn, e.w1.dtype)
-        if restored is not None:  # resume: the plan saved with the checkpoint, not a new one
-            self.placements = restored
-            return
         loads = self.tracker.predicted()  # [L, E]
-        self.overlap_budget = self._budget()
-        self.placements = [self.planner(loads[li], self.owners[li], self.topo, self.fcfg.slots_per_rank,
-                                        self.overlap_budget) for li in range(self.num_layers)]
+        placements = list(restored or [])
+        for li in range(self.num_layers if restored is None else 0):
+            if self.cost is not None and not copies_can_pay(loads[li], tuple(self.owners[li]), self.topo, self.cost):
+                placements.append(LayerPlacement.from_owners(self.owners[li]))  # balanced enough: no planning
+                continue
+            p = self.planner(loads[li], self.owners[li], self.topo, self.fcfg.slots_per_rank, self.overlap_budget)
+            if self.cost is not None:
+                gated = gate_copies(loads[li], p, self.topo, self.cost)
+                self.copies_gated += gated is not p
+                p = gated
+            placements.append(p)
+        if [p.owners for p in placements] != [p.owners for p in self.placements]:
+            self.owner_index = [torch.tensor(p.owners, dtype=torch.long, device=e.w1.device) for p in placements]
+        self.placements = placements
+        self.is_replicated = [any(len(c) > 1 for c in p.copies) for p in placements]
 
     def after_step(self, step: int, model: GPT, optimizer: torch.optim.Optimizer,
                    counts: torch.Tensor | None) -> torch.optim.Optimizer | None:
@@ -299,6 +328,7 @@ class FSSDP(Strategy):
         if self.info.world > 1:
             out["rank_tokens_max_mean"] = self.rank_tokens_max_mean()
             out["overlap_budget"] = self.overlap_budget
+            out["replicated_layers"] = sum(self.is_replicated)
         return out
 
     def hottest(self, top: int = 3) -> list[dict[str, Any]]:
@@ -315,6 +345,9 @@ class FSSDP(Strategy):
 
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.name, "planner": self.fcfg.planner, "nodes": self.topo.num_nodes,
+                "overlap_budget": self.overlap_budget,
+                "link_GBps": round(self.bandwidth / 1e9, 3) if self.bandwidth else None,
+                "copies_gated": self.copies_gated,
                 "reshards": self.reshards, "reshard_moves": self.reshard_moves,
                 "compressed_chunks": self.codec is not None,
                 "hottest_placement": self.hottest()}

@@ -7,7 +7,6 @@ chunks to the autograd graph and stashes their gradient for spRS, which the stra
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,10 +42,10 @@ class FSSDPDispatcher:
 
     def __call__(self, experts: GroupedExperts, x: torch.Tensor, route: RouterOutput) -> tuple[torch.Tensor, int]:
         s, li = self.s, self.layer
-        placement = s.placements[li]
-        slot_rank = choose_replicas(route.expert_ids.reshape(-1), s.info.rank, placement, s.topo)  # [T*k]
         if not s.replicated(li):
-            # P1 = P0 this step: the owners compute on their own Parameters; no spAG, no spRS, no copies
+            # P1 = P0 this step: EP's path. Slots go to their expert's owner, the owners compute on their own
+            # Parameters; no spAG, no spRS, no copies
+            slot_rank = s.owner_index[li][route.expert_ids.reshape(-1)]  # [T*k]
             s.mat_ids[li] = list(experts.expert_ids)
             out, dropped, counts = exchange_and_compute(
                 x, route, slot_rank, experts.num_experts, experts.expert_ids,
@@ -54,13 +53,12 @@ class FSSDPDispatcher:
                 s.cfg.moe.capacity_renorm)
             s.rank_tokens[li] = float(counts.sum())
             return out, dropped
+        slot_rank = choose_replicas(route.expert_ids.reshape(-1), s.info.rank, s.placements[li], s.topo)  # [T*k]
         handle = s.pending.pop(li, None) or s.start_gather(li, experts)
-        t_wait = time.perf_counter()
         with span("spag_wait"):  # exposed part of the gather (the rest hid behind compute)
             mat, mat_ids = handle.wait()  # data only; gradients go home in finish_backward (spRS)
         if s.codec is not None:
             mat = s.codec.decode(mat)  # [n_mat, B] bytes -> [n_mat, C] masked weights
-        s.note_gather(li, t_wait)
         s.mat_ids[li] = mat_ids
         if torch.is_grad_enabled():
             mat = _Materialized.apply(s.anchor, mat, s, li)

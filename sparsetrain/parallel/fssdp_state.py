@@ -2,7 +2,7 @@
 
 Saved (JSON, in the checkpoint's trainer_state.json): the load tracker, expert ownership per layer,
 the materialization plan (copies) in force for the next step, the overlap budget it was planned with and
-the measurements the budget is derived from (compute window, bandwidth), and the re-shard counters. On
+the bandwidth behind it and the copy cost gate (measured once when `link_GBps: -1`), and the re-shard counters. On
 resume into the same world size and topology, ownership is restored before the weights are loaded (this
 rank then holds the rows of the experts it owned when the checkpoint was written, and the checkpoint's
 per-expert keys fill them) and the saved plan is used as is. On another world size or topology the
@@ -31,7 +31,7 @@ def extra_state(s: FSSDP) -> dict[str, Any]:
             "reshards": s.reshards, "reshard_moves": s.reshard_moves,
             "world": s.info.world, "nodes": s.topo.num_nodes,
             "owners": [list(o) for o in s.owners], "copies": [[list(c) for c in p.copies] for p in s.placements],
-            "overlap_budget": s.overlap_budget, "window_s": s.window_s, "bandwidth": s.bandwidth}
+            "overlap_budget": s.overlap_budget, "bandwidth": s.bandwidth}
 
 
 def _valid_layout(s: FSSDP, state: dict[str, Any]) -> bool:
@@ -72,8 +72,8 @@ def load_extra_state(s: FSSDP, state: dict[str, Any], model: GPT) -> None:
     if not _valid_layout(s, state):
         s._replan()
         return
-    s.window_s = state.get("window_s", s.window_s)
-    s.bandwidth = state.get("bandwidth", s.bandwidth)
+    if s.fcfg.link_GBps < 0 and state.get("bandwidth"):  # measured once per job, not again on every restart
+        s._set_machine_numbers(model.moe_layers()[0].experts, float(state["bandwidth"]))
     owners = [[int(o) for o in layer] for layer in state["owners"]]
     if owners != s.owners:
         reown(s, model, owners)

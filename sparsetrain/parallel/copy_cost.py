@@ -1,0 +1,104 @@
+"""Copy cost gate: keep a layer's expert copies only when the compute they save beats the bytes they move.
+
+A planner proposes P1 from predicted loads; copies balance the expert compute but every copy costs a
+gather (spAG), a backward re-gather (unless `keep_materialized`) and a gradient reduce-scatter (spRS).
+Per layer, with rank loads predicted by the dispatch rule (`routing.rank_loads`):
+
+    gain_s = (max_r load_P0[r] - max_r load_P1[r]) * flops_per_slot / flops_per_s
+    cost_s = (max(0, n - t) + (passes - 1) * n) * chunk_bytes / bytes_per_s
+
+where n is the busiest rank's chunk transfers (copies it receives, or sends as an owner, whichever is
+larger), t the overlap budget (forward gathers hidden under attention) and `passes` the transfers per
+copy per step. When gain_s <= cost_s the layer keeps P1 = P0: no spAG, no spRS, EP's work.
+
+The machine numbers are fixed per run (config, or a device default, or one measurement at set-up), never
+re-timed during training, so the placement is a deterministic function of the seed and config.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from sparsetrain.parallel.placement import LayerPlacement
+from sparsetrain.parallel.routing import rank_loads
+from sparsetrain.parallel.topology import Topology
+
+__all__ = ["DEVICE_DEFAULTS", "CopyCost", "attention_flops_per_token", "copies_can_pay", "expert_flops_per_slot",
+           "gate_copies", "overlap_budget_from_model"]
+
+# (link GB/s per rank within a node, across nodes, expert TFLOP/s per rank). CPU: measured on the 2-core
+# dev machine (gloo loopback between two ranks, one thread each; benchmarks/RESULTS.md "copy cost gate").
+# CUDA: an H100-class node (NVLink within, 400 Gb/s NICs across), as in sparsetrain.sim.costmodel.
+DEVICE_DEFAULTS: dict[str, tuple[float, float, float]] = {
+    "cpu": (1.0, 1.0, 0.02),
+    "cuda": (300.0, 50.0, 400.0),
+}
+
+
+def expert_flops_per_slot(d_model: int, d_ffn: int) -> float:
+    """Training FLOPs (forward + backward = 3x forward) of one routed slot in one SwiGLU expert."""
+    return 3.0 * 2.0 * 3 * d_model * d_ffn
+
+
+def attention_flops_per_token(d_model: int, seq_len: int) -> float:
+    """Forward FLOPs of one token in one attention block (Q, K, V, O projections + scores)."""
+    return 2.0 * 4 * d_model * d_model + 4.0 * seq_len * d_model
+
+
+def overlap_budget_from_model(attn_flops: float, flops_per_s: float, bytes_per_s: float,
+                              chunk_bytes: int, num_experts: int) -> int:
+    """Chunks gatherable while a block's attention runs: floor(attention time * bandwidth / chunk bytes)."""
+    if flops_per_s <= 0 or bytes_per_s <= 0 or chunk_bytes <= 0:
+        raise ValueError(f"flops_per_s, bytes_per_s and chunk_bytes must be > 0, got "
+                         f"{flops_per_s}, {bytes_per_s}, {chunk_bytes}")
+    return min(num_experts, math.floor(attn_flops / flops_per_s * bytes_per_s / chunk_bytes + 1e-9))
+
+
+@dataclass(frozen=True)
+class CopyCost:
+    """The numbers the gate needs; identical on every rank."""
+
+    chunk_bytes: int  # one expert's weights as spAG moves them
+    flops_per_slot: float  # training FLOPs of one routed slot in one expert
+    flops_per_s: float  # expert GEMM throughput per rank
+    bytes_per_s: float  # spAG/spRS bandwidth per rank
+    passes: int = 3  # transfers per copy per step: spAG, backward re-gather (unless kept), spRS
+    overlap_chunks: int = 0  # forward gathers hidden under attention (the overlap budget t)
+
+    def gain_s(self, loads: torch.Tensor, p0: LayerPlacement, p1: LayerPlacement, topo: Topology) -> float:
+        """Seconds of expert compute the copies take off the busiest rank."""
+        before = float(rank_loads(loads, p0, topo).max())
+        after = float(rank_loads(loads, p1, topo).max())
+        return (before - after) * self.flops_per_slot / self.flops_per_s
+
+    def cost_s(self, p1: LayerPlacement, world: int) -> float:
+        """Seconds the busiest rank spends moving the copies' chunks (exposed part of the forward gather)."""
+        recv = p1.extra_count(world)
+        send = [0] * world
+        for e in range(p1.num_experts):
+            send[p1.owners[e]] += len(p1.copies[e]) - 1
+        n = max(max(a, b) for a, b in zip(recv, send))
+        if n == 0:
+            return 0.0
+        chunks = max(0, n - self.overlap_chunks) + (self.passes - 1) * n
+        return chunks * self.chunk_bytes / self.bytes_per_s
+
+
+def copies_can_pay(loads: torch.Tensor, owners: tuple[int, ...], topo: Topology, cost: CopyCost) -> bool:
+    """Cheap bound before planning: copies can at best bring the busiest rank down to the mean, and any
+    copy moves at least one chunk `passes` times (less what the overlap hides)."""
+    p0 = LayerPlacement.from_owners(owners)
+    here = rank_loads(loads, p0, topo)
+    best_gain = float(here.max() - here.mean()) * cost.flops_per_slot / cost.flops_per_s
+    least_cost = (max(0, 1 - cost.overlap_chunks) + cost.passes - 1) * cost.chunk_bytes / cost.bytes_per_s
+    return best_gain > least_cost
+
+
+def gate_copies(loads: torch.Tensor, p1: LayerPlacement, topo: Topology, cost: CopyCost) -> LayerPlacement:
+    """P1 when its predicted gain beats its cost, else P0 (owners only)."""
+    if all(len(c) == 1 for c in p1.copies):
+        return p1
+    p0 = LayerPlacement.from_owners(p1.owners)
+    return p1 if cost.gain_s(loads, p0, p1, topo) > cost.cost_s(p1, topo.world) else p0
