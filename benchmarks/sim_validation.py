@@ -7,7 +7,7 @@ time and all-to-all span timings), then predicts each held-out run from its conf
 loads (a replayed trace: the router is not what is being validated). Prints predicted vs measured step time
 per strategy and the fssdp/ep ratio, and ends with `max relative error: X%`.
 
-    python benchmarks/sim_validation.py                 # ~10 short runs
+    python benchmarks/sim_validation.py                 # 6 short runs
     python benchmarks/sim_validation.py --reuse         # re-analyse the runs already under --out
 """
 from __future__ import annotations
@@ -29,13 +29,9 @@ MODEL = ["model.d_model=128", "model.n_layers=2", "model.n_heads=4", "model.seq_
 # name -> (workers, strategy, skew, batch); calibration and held-out sets share no configuration
 CALIBRATION = {
     "cal-none-b16": (1, "none", 0.0, 16), "cal-none-b32": (1, "none", 0.0, 32),
-    "cal-ep-s0-b16": (2, "ep", 0.0, 16), "cal-fssdp-s0-b16": (2, "fssdp", 0.0, 16),
-    "cal-ep-s0-b32": (2, "ep", 0.0, 32), "cal-ep-s1.6-b16": (2, "ep", 1.6, 16),
+    "cal-ep-s0-b16": (2, "ep", 0.0, 16), "cal-ep-s1.6-b16": (2, "ep", 1.6, 16),
 }
-HELD_OUT = {
-    "ho-ep-s1.2-b24": (2, "ep", 1.2, 24), "ho-fssdp-s1.2-b24": (2, "fssdp", 1.2, 24),
-    "ho-ep-s0.8-b32": (2, "ep", 0.8, 32), "ho-fssdp-s0.8-b32": (2, "fssdp", 0.8, 32),
-}
+HELD_OUT = {"ho-ep-s1.2-b24": (2, "ep", 1.2, 24), "ho-fssdp-s1.2-b24": (2, "fssdp", 1.2, 24)}
 
 
 def run(out: Path, name: str, spec: tuple[int, str, float, int], steps: int, reuse: bool) -> Path:
@@ -64,7 +60,9 @@ def main() -> None:
     ap.add_argument("--out", default="runs/sim_validation")
     ap.add_argument("--reuse", action="store_true", help="reuse finished runs under --out")
     args = ap.parse_args()
-    from sparsetrain.sim.calibrate import calibrate, load_run, measured_step_s, run_shares
+    import dataclasses
+
+    from sparsetrain.sim.calibrate import calibrate, compute_features, load_run, measured_step_s, run_shares
     from sparsetrain.sim.cluster import load_cluster
     from sparsetrain.sim.predict import predict
 
@@ -77,8 +75,8 @@ def main() -> None:
     (out / "cpu-calibrated.yaml").write_text(cluster.to_yaml())
     print("\ncalibrated:", ", ".join(f"{k}={getattr(cluster, k):.4g}" for k in (
         "achievable_flops", "layer_overhead_s", "intra_node_Bps", "intra_node_latency_s", "bwd_fwd_ratio",
-        "optimizer_s_per_param", "step_overhead_s")), f"({diag['compute_samples']} compute, "
-        f"{diag['link_samples']} link samples)")
+        "optimizer_s_per_param", "step_overhead_s", "cpu_share")), f"({diag['compute_samples']} compute, "
+        f"{diag['link_samples']} link samples; core share per rank seen {diag['cpu_share_range']})")
     rows, worst = [], 0.0
     for name, d in held.items():
         r = load_run(d)
@@ -86,14 +84,21 @@ def main() -> None:
         pred = predict(r.setup, cluster, r.world, run_shares(r)).step_time_s
         err = abs(pred - measured) / measured
         worst = max(worst, err)
-        rows.append((name, measured, pred, err))
-    print(f"\n{'held-out run':<20} {'measured ms':>12} {'predicted ms':>13} {'rel err':>8}")
-    for name, m, p, e in rows:
-        print(f"{name:<20} {1e3 * m:>12.1f} {1e3 * p:>13.1f} {100 * e:>7.1f}%")
-    by = {n: (m, p) for n, m, p, _ in rows}
-    for skew, batch in (("1.2", 24), ("0.8", 32)):
-        ep, fs = by[f"ho-ep-s{skew}-b{batch}"], by[f"ho-fssdp-s{skew}-b{batch}"]
-        print(f"fssdp/ep step time at skew {skew}: measured {fs[0] / ep[0]:.3f}, predicted {fs[1] / ep[1]:.3f}")
+        feats = [compute_features(r, rec, k) for rec in r.records for k in range(r.world)]
+        share = min(1.0, sorted(b / w for _, _, b, w in feats)[len(feats) // 2])  # this run's own core share
+        at_share = predict(r.setup, dataclasses.replace(cluster, cpu_share=share), r.world, run_shares(r)).step_time_s
+        rows.append((name, measured, pred, err, share, at_share))
+    print(f"\n{'held-out run':<20} {'measured ms':>12} {'predicted ms':>13} {'rel err':>8} {'core share':>11} "
+          f"{'pred. at that share':>20} {'rel err':>8}")
+    for name, m, p, e, sh, ps in rows:
+        print(f"{name:<20} {1e3 * m:>12.1f} {1e3 * p:>13.1f} {100 * e:>7.1f}% {sh:>11.3f} {1e3 * ps:>20.1f} "
+              f"{100 * abs(ps - m) / m:>7.1f}%")
+    by = {n: (m, p) for n, m, p, *_ in rows}
+    for name, (me, pe) in by.items():
+        twin = name.replace("-ep-", "-fssdp-")
+        if "-ep-" in name and twin in by:
+            mf, pf = by[twin]
+            print(f"fssdp/ep step time ({twin.split('-', 2)[2]}): measured {mf / me:.3f}, predicted {pf / pe:.3f}")
     print(f"max relative error: {100 * worst:.1f}%")
 
 

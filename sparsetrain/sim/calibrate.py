@@ -3,11 +3,13 @@
 Each run dir holds config.yaml and metrics.jsonl, whose records carry per-rank span times (`ranks`).
 Fits, by least squares over (logged step, rank) samples (the first logged interval is warm-up, skipped):
 - compute: forward busy CPU time of attention + experts = FLOPs / achievable_flops + passes x layer_overhead_s
-  (per-rank thread CPU time, so ranks sharing the host's cores do not count each other's work);
-- link: forward all-to-all wall time (dispatch + combine spans) = peer messages x latency + bytes / bandwidth;
+  (per-rank thread CPU time, so ranks sharing the host's cores do not count each other's work); on a CPU host
+  the median of busy CPU / wall time of those spans is the share of a core a rank got (`cpu_share`);
+- link: forward all-to-all wall time (dispatch + combine spans of the rank that waited least: the others also
+  wait for the slowest rank's experts) = peer messages x latency + bytes / bandwidth;
 - backward/forward compute ratio from each record's fwd_s / bwd_s less the collective spans;
 - optimizer seconds per local parameter from the optimizer span;
-- step overhead: what the measured step time (from tokens/s) keeps beyond the model, mean over runs.
+- step overhead: what the measured step time (from tokens/s) keeps beyond the model, median over runs.
 """
 from __future__ import annotations
 
@@ -50,14 +52,15 @@ def load_run(path: str | Path, skip: int = 1) -> RunData:
     return RunData(p, setup_from_config(cfg), len(recs[0]["ranks"]["experts_ms"]), recs, cfg.parallel.strategy)
 
 
-def compute_features(run: RunData, rec: dict[str, Any], rank: int) -> tuple[float, float, float]:
-    """(forward FLOPs, layer passes, measured forward busy seconds) of one rank at one logged step."""
+def compute_features(run: RunData, rec: dict[str, Any], rank: int) -> tuple[float, float, float, float]:
+    """(forward FLOPs, layer passes, forward busy CPU seconds, their wall seconds) of one rank at one step."""
     s, r = run.setup, rec["ranks"]
     tokens_rank = s.tokens / run.world
     slots = r["tokens"][rank] if r["tokens"][rank] > 0 else tokens_rank * s.top_k * s.n_moe  # dp/none: all local
     flops = s.n_layers * tokens_rank * s.attn_fwd_flops() + slots * s.expert_fwd_flops()
     busy = (r["attention_cpu_ms"][rank] + r["experts_cpu_ms"][rank]) / 1000
-    return flops, float(s.n_layers + s.n_moe), busy
+    wall = (r["attention_ms"][rank] + r["experts_ms"][rank]) / 1000
+    return flops, float(s.n_layers + s.n_moe), busy, wall
 
 
 def link_features(run: RunData, rec: dict[str, Any]) -> tuple[float, float, float] | None:
@@ -65,7 +68,8 @@ def link_features(run: RunData, rec: dict[str, Any]) -> tuple[float, float, floa
     if run.world == 1 or run.strategy not in ("ep", "fssdp") or "a2a_MB" not in rec:
         return None
     r = rec["ranks"]
-    secs = sum(r["dispatch_ms"][i] + r["combine_ms"][i] for i in range(run.world)) / run.world / 1000
+    # the rank that reached the exchange last waited for nobody: its span is the transfer itself
+    secs = min(r["dispatch_ms"][i] + r["combine_ms"][i] for i in range(run.world)) / 1000
     fwd_bytes = rec["a2a_MB"] * 2**20 / run.world / 2  # the record sums ranks, forward + backward
     msgs = run.setup.n_moe * 3 * (run.world - 1)  # counts, dispatch, combine: one message per peer each
     return float(msgs), fwd_bytes, secs
@@ -89,8 +93,10 @@ def fit(runs: list[RunData], base: Cluster) -> tuple[Cluster, dict[str, Any]]:
     from sparsetrain.sim.predict import predict
 
     comp = [compute_features(run, rec, k) for run in runs for rec in run.records for k in range(run.world)]
-    x = torch.tensor([[f, n] for f, n, _ in comp], dtype=torch.float64)
-    y = torch.tensor([b for _, _, b in comp], dtype=torch.float64)
+    x = torch.tensor([[f, n] for f, n, _, _ in comp], dtype=torch.float64)
+    y = torch.tensor([b for _, _, b, _ in comp], dtype=torch.float64)
+    shares = torch.tensor([b / w for _, _, b, w in comp if w > 0], dtype=torch.float64)
+    cpu_share = min(1.0, float(shares.median())) if base.device == "cpu" and len(shares) else 1.0
     inv_flops, overhead = _lstsq_nonneg(x, y).tolist()
     if inv_flops <= 0:
         raise ValueError("calibration: forward busy time does not grow with FLOPs in these runs; "
@@ -121,14 +127,17 @@ def fit(runs: list[RunData], base: Cluster) -> tuple[Cluster, dict[str, Any]]:
     per_param = float((ox * oy).sum() / (ox * ox).sum()) if opt else 0.0
     fitted = dataclasses.replace(base, achievable_flops=1.0 / inv_flops, peak_flops=max(base.peak_flops, 1.0 / inv_flops),
                                  layer_overhead_s=overhead, intra_node_Bps=bw, intra_node_latency_s=lat,
-                                 bwd_fwd_ratio=ratio, optimizer_s_per_param=per_param, step_overhead_s=0.0)
+                                 bwd_fwd_ratio=ratio, optimizer_s_per_param=per_param * cpu_share,
+                                 step_overhead_s=0.0, cpu_share=cpu_share)
     residuals = []
     for run in runs:
         measured = measured_step_s(run)
         pred = predict(run.setup, fitted, run.world, run_shares(run)).step_time_s
         residuals.append(measured - pred)
-    fitted = dataclasses.replace(fitted, step_overhead_s=max(0.0, sum(residuals) / len(residuals)))
+    median = float(torch.tensor(residuals).median())  # robust to one run measured under a different load
+    fitted = dataclasses.replace(fitted, step_overhead_s=max(0.0, median))
     diag = {"compute_samples": len(comp), "link_samples": len(link), "bwd_fwd_samples": len(ratios),
+            "cpu_share_range": [float(shares.min()), float(shares.max())] if len(shares) else None,
             "step_residuals_s": residuals}
     return fitted, diag
 

@@ -29,9 +29,10 @@ class Cluster:
     optimizer_s_per_param: float = 0.0  # measured alternative to hbm_Bps (calibrated CPU hosts)
     step_overhead_s: float = 0.0  # per step, outside layers (calibrated hosts: loss, clipping, bookkeeping)
     device: str = "cuda"  # cuda | cpu: where spRS overlaps backward under sprs_post=auto (as the runtime)
+    cpu_share: float = 1.0  # share of a core each rank gets (CPU hosts: busy CPU time / wall time of compute)
 
     def __post_init__(self) -> None:
-        for f in ("intra_node_Bps", "inter_node_Bps", "peak_flops", "achievable_flops"):
+        for f in ("intra_node_Bps", "inter_node_Bps", "peak_flops", "achievable_flops", "cpu_share"):
             if not getattr(self, f) > 0:
                 raise ValueError(f"cluster {self.name}: {f} must be > 0, got {getattr(self, f)}")
         for f in ("intra_node_latency_s", "inter_node_latency_s", "layer_overhead_s", "hbm_Bps",

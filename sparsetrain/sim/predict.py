@@ -89,8 +89,9 @@ def predict(s: SimSetup, c: Cluster, world: int, shares: torch.Tensor) -> Predic
     topo = topology(world, c)
     tokens_rank = s.tokens / world
     slots_rank = tokens_rank * s.top_k
-    flops_rate = c.achievable_flops
-    attn_fwd = tokens_rank * s.attn_fwd_flops() / flops_rate + c.layer_overhead_s  # per block
+    flops_rate = c.achievable_flops * c.cpu_share  # wall-clock rate (a CPU host's ranks may share cores)
+    overhead = c.layer_overhead_s / c.cpu_share
+    attn_fwd = tokens_rank * s.attn_fwd_flops() / flops_rate + overhead  # per block
     other_fwd = tokens_rank * s.other_fwd_flops() / flops_rate
     bwd = c.bwd_fwd_ratio
     chunk_bytes = s.expert_params * s.act_bytes  # spAG moves chunks in the compute dtype
@@ -133,7 +134,7 @@ def predict(s: SimSetup, c: Cluster, world: int, shares: torch.Tensor) -> Predic
             intra_b += 4 * tr.send_intra.repeat(reps)
             inter_b += 4 * tr.send_inter.repeat(reps)
         imbalance.append(float(rank_slots.max() / rank_slots.mean().clamp_min(1e-12)))
-        expert_fwd = float(rank_slots.max()) * s.expert_fwd_flops() / flops_rate + c.layer_overhead_s
+        expert_fwd = float(rank_slots.max()) * s.expert_fwd_flops() / flops_rate + overhead
         compute += (1 + bwd) * expert_fwd
         a2a += t_a2a
         if s.strategy == "fssdp":
@@ -155,7 +156,7 @@ def predict(s: SimSetup, c: Cluster, world: int, shares: torch.Tensor) -> Predic
             copies_per_layer.append(places[li].extra_count(world))
     compute += s.n_layers * (1 + bwd) * attn_fwd + (1 + bwd) * other_fwd
     if s.strategy == "dp":
-        compute += s.n_moe * (1 + bwd) * (slots_rank * s.expert_fwd_flops() / flops_rate + c.layer_overhead_s)
+        compute += s.n_moe * (1 + bwd) * (slots_rank * s.expert_fwd_flops() / flops_rate + overhead)
     # dense parameters (and EP replicas' expert grads): overlapped with compute, the excess is exposed
     expert_total = s.n_moe * s.num_experts * s.expert_params
     if s.strategy == "dp" or s.dense == "ddp":
@@ -174,7 +175,7 @@ def predict(s: SimSetup, c: Cluster, world: int, shares: torch.Tensor) -> Predic
         params_local += owned * s.n_moe * s.expert_params
     exposed += max(0.0, dense_comm - compute)
     if c.optimizer_s_per_param > 0:
-        optimizer = params_local * c.optimizer_s_per_param
+        optimizer = params_local * c.optimizer_s_per_param / c.cpu_share
     else:
         optimizer = params_local * STATE_BYTES * 2 / c.hbm_Bps if c.hbm_Bps > 0 else 0.0
     step = compute + a2a + exposed + optimizer + c.step_overhead_s
