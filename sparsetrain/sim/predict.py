@@ -10,13 +10,20 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from sparsetrain.parallel.copy_cost import (
+    CopyCost,
+    attention_flops_per_token,
+    copies_can_pay,
+    expert_flops_per_slot,
+    gate_copies,
+    overlap_budget_from_model,
+)
 from sparsetrain.parallel.placement import LayerPlacement, initial_owners
 from sparsetrain.parallel.planners import get_planner
 from sparsetrain.parallel.topology import Topology
 from sparsetrain.sim.cluster import Cluster
 from sparsetrain.sim.shape import SimSetup
 from sparsetrain.sim.traffic import Traffic, dispatch_matrix, ring_time, spag_matrix
-from sparsetrain.sim.workload import overlap_budget as budget_from_window
 
 STATE_BYTES = 16  # per owned parameter: fp32 param + fp32 grad + Adam m, v
 ATTN_ACT_VALUES = 16  # saved activation values per token per block, in units of d_model (estimate)
@@ -65,8 +72,10 @@ def ep_group_size(s: SimSetup, world: int) -> int:
     return max(d for d in range(1, world + 1) if world % d == 0 and s.num_experts % d == 0)
 
 
-def placements(s: SimSetup, world: int, topo: Topology, loads: torch.Tensor, budget: int) -> list[LayerPlacement]:
-    """Per MoE layer, the runtime planner's placement for token counts `loads` [L, E] on fresh owners."""
+def placements(s: SimSetup, world: int, topo: Topology, loads: torch.Tensor, budget: int,
+               cost: CopyCost | None = None) -> list[LayerPlacement]:
+    """Per MoE layer, the runtime's placement for token counts `loads` [L, E] on fresh owners: the planner's
+    proposal, kept only where the copy cost gate (`copy_cost`, with `cost`) says the copies pay, as FSSDP does."""
     if s.strategy == "ep":
         ep = ep_group_size(s, world)
         return [LayerPlacement.from_owners(initial_owners(s.num_experts, ep))] * s.n_moe
@@ -75,8 +84,13 @@ def placements(s: SimSetup, world: int, topo: Topology, loads: torch.Tensor, bud
     memo: dict[tuple[float, ...], LayerPlacement] = {}  # planners are pure: equal loads, equal placement
     for li in range(s.n_moe):
         key = tuple(loads[li].tolist())
-        if key not in memo:
-            memo[key] = planner(loads[li], owners, topo, s.slots_per_rank, budget)
+        if key in memo:
+            continue
+        if cost is not None and not copies_can_pay(loads[li], tuple(owners), topo, cost):
+            memo[key] = LayerPlacement.from_owners(owners)  # the runtime skips planning here
+            continue
+        p = planner(loads[li], owners, topo, s.slots_per_rank, budget)
+        memo[key] = gate_copies(loads[li], p, topo, cost) if cost is not None else p
     return [memo[tuple(loads[li].tolist())] for li in range(s.n_moe)]
 
 
@@ -96,9 +110,14 @@ def predict(s: SimSetup, c: Cluster, world: int, shares: torch.Tensor) -> Predic
     bwd = c.bwd_fwd_ratio
     chunk_bytes = s.expert_params * s.act_bytes  # spAG moves chunks in the compute dtype
     budget = s.overlap_budget
-    if s.strategy == "fssdp" and budget < 0:
-        bw = c.inter_node_Bps if topo.num_nodes > 1 else c.intra_node_Bps
-        budget = min(budget_from_window(attn_fwd, bw, chunk_bytes), s.num_experts)
+    bw = c.inter_node_Bps if topo.num_nodes > 1 else c.intra_node_Bps  # as the runtime picks its link number
+    if s.strategy == "fssdp" and budget < 0:  # the runtime's set-up rule, with this cluster's numbers
+        budget = overlap_budget_from_model(tokens_rank * attention_flops_per_token(s.d_model, s.seq_len),
+                                           flops_rate, bw, chunk_bytes, s.num_experts)
+    cost = None
+    if s.strategy == "fssdp" and s.cost_gate:
+        cost = CopyCost(chunk_bytes, expert_flops_per_slot(s.d_model, s.d_ffn), flops_rate, bw,
+                        2 if s.keep_materialized else 3, budget)
     # per-layer placement, routed slots per rank and the all-to-all
     if s.strategy == "dp":
         places: list[LayerPlacement] = []
@@ -109,7 +128,7 @@ def predict(s: SimSetup, c: Cluster, world: int, shares: torch.Tensor) -> Predic
         places = placements(s, world, topo, shares, budget)
     else:
         group, gtopo = world, topo
-        places = placements(s, world, topo, shares * slots_rank * world, budget)
+        places = placements(s, world, topo, shares * slots_rank * world, budget, cost)
     compute = a2a = spag = sprs = latency = exposed = 0.0
     imbalance, intra_b, inter_b = [], torch.zeros(world), torch.zeros(world)
     copies_per_layer = []

@@ -28,6 +28,7 @@ class SimSetup:
     slots_per_rank: int = 2
     overlap_budget: int = -1  # -1: attention time x bandwidth / chunk bytes, as the runtime measures it
     keep_materialized: bool = False
+    cost_gate: bool = True  # parallel.fssdp.cost_gate: copies kept only where they pay (parallel/copy_cost.py)
     sprs_post: str = "auto"  # auto | backward | after (as parallel.fssdp.sprs_post)
     ep_size: int = 0  # 0: the largest divisor of the world that divides num_experts
     dense: str = "fsdp2"  # fsdp2 | ddp
@@ -87,5 +88,5 @@ def setup_from_config(cfg: Config) -> SimSetup:
                     num_experts=e.num_experts, top_k=e.top_k, d_ffn=e.d_ffn, d_ffn_dense=m.d_ffn_dense or 4 * m.d_model,
                     batch_size=cfg.data.batch_size, dense_params=dense, strategy=strategy, planner=f.planner,
                     slots_per_rank=f.slots_per_rank, overlap_budget=f.overlap_budget,
-                    keep_materialized=f.keep_materialized, sprs_post=f.sprs_post, ep_size=cfg.parallel.ep_size,
+                    keep_materialized=f.keep_materialized, cost_gate=f.cost_gate, sprs_post=f.sprs_post, ep_size=cfg.parallel.ep_size,
                     dense=cfg.parallel.dense, bf16=cfg.train.precision == "bf16")

@@ -149,3 +149,14 @@ def test_plan_line_names_cluster_and_terms():
     assert [(r["gpus"], r["variant"]) for r in rows] == [(2, "ep"), (2, "fssdp-lpt_spill"), (4, "ep"),
                                                          (4, "fssdp-lpt_spill")]
     assert rows[2]["tokens_per_s"] > 0 and rows[2]["inter_bytes_per_rank"] > 0  # 4 GPUs span 2 nodes of 2
+
+
+def test_copy_cost_gate_as_the_runtime():
+    s = S.with_(num_experts=8, top_k=2, n_moe=2, n_layers=2, batch_size=64, d_model=256, d_ffn=1024, seq_len=64,
+                strategy="fssdp", slots_per_rank=2, overlap_budget=4)
+    slow = _cpuish(intra_node_Bps=1e5, inter_node_Bps=1e4)  # copies can never pay for their bytes
+    loads = zipf_loads(8, 1.5).expand(2, -1)
+    gated = predict(s, slow, 4, loads)
+    assert gated.spag_s == 0 and gated.sprs_s == 0  # P1 = P0 on every layer, like EP
+    ungated = predict(s.with_(cost_gate=False), slow, 4, loads)
+    assert ungated.spag_s > 0 and ungated.step_time_s > gated.step_time_s
