@@ -37,7 +37,8 @@ from sparsetrain.launcher.errors import LaunchError
 SWEEP_KEYS = ("base", "out_dir", "set", "grid", "points", "timeout_s")
 SUMMARY_METRICS = ("final_loss", "val_loss", "tokens_per_s", "elapsed_s", "steps_run", "world",
                    "expert_load_max_mean", "expert_busy_max_mean", "rank_tokens_max_mean", "spag_MB", "sprs_MB",
-                   "a2a_MB", "mfu", "tflops_per_rank", "peak_mem_gib", "params_total", "params_active")
+                   "a2a_MB", "mfu", "tflops_per_rank", "step_ms", "peak_memory_mib_max", "params_total",
+                   "params_active")
 
 
 @dataclass
@@ -174,6 +175,8 @@ def run_point(sweep: Sweep, p: SweepPoint, point_dir: Path) -> dict[str, Any]:
     if rc != 0 or not summary_path.exists():
         return {**row, "status": "failed", "error": one_line_error(err or "", rc)}
     summary = json.loads(summary_path.read_text())
+    if isinstance(summary.get("peak_memory_mib"), list) and summary["peak_memory_mib"]:
+        summary["peak_memory_mib_max"] = max(summary["peak_memory_mib"])  # the fullest rank
     metrics = {k: summary[k] for k in SUMMARY_METRICS if isinstance(summary.get(k), (int, float))}
     if metrics.get("tokens_per_s"):
         from sparsetrain.config import load_config

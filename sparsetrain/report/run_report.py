@@ -103,12 +103,21 @@ def _rank_busy(recs: list[dict[str, Any]], out: Path) -> Path | None:
 
 
 def _memory(recs: list[dict[str, Any]], out: Path) -> Path | None:
+    """Peak memory per rank (MiB, `peak_memory_mib`) and any other memory scalar, against step."""
+    per_rank = [r for r in recs if isinstance(r.get("peak_memory_mib"), list) and r["peak_memory_mib"]]
     keys = sorted({k for r in recs for k, v in r.items() if "mem" in k and isinstance(v, (int, float))})
-    if not keys:
+    if not per_rank and not keys:
         return None
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    lines(ax, recs, keys, "memory")
+    for rank in range(len(per_rank[0]["peak_memory_mib"]) if per_rank else 0):
+        ax.plot([r["step"] + 1 for r in per_rank], [r["peak_memory_mib"][rank] for r in per_rank], marker=".",
+                label=f"peak rank {rank}")
+    if keys:
+        lines(ax, recs, keys, "memory")
+    ax.set_xlabel("step")
+    ax.set_ylabel("MiB (peak per rank) / as named")
+    ax.legend(fontsize=7)
     return save(fig, out / "memory.png")
 
 

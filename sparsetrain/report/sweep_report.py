@@ -8,7 +8,7 @@ from typing import Any
 from sparsetrain.report.plots import pyplot, read_jsonl, save
 
 METRICS = ("tokens_per_s", "final_loss", "val_loss", "elapsed_s", "step_time_s", "mfu", "expert_load_max_mean",
-           "rank_tokens_max_mean", "peak_mem_gib")
+           "rank_tokens_max_mean", "step_ms", "tflops_per_rank", "peak_memory_mib_max")
 
 
 def _sort_key(v: Any) -> tuple[int, Any]:

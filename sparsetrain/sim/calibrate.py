@@ -152,8 +152,9 @@ def _local_params(run: RunData) -> float:
 
 
 def measured_step_s(run: RunData) -> float:
-    """Mean step time over the run's logged intervals (from interval tokens/s)."""
-    vals = [run.setup.tokens / r["tokens_per_s"] for r in run.records if r.get("tokens_per_s")]
+    """Mean step time over the run's logged intervals (`step_ms`, else from interval tokens/s)."""
+    vals = [r["step_ms"] / 1000 if r.get("step_ms") else run.setup.tokens / r["tokens_per_s"]
+            for r in run.records if r.get("step_ms") or r.get("tokens_per_s")]
     return sum(vals) / len(vals)
 
 

@@ -21,10 +21,17 @@ def tracker_available(name: str) -> bool:
     return importlib.util.find_spec(TRACKER_PACKAGES[name]) is not None
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def scalars(rec: dict[str, Any]) -> dict[str, float]:
-    """The finite numeric values of a metrics record (no step, no lists)."""
-    return {k: float(v) for k, v in rec.items()
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    """The finite numeric values of a metrics record (no step); a per-rank list becomes `<key>_max`."""
+    out = {k: float(v) for k, v in rec.items() if k != "step" and _number(v)}
+    for k, v in rec.items():
+        if isinstance(v, list) and v and all(_number(x) for x in v):
+            out[f"{k}_max"] = float(max(v))
+    return out
 
 
 def load_image(counts: list[list[float]], cell: int = 8) -> torch.Tensor:

@@ -22,7 +22,7 @@ def _fake_run(d):
     recs = []
     for step in (1, 3, 5):
         r = {"step": step, "loss": 5.0 - step / 2, "lr": 1e-3, "tokens_per_s": 1000.0 + step, "mfu": 0.01 * step,
-             "peak_mem_gib": 1.0 + step / 10,
+             "peak_memory_mib": [100.0 + step, 90.0],
              "ranks": {k: [1.0 + step, 2.0] for k in ("attention_ms", "experts_ms", "dispatch_ms", "combine_ms",
                                                       "attention_cpu_ms", "experts_cpu_ms")}}
         if step == 5:

@@ -27,7 +27,8 @@ def test_interval_means_and_last_step():
 
 
 def test_scalars_and_load_image():
-    assert scalars({"step": 3, "loss": 1.5, "flag": True, "ranks": {"a": [1]}, "x": float("inf")}) == {"loss": 1.5}
+    assert scalars({"step": 3, "loss": 1.5, "flag": True, "ranks": {"a": [1]}, "x": float("inf"),
+                    "peak_memory_mib": [3.0, 5.0]}) == {"loss": 1.5, "peak_memory_mib_max": 5.0}
     img = load_image([[1.0, 3.0], [2.0, 2.0]], cell=2)
     assert tuple(img.shape) == (4, 4) and float(img.max()) == 1.0 and float(img[0, 0]) == pytest.approx(1 / 3)
 
