@@ -122,7 +122,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     if cfg_dict is not None:
         resume_config_changes(extra, cfg_dict, path, hint="use the config it was trained with (in its "
                                                           f"{EXTRA})")
-    reader = VerifiedReader(path, manifest["files"][METADATA]["sha256"])
+    reader = VerifiedReader(path, manifest)
     reader.read_metadata()  # a refused .metadata raises CheckpointError here, before DCP logs its own fallback
     state = flat_state(model, optimizer)
     if optimizer is None:

@@ -59,11 +59,13 @@ def load_metadata(data: bytes, where: str) -> Metadata:
 
 
 class VerifiedReader(FileSystemReader):
-    """FileSystemReader whose `.metadata` must match the manifest's SHA-256 and is unpickled safely."""
+    """FileSystemReader whose `.metadata` must match the manifest's SHA-256 and is unpickled safely; the
+    data files it points at must be files the manifest lists (no path outside the checkpoint)."""
 
-    def __init__(self, path: str | Path, metadata_sha256: str) -> None:
+    def __init__(self, path: str | Path, manifest: dict) -> None:
         super().__init__(path)
-        self.metadata_sha256 = metadata_sha256
+        self.metadata_sha256 = manifest["files"][METADATA]["sha256"]
+        self.listed = set(manifest["files"])
 
     def read_metadata(self) -> Metadata:  # no **kwargs: DCP then never falls back to per-rank metadata files
         path = Path(self.path) / METADATA
@@ -71,6 +73,11 @@ class VerifiedReader(FileSystemReader):
         if hashlib.sha256(data).hexdigest() != self.metadata_sha256:
             raise CheckpointError(f"checkpoint {path.parent}: file {METADATA} fails its SHA-256 check")
         metadata = load_metadata(data, f"checkpoint {path.parent}: file {METADATA}")
+        for info in (metadata.storage_data or {}).values():
+            name = getattr(info, "relative_path", None)
+            if name not in self.listed:
+                raise CheckpointError(f"checkpoint {path.parent}: file {METADATA} points at {name!r}, "
+                                      f"which manifest.json does not list")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id

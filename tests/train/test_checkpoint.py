@@ -49,14 +49,6 @@ def _keys(path: Path) -> set[str]:
     return set(load_metadata((path / ".metadata").read_bytes(), str(path)).state_dict_metadata)
 
 
-@pytest.fixture(scope="module")
-def six_steps(tmp_path_factory) -> tuple[Path, list[float]]:
-    """An uninterrupted 6-step run with checkpoint.every=3."""
-    out = tmp_path_factory.mktemp("full")
-    tr = _run(tiny_cfg(out, "checkpoint.every=3", "moe.num_experts=4", steps=6))
-    return out, [r["loss"] for r in tr.history]
-
-
 @pytest.mark.unit
 def test_exact_resume_single_process(tmp_path, six_steps):
     _, full = six_steps

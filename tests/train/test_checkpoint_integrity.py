@@ -16,7 +16,7 @@ from sparsetrain.train.checkpoint import CheckpointError, latest_checkpoint, loa
 from sparsetrain.train.manifest import MANIFEST, sha256_file
 from sparsetrain.train.safe_dcp import load_metadata
 from tests.test_cli import TINY, _sets, cli
-from tests.train.test_checkpoint import _run, six_steps  # noqa: F401 - the module fixture is shared
+from tests.train.test_checkpoint import _run
 from tests.train.test_trainer import tiny_cfg
 
 pytestmark = [pytest.mark.unit]
@@ -58,7 +58,7 @@ class _RunsCommand:
         return (os.system, (self.command,))
 
 
-def test_manifest_hashes_every_file(six_steps):  # noqa: F811
+def test_manifest_hashes_every_file(six_steps):
     out, _ = six_steps
     path = out / "checkpoints" / "step_00000005"
     man = json.loads((path / MANIFEST).read_text())
@@ -71,7 +71,7 @@ def test_manifest_hashes_every_file(six_steps):  # noqa: F811
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
-def test_flipped_byte_refused_and_resume_falls_back(tmp_path, six_steps, capsys):  # noqa: F811
+def test_flipped_byte_refused_and_resume_falls_back(tmp_path, six_steps, capsys):
     out, full = six_steps
     root = _copy(out, tmp_path, 2, 5)
     shard = _biggest_shard(root / "step_00000005")
@@ -89,7 +89,7 @@ def test_flipped_byte_refused_and_resume_falls_back(tmp_path, six_steps, capsys)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete_shard", "delete_metadata", "delete_manifest"])
-def test_damaged_checkpoint_named_and_skipped(tmp_path, six_steps, damage):  # noqa: F811
+def test_damaged_checkpoint_named_and_skipped(tmp_path, six_steps, damage):
     out, _ = six_steps
     root = _copy(out, tmp_path, 2, 5)
     path = root / "step_00000005"
@@ -114,7 +114,7 @@ def test_damaged_checkpoint_named_and_skipped(tmp_path, six_steps, damage):  # n
     assert [p for p, _ in refused] == [path] and want in refused[0][1]
 
 
-def test_nothing_verifies_is_an_error_not_a_fresh_start(tmp_path, six_steps):  # noqa: F811
+def test_nothing_verifies_is_an_error_not_a_fresh_start(tmp_path, six_steps):
     out, _ = six_steps
     root = _copy(out, tmp_path, 5)
     (root / "step_00000005" / ".metadata").unlink()
@@ -124,7 +124,7 @@ def test_nothing_verifies_is_an_error_not_a_fresh_start(tmp_path, six_steps):  #
 
 
 @pytest.mark.parametrize("resealed", [False, True])
-def test_crafted_metadata_pickle_never_runs(tmp_path, six_steps, resealed):  # noqa: F811
+def test_crafted_metadata_pickle_never_runs(tmp_path, six_steps, resealed):
     out, _ = six_steps
     path = _copy(out, tmp_path, 5) / "step_00000005"
     marker = tmp_path / "pwned"
@@ -149,7 +149,7 @@ def test_crafted_metadata_pickle_never_runs(tmp_path, six_steps, resealed):  # n
     assert "Traceback" not in r.stderr + r.stdout
 
 
-def test_metadata_unpickler_reads_real_metadata(six_steps):  # noqa: F811
+def test_metadata_unpickler_reads_real_metadata(six_steps):
     out, _ = six_steps
     md = load_metadata((out / "checkpoints" / "step_00000005" / ".metadata").read_bytes(), "test")
     assert "model.layers.0.ffn.experts.3.w1" in md.state_dict_metadata
@@ -162,7 +162,7 @@ class _Eval:
         return (eval, ("1",))
 
 
-def test_retention_keeps_last_good_when_newer_are_bad(tmp_path, six_steps):  # noqa: F811
+def test_retention_keeps_last_good_when_newer_are_bad(tmp_path, six_steps):
     out, _ = six_steps
     root = tmp_path / "checkpoints"
     bad = root / "step_00000099"
@@ -174,7 +174,7 @@ def test_retention_keeps_last_good_when_newer_are_bad(tmp_path, six_steps):  # n
     assert latest_checkpoint(root) == root / "step_00000002"
 
 
-def test_interrupted_save_leaves_previous_checkpoint(tmp_path, six_steps, monkeypatch):  # noqa: F811
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path, six_steps, monkeypatch):
     out, _ = six_steps
     root = _copy(out, tmp_path, 2)
     cfg = tiny_cfg(tmp_path, *RESUME, steps=6)
@@ -191,3 +191,15 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, six_steps, monkey
     assert (root / ".tmp-step_00000005").is_dir() and not (root / "step_00000005").exists()
     assert latest_checkpoint(root) == root / "step_00000002"
     load_checkpoint(root / "step_00000002", build_model(cfg), None)
+
+
+def test_metadata_pointing_outside_the_checkpoint_refused(tmp_path, six_steps):
+    out, _ = six_steps
+    path = _copy(out, tmp_path, 5) / "step_00000005"
+    md = load_metadata((path / ".metadata").read_bytes(), "test")
+    info = next(iter(md.storage_data.values()))
+    info.relative_path = "../../outside.distcp"  # a resealed manifest cannot make DCP read beyond the listed files
+    (path / ".metadata").write_bytes(pickle.dumps(md))
+    _reseal(path, ".metadata")
+    with pytest.raises(CheckpointError, match="points at '../../outside.distcp', which manifest.json does not list"):
+        load_checkpoint(path, build_model(tiny_cfg(tmp_path, *RESUME)), None)

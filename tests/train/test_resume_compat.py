@@ -15,7 +15,7 @@ from sparsetrain.train.fingerprint import MODEL_DEFINING, compare, fingerprint
 from tests.dist_utils import run_distributed
 from tests.parity_utils import small_config
 from tests.test_cli import TINY, _sets, cli
-from tests.train.test_checkpoint import _run, six_steps  # noqa: F401 - the module fixture is shared
+from tests.train.test_checkpoint import _run
 from tests.train.test_trainer import tiny_cfg
 
 RESUME = ["checkpoint.every=3", "checkpoint.resume=true", "moe.num_experts=4"]
@@ -38,7 +38,7 @@ def test_fingerprint_saved_and_compare():
 
 
 @pytest.mark.unit
-def test_model_defining_change_refused_listing_keys(tmp_path, six_steps):  # noqa: F811
+def test_model_defining_change_refused_listing_keys(tmp_path, six_steps):
     out, _ = six_steps
     _with_checkpoint(out, tmp_path)
     extra = json.loads((tmp_path / "checkpoints" / "step_00000005" / ckpt.EXTRA).read_text())
@@ -54,7 +54,7 @@ def test_model_defining_change_refused_listing_keys(tmp_path, six_steps):  # noq
 
 
 @pytest.mark.unit
-def test_eval_load_of_other_model_lists_keys(tmp_path, six_steps):  # noqa: F811
+def test_eval_load_of_other_model_lists_keys(tmp_path, six_steps):
     from sparsetrain.model.gpt import build_model
 
     out, _ = six_steps
@@ -67,7 +67,7 @@ def test_eval_load_of_other_model_lists_keys(tmp_path, six_steps):  # noqa: F811
 
 
 @pytest.mark.unit
-def test_run_control_change_allowed_and_logged(tmp_path, six_steps, capsys):  # noqa: F811
+def test_run_control_change_allowed_and_logged(tmp_path, six_steps, capsys):
     out, _ = six_steps
     _with_checkpoint(out, tmp_path)
     tr = _run(tiny_cfg(tmp_path, *RESUME, "train.lr=0.001", "train.seed=7", "train.log_every=2", steps=7))
@@ -79,7 +79,7 @@ def test_run_control_change_allowed_and_logged(tmp_path, six_steps, capsys):  # 
 
 
 @pytest.mark.unit
-def test_cli_refuses_other_model_before_starting(tmp_path, six_steps):  # noqa: F811
+def test_cli_refuses_other_model_before_starting(tmp_path, six_steps):
     out, _ = six_steps
     _with_checkpoint(out, tmp_path)
     r = cli("train", "-c", "tiny", *_sets(TINY), "--set", f"train.out_dir={tmp_path}", "--set", "moe.num_experts=8",
