@@ -4,18 +4,26 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sparsetrain-installed
-EXTRAS ?= ray,triton,nvml,viz,data,dev
+EXTRAS ?= ray,triton,nvml,viz,data,deepspeed,megatron,dev
 PYTEST_ARGS ?= -q -p no:cacheprovider
+# compiled torch extensions (DeepSpeed's CPU communication op) live in a cache inside the project
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+DS_OPS := $(TORCH_EXTENSIONS_DIR)/.sparsetrain-prebuilt
 
 .PHONY: setup run test lint bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(DS_OPS)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q torch==2.13.0
-	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[$(EXTRAS)]"
+	DS_BUILD_OPS=0 $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
+
+# DeepSpeed compiles its CPU communication op on first use (about 3.5 minutes on 2 cores): once, here
+$(DS_OPS): $(STAMP)
+	$(PY) -m sparsetrain.parallel.peers.prebuild
+	@mkdir -p $(TORCH_EXTENSIONS_DIR) && touch $(DS_OPS)
 
 run: setup
 	$(VENV)/bin/sparsetrain train --config configs/tiny.yaml
@@ -30,4 +38,4 @@ bench: setup
 	$(PY) benchmarks/moe_strategies.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .cache/torch_extensions

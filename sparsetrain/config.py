@@ -70,12 +70,19 @@ class FSSDPConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0  # ZeRO stage of the deepspeed_moe engine (0, 1 or 2)
+    min_capacity: int = 0  # DeepSpeed's floor on an expert's capacity (its own default is 4; 0 = sparsetrain's formula)
+
+
+@dataclass
 class ParallelConfig:
-    strategy: str = "fssdp"  # fssdp | ep | dp | none
+    strategy: str = "fssdp"  # fssdp | ep | dp | none | deepspeed_moe | megatron_moe (peers, for benchmarks)
     dense: str = "fsdp2"  # fsdp2 | ddp
     ep_size: int = 0  # expert-parallel group size (0 = world size)
     pretend_nodes: int = 0  # treat the ranks as this many nodes (topology tests on one machine)
     fssdp: FSSDPConfig = field(default_factory=FSSDPConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 @dataclass
@@ -300,7 +307,8 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-STRATEGY_NAMES = ("none", "dp", "ep", "fssdp")
+STRATEGY_NAMES = ("none", "dp", "ep", "fssdp", "deepspeed_moe", "megatron_moe")
+PEER_STRATEGIES = ("deepspeed_moe", "megatron_moe")  # other runtimes' MoE layers, for side-by-side benchmarks
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -354,6 +362,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(p.fssdp.expert_TFLOPs >= 0, f"parallel.fssdp.expert_TFLOPs must be >= 0, got {p.fssdp.expert_TFLOPs}")
     _check(cfg.launch.workers >= 1, f"launch.workers must be >= 1, got {cfg.launch.workers}")
     _one_of("launch.backend", cfg.launch.backend, ("ray", "torchrun", "inline"))
+    if p.strategy in PEER_STRATEGIES:
+        _validate_peer(cfg)
     s = cfg.sparsity
     if s.enabled:
         _check(0 < s.n <= s.m, f"sparsity: need 0 < n <= m, got {s.n}:{s.m}")
@@ -373,6 +383,29 @@ def _check_trackers(names: list[str]) -> None:
                               f"(pip install {name}, or remove it from train.trackers)")
 
 
+def _validate_peer(cfg: Config) -> None:
+    """What a peer runtime's MoE layer can do with our config (it has its own router and checkpoints)."""
+    name, e = cfg.parallel.strategy, cfg.moe
+    _check(cfg.checkpoint.every == 0, f"parallel.strategy={name} keeps its state in its own runtime; "
+                                      f"sparsetrain checkpoints are not supported (set checkpoint.every=0)")
+    _check(e.balance == "aux_loss", f"parallel.strategy={name} has no aux-loss-free bias (moe.balance=aux_free)")
+    _check(e.router_skew == 0, f"parallel.strategy={name}: its router does not apply moe.router_skew (set it to 0)")
+    _check(not cfg.sparsity.enabled, f"parallel.strategy={name} does not support sparsity.enabled")
+    if name == "deepspeed_moe":
+        _check(e.top_k in (1, 2), f"parallel.strategy=deepspeed_moe supports moe.top_k 1 or 2, got {e.top_k}")
+        _check(cfg.parallel.deepspeed.zero_stage in (0, 1, 2),
+               f"parallel.deepspeed.zero_stage={cfg.parallel.deepspeed.zero_stage}; allowed: 0, 1, 2")
+        _check(cfg.parallel.deepspeed.min_capacity >= 0,
+               f"parallel.deepspeed.min_capacity must be >= 0, got {cfg.parallel.deepspeed.min_capacity}")
+    if name == "megatron_moe":
+        import torch
+
+        no_gpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and cfg.launch.gpus_per_worker == 0
+                                                and not torch.cuda.is_available())
+        _check(not no_gpu, "parallel.strategy=megatron_moe runs only on CUDA GPUs (Megatron-Core's MoELayer "
+                           "does not run on CPU); on CPU use deepspeed_moe or ep")
+
+
 def validate_world(cfg: Config, world: int) -> None:
     """Checks that depend on the number of ranks."""
     p, b = cfg.parallel, cfg.data.batch_size
@@ -381,10 +414,10 @@ def validate_world(cfg: Config, world: int) -> None:
            f"data.batch_size={b} is not divisible by launch.workers={world} x train.grad_accum={cfg.train.grad_accum}")
     _check(p.strategy != "none" or world == 1,
            f"parallel.strategy=none does no gradient synchronisation; with {world} workers use dp, ep or fssdp")
-    if p.strategy in ("ep", "fssdp") and world > 1:
+    if p.strategy in ("ep", "fssdp", *PEER_STRATEGIES) and world > 1:
         ep = p.ep_size or world
         _check(world % ep == 0, f"parallel.ep_size={ep} does not divide the world size {world}")
-        if p.strategy == "ep":
+        if p.strategy != "fssdp":
             _check(cfg.moe.num_experts % ep == 0,
                    f"moe.num_experts={cfg.moe.num_experts} is not divisible by the expert-parallel size {ep}")
     if p.pretend_nodes and world > 1:

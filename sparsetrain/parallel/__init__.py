@@ -21,11 +21,25 @@ def _fssdp(cfg: Config, info: DistInfo) -> Strategy:
     return FSSDP(cfg, info)
 
 
+def _deepspeed_moe(cfg: Config, info: DistInfo) -> Strategy:
+    from sparsetrain.parallel.peers.deepspeed_moe import DeepSpeedMoE
+
+    return DeepSpeedMoE(cfg, info)
+
+
+def _megatron_moe(cfg: Config, info: DistInfo) -> Strategy:
+    from sparsetrain.parallel.peers.megatron_moe import MegatronMoE
+
+    return MegatronMoE(cfg, info)
+
+
 STRATEGIES: dict[str, Callable[[Config, DistInfo], Strategy]] = {
     "none": lambda cfg, info: Strategy(cfg, info),
     "dp": lambda cfg, info: DataParallel(cfg, info),
     "ep": _ep,
     "fssdp": _fssdp,
+    "deepspeed_moe": _deepspeed_moe,  # peers: their modules import DeepSpeed / Megatron-Core lazily
+    "megatron_moe": _megatron_moe,
 }
 
 

@@ -31,6 +31,8 @@ class Strategy:
     """Single process: no communication. Subclasses override the hooks they need."""
 
     name = "none"
+    checkpoints = True  # False: a peer runtime whose state sparsetrain checkpoints cannot hold (no save/resume)
+    owns_optimizer_step = False  # True: optimizer_step() clips, updates and zeroes (e.g. a DeepSpeed engine)
 
     def __init__(self, cfg: Config, info: DistInfo, mesh: Any = None) -> None:
         self.cfg, self.info, self.mesh = cfg, info, mesh
@@ -61,8 +63,20 @@ class Strategy:
 
             all_reduce_grads([p for p in model.parameters() if p not in skip], self.info.world)
 
+    def wrap_optimizer(self, model: GPT, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Called once with the built optimizer; returns the one whose param_groups get the learning rate."""
+        return optimizer
+
     def before_backward(self, last_micro: bool) -> None:
         """Called before each micro-batch's backward; `last_micro`: the step's gradients complete in it."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's (already scaled) loss."""
+        loss.backward()
+
+    def optimizer_step(self) -> torch.Tensor:
+        """With `owns_optimizer_step`: clip, update, zero the grads; return the gradient norm."""
+        raise NotImplementedError(f"strategy {self.name} does not own the optimizer step")
 
     def finish_backward(self, model: GPT) -> None:
         """Synchronise gradients not handled by module wrappers (e.g. expert grads)."""

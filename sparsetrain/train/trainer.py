@@ -56,7 +56,8 @@ class Trainer:
             from sparsetrain.offload import enable_activation_offload
 
             self.offload = enable_activation_offload(self.model, cfg.offload)
-        self.optimizer = build_optimizer(self.strategy.trainable(self.model), cfg.train)
+        self.optimizer = self.strategy.wrap_optimizer(
+            self.model, build_optimizer(self.strategy.trainable(self.model), cfg.train))
         self.data = TokenBatches(cfg, self.info.rank, self.info.world)
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.out_dir / "checkpoints")
@@ -81,7 +82,7 @@ class Trainer:
 
     def maybe_resume(self) -> None:
         """Load the newest checkpoint in checkpoint.dir that verifies, when resume is on."""
-        if not self.cfg.checkpoint.resume:
+        if not self.cfg.checkpoint.resume or not self.strategy.checkpoints:
             return
         path, manifest, refused = ckpt.find_resumable(self.ckpt_dir)
         if refused:
@@ -142,7 +143,7 @@ class Trainer:
                 loss = out.loss + out.aux_loss + out.z_loss
             t1 = time.perf_counter()
             self.strategy.before_backward(last_micro=mi == cfg.grad_accum - 1)
-            (loss / cfg.grad_accum).backward()
+            self.strategy.backward(loss / cfg.grad_accum)
             t_fwd, t_bwd = t_fwd + t1 - t0, t_bwd + time.perf_counter() - t1
             stats += torch.stack([out.loss.detach().float(), out.aux_loss.detach().float(),
                                   out.z_loss.detach().float(),
@@ -169,15 +170,18 @@ class Trainer:
             rec["skipped"] = True
             return rec
         with span("optimizer"):
-            gnorm = self.strategy.grad_norm(self.model)
-            if cfg.grad_clip > 0:
-                clip = min(1.0, cfg.grad_clip / (float(gnorm) + 1e-6))
-                if clip < 1.0:
-                    for p in self.model.parameters():
-                        if p.grad is not None:
-                            p.grad.mul_(clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            if self.strategy.owns_optimizer_step:
+                gnorm = self.strategy.optimizer_step()
+            else:
+                gnorm = self.strategy.grad_norm(self.model)
+                if cfg.grad_clip > 0:
+                    clip = min(1.0, cfg.grad_clip / (float(gnorm) + 1e-6))
+                    if clip < 1.0:
+                        for p in self.model.parameters():
+                            if p.grad is not None:
+                                p.grad.mul_(clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
             for moe in self.model.moe_layers():
                 moe.router.update_bias()
             if self.sparsifier is not None:
@@ -252,7 +256,8 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
             every = cfg.checkpoint.every
-            if (every and (step + 1) % every == 0) or (last and cfg.checkpoint.save_final and every >= 0):
+            if ((every and (step + 1) % every == 0) or (last and cfg.checkpoint.save_final and every >= 0)) \
+                    and self.strategy.checkpoints:
                 self.save(step)
         bar.close()
         writer.close()

@@ -1,0 +1,182 @@
+"""`parallel.strategy: deepspeed_moe`: DeepSpeed's `deepspeed.moe.layer.MoE` in every MoE block, trained by a
+DeepSpeed engine, on the same GPT, data and initial weights as sparsetrain's strategies.
+
+Each block's router gate and its expert-parallel rank's experts are copied into DeepSpeed's gate (`wg`)
+and experts (a SwiGLU module with the same w1/w2/w3), so both runtimes start from identical weights. From
+the config: `parallel.ep_size`, `moe.top_k` (1 or 2), `moe.capacity_factor` (0 = dropless:
+`drop_tokens=False`), `parallel.deepspeed.{zero_stage,min_capacity}`. Second-expert sampling and random
+token selection are off, so top-2 ids and combine weights equal sparsetrain's router's. DeepSpeed's aux
+loss (E * sum_e f_top1 * P over the rank's tokens) is scaled by `moe.aux_loss_coef`; it has no z-loss.
+The engine does the gradient all-reduce (experts over their expert-data-parallel group), clipping
+(`train.grad_clip`) and the optimizer step; the trainer sets the learning rate as for every strategy.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsetrain.config import Config
+from sparsetrain.model.gpt import GPT
+from sparsetrain.model.moe import MoELayer
+from sparsetrain.model.router import RouterOutput
+from sparsetrain.parallel.mesh import DistInfo
+from sparsetrain.parallel.strategy import Strategy
+
+
+def import_deepspeed(device: torch.device) -> Any:
+    """`deepspeed`, on CPU with its CPU accelerator and a project-local extension cache."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from sparsetrain.parallel.peers import use_project_extension_cache
+
+    use_project_extension_cache()
+    try:
+        import deepspeed
+    except ImportError:
+        raise ImportError("parallel.strategy=deepspeed_moe needs DeepSpeed: pip install 'sparsetrain[deepspeed]' "
+                          "(DS_BUILD_OPS=0)") from None
+    return deepspeed
+
+
+class SwiGLUExpert(nn.Module):
+    """One expert as DeepSpeed's `Experts` clones it: w2(silu(w1 x) * w3 x), weights [out, in] like ours."""
+
+    def __init__(self, d_model: int, d_ffn: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ffn, bias=False)
+        self.w3 = nn.Linear(d_model, d_ffn, bias=False)
+        self.w2 = nn.Linear(d_ffn, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class _NoRouterState:
+    """What the trainer asks of `moe.router`: DeepSpeed's gate has no aux-loss-free bias to update."""
+
+    def update_bias(self) -> None:
+        """No-op."""
+
+
+class DeepSpeedMoEBlock(MoELayer):
+    """An MoE FFN computed by `deepspeed.moe.layer.MoE`; GPT and the trainer see it as an MoE layer.
+
+    After forward, `last_route` holds DeepSpeed's gating decisions (top-k ids and combine weights of this
+    rank's tokens; -1 where capacity dropped a slot), its aux loss times `aux_loss_coef`, and its per-expert
+    counts; `last_dropped` the slots capacity dropped.
+    """
+
+    def __init__(self, ours: MoELayer, ds_moe: nn.Module, first_expert: int, aux_loss_coef: float) -> None:
+        nn.Module.__init__(self)  # not MoELayer's: the router and experts are DeepSpeed's
+        self.moe = ds_moe
+        self.router = _NoRouterState()
+        self.aux_loss_coef = aux_loss_coef
+        self.top_k = ours.router.top_k
+        self.last_route: RouterOutput | None = None
+        self.last_dropped = 0
+        self._gate_out: tuple | None = None
+        with torch.no_grad():
+            ds_moe.deepspeed_moe.gate.wg.weight.copy_(ours.router.gate.weight)
+            for i, expert in enumerate(ds_moe.deepspeed_moe.experts.deepspeed_experts):
+                for name in ("w1", "w2", "w3"):
+                    getattr(expert, name).weight.copy_(getattr(ours.experts, name)[first_expert + i])
+        ds_moe.deepspeed_moe.gate.register_forward_hook(self._keep_gate_output)
+
+    def _keep_gate_output(self, module: nn.Module, args: Any, out: tuple) -> None:
+        self._gate_out = out  # (l_aux, capacity, E, ids [k, T], locations, gates [k, T], exp_counts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, S, d] -> [B, S, d]."""
+        y, l_aux, counts = self.moe(x)
+        ids, gates = self._gate_out[3], self._gate_out[5]  # [k, T] each, sparse routes
+        self._gate_out = None
+        self.last_dropped = int((ids < 0).sum())
+        zero = l_aux.new_zeros(())
+        self.last_route = RouterOutput(ids.t().long(), gates.t().to(x.dtype), counts.detach().long(),
+                                       self.aux_loss_coef * l_aux.float(), zero.float())
+        return y
+
+
+class DeepSpeedMoE(Strategy):
+    """DeepSpeed-MoE as a peer: its MoE layer and engine; dense parameters data parallel under its ZeRO stage."""
+
+    name = "deepspeed_moe"
+    checkpoints = False  # the engine's state lives in DeepSpeed's own checkpoint format
+    owns_optimizer_step = True
+
+    def __init__(self, cfg: Config, info: DistInfo) -> None:
+        super().__init__(cfg, info)
+        self.ep_size = (cfg.parallel.ep_size or info.world) if info.world > 1 else 1
+        self.engine: Any = None
+        self.last_micro = True
+        self.ds = import_deepspeed(info.device)
+
+    def apply(self, model: GPT) -> GPT:
+        """Swap every MoE FFN for DeepSpeed's MoE layer holding the same gate and this rank's experts."""
+        import torch.distributed as dist
+
+        backend = "nccl" if self.info.device.type == "cuda" else "gloo"
+        if not dist.is_initialized():  # one process: DeepSpeed still wants a (1-rank) process group
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        self.ds.init_distributed(dist_backend=backend, dist_init_required=False)
+        from deepspeed.moe.layer import MoE
+
+        m, e = self.cfg.model, self.cfg.moe
+        ep_rank = (self.info.rank % self.ep_size) if self.info.world > 1 else 0
+        first = ep_rank * (e.num_experts // self.ep_size)
+        cf = e.capacity_factor
+        for block in model.layers:
+            if not block.is_moe:
+                continue
+            ds_moe = MoE(m.d_model, SwiGLUExpert(m.d_model, e.d_ffn), num_experts=e.num_experts,
+                         ep_size=self.ep_size, k=e.top_k, capacity_factor=cf or 1.0, eval_capacity_factor=cf or 1.0,
+                         min_capacity=self.cfg.parallel.deepspeed.min_capacity, drop_tokens=cf > 0, use_rts=False,
+                         top2_2nd_expert_sampling=False).to(self.info.device)
+            block.ffn = DeepSpeedMoEBlock(block.ffn, ds_moe, first, e.aux_loss_coef)
+        return model
+
+    def wrap_optimizer(self, model: GPT, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Rebuild the client optimizer with DeepSpeed's MoE parameter groups and start the engine on it."""
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = [{**g, "name": f"group{i}"} for i, g in enumerate(optimizer.param_groups)]  # DeepSpeed keys by name
+        client = type(optimizer)(split_params_into_different_moe_groups_for_optimizer(groups))  # groups hold lr, betas
+        t = self.cfg.train
+        world = max(self.info.world, 1)
+        ds_config = {
+            "train_batch_size": self.cfg.data.batch_size,
+            "train_micro_batch_size_per_gpu": self.cfg.data.batch_size // (world * t.grad_accum),
+            "gradient_accumulation_steps": t.grad_accum,
+            "gradient_clipping": t.grad_clip,
+            "zero_optimization": {"stage": self.cfg.parallel.deepspeed.zero_stage},
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, _, _, _ = self.ds.initialize(model=model, optimizer=client, config=ds_config,
+                                                       dist_init_required=False)
+        return client
+
+    def before_backward(self, last_micro: bool) -> None:
+        self.last_micro = last_micro
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """The engine's backward (its gradient hooks and, at the last micro-batch, the all-reduce)."""
+        self.engine.backward(loss, scale_wrt_gas=False)  # the trainer already divided by grad_accum
+        if not self.last_micro:
+            self.engine.step()  # counts the micro-step; the update happens at the accumulation boundary
+
+    def optimizer_step(self) -> torch.Tensor:
+        """Clip, update and zero the gradients through the engine; returns its gradient norm."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return torch.tensor(float(norm) if norm is not None else float("nan"))
+
+    def describe(self) -> dict[str, Any]:
+        e = self.cfg.moe
+        return {"strategy": self.name, "ep_size": self.ep_size, "zero_stage": self.cfg.parallel.deepspeed.zero_stage,
+                "drop_tokens": e.capacity_factor > 0, "deepspeed": getattr(self.ds, "__version__", "?"),
+                "z_loss": "none (DeepSpeed-MoE has no router z-loss)"}
