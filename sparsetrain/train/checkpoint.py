@@ -201,19 +201,24 @@ def resume_config_changes(extra: dict[str, Any], cfg_dict: dict[str, Any], path:
 
 
 def preflight_resume(cfg_dict: dict[str, Any]) -> None:
-    """Before any process starts: refuse to resume the newest checkpoint into a different model.
+    """Before any process starts: refuse when no checkpoint is whole, or the newest whole one is of another model.
 
-    Reads only that checkpoint's trainer_state.json (plain JSON, nothing unpickled); the ranks verify the
-    checkpoint and check again before loading it.
+    Cheap: manifests, file presence and sizes, and the JSON trainer state (nothing unpickled, nothing hashed);
+    the ranks verify the SHA-256 of the checkpoint they resume from and check the config again.
     """
     if not cfg_dict["checkpoint"]["resume"]:
         return
     root = Path(cfg_dict["checkpoint"]["dir"] or Path(cfg_dict["train"]["out_dir"]) / "checkpoints")
+    refused: list[tuple[Path, str]] = []
     for path in reversed(committed(root)):
         try:
-            extra = json.loads((path / EXTRA).read_text())
-        except (OSError, ValueError):
+            verify_checkpoint(path, required=(EXTRA,), collective=False, hashes=False)
+            extra = read_extra(path)
+        except CheckpointError as e:
+            refused.append((path, str(e)))
             continue
         if isinstance(extra, dict):
             resume_config_changes(extra, cfg_dict, path)
         return
+    if refused:
+        fallback_line(root, None, refused)  # raises: nothing to resume from

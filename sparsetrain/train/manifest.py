@@ -91,8 +91,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def _check_file(directory: Path, name: str, entry: dict[str, Any]) -> str | None:
-    """None when the file matches its manifest entry, else a one-line reason naming the file."""
+def _check_file(directory: Path, name: str, entry: dict[str, Any], hashes: bool = True) -> str | None:
+    """None when the file matches its manifest entry (size, and SHA-256 with `hashes`), else a one-line reason
+    naming the file."""
     path = directory / name
     if not path.is_file():
         return f"checkpoint {directory}: file {name} is missing (listed in {MANIFEST})"
@@ -100,16 +101,18 @@ def _check_file(directory: Path, name: str, entry: dict[str, Any]) -> str | None
     if size != entry["bytes"]:
         return (f"checkpoint {directory}: file {name} has {size} bytes, {MANIFEST} says {entry['bytes']} "
                 f"(truncated or replaced)")
-    if sha256_file(path) != entry["sha256"]:
+    if hashes and sha256_file(path) != entry["sha256"]:
         return f"checkpoint {directory}: file {name} fails its SHA-256 check (corrupt or modified since written)"
     return None
 
 
-def verify_checkpoint(directory: str | Path, required: tuple[str, ...] = (), collective: bool = True) -> dict:
+def verify_checkpoint(directory: str | Path, required: tuple[str, ...] = (), collective: bool = True,
+                      hashes: bool = True) -> dict:
     """Check every file against the manifest before anything is parsed; returns the manifest.
 
     Raises CheckpointError naming the first bad file. With `collective` and a process group up, every
     rank must call it: the files are hashed round-robin over the ranks and all ranks get the same verdict.
+    `hashes=False` checks presence and sizes only (a cheap look before anything starts, not a verification).
     """
     directory = Path(directory)
     rank, world = _world()
@@ -126,7 +129,7 @@ def verify_checkpoint(directory: str | Path, required: tuple[str, ...] = (), col
     if not problems:
         names = sorted(manifest["files"])
         for name in names[rank::world] if collective else names:
-            reason = _check_file(directory, name, manifest["files"][name])
+            reason = _check_file(directory, name, manifest["files"][name], hashes)
             if reason:
                 problems.append(reason)
                 break

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from sparsetrain.config import to_dict
 from sparsetrain.model.gpt import build_model
 from sparsetrain.train import checkpoint as ckpt
 from sparsetrain.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
@@ -118,8 +119,11 @@ def test_nothing_verifies_is_an_error_not_a_fresh_start(tmp_path, six_steps):
     out, _ = six_steps
     root = _copy(out, tmp_path, 5)
     (root / "step_00000005" / ".metadata").unlink()
+    cfg = tiny_cfg(tmp_path, *RESUME, steps=6)
     with pytest.raises(CheckpointError, match="no checkpoint under .* verifies.*checkpoint.resume=false"):
-        _run(tiny_cfg(tmp_path, *RESUME, steps=6))  # refused before a single step is trained
+        ckpt.preflight_resume(to_dict(cfg))  # what `sparsetrain train` checks before any process starts
+    with pytest.raises(CheckpointError, match="no checkpoint under .* verifies.*checkpoint.resume=false"):
+        _run(cfg)  # and the ranks: refused before a single step is trained
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
