@@ -178,12 +178,17 @@ def generate(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
 @app.command()
 def plan(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
          cluster: str = typer.Option("", help="cluster for the predicted step time (default: h100-sxm-8x for GPU "
-                                     "configs, cpu-2core otherwise)")) -> None:
+                                     "configs, cpu-2core otherwise)"),
+         as_json: bool = typer.Option(False, "--json", help="print the memory plan as JSON (memory_mib_per_rank)"),
+         ) -> None:
     """Print per-rank memory, the initial FSSDP placement and the predicted step time, without training."""
     cfg = _load(config, overrides)
-    from sparsetrain.parallel.plan_report import plan_report
+    from sparsetrain.parallel.plan_report import plan_json, plan_report
     from sparsetrain.sim.scale import plan_prediction
 
+    if as_json:
+        typer.echo(plan_json(cfg))
+        return
     typer.echo(plan_report(cfg))
     try:
         typer.echo(plan_prediction(cfg, cluster))

@@ -1,67 +1,72 @@
-"""`sparsetrain plan`: per-rank memory and the initial FSSDP placement, computed without training."""
+"""`sparsetrain plan`: per-rank memory (what a run holds) and the initial FSSDP placement, without training."""
 from __future__ import annotations
+
+import json
 
 import torch
 
 from sparsetrain.config import Config
-from sparsetrain.parallel.placement import LayerPlacement, initial_owners
-from sparsetrain.parallel.planners import get_planner
-from sparsetrain.parallel.topology import Topology
-from sparsetrain.sim.workload import zipf_loads
+from sparsetrain.parallel.memory_plan import MemoryPlan, initial_placement, memory_plan
+from sparsetrain.telemetry.flops import model_size
 
+__all__ = ["initial_placement", "layer_sizes", "plan_json", "plan_report"]
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:8.3f}"
+GIB = 2**30
+COLUMNS = (("params", "params"), ("grads", "grads"), ("optimizer", "adam"), ("compute_copies", "bf16 cp"),
+           ("gathered_dense", "fsdp ag"), ("gathered_experts", "copies"), ("copy_grads", "copy gr"),
+           ("activations", "acts"), ("backward_transient", "bwd tmp"), ("comm_buffers", "comm"),
+           ("host_data", "data"))
 
 
 def layer_sizes(cfg: Config) -> tuple[int, int, int]:
     """(dense params, params of one expert, number of MoE layers) from the config alone."""
-    m, e = cfg.model, cfg.moe
-    n_moe = sum(1 for i in range(m.n_layers) if m.moe_every == 1 or i % m.moe_every == m.moe_every - 1)
-    d_dense = m.d_ffn_dense or 4 * m.d_model
-    attn = 4 * m.d_model * m.d_model + 2 * m.d_model
-    dense = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.d_model
-    dense += m.n_layers * attn + (m.n_layers - n_moe) * 3 * m.d_model * d_dense + n_moe * m.d_model * e.num_experts
-    return dense, 3 * m.d_model * e.d_ffn, n_moe
+    size = model_size(cfg)
+    return size.dense, size.per_expert, size.n_moe
 
 
-def initial_placement(cfg: Config, world: int) -> tuple[Topology, list[int], LayerPlacement, torch.Tensor]:
-    """First-step placement: loads uniform, or Zipf(moe.router_skew) when the skew knob is set."""
-    topo = Topology.from_env(world, cfg.parallel.pretend_nodes if world > 1 else 0)
-    e = cfg.moe.num_experts
-    loads = zipf_loads(e, cfg.moe.router_skew) if cfg.moe.router_skew > 0 else torch.full((e,), 1.0 / e)
-    owners = initial_owners(e, world)
-    f = cfg.parallel.fssdp
-    budget = f.overlap_budget if f.overlap_budget >= 0 else f.slots_per_rank
-    placement = get_planner(f.planner)(loads, owners, topo, f.slots_per_rank, budget)
-    return topo, owners, placement, loads
+def _memory_table(plan: MemoryPlan) -> list[str]:
+    head = "rank  " + "".join(f"{label:>9}" for _, label in COLUMNS) + "   peak GiB  (phase)"
+    title = (f"memory per rank (GiB; {plan.device}, {plan.precision}, {plan.strategy}, "
+             f"{plan.tokens_per_micro_batch} tokens per micro-batch per rank):")
+    lines = [title, head]
+    for r in plan.ranks:
+        cells = "".join(f"{getattr(r, k) / GIB:9.3f}" for k, _ in COLUMNS)
+        phase = max(r.phases, key=r.phases.get)
+        lines.append(f"{r.rank:>4}  {cells}   {r.peak / GIB:8.3f}  ({phase})")
+    worst = plan.max_mib / 1024
+    lines.append(f"largest rank: {worst:.2f} GiB; fits 80 GiB with 10% headroom: {'yes' if plan.fits(80) else 'NO'}")
+    off = max(r.offloaded for r in plan.ranks)
+    if off:
+        lines.append(f"activations offloaded to host per rank: {off / GIB:.3f} GiB (pinned host memory)")
+    return lines
 
 
 def plan_report(cfg: Config) -> str:
-    """Text report: parameter/optimizer bytes per rank under FSSDP and the first placement of layer 0."""
+    """Text report: every rank's memory by kind and peak, then the first FSSDP placement of layer 0."""
     world = cfg.launch.workers
-    bytes_p = 2 if cfg.train.precision == "bf16" else 4
+    act_bytes = 2 if cfg.train.precision == "bf16" else 4
     dense, per_expert, n_moe = layer_sizes(cfg)
-    topo, owners, placement, loads = initial_placement(cfg, world)
-    lines = [(f"FSSDP plan: {world} ranks ({topo.num_nodes} nodes x {topo.ranks_per_node}), "
-             f"{cfg.moe.num_experts} experts x {n_moe} MoE layers, planner {cfg.parallel.fssdp.planner}, "
-             f"slots/rank {cfg.parallel.fssdp.slots_per_rank}"),
+    topo, _owners, placement, loads = initial_placement(cfg, world)
+    lines = [(f"{cfg.parallel.strategy} plan: {world} ranks ({topo.num_nodes} nodes x {topo.ranks_per_node}), "
+              f"{cfg.moe.num_experts} experts x {n_moe} MoE layers, planner {cfg.parallel.fssdp.planner}, "
+              f"slots/rank {cfg.parallel.fssdp.slots_per_rank}"),
              (f"dense params {dense:,} (FSDP2-sharded), one expert {per_expert:,} params "
-             f"({per_expert * bytes_p / 2**20:.2f} MiB per chunk)"), "",
-             "rank  owned  copies  params GiB  grads GiB  adam GiB  copies GiB  total GiB"]
-    extra = placement.extra_count(world)
-    for r in range(world):
-        owned = owners.count(r)
-        p = dense / world + owned * per_expert * n_moe
-        copies = extra[r] * per_expert * bytes_p  # one layer's copies live at a time (released after use)
-        total = p * (bytes_p + 4 + 8) + copies
-        lines.append(f"{r:>4}  {owned:>5}  {extra[r]:>6}  {_gib(p * bytes_p)}    {_gib(p * 4)}  {_gib(p * 8)}"
-                     f"    {_gib(copies)}   {_gib(total)}")
+              f"({per_expert * act_bytes / 2**20:.2f} MiB per chunk in {cfg.train.precision})"), ""]
+    lines += _memory_table(memory_plan(cfg))
     lines += ["", "initial placement (layer 0; every layer starts the same):", "expert  load   owner  copies"]
     order = torch.argsort(loads, descending=True, stable=True).tolist()
     for e in order:
         lines.append(f"{e:>6}  {float(loads[e]):.3f}  {placement.owners[e]:>5}  {list(placement.copies[e])}")
-    chunk = per_expert * bytes_p
+    chunk = per_expert * act_bytes
     lines.append(f"\nspAG bytes per MoE layer: {placement.spag_bytes(chunk) / 2**20:.2f} MiB "
                  f"(all-gather of every expert: {chunk * cfg.moe.num_experts * (world - 1) / 2**20:.2f} MiB)")
     return "\n".join(lines)
+
+
+def plan_json(cfg: Config) -> str:
+    """The same numbers as JSON: `memory_mib_per_rank`, each rank's breakdown (bytes), model size."""
+    plan = json.loads(memory_plan(cfg).to_json())
+    size = model_size(cfg)
+    plan.update(params_total=size.total, params_active=size.active,
+                fits_80gib_10pct_headroom=memory_plan(cfg).fits(80))
+    return json.dumps(plan, indent=1)

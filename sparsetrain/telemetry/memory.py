@@ -107,17 +107,18 @@ def gather_peak_mib(mem: PeakMemory) -> list[float]:
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-MMAP_THRESHOLD_BYTES = 1 << 20
+MMAP_THRESHOLD_BYTES = 128 << 10  # tensors of the tiny preset's activations (256 KiB) included
 
 
 def return_freed_memory() -> bool:
-    """CPU (glibc): allocate blocks >= 1 MiB with mmap so freeing a tensor returns its pages to the OS.
+    """CPU (glibc): allocate blocks >= 128 KiB with mmap so freeing a tensor returns its pages to the OS.
 
     glibc's default raises its mmap threshold up to 32 MiB as blocks are freed, after which freed
     activations stay in a fragmented heap: measured here, a 3-step run of the tiny preset with 32 experts
-    and d_ffn 1024 climbed to 1784 MiB RSS for 823 MiB of live tensors; with a fixed 1 MiB threshold it
-    peaked at 1025 MiB, and RSS follows the live tensors (what `sparsetrain plan` counts). Returns whether
-    the setting took effect (False off glibc).
+    and d_ffn 1024 (one process) climbed to 1784 MiB RSS for 823 MiB of live tensors, and with a fixed
+    1 MiB threshold peaked at 1025 MiB; the 4-rank tiny preset (activations of 256 KiB) peaked at 115-130
+    MiB per rank with 1 MiB and 94-103 MiB with 128 KiB. RSS then follows the live tensors (what
+    `sparsetrain plan` counts). Returns whether the setting took effect (False off glibc).
     """
     name = ctypes.util.find_library("c")
     if sys.platform != "linux" or not name:

@@ -1,0 +1,255 @@
+"""What one rank holds during a training step, from the config alone: `memory_plan(cfg) -> MemoryPlan`.
+
+Counted per rank, in the dtypes the run uses: parameters (fp32 master weights under every precision),
+gradients (fp32), AdamW state (two fp32 moments), bf16 compute copies (FSDP2 all-gathered blocks, spAG
+chunks, autocast weight casts), FSDP2 unsharded blocks, FSSDP gathered expert copies and their gradient
+stash, saved activations and logits of one micro-batch (offload / recomputation on or off),
+communication buffers, on CPU the token corpus held in memory, and a fixed per-process runtime share.
+
+FSSDP copies are planned for the worst step: placements change every step with the loads (and the copy
+cost gate may drop them), so each rank is given `slots_per_rank` copies per layer (or more, if the first
+placement already holds more).
+
+Activation bytes per token follow the tensors autograd saves in this repo's model (measured with
+`torch.distributed._tools.mem_tracker.MemTracker`; tests/parallel/test_memory_plan.py checks them):
+attention block 8*d values (+ fp32 logsumexp per head), MoE block 3*d per token + (3*d + 4*d_ffn) per
+routed slot (+ index bytes and fp32 router logits / probs), dense MLP block 2*d + 4*d_ffn_dense, head
+3*d values (embedding, final norm) + the logits and cross entropy's fp32 log-softmax [T, V].
+
+Peak = the largest of: end of forward (state + activations + gathered weights), start of backward
+(+ a layer's activation gradients and the logits gradient), end of backward (state + gradients +
+copy-gradient stash + communication buffers) and the optimizer step; on CPU plus the corpus. CUDA
+measures live bytes (`torch.cuda.max_memory_allocated`); CPU measures the RSS high-water, which follows
+live bytes because the trainer has glibc return freed blocks (`telemetry.memory.return_freed_memory`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from sparsetrain.config import Config
+from sparsetrain.parallel.placement import LayerPlacement, initial_owners
+from sparsetrain.parallel.planners import get_planner
+from sparsetrain.parallel.topology import Topology
+from sparsetrain.sim.workload import zipf_loads
+from sparsetrain.telemetry.flops import is_moe_layer, model_size
+
+__all__ = ["MemoryPlan", "RankMemory", "initial_placement", "memory_plan"]
+
+MIB = 2**20
+FP32 = 4
+# What a trainer process holds beyond its tensors. CPU: interpreter objects, thread stacks, glibc heap of
+# small blocks, gloo buffers; measured as the peak of 3-step runs of a near-empty model (d_model 16):
+# 22.5 MiB on 1 rank, 27 MiB on 2 ranks. CUDA: cuBLAS / cuBLASLt workspaces taken from the caching allocator
+# (up to 32 MiB each on sm90 for the main and one side stream; an estimate, not measured here).
+RUNTIME_BYTES = {"cpu": 25 * MIB, "cuda": 64 * MIB}
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes one rank holds, by kind (see the module docstring), and its peak."""
+
+    rank: int
+    owned_experts: int  # expert chunks this rank owns, all MoE layers
+    expert_copies: int  # non-owner copies it materializes, all MoE layers (FSSDP)
+    params: int  # fp32 parameters this rank owns (master weights)
+    grads: int
+    optimizer: int  # AdamW exp_avg + exp_avg_sq
+    compute_copies: int  # bf16 casts of owned weights used in compute (autocast); 0 in fp32
+    gathered_dense: int  # FSDP2 unsharded blocks alive at once (current + prefetched, root)
+    gathered_experts: int  # FSSDP materialized chunk buffers alive at once (forward)
+    copy_grads: int  # FSSDP gradient stash of materialized chunks until spRS
+    activations: int  # saved for backward, one micro-batch (what stays on the device)
+    backward_transient: int  # activation gradients of one layer + the logits gradient
+    comm_buffers: int  # flat all-reduce / spRS receive buffers at their largest
+    host_data: int  # CPU: token corpus in memory (0 on CUDA)
+    offloaded: int  # activations moved to host memory (not part of the device peak)
+    phases: dict[str, int] = field(default_factory=dict)  # forward / backward / optimizer totals
+    peak: int = 0
+
+    @property
+    def peak_mib(self) -> float:
+        """Peak in MiB."""
+        return self.peak / MIB
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Per-rank memory of a config on `world` ranks of `device` ('cuda' or 'cpu')."""
+
+    world: int
+    device: str
+    precision: str
+    strategy: str
+    tokens_per_micro_batch: int  # per rank
+    ranks: list[RankMemory]
+
+    @property
+    def memory_mib_per_rank(self) -> list[float]:
+        """Planned peak per rank (MiB), rank order."""
+        return [round(r.peak_mib, 1) for r in self.ranks]
+
+    @property
+    def max_mib(self) -> float:
+        """The largest rank's planned peak (MiB)."""
+        return max(r.peak_mib for r in self.ranks)
+
+    def fits(self, capacity_gib: float, headroom: float = 0.10) -> bool:
+        """Whether every rank's peak leaves `headroom` (fraction) of `capacity_gib` free."""
+        return self.max_mib <= capacity_gib * 1024 * (1 - headroom)
+
+    def to_json(self) -> str:
+        """JSON with `memory_mib_per_rank` and every rank's breakdown (bytes)."""
+        out = {"world": self.world, "device": self.device, "precision": self.precision, "strategy": self.strategy,
+               "tokens_per_micro_batch": self.tokens_per_micro_batch,
+               "memory_mib_per_rank": self.memory_mib_per_rank, "max_mib": round(self.max_mib, 1),
+               "ranks": [asdict(r) for r in self.ranks]}
+        return json.dumps(out, indent=1)
+
+
+def _device(cfg: Config, device: str | None) -> str:
+    if device is not None:
+        return device
+    if cfg.train.device != "auto":
+        return cfg.train.device
+    return "cuda" if cfg.launch.gpus_per_worker > 0 else "cpu"
+
+
+def initial_placement(cfg: Config, world: int) -> tuple[Topology, list[int], LayerPlacement, torch.Tensor]:
+    """First-step placement: loads uniform, or Zipf(moe.router_skew) when the skew knob is set."""
+    topo = Topology.from_env(world, cfg.parallel.pretend_nodes if world > 1 else 0)
+    e = cfg.moe.num_experts
+    loads = zipf_loads(e, cfg.moe.router_skew) if cfg.moe.router_skew > 0 else torch.full((e,), 1.0 / e)
+    owners = initial_owners(e, world)
+    f = cfg.parallel.fssdp
+    budget = f.overlap_budget if f.overlap_budget >= 0 else f.slots_per_rank
+    placement = get_planner(f.planner)(loads, owners, topo, f.slots_per_rank, budget)
+    return topo, owners, placement, loads
+
+
+def _placement_counts(cfg: Config, world: int) -> tuple[list[int], list[int]]:
+    """Per rank: owned experts per MoE layer, and non-owner copies per layer (FSSDP's first placement)."""
+    _topo, owners, placement, _loads = initial_placement(cfg, world)
+    return [owners.count(r) for r in range(world)], placement.extra_count(world)
+
+
+def _activation_bytes(cfg: Config, tokens: int, slots: float, act: int) -> tuple[list[int], int, int]:
+    """Saved bytes per block (depth order), head bytes (embedding, final norm, logits) and logits-grad bytes."""
+    m, e = cfg.model, cfg.moe
+    d, v = m.d_model, m.vocab_size
+    attn = tokens * (8 * d * act + FP32 * m.n_heads)
+    blocks = []
+    for i in range(m.n_layers):
+        if is_moe_layer(cfg, i):
+            ffn = tokens * (3 * d * act + 2 * FP32 * e.num_experts) + slots * ((3 * d + 4 * e.d_ffn) * act + 40)
+        else:
+            ffn = tokens * (2 * d + 4 * (m.d_ffn_dense or 4 * d)) * act
+        blocks.append(int(attn + ffn))
+    # the logits (held by the model output) + fp32 log-softmax saved by cross entropy (+ its fp32 copy under bf16)
+    logits = tokens * v * (act + FP32 + (FP32 if act != FP32 else 0))
+    head = tokens * 3 * d * act + logits
+    return blocks, int(head), tokens * v * FP32 * 2
+
+
+def _device_activations(cfg: Config, blocks: list[int], block_input: int, device: str) -> tuple[int, int]:
+    """(bytes kept on the device, bytes offloaded to host) for the saved activations of all blocks."""
+    o = cfg.offload
+    if not o.enabled:
+        return sum(blocks), 0
+    kept = off = 0
+    for i, b in enumerate(blocks):
+        selected = i % o.every_k_layers == 0
+        if selected and o.checkpoint_activations:
+            b = block_input  # only the block input is saved; the block is recomputed in backward
+        if selected and device == "cuda":
+            off += b
+        else:
+            kept += b
+    in_flight = 2 * max(blocks) if off else 0  # the block being offloaded and the one prefetched back
+    return kept + min(off, in_flight), max(0, off - in_flight)
+
+
+def memory_plan(cfg: Config, world: int | None = None, device: str | None = None) -> MemoryPlan:
+    """Per-rank memory plan for `cfg` on `world` ranks (default launch.workers) of `device` (default from cfg)."""
+    world = world or cfg.launch.workers
+    dev = _device(cfg, device)
+    strategy = cfg.parallel.strategy if world > 1 else "none"
+    size = model_size(cfg)
+    m, e, t = cfg.model, cfg.moe, cfg.train
+    bf16 = t.precision == "bf16"
+    act = 2 if bf16 else FP32
+    n_moe, per_expert = size.n_moe, size.per_expert
+    tokens = cfg.data.batch_size // (world * t.grad_accum) * m.seq_len
+    slots = float(tokens * e.top_k)  # uniform routing: each rank computes as many slots as it sends
+    fsdp = world > 1 and cfg.parallel.dense == "fsdp2" and strategy != "none"
+    dense_local = size.dense // world if fsdp else size.dense
+    block_dense = 4 * m.d_model * m.d_model + 2 * m.d_model + m.d_model * e.num_experts
+    root_dense = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.d_model
+    if strategy == "fssdp":
+        owned, first = _placement_counts(cfg, world)
+        # placements are re-planned every step from the loads: a rank may hold up to slots_per_rank copies
+        # per layer at any step, so plan for that (or for more, if the first placement already holds more)
+        cap = cfg.parallel.fssdp.slots_per_rank
+        extra = [min(e.num_experts - o, max(x, cap)) for o, x in zip(owned, first)]
+    elif strategy == "ep":
+        ep = cfg.parallel.ep_size or world
+        owned, extra = [e.num_experts // ep] * world, [0] * world
+    else:
+        owned, extra = [e.num_experts] * world, [0] * world
+    blocks, head, logits_grad = _activation_bytes(cfg, tokens, slots, act)
+    kept, offloaded = _device_activations(cfg, blocks, tokens * m.d_model * act, dev)
+    activations = kept + head
+    host_data = _corpus_bytes(cfg) if dev == "cpu" else 0
+    ranks = []
+    for r in range(world):
+        expert_params = owned[r] * per_expert * n_moe
+        p = (dense_local + expert_params) * FP32
+        grads, opt = p, 2 * p
+        compute = (dense_local + expert_params) * 2 if bf16 else 0
+        gathered_dense = (2 * block_dense + root_dense) * act if fsdp else 0
+        chunk_b = per_expert * act
+        rows = (owned[r] + extra[r]) if extra[r] else 0  # materialized rows per layer (replicated layers only)
+        live_layers = n_moe if cfg.parallel.fssdp.keep_materialized else min(2, n_moe)
+        gathered_experts = rows * chunk_b * live_layers if strategy == "fssdp" else 0
+        copy_grads = rows * per_expert * FP32 * n_moe if strategy == "fssdp" else 0
+        if strategy == "dp" or (strategy == "ep" and world > 1):
+            comm = expert_params * FP32  # one flat all-reduce buffer of the expert grads (dense.all_reduce_grads)
+        elif strategy == "fssdp" and extra[r]:
+            comm = owned[r] * per_expert * FP32  # spRS receive rows of one layer
+        else:
+            comm = 0
+        if fsdp:
+            comm = max(comm, block_dense * FP32)  # unsharded grads of one block before reduce-scatter
+        bwd_transient = max(blocks) + logits_grad
+        accum_grads = grads if t.grad_accum > 1 else 0
+        forward = p + opt + compute + accum_grads + gathered_dense + gathered_experts + activations
+        backward_start = p + opt + compute + gathered_dense + gathered_experts + activations + bwd_transient
+        backward_end = p + opt + grads + copy_grads + comm + gathered_dense + gathered_experts // live_layers
+        optimizer = p + opt + grads + max_param_bytes(cfg, owned[r])
+        phases = {"forward": forward, "backward_start": backward_start, "backward_end": backward_end,
+                  "optimizer": optimizer}
+        peak = max(phases.values()) + host_data + RUNTIME_BYTES.get(dev, 0)
+        ranks.append(RankMemory(r, owned[r] * n_moe, extra[r] * n_moe, p, grads, opt, compute, gathered_dense,
+                                gathered_experts, copy_grads, activations, bwd_transient, comm, host_data,
+                                offloaded, phases, int(peak)))
+    return MemoryPlan(world, dev, t.precision, strategy, tokens, ranks)
+
+
+def max_param_bytes(cfg: Config, owned_per_layer: int) -> int:
+    """The largest single parameter tensor (AdamW's per-parameter temporary), fp32 bytes."""
+    m = cfg.model
+    expert = owned_per_layer * m.d_model * cfg.moe.d_ffn
+    return max(expert, m.vocab_size * m.d_model, m.d_model * m.d_model) * FP32
+
+
+def _corpus_bytes(cfg: Config) -> int:
+    """Token bytes a CPU rank reads into memory: the embedded stdlib corpus (prepared shard directories are
+    memory-mapped; their resident pages depend on access and are not counted)."""
+    if cfg.data.corpus != "stdlib":
+        return 0
+    from sparsetrain.data.corpus import build_stdlib_corpus
+
+    train, val = build_stdlib_corpus(cfg.data.val_fraction)
+    return int(train.nbytes + val.nbytes)
