@@ -1,5 +1,6 @@
 # `make run`: set up .venv and run the default 4-rank CPU dry run (FSSDP, tiny preset).
 # `make test`: same set-up, then the test suite. Both are idempotent and quick once set up.
+# `make gpu-check`: on a machine with one CUDA GPU, the prepared GPU validation (< 10 min) -> runs/gpu-check/REPORT.md.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ PYTEST_ARGS ?= -q -p no:cacheprovider
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 DS_OPS := $(TORCH_EXTENSIONS_DIR)/.sparsetrain-prebuilt
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench gpu-check clean
 
 setup: $(STAMP) $(DS_OPS)
 
@@ -33,6 +34,9 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check sparsetrain kernels launcher benchmarks tests
+
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py --out runs/gpu-check
 
 bench: setup
 	$(PY) benchmarks/moe_strategies.py
