@@ -139,8 +139,13 @@ def job_config(config: str, overrides: list[str] | None, workers: int | None) ->
 
     extra = list(overrides or []) + ([f"launch.workers={workers}"] if workers else [])
     extra += ["launch.backend=ray", "launch.address=auto"]
+    from sparsetrain.train.storage import resolve_job_storage
+
     try:
-        return to_dict(load_config(config, extra))
+        cfg = load_config(config, extra)
+        for change in resolve_job_storage(cfg):  # relative out_dir: under SPARSETRAIN_STORAGE_ROOT, or refused
+            print(f"storage: {change}", file=sys.stderr, flush=True)
+        return to_dict(cfg)
     except ConfigError as e:
         raise LaunchError(f"invalid config: {e}") from None
 

@@ -57,6 +57,14 @@ def train(config: str = ConfigOpt, overrides: list[str] | None = SetOpt) -> None
     """Train: in-process for 1 worker, else N workers via the launcher (Ray by default)."""
     cfg = _load(config, overrides)
     from sparsetrain.train.run_lock import run_lock
+    from sparsetrain.train.storage import in_ray_job, resolve_job_storage
+
+    if in_ray_job():  # a Ray job's working dir is deleted with it: outputs go to durable storage
+        try:
+            for change in resolve_job_storage(cfg):
+                typer.echo(f"storage: {change}", err=True)
+        except ConfigError as e:
+            _fail(str(e))
 
     try:
         if not cfg.launch.address:  # local data: every shard and the tokenizer checked before any process starts

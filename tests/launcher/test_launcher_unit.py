@@ -141,8 +141,10 @@ def test_runtime_env_and_entrypoint() -> None:
     assert "--config job.yaml" in job_entrypoint() and "launch.address=auto" in job_entrypoint()
 
 
-def test_job_config_validates_locally() -> None:
+def test_job_config_validates_locally(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPARSETRAIN_STORAGE_ROOT", "/shared")  # the preset's relative out_dir goes under it
     cfg = job_config("tiny", ["train.steps=3"], workers=2)
+    assert cfg["train"]["out_dir"] == "/shared/runs/tiny"
     assert cfg["launch"]["workers"] == 2 and cfg["launch"]["backend"] == "ray"
     assert cfg["launch"]["address"] == "auto" and cfg["train"]["steps"] == 3
     with pytest.raises(LaunchError, match="nonsense"):
@@ -150,7 +152,7 @@ def test_job_config_validates_locally() -> None:
 
 
 def test_stage_project_is_importable_without_install(tmp_path: Path) -> None:
-    cfg = job_config("tiny", ["train.steps=2"], 1)
+    cfg = job_config("tiny", ["train.steps=2", f"train.out_dir={tmp_path}/run"], 1)
     stage = stage_project(cfg, tmp_path / "stage")
     for rel in ("sparsetrain/cli.py", "sparsetrain/launcher/jobs.py", "sparsetrain/kernels/__init__.py",
                 "configs/tiny.yaml", "job.yaml"):
@@ -172,6 +174,7 @@ def test_load_entry() -> None:
 
 def test_inline_sets_one_rank_world_and_restores_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("SPARSETRAIN_STORAGE_ROOT", "/shared")
     cfg = job_config("tiny", [], 1)
     seen = run_inline(cfg, "tests.launcher.test_launcher_unit:_env_probe")
     assert seen["RANK"] == "0" and seen["WORLD_SIZE"] == "1" and seen["LOCAL_WORLD_SIZE"] == "1"
