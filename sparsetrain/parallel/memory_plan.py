@@ -45,6 +45,8 @@ FP32 = 4
 # 22.5 MiB on 1 rank, 27 MiB on 2 ranks. CUDA: cuBLAS / cuBLASLt workspaces taken from the caching allocator
 # (up to 32 MiB each on sm90 for the main and one side stream; an estimate, not measured here).
 RUNTIME_BYTES = {"cpu": 25 * MIB, "cuda": 64 * MIB}
+# static expert partitions over parallel.ep_size ranks (the peers' layers are planned like ours)
+EXPERT_PARALLEL = ("ep", "deepspeed_moe", "megatron_moe")
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,7 @@ def memory_plan(cfg: Config, world: int | None = None, device: str | None = None
         # per layer at any step, so plan for that (or for more, if the first placement already holds more)
         cap = cfg.parallel.fssdp.slots_per_rank
         extra = [min(e.num_experts - o, max(x, cap)) for o, x in zip(owned, first)]
-    elif strategy == "ep":
+    elif strategy in EXPERT_PARALLEL:
         ep = cfg.parallel.ep_size or world
         owned, extra = [e.num_experts // ep] * world, [0] * world
     else:
@@ -214,7 +216,7 @@ def memory_plan(cfg: Config, world: int | None = None, device: str | None = None
         live_layers = n_moe if cfg.parallel.fssdp.keep_materialized else min(2, n_moe)
         gathered_experts = rows * chunk_b * live_layers if strategy == "fssdp" else 0
         copy_grads = rows * per_expert * FP32 * n_moe if strategy == "fssdp" else 0
-        if strategy == "dp" or (strategy == "ep" and world > 1):
+        if strategy == "dp" or (strategy in EXPERT_PARALLEL and world > 1):
             comm = expert_params * FP32  # one flat all-reduce buffer of the expert grads (dense.all_reduce_grads)
         elif strategy == "fssdp" and extra[r]:
             comm = owned[r] * per_expert * FP32  # spRS receive rows of one layer

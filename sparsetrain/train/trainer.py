@@ -340,6 +340,9 @@ class Trainer:
             if k in last:
                 summary[k] = last[k]
         if self.info.is_main:
+            from sparsetrain.parallel.memory_plan import memory_plan
+
+            summary["plan_memory_mib"] = round(memory_plan(self.cfg, self.info.world, self.device.type).max_mib, 1)
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
             rows = [(k, v) for k, v in summary.items() if not isinstance(v, (dict, list))]

@@ -52,6 +52,7 @@ def test_loss_decreases_and_metrics_jsonl(tmp_path):
     assert summary["params_total"] == sum(p.numel() for p in tr.model.parameters())  # one process: all of it
     assert summary["params_active"] < summary["params_total"]
     assert "params" not in summary and len(summary["peak_memory_mib"]) == 1
+    assert summary["plan_memory_mib"] > 0  # `sparsetrain plan` for this run, beside the measured peak
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 30
     loads = [json.loads(ln) for ln in (tmp_path / "expert_loads.jsonl").read_text().splitlines()]
     assert len(loads) == 30 and len(loads[0]["counts"]) == 2  # one row per step, one list per MoE layer
