@@ -12,7 +12,7 @@ placement already holds more).
 
 Activation bytes per token follow the tensors autograd saves in this repo's model (measured with
 `torch.distributed._tools.mem_tracker.MemTracker`; tests/parallel/test_memory_plan.py checks them):
-attention block 8*d values (+ fp32 logsumexp per head), MoE block 3*d per token + (3*d + 4*d_ffn) per
+attention block 8*d values (+ fp32 logsumexp per head; + 4.5*d fp32 values under bf16 autocast), MoE block 3*d per token + (3*d + 4*d_ffn) per
 routed slot (+ index bytes and fp32 router logits / probs), dense MLP block 2*d + 4*d_ffn_dense, head
 3*d values (embedding, final norm) + the logits and cross entropy's fp32 log-softmax [T, V].
 
@@ -141,7 +141,10 @@ def _activation_bytes(cfg: Config, tokens: int, slots: float, act: int) -> tuple
     """Saved bytes per block (depth order), head bytes (embedding, final norm, logits) and logits-grad bytes."""
     m, e = cfg.model, cfg.moe
     d, v = m.d_model, m.vocab_size
-    attn = tokens * (8 * d * act + FP32 * m.n_heads)
+    # bf16 autocast: RMSNorm outputs (bf16 x times the fp32 weight) and their kin stay fp32, about 4.5 * d
+    # fp32 values per token per block beyond the bf16 tensors (MemTracker, CPU autocast)
+    mixed = 18 * d if act != FP32 else 0
+    attn = tokens * (8 * d * act + FP32 * m.n_heads + mixed)
     blocks = []
     for i in range(m.n_layers):
         if is_moe_layer(cfg, i):
