@@ -269,7 +269,7 @@ def sim_predict(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
         c = load_cluster(cluster)
         per_gpu = batch_per_gpu or max(1, cfg.data.batch_size // cfg.launch.workers)
         rows = scale_rows(setup_from_config(cfg), c, counts, workload or f"zipf:{cfg.moe.router_skew}", per_gpu,
-                          tuple(v.strip() for v in variants.split(",") if v.strip()))
+                          tuple(v.strip() for v in variants.split(",") if v.strip()), cfg)
     except ValueError as e:
         _fail(str(e))
     typer.echo(format_table(rows))

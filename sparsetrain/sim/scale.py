@@ -14,10 +14,10 @@ VARIANTS = ("dp", "ep", "fssdp-hecate", "fssdp-lpt_spill", "fssdp-eplb")
 COLUMNS = (("step_time_s", "step ms", 1e3), ("tokens_per_s", "tokens/s", 1.0), ("mfu", "MFU %", 100.0),
            ("token_imbalance", "imbal", 1.0), ("compute_s", "compute ms", 1e3), ("a2a_s", "a2a ms", 1e3),
            ("spag_s", "spAG ms", 1e3), ("sprs_s", "spRS ms", 1e3), ("exposed_comm_s", "exposed ms", 1e3),
-           ("latency_s", "latency ms", 1e3), ("mem_per_rank_gib", "mem GiB", 1.0),
+           ("latency_s", "latency ms", 1e3), ("mem_per_rank_gib", "mem GiB", 1.0), ("mem_plan_gib", "plan GiB", 1.0),
            ("intra_bytes_per_rank", "intra GB", 1e-9), ("inter_bytes_per_rank", "inter GB", 1e-9))
 PLOTS = (("step_time_s", "step time (s)"), ("tokens_per_s", "tokens/s"), ("mfu", "MFU"),
-         ("mem_per_rank_gib", "memory per rank (GiB)"), ("inter_bytes_per_rank", "bytes per rank over inter-node links"),
+         ("mem_per_rank_gib", "memory per rank (GiB)"), ("mem_plan_gib", "memory per rank, sparsetrain plan (GiB)"), ("inter_bytes_per_rank", "bytes per rank over inter-node links"),
          ("intra_bytes_per_rank", "bytes per rank over intra-node links"))
 
 
@@ -27,22 +27,48 @@ def variant_setup(s: SimSetup, variant: str) -> SimSetup:
     return s.with_(strategy=strategy, planner=planner or s.planner)
 
 
+def plan_gib(cfg: Any, variant: str, world: int, batch: int, ep_size: int, device: str) -> float | None:
+    """`sparsetrain plan`'s memory (parallel.memory_plan, the runtime's own count) of the fullest rank, GiB;
+    None where that plan rejects the configuration."""
+    from sparsetrain.config import ConfigError, config_from_dict, to_dict
+    from sparsetrain.parallel.memory_plan import memory_plan
+
+    strategy, _, planner = variant.partition("-")
+    d = to_dict(cfg)
+    d["parallel"].update(strategy=strategy, ep_size=ep_size if strategy == "ep" else 0)
+    if planner:
+        d["parallel"]["fssdp"]["planner"] = planner
+    d["data"]["batch_size"], d["launch"]["workers"] = batch, world
+    try:
+        return memory_plan(config_from_dict(d), world, device).max_mib / 1024
+    except (ConfigError, ValueError):
+        return None
+
+
 def scale_rows(s: SimSetup, c: Cluster, gpus: list[int], workload: str, batch_per_gpu: int,
-               variants: tuple[str, ...] = VARIANTS) -> list[dict[str, Any]]:
-    """One prediction row per (GPU count, variant); the global batch grows with the GPUs (weak scaling)."""
+               variants: tuple[str, ...] = VARIANTS, cfg: Any = None) -> list[dict[str, Any]]:
+    """One prediction row per (GPU count, variant); the global batch grows with the GPUs (weak scaling).
+    With `cfg`, each row also carries `mem_plan_gib` from the runtime's memory plan."""
+    from sparsetrain.sim.predict import ep_group_size
+
     loads = workload_loads(workload, s.num_experts, s.n_moe)
     rows = []
     for world in gpus:
         for v in variants:
-            p = predict(variant_setup(s, v).with_(batch_size=batch_per_gpu * world), c, world, loads)
-            rows.append({"gpus": world, "variant": v, **p.row()})
+            vs = variant_setup(s, v).with_(batch_size=batch_per_gpu * world)
+            p = predict(vs, c, world, loads)
+            row = {"gpus": world, "variant": v, **p.row()}
+            if cfg is not None:
+                row["mem_plan_gib"] = plan_gib(cfg, v, world, vs.batch_size, ep_group_size(vs, world), c.device)
+            rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Aligned text table of the main columns."""
     head = ["gpus", "variant"] + [h for _, h, _ in COLUMNS]
-    body = [[str(r["gpus"]), r["variant"]] + [f"{r[k] * f:,.4g}" for k, _, f in COLUMNS] for r in rows]
+    body = [[str(r["gpus"]), r["variant"]] + [f"{r[k] * f:,.4g}" if r.get(k) is not None else "-"
+                                              for k, _, f in COLUMNS] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head, *body])
 
@@ -59,10 +85,11 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, title: str) -> list[Pat
     for key, label in PLOTS:
         fig, ax = plt.subplots(figsize=(7, 4))
         for v in variants:
-            pts = [(r["gpus"], r[key]) for r in rows if r["variant"] == v]
-            ax.plot(*zip(*pts), marker="o", label=v)
+            pts = [(r["gpus"], r[key]) for r in rows if r["variant"] == v and r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=v)
         ax.set_xscale("log", base=2)
-        if key not in ("mfu",):
+        if key != "mfu" and any((r.get(key) or 0) > 0 for r in rows):
             ax.set_yscale("log")
         ax.set_xlabel("GPUs")
         ax.set_ylabel(label)

@@ -160,3 +160,17 @@ def test_copy_cost_gate_as_the_runtime():
     assert gated.spag_s == 0 and gated.sprs_s == 0  # P1 = P0 on every layer, like EP
     ungated = predict(s.with_(cost_gate=False), slow, 4, loads)
     assert ungated.spag_s > 0 and ungated.step_time_s > gated.step_time_s
+
+
+def test_scale_rows_carry_the_runtime_memory_plan(tmp_path):
+    from sparsetrain.config import load_config
+    from sparsetrain.sim.scale import format_table, scale_rows, write_outputs
+    from sparsetrain.sim.shape import setup_from_config
+
+    cfg = load_config("tiny")
+    rows = scale_rows(setup_from_config(cfg), load_cluster("cpu-2core"), [2, 4], "zipf:0.8", 4, ("ep", "fssdp-hecate"),
+                      cfg)
+    assert all(r["mem_plan_gib"] is not None and r["mem_plan_gib"] > 0 for r in rows)
+    assert "plan GiB" in format_table(rows)
+    pngs = write_outputs(rows, tmp_path, "tiny")
+    assert {p.name for p in pngs} >= {"step_time_s.png", "mem_plan_gib.png"} and (tmp_path / "predictions.json").exists()
