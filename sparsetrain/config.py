@@ -98,6 +98,7 @@ class SparsityConfig:
     mask_decay_steps: int = 0  # pruned weights scaled by beta(t): 1 -> 0 over this many steps
     structure_decay: list[str] = field(default_factory=list)  # e.g. ["7:8", "4:8"] before n:m
     structure_decay_every: int = 0  # steps per structure-decay stage
+    kernel: str = "auto"  # auto: N:M kernels picked per shape on CUDA, dense on CPU | reference | triton | cuda_2_4
 
 
 @dataclass
@@ -108,6 +109,7 @@ class OffloadConfig:
     checkpoint_activations: bool = False  # also recompute the selected blocks (their saved inputs get offloaded)
     prefetch: bool = True  # when backward reaches block i, start bringing block i-1's activations back
     pin_memory: bool = True  # CUDA: page-locked host buffers (async copies); ignored on CPU
+    max_host_mib: float = 0.0  # host pool bound per device (0 = unbounded); tensors that do not fit stay on device
 
 
 @dataclass
@@ -151,6 +153,7 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | mlflow | wandb
     gpu_telemetry_s: float = 2.0  # NVML sampling interval per worker (0 = off; nothing happens without a GPU)
     peak_tflops: float = 0.0  # peak TFLOP/s of one rank for MFU; 0 = GPU device table (CPU: no MFU)
+    activation_checkpointing: str = "none"  # none | full (every block) | selective (every block's FFN: router+experts)
 
 
 @dataclass
@@ -347,6 +350,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check_trackers(t.trackers)
     _check(t.gpu_telemetry_s >= 0, f"train.gpu_telemetry_s must be >= 0, got {t.gpu_telemetry_s}")
     _check(t.peak_tflops >= 0, f"train.peak_tflops must be >= 0 (0 = from the device table), got {t.peak_tflops}")
+    _one_of("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "selective"))
+    o = cfg.offload
+    _check(o.every_k_layers >= 1, f"offload.every_k_layers must be >= 1, got {o.every_k_layers}")
+    _check(o.min_tensor_bytes >= 0, f"offload.min_tensor_bytes must be >= 0, got {o.min_tensor_bytes}")
+    _check(o.max_host_mib >= 0, f"offload.max_host_mib must be >= 0 (0 = unbounded), got {o.max_host_mib}")
     _check(cfg.data.batch_size >= 1, f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
     _check(0 < cfg.data.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     _one_of("data.sampling", cfg.data.sampling, ("random", "sequential"))
@@ -368,6 +376,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if s.enabled:
         _check(0 < s.n <= s.m, f"sparsity: need 0 < n <= m, got {s.n}:{s.m}")
         _one_of("sparsity.method", s.method, ("magnitude", "sr_ste"))
+        _one_of("sparsity.kernel", s.kernel, ("auto", "reference", "triton", "cuda_2_4"))
     world = world_size or cfg.launch.workers
     validate_world(cfg, world)
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sparsetrain.offload.saved import recomputing
+
 CountReducer = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -65,7 +67,7 @@ class TopKRouter(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         counts = torch.bincount(expert_ids.flatten(), minlength=self.num_experts)  # [E]
         global_counts = self.reduce_counts(counts.detach().float())
-        if self.training and self.balance == "aux_free":
+        if self.training and self.balance == "aux_free" and not recomputing():  # a checkpoint replay: counted
             self._pending_counts = self._pending_counts.to(global_counts) + global_counts
         aux = x.new_zeros((), dtype=torch.float32)
         if self.aux_loss_coef > 0 and self.balance == "aux_loss":

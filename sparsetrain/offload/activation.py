@@ -1,27 +1,32 @@
 """Activation offload: saved tensors of selected blocks live in a host buffer pool between forward and backward.
 
 `enable_activation_offload(model, cfg)` hooks every k-th transformer block (the model file is unchanged):
-a forward pre-hook enters `torch.autograd.graph.saved_tensors_hooks`, an always-called forward hook exits it.
-Pack copies large non-parameter saved tensors to host buffers (CUDA: pinned, on a side stream); unpack
-brings them back. With `prefetch`, a grad hook on block i's output starts the copies back of blocks i and i-1.
+a forward pre-hook pushes this controller as a layer of the saved-tensor hook stack (`offload.saved`; FSSDP's
+chunk release is an inner layer of the same stack), an always-called forward hook pops it. Pack copies large
+non-parameter saved tensors to host buffers (CUDA: pinned, on a side stream; the pool may be bounded by
+`max_host_mib`, past which tensors stay on device); unpack brings them back. With `prefetch`, a grad hook on
+block i's output starts the copies back of blocks i and i-1.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import weakref
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from sparsetrain.config import OffloadConfig
+from sparsetrain.offload.checkpointing import checkpoint_module, uncheckpoint_module
 from sparsetrain.offload.packed import PackedTensor
 from sparsetrain.offload.pool import HostBufferPool
+from sparsetrain.offload.saved import LayerScope
+
+log = logging.getLogger("sparsetrain.offload")
 
 _ENABLED: weakref.WeakKeyDictionary[nn.Module, OffloadController] = weakref.WeakKeyDictionary()
 
@@ -69,8 +74,21 @@ class _Call:
 
     group: _Group
     resident: set[int]
-    ctx: Any = None
+    scope: LayerScope | None = None
     seen: dict[tuple, tuple[weakref.ReferenceType[torch.Tensor], Any]] = field(default_factory=dict)
+
+
+class _CallLayer:
+    """This controller as one layer of the saved-tensor stack for one block call (claims every tensor)."""
+
+    def __init__(self, ctl: OffloadController, call: _Call) -> None:
+        self.ctl, self.call = ctl, call
+
+    def pack(self, t: torch.Tensor) -> Any:
+        return self.ctl._pack(self.call, t)
+
+    def unpack(self, payload: Any) -> torch.Tensor:
+        return self.ctl._unpack(payload)
 
 
 class OffloadController:
@@ -81,6 +99,8 @@ class OffloadController:
             raise ValueError(f"offload.every_k_layers must be >= 1, got {cfg.every_k_layers}")
         if cfg.min_tensor_bytes < 0:
             raise ValueError(f"offload.min_tensor_bytes must be >= 0, got {cfg.min_tensor_bytes}")
+        if cfg.max_host_mib < 0:
+            raise ValueError(f"offload.max_host_mib must be >= 0 (0 = unbounded), got {cfg.max_host_mib}")
         if model in _ENABLED:
             raise RuntimeError("activation offload is already enabled on this model; call remove() first")
         self.model, self.cfg = model, cfg
@@ -95,40 +115,30 @@ class OffloadController:
         self._active: list[_Call] = []
         self._last_group: dict[int, _Group] = {}
         self._hooks: list[Any] = []
-        self._forwards: dict[int, Callable[..., Any] | None] = {}
+        self._checkpointed: list[int] = []
+        self._warned_full = False
         self.reset_stats()
         for i, block in enumerate(self.blocks):
             if i in self.selected:
                 self._hooks.append(block.register_forward_pre_hook(functools.partial(self._enter, i)))
                 self._hooks.append(block.register_forward_hook(functools.partial(self._exit, i), always_call=True))
-                if cfg.checkpoint_activations:
-                    self._wrap_checkpoint(i, block)
+                if cfg.checkpoint_activations and checkpoint_module(block):  # False: already checkpointed
+                    self._checkpointed.append(i)
             elif cfg.prefetch and i - 1 in self.selected:  # backward reaching block i prefetches block i-1
                 self._hooks.append(block.register_forward_hook(functools.partial(self._link, i)))
         _ENABLED[model] = self
 
     # ------------------------------------------------------------------ hooks
-    def _wrap_checkpoint(self, i: int, block: nn.Module) -> None:
-        """Instance-level forward override: recompute the block in backward, save (and offload) only its inputs."""
-        self._forwards[i] = block.__dict__.get("forward")
-        inner = block.forward
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
-
-        block.forward = forward  # type: ignore[method-assign]
-
     def _enter(self, i: int, block: nn.Module, args: tuple) -> None:
         if i == self.selected[0]:
             self._resident = _resident_ptrs(self.model)  # once per forward: params may have been moved or replaced
         call = _Call(_Group(i), self._resident | _resident_ptrs(block))  # block params: FSDP2 swaps in unsharded ones
-        call.ctx = torch.autograd.graph.saved_tensors_hooks(functools.partial(self._pack, call), self._unpack)
-        call.ctx.__enter__()
+        call.scope = LayerScope(_CallLayer(self, call))
         self._active.append(call)
 
     def _exit(self, i: int, block: nn.Module, args: tuple, out: Any) -> None:
         call = self._active.pop()
-        call.ctx.__exit__(None, None, None)
+        call.scope.close()
         call.seen.clear()
         self._last_group[i] = call.group
         self._link(i, block, args, out)
@@ -158,7 +168,8 @@ class OffloadController:
     def _pool(self, device: torch.device) -> HostBufferPool:
         with self._lock:
             if device not in self._pools:  # one pool per device: its buffers are only touched on that side stream
-                self._pools[device] = HostBufferPool(pin_memory=device.type == "cuda" and self.cfg.pin_memory)
+                self._pools[device] = HostBufferPool(pin_memory=device.type == "cuda" and self.cfg.pin_memory,
+                                                     max_bytes=int(self.cfg.max_host_mib * 2**20))
             return self._pools[device]
 
     def _pack(self, call: _Call, t: torch.Tensor) -> Any:
@@ -181,14 +192,30 @@ class OffloadController:
             kept = t.detach()
             call.seen[key] = (weakref.ref(t), kept)
             return kept
-        packed = PackedTensor(t, self._pool(t.device), self._side_stream(t.device), self._lock, call.group.block, ptr)
+        pool = self._pool(t.device)
+        buf = pool.acquire(nbytes)
+        if buf is None:  # the bounded pool is full: this tensor stays on device
+            self._count("kept_pool_full", nbytes)
+            self._warn_full(pool, nbytes)
+            kept = t.detach()
+            call.seen[key] = (weakref.ref(t), kept)
+            return kept
+        packed = PackedTensor(t, pool, buf, self._side_stream(t.device), self._lock, call.group.block, ptr)
         call.seen[key] = (weakref.ref(t), packed)
         call.group.handles.append(weakref.ref(packed))
         self._live.add(packed)
         self._count("offloaded", nbytes)
         with self._lock:
             self._by_block[call.group.block] += nbytes
+            self._n_by_block[call.group.block] += 1
         return packed
+
+    def _warn_full(self, pool: HostBufferPool, nbytes: int) -> None:
+        if not self._warned_full:
+            self._warned_full = True
+            log.warning("offload: host pool full (offload.max_host_mib=%g, %.1f MiB in use); a %.2f MiB activation "
+                        "stays on device (counted as kept_pool_full; raise max_host_mib or offload fewer blocks)",
+                        self.cfg.max_host_mib, pool.in_use_bytes / 2**20, nbytes / 2**20)
 
     def _unpack(self, packed: Any) -> torch.Tensor:
         if not isinstance(packed, PackedTensor):
@@ -220,16 +247,20 @@ class OffloadController:
                 "kept_small_tensors": c.get("kept_small", 0), "kept_small_bytes": b.get("kept_small", 0),
                 "kept_resident_tensors": c.get("kept_resident", 0),  # params / buffers (or views of them)
                 "kept_other_tensors": c.get("kept_other", 0), "kept_other_bytes": b.get("kept_other", 0),
+                "kept_pool_full_tensors": c.get("kept_pool_full", 0),
+                "kept_pool_full_bytes": b.get("kept_pool_full", 0),
                 "dedup_hits": c.get("dedup", 0),
                 "prefetched_tensors": c.get("prefetched", 0),
                 "fetched_on_demand_tensors": c.get("fetched_on_demand", 0),
                 "offloaded_bytes_by_block": dict(sorted(self._by_block.items())),
+                "offloaded_tensors_by_block": dict(sorted(self._n_by_block.items())),
             }
         out["pool_in_use_bytes"] = sum(p.in_use_bytes for p in pools)
         out["pool_peak_bytes"] = sum(p.peak_in_use_bytes for p in pools)
         out["pool_capacity_bytes"] = sum(p.capacity_bytes for p in pools)
         out["pool_allocations"] = sum(p.allocations for p in pools)
         out["pool_reuses"] = sum(p.reuses for p in pools)
+        out["pool_max_bytes"] = int(self.cfg.max_host_mib * 2**20)
         return out
 
     def reset_stats(self) -> None:
@@ -238,6 +269,7 @@ class OffloadController:
             self._counts: dict[str, int] = defaultdict(int)
             self._bytes: dict[str, int] = defaultdict(int)
             self._by_block: dict[int, int] = defaultdict(int)
+            self._n_by_block: dict[int, int] = defaultdict(int)
             for p in self._pools.values():
                 p.reset_counters()
 
@@ -246,13 +278,9 @@ class OffloadController:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        for i, prev in self._forwards.items():
-            block = self.blocks[i]
-            if prev is None:
-                block.__dict__.pop("forward", None)
-            else:
-                block.forward = prev  # type: ignore[method-assign]
-        self._forwards.clear()
+        for i in self._checkpointed:
+            uncheckpoint_module(self.blocks[i])
+        self._checkpointed.clear()
         self._last_group.clear()
         for p in self._pools.values():
             p.clear()

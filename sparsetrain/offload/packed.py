@@ -54,7 +54,7 @@ class PackedTensor:
         "stride",
     )
 
-    def __init__(self, t: torch.Tensor, pool: HostBufferPool, side: torch.cuda.Stream | None,
+    def __init__(self, t: torch.Tensor, pool: HostBufferPool, buf: torch.Tensor, side: torch.cuda.Stream | None,
                  lock: threading.RLock, block: int, src_ptr: int) -> None:
         self.pool, self.side, self.lock, self.block, self.src_ptr = pool, side, lock, block, src_ptr
         self.shape, self.dtype, self.device = t.shape, t.dtype, t.device
@@ -64,7 +64,7 @@ class PackedTensor:
         self.ready: torch.cuda.Event | None = None  # h2d copy done (CUDA)
         self.streams: set[int] = set()  # consumer streams already recorded on self.dev
         self.prefetched = False
-        self.buf: torch.Tensor | None = pool.acquire(self.nbytes)
+        self.buf: torch.Tensor | None = buf  # from pool.acquire(nbytes); goes back to the pool once fetched
         self.host = self.buf[:self.nbytes].view(self.dtype).as_strided(self.shape, self.stride)
         src = t.detach()
         with torch.no_grad():

@@ -16,10 +16,16 @@ def size_class(nbytes: int) -> int:
 
 
 class HostBufferPool:
-    """Free lists of 1-D uint8 host buffers keyed by size class; thread-safe (backward runs on other threads)."""
+    """Free lists of 1-D uint8 host buffers keyed by size class; thread-safe (backward runs on other threads).
 
-    def __init__(self, pin_memory: bool = False) -> None:
-        self.pin_memory = pin_memory
+    `max_bytes` > 0 bounds the bytes the pool owns (free + in use): a request that does not fit, even after
+    dropping idle buffers of other size classes, gets None and the caller keeps the tensor where it is.
+    """
+
+    def __init__(self, pin_memory: bool = False, max_bytes: int = 0) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"HostBufferPool max_bytes must be >= 0 (0 = unbounded), got {max_bytes}")
+        self.pin_memory, self.max_bytes = pin_memory, max_bytes
         self._free: dict[int, list[torch.Tensor]] = defaultdict(list)
         self._lock = threading.RLock()  # re-entrant: a GC'd handle may release while we hold it
         self.capacity_bytes = 0  # all buffers ever allocated and still owned by the pool
@@ -27,9 +33,11 @@ class HostBufferPool:
         self.peak_in_use_bytes = 0
         self.allocations = 0  # new buffers created (pool misses)
         self.reuses = 0  # buffers handed out again (pool hits)
+        self.refusals = 0  # requests that did not fit under max_bytes
 
-    def acquire(self, nbytes: int) -> torch.Tensor:
-        """A uint8 buffer of at least `nbytes` bytes, reused when one of its size class is free."""
+    def acquire(self, nbytes: int) -> torch.Tensor | None:
+        """A uint8 buffer of at least `nbytes` bytes, reused when one of its size class is free; None when the
+        bounded pool cannot hold it."""
         cls = size_class(nbytes)
         with self._lock:
             free = self._free.get(cls)
@@ -37,6 +45,11 @@ class HostBufferPool:
             if buf is not None:
                 self.reuses += 1
             else:
+                if self.max_bytes and self.capacity_bytes + cls > self.max_bytes:
+                    self._trim(self.capacity_bytes + cls - self.max_bytes)
+                    if self.capacity_bytes + cls > self.max_bytes:
+                        self.refusals += 1
+                        return None
                 self.allocations += 1
                 self.capacity_bytes += cls
             self.in_use_bytes += cls
@@ -52,11 +65,20 @@ class HostBufferPool:
             self.in_use_bytes -= cls
             self._free[cls].append(buf)
 
+    def _trim(self, need: int) -> None:
+        """Drop idle buffers, largest size class first, until `need` bytes are freed or none is idle."""
+        for cls in sorted(self._free, reverse=True):
+            bufs = self._free[cls]
+            while bufs and need > 0:
+                bufs.pop()
+                self.capacity_bytes -= cls
+                need -= cls
+
     def reset_counters(self) -> None:
-        """Restart peak tracking from the bytes in use now and zero the hit/miss counters."""
+        """Restart peak tracking from the bytes in use now and zero the hit/miss/refusal counters."""
         with self._lock:
             self.peak_in_use_bytes = self.in_use_bytes
-            self.allocations = self.reuses = 0
+            self.allocations = self.reuses = self.refusals = 0
 
     def clear(self) -> None:
         """Drop all free buffers (buffers still in use return to the pool later and are kept)."""

@@ -185,28 +185,6 @@ class FSSDP(Strategy):
         """Whether layer li has any copy beyond its owners this step (same answer on every rank)."""
         return self.is_replicated[li]
 
-    def release_hooks(self, li: int, mat: torch.Tensor):
-        """Saved-tensor hooks: views of the gathered chunks are not kept; backward gathers them again."""
-        ptr = mat.untyped_storage().data_ptr()
-        shape = tuple(mat.shape)
-
-        def pack(t: torch.Tensor) -> Any:
-            # empty tensors all have data_ptr 0: match only real views of the (non-empty) gathered buffer
-            if ptr and t.numel() and t.dtype == mat.dtype and t.device == mat.device \
-                    and t.untyped_storage().data_ptr() == ptr:
-                return ("fssdp_chunk", t.storage_offset(), tuple(t.shape), t.stride())
-            return t
-
-        def unpack(p: Any) -> torch.Tensor:
-            if not (isinstance(p, tuple) and p and p[0] == "fssdp_chunk"):
-                return p
-            buf = self.regathered.get(li)
-            if buf is None or tuple(buf.shape) != shape:
-                raise RuntimeError(f"FSSDP layer {li}: gathered chunks needed in backward were not re-gathered")
-            return buf.as_strided(p[2], p[3], p[1])
-
-        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
-
     def regather(self, li: int, experts: GroupedExperts) -> None:
         """Backward re-gather of layer li's chunks (data only), at its output-grad hook."""
         owners, copies = _lists(self.placements[li])

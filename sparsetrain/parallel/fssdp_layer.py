@@ -7,12 +7,13 @@ chunks to the autograd graph and stashes their gradient for spRS, which the stra
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts
 from sparsetrain.model.router import RouterOutput
+from sparsetrain.offload.saved import PASS, saved_layer
 from sparsetrain.parallel.routing import choose_replicas
 from sparsetrain.parallel.token_exchange import exchange_and_compute
 from sparsetrain.telemetry.timers import span
@@ -67,13 +68,16 @@ class FSSDPDispatcher:
         def expert_fn(xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
             return experts(xs, counts, ids=mat_ids, stacked=ws)
 
-        release = (not s.fcfg.keep_materialized) and torch.is_grad_enabled()
-        ctx = s.release_hooks(li, mat) if release else contextlib.nullcontext()
-        with ctx:
+        keep = s.fcfg.keep_materialized
+        layer = ChunkLayer(s, li, mat, release=not keep)
+        # one layer of the saved-tensor stack (offload.saved): chunk views are released (re-gathered in
+        # backward) or kept, never offloaded; every other saved tensor goes on to offload's layer, if any
+        ctx = saved_layer(layer) if torch.is_grad_enabled() else contextlib.nullcontext(False)
+        with ctx as active:  # not active inside a checkpointed region: its replay gathers again by spAG
             out, dropped, counts = exchange_and_compute(x, route, slot_rank, experts.num_experts, mat_ids, expert_fn,
                                                         None, s.cfg.moe.capacity_factor,
                                                         s.cfg.moe.capacity_renorm)
-        if release and out.requires_grad:
+        if active and not keep and out.requires_grad:
             # the layer's output grad arrives at the same point of backward on every rank: re-gather there
             out.register_hook(lambda g: s.regather(li, experts))
         if s.sprs_in_backward and x.requires_grad:
@@ -83,6 +87,37 @@ class FSSDPDispatcher:
             x.register_hook(lambda g: s.post_sprs(li, experts))
         s.rank_tokens[li] = float(counts.sum())
         return out, dropped
+
+
+class ChunkLayer:
+    """Saved-tensor layer for one MoE layer's gathered chunks `mat` [n_mat, C].
+
+    Views of `mat` saved by the expert GEMMs are claimed here so offload never copies expert weights to
+    host: with `release` they become (offset, shape, stride) and backward reads them from the buffer
+    `regather` brings back; without it (keep_materialized) they stay on device as they are.
+    """
+
+    def __init__(self, s: FSSDP, li: int, mat: torch.Tensor, release: bool) -> None:
+        self.s, self.li, self.release = s, li, release
+        self.ptr = mat.untyped_storage().data_ptr()
+        self.shape, self.dtype, self.device = tuple(mat.shape), mat.dtype, mat.device
+
+    def pack(self, t: torch.Tensor) -> Any:
+        # empty tensors all have data_ptr 0: match only real views of the (non-empty) gathered buffer
+        if not (self.ptr and t.numel() and t.dtype == self.dtype and t.device == self.device
+                and t.untyped_storage().data_ptr() == self.ptr):
+            return PASS
+        if not self.release:
+            return t.detach()
+        return (t.storage_offset(), tuple(t.shape), t.stride())
+
+    def unpack(self, p: Any) -> torch.Tensor:
+        if isinstance(p, torch.Tensor):
+            return p
+        buf = self.s.regathered.get(self.li)
+        if buf is None or tuple(buf.shape) != self.shape:
+            raise RuntimeError(f"FSSDP layer {self.li}: gathered chunks needed in backward were not re-gathered")
+        return buf.as_strided(p[1], p[2], p[0])
 
 
 class _Materialized(torch.autograd.Function):

@@ -60,6 +60,9 @@ def plan_report(cfg: Config) -> str:
     chunk = per_expert * act_bytes
     lines.append(f"\nspAG bytes per MoE layer: {placement.spag_bytes(chunk) / 2**20:.2f} MiB "
                  f"(all-gather of every expert: {chunk * cfg.moe.num_experts * (world - 1) / 2**20:.2f} MiB)")
+    from sparsetrain.offload.accounting import activation_plan_lines
+
+    lines += activation_plan_lines(cfg, world)
     return "\n".join(lines)
 
 

@@ -52,10 +52,16 @@ class Trainer:
             sparsify_(model, NMConfig.from_config(cfg.sparsity))
             self.sparsifier = nm_sparsifier(model)
         self.model: GPT = self.strategy.apply(model)
+        if cfg.train.activation_checkpointing != "none":
+            from sparsetrain.offload.checkpointing import apply_activation_checkpointing
+
+            apply_activation_checkpointing(self.model, cfg.train.activation_checkpointing)
+        self.offload = None
         if cfg.offload.enabled:
             from sparsetrain.offload import enable_activation_offload
 
             self.offload = enable_activation_offload(self.model, cfg.offload)
+        self.activation_report: dict[str, Any] = {}  # measured on the first step run (summary)
         self.optimizer = self.strategy.wrap_optimizer(
             self.model, build_optimizer(self.strategy.trainable(self.model), cfg.train))
         self.data = TokenBatches(cfg, self.info.rank, self.info.world)
@@ -225,8 +231,10 @@ class Trainer:
         for step in range(self.start_step, cfg.train.steps):
             COMM.reset()
             t0 = time.perf_counter()
-            rec = self.train_step(step)
+            rec = self._measured_step(step) if step == self.start_step else self.train_step(step)
             dt = time.perf_counter() - t0  # ends after the loss / grad norm reached the host: device work done
+            if self.offload is not None:
+                rec.update(self._offload_metrics())
             intervals.add(rec)
             comm = COMM.snapshot()  # this step's bytes, before any eval traffic
             interval_s, interval_steps, self.train_s = interval_s + dt, interval_steps + 1, self.train_s + dt
@@ -280,6 +288,32 @@ class Trainer:
         if peak > 0:
             out["mfu"] = tflops / peak
         return out
+    def _measured_step(self, step: int) -> dict[str, Any]:
+        """One step with the activation meter on: saved bytes per block (and what offload took) for the summary."""
+        from sparsetrain.offload.meter import ActivationMeter
+
+        with ActivationMeter(self.model) as meter:
+            rec = self.train_step(step)
+        saved = dict(sorted(meter.bytes_by_block.items()))
+        host = self.offload.stats()["offloaded_bytes_by_block"] if self.offload is not None else {}
+        micro = self.cfg.train.grad_accum
+        self.activation_report = {  # per micro-batch, this rank; MiB
+            "activation_MiB_by_block": {i: round(b / micro / 2**20, 4) for i, b in saved.items()},
+            "activation_on_device_MiB_by_block": {i: round((b - host.get(i, 0)) / micro / 2**20, 4)
+                                                  for i, b in saved.items()},
+            "activation_checkpointing": self.cfg.train.activation_checkpointing,
+        }
+        return rec
+
+    def _offload_metrics(self) -> dict[str, Any]:
+        """This step's offload counters (this rank), then reset: bytes moved, pool size, tensors kept for lack of room."""
+        st = self.offload.stats()
+        self.offload.reset_stats()
+        self.offload_last = st
+        return {"offload_MB": st["offloaded_bytes"] / 2**20, "offload_tensors": st["offloaded_tensors"],
+                "offload_pool_MB": st["pool_capacity_bytes"] / 2**20,
+                "offload_pool_peak_MB": st["pool_peak_bytes"] / 2**20,
+                "offload_pool_full_tensors": st["kept_pool_full_tensors"]}
 
     def _logged_records(self) -> list[dict[str, Any]]:
         path = self.out_dir / "metrics.jsonl"
@@ -336,9 +370,13 @@ class Trainer:
             **self.strategy.describe(),
         }
         for k in ("expert_load_max_mean", "expert_busy_max_mean", "spag_MB", "sprs_MB", "a2a_MB",
-                  "rank_tokens_max_mean", "dropped_slots"):
+                  "rank_tokens_max_mean", "dropped_slots", "offload_MB", "offload_pool_MB", "offload_pool_peak_MB",
+                  "offload_pool_full_tensors"):
             if k in last:
                 summary[k] = last[k]
+        if self.offload is not None:
+            summary["offload_max_host_MiB"] = self.cfg.offload.max_host_mib or "unbounded"
+        summary.update(self.activation_report)
         if self.info.is_main:
             from sparsetrain.parallel.memory_plan import memory_plan
 
