@@ -3,8 +3,14 @@
 CPU: reference (masked dense from the compressed form) vs dense, plus compressed vs dense bytes.
 CUDA: cuda_2_4 (semi-structured) and triton (compressed N:M) vs dense at 1024..8192 and expert shapes.
 `--out table.json` writes the table the dispatcher reads (set SPARSETRAIN_NM_TABLE to it).
+Paths run as training runs them: the weight is prepared once (compressed / semi-structured), then
+fwd+bwd calls `run_prepared` with the gradient flowing into the dense masked weight.
+`--train-step` adds an N:M training step-time ratio: gpt-moe-s-sized layers (`--train-layers` of them),
+bf16 autocast on CUDA, 2:4 SR-STE on experts+mlp+attn with `sparsity.kernel=auto` vs the dense masked
+GEMM (`reference`) vs no sparsity.
 
     python benchmarks/nm_gemm.py --sizes 256 512 1024 --out nm_table.json
+    python benchmarks/nm_gemm.py --train-step --train-layers 2 --seq 1024 --batch 8   # GPU
 """
 from __future__ import annotations
 
@@ -76,15 +82,14 @@ def run(args: argparse.Namespace) -> dict:
         w_masked = (w_dense * nm_mask(w_dense, n, m)).requires_grad_(True)
         w_dense.requires_grad_(True)
         c = compress_nm(w_masked.detach(), n, m)
-        c.values.requires_grad_(True)
         fns = {"dense": fwd_bwd(x, lambda a, wd=w_dense: F.linear(a, wd))}
         times: dict[str, float | None] = {}
         for name, path in NM_PATHS.items():
-            weight = c if name in ("reference", "triton") else w_masked
-            ok, why = path.eligible(x, weight, n, m)
+            ok, why = path.eligible(x, w_masked, n, m)
             times[name] = None
             if ok:
-                fns[name] = fwd_bwd(x, lambda a, p=path, wt=weight: p.run(a, wt, None, n, m))
+                prep = path.prepare(w_masked, n, m)  # once per optimizer step in training
+                fns[name] = fwd_bwd(x, lambda a, p=path, pr=prep, wm=w_masked: p.run_prepared(a, pr, wm))
             else:
                 notes.append(f"{name}: {why}")
         measured = bench_ms(fns, device, args.min_time)
@@ -116,6 +121,46 @@ def print_table(res: dict) -> None:
         print(f"not run: {note}")
 
 
+def train_step_ratio(args: argparse.Namespace) -> None:
+    """Median optimizer-step time of N:M kernels (auto) vs the dense masked GEMM vs no sparsity."""
+    from sparsetrain.config import load_config
+    from sparsetrain.model.gpt import build_model
+    from sparsetrain.sparsity import NMConfig, nm_sparsifier, sparsify_
+
+    device = torch.device(args.device)
+    over = [f"model.n_layers={args.train_layers}", f"model.seq_len={args.seq}", "model.vocab_size=1024"]
+    cfg = load_config("gpt-moe-s", over)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    x = torch.randint(0, 1024, (args.batch, args.seq), device=device)
+    fns, sps = {}, {}
+    for name in ("dense", "nm reference", "nm auto"):
+        model = build_model(cfg, device)
+        if name != "dense":
+            sparsify_(model, NMConfig(modules=["experts", "mlp", "attn"], kernel=name.split()[1]))
+            sps[name] = nm_sparsifier(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        sp_now = sps.get(name)
+
+        def step(model=model, opt=opt, sp=sp_now) -> None:
+            with amp:
+                out = model(x, x)
+            (out.loss + out.aux_loss).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if sp is not None:
+                sp.step(sp.state.step + 1)
+
+        fns[name] = step
+    ms = bench_ms(fns, device, args.min_time)
+    print(f"N:M training step ({device}, gpt-moe-s layers x{args.train_layers}, seq {args.seq}, batch {args.batch})")
+    print("| variant | step ms | x dense | kernels used |")
+    print("|---|---|---|---|")
+    for name, v in ms.items():
+        sp = sps.get(name)
+        used = dict(sp.compute.calls) if sp is not None and sp.compute is not None else {}
+        print(f"| {name} | {v:.2f} | {ms['dense'] / v:.2f} | {used} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cuda = torch.cuda.is_available()
@@ -131,9 +176,15 @@ def main() -> None:
     ap.add_argument("--min-time", type=float, default=0.3, help="seconds of repeats per measurement")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0 = torch default)")
     ap.add_argument("--out", default="", help="write the dispatcher's JSON table here")
+    ap.add_argument("--train-step", action="store_true", help="also time an N:M training step (see the docstring)")
+    ap.add_argument("--train-layers", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=1024 if cuda else 64)
+    ap.add_argument("--batch", type=int, default=8 if cuda else 2)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.train_step:
+        train_step_ratio(args)
     res = run(args)
     print_table(res)
     if args.out:

@@ -3,7 +3,8 @@
 Table (written by benchmarks/nm_gemm.py --out): {"entries": {key: {"dense_ms": t, "paths": {name: t}}}}
 with key = "<device name>|<dtype>|<n>:<m>|<tokens>x<out>x<in>" (each size rounded up to a power of 2).
 A path is only chosen from the table if its measured fwd+bwd time beat dense; otherwise the
-reference (masked dense matmul, i.e. dense speed) runs.
+reference (masked dense matmul, i.e. dense speed) runs. On CUDA a shape bucket missing from the table is
+measured once in this process (`measure_entry`) and cached.
 """
 from __future__ import annotations
 
@@ -17,15 +18,22 @@ from sparsetrain.kernels.grouped import grouped_linear
 from sparsetrain.kernels.nm_format import NMCompressed
 from sparsetrain.kernels.nm_paths import NM_PATHS, NMWeight, dense_of, get_path
 
+
+def measured_entries() -> dict[str, dict]:
+    """Entries measured by the dispatcher in this process (table layout; benchmarks can save them)."""
+    return dict(_measured)
+
 log = logging.getLogger("sparsetrain.kernels.nm")
 
 TABLE_ENV = "SPARSETRAIN_NM_TABLE"
+AUTOTUNE_ENV = "SPARSETRAIN_NM_AUTOTUNE"  # "0": never measure (CUDA without a table entry then uses the rule below)
 # Without a table on CUDA, 2:4 is used only at sizes where published fwd+bwd gains are > 1 (1.1-1.3x).
 CUDA24_MIN_DIM = 2048
 
 _table: dict | None = None
 _table_loaded = False
 _logged: set[tuple] = set()
+_measured: dict[str, dict] = {}  # key -> entry measured in this process (same layout as table entries)
 
 
 def set_benchmark_table(table: dict | str | Path | None) -> None:
@@ -37,6 +45,7 @@ def set_benchmark_table(table: dict | str | Path | None) -> None:
         raise ValueError("benchmark table needs an 'entries' mapping (as written by benchmarks/nm_gemm.py --out)")
     _table, _table_loaded = table, True
     _logged.clear()
+    _measured.clear()
 
 
 def benchmark_table() -> dict | None:
@@ -75,14 +84,51 @@ def _nm(w: NMWeight, n: int | None, m: int | None) -> tuple[int, int]:
     return n, m
 
 
+def _time_ms(fn, x: torch.Tensor, w: torch.Tensor, iters: int = 10) -> float:
+    """Mean fwd+bwd milliseconds of fn(x, w) (CUDA events after 3 warm-up calls)."""
+    xs, ws = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+    for _ in range(3):
+        fn(xs, ws).sum().backward()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(x.device)
+    start.record()
+    for _ in range(iters):
+        fn(xs, ws).sum().backward()
+    end.record()
+    torch.cuda.synchronize(x.device)
+    return start.elapsed_time(end) / iters
+
+
+def measure_entry(x: torch.Tensor, w: torch.Tensor, n: int, m: int, paths: list[str]) -> dict:
+    """Time dense and each of `paths` (prepared once, as in training) fwd+bwd on this shape: a table entry."""
+    w = w if not isinstance(w, NMCompressed) else dense_of(w)
+    x = torch.randn(x.shape, device=x.device, dtype=x.dtype)  # the caller's x may be part of a graph
+    entry = {"dense_ms": _time_ms(lambda a, b: torch.nn.functional.linear(a, b), x, w), "paths": {},
+             "measured_here": True}
+    for name in paths:
+        p = NM_PATHS[name]
+        try:
+            prep = p.prepare(w, n, m)
+            entry["paths"][name] = _time_ms(lambda a, b, p=p, prep=prep: p.run_prepared(a, prep, b), x, w)
+        except Exception as e:  # noqa: BLE001 - a path that fails here is never chosen
+            log.info("nm autotune: %s failed on %s: %s", name, tuple(w.shape), str(e).splitlines()[0])
+            entry["paths"][name] = None
+    return entry
+
+
 def choose_path(x: torch.Tensor, w: NMWeight, n: int, m: int) -> tuple[str, str]:
-    """Pick (path name, reason) for a 2-D input x and weight w."""
+    """Pick (path name, reason) for a 2-D input x and weight w: a table entry, else (CUDA) one measured here
+    once per shape bucket and cached, else a rule."""
     out_f, in_f = tuple(w.shape)[-2:]
     eligible = {name: p.eligible(x, w, n, m) for name, p in NM_PATHS.items() if name != "reference"}
     ok = [name for name, (good, _) in eligible.items() if good]
     table = benchmark_table()
     key = table_key(x.device, x.dtype, n, m, x.shape[0], out_f, in_f)
     entry = table["entries"].get(key) if table else None
+    if entry is None and x.is_cuda and ok and os.environ.get(AUTOTUNE_ENV, "1") != "0":
+        if key not in _measured:
+            _measured[key] = measure_entry(x, w, n, m, ok)
+        entry = _measured[key]
     if entry is not None:
         dense = float(entry["dense_ms"])
         timed = {p: float(t) for p, t in entry.get("paths", {}).items() if p in ok and t is not None}

@@ -34,6 +34,14 @@ def reference_linear(x: torch.Tensor, w: NMWeight, bias: torch.Tensor | None, n:
     return F.linear(x, dense_of(w), bias)
 
 
+def _reference_prepare(w: torch.Tensor, n: int, m: int) -> None:
+    return None
+
+
+def _reference_prepared(x: torch.Tensor, prepared: None, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w)
+
+
 def _reference_eligible(x: torch.Tensor, w: NMWeight, n: int, m: int) -> tuple[bool, str]:
     return True, "always available"
 
@@ -81,6 +89,18 @@ def triton_linear(x: torch.Tensor, w: NMWeight, bias: torch.Tensor | None, n: in
         c = compress_nm(w.detach(), n, m)
     y = _TritonNMLinear.apply(x.contiguous(), c.values, dense_w, c)
     return y + bias if bias is not None else y
+
+
+def _triton_prepare(w: torch.Tensor, n: int, m: int) -> NMCompressed:
+    """The compressed form the kernels read (exact for an N:M-masked w)."""
+    return compress_nm(w.detach(), n, m)
+
+
+def _triton_prepared(x: torch.Tensor, c: NMCompressed, w: torch.Tensor) -> torch.Tensor:
+    """Forward/input-grad from the prepared compressed form; the weight grad flows into the dense masked `w`."""
+    if x.shape[0] == 0:
+        return F.linear(x, w)
+    return _TritonNMLinear.apply(x.contiguous(), c.values, w, c)
 
 
 def triton_available() -> bool:
@@ -133,6 +153,35 @@ class _Cuda24Linear(torch.autograd.Function):
         return dx, dw
 
 
+class _Cuda24Prepared(torch.autograd.Function):
+    """2:4 forward (and input-grad when W.T is 2:4) from semi-structured forms built once per weight update."""
+
+    @staticmethod
+    def forward(ctx, x, w, sw, swt):  # type: ignore[override]
+        ctx.save_for_backward(x, w)
+        ctx.swt = swt
+        return F.linear(x, sw)
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = F.linear(dy, ctx.swt) if ctx.swt is not None else dy @ w
+        if ctx.needs_input_grad[1]:
+            dw = dy.t() @ x  # [out, B] @ [B, in] -> [out, in]
+        return dx, dw, None, None
+
+
+def _cuda24_prepare(w: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    wt = w.detach().t().contiguous()  # [in, out]: 2:4 along out only if the mask is transposable
+    return _to_semi_structured(w), (_to_semi_structured(wt) if _is_2_4(wt) else None)
+
+
+def _cuda24_prepared(x: torch.Tensor, prepared: tuple, w: torch.Tensor) -> torch.Tensor:
+    return _Cuda24Prepared.apply(x, w, *prepared)
+
+
 def cuda24_linear(x: torch.Tensor, w: NMWeight, bias: torch.Tensor | None, n: int, m: int) -> torch.Tensor:
     """2:4 via torch.sparse.to_sparse_semi_structured (CUTLASS / cuSPARSELt)."""
     y = _Cuda24Linear.apply(x, dense_of(w))
@@ -157,17 +206,24 @@ def _cuda24_eligible(x: torch.Tensor, w: NMWeight, n: int, m: int) -> tuple[bool
 
 @dataclass(frozen=True)
 class NMPath:
-    """One way to run an N:M linear: eligibility check (ok, reason) and the function."""
+    """One way to run an N:M linear: eligibility check (ok, reason) and the function.
+
+    `prepare(w, n, m)` builds what the path reads from a dense N:M-masked weight (compressed values and
+    indices, semi-structured forms); training calls it once per weight update and then `run_prepared(x,
+    prepared, w)`, whose weight gradient flows into the dense masked `w` (SR-STE and mask decay see it).
+    """
 
     name: str
     eligible: Callable[[torch.Tensor, NMWeight, int, int], tuple[bool, str]]
     run: Callable[[torch.Tensor, NMWeight, torch.Tensor | None, int, int], torch.Tensor]
+    prepare: Callable[[torch.Tensor, int, int], object] = _reference_prepare
+    run_prepared: Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor] = _reference_prepared
 
 
 NM_PATHS: dict[str, NMPath] = {
-    "reference": NMPath("reference", _reference_eligible, reference_linear),
-    "triton": NMPath("triton", _triton_eligible, triton_linear),
-    "cuda_2_4": NMPath("cuda_2_4", _cuda24_eligible, cuda24_linear),
+    "reference": NMPath("reference", _reference_eligible, reference_linear, _reference_prepare, _reference_prepared),
+    "triton": NMPath("triton", _triton_eligible, triton_linear, _triton_prepare, _triton_prepared),
+    "cuda_2_4": NMPath("cuda_2_4", _cuda24_eligible, cuda24_linear, _cuda24_prepare, _cuda24_prepared),
 }
 
 

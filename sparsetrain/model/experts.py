@@ -10,6 +10,8 @@ from torch import nn
 from sparsetrain.kernels import grouped_linear
 
 WeightTransform = Callable[[str, torch.Tensor, list[int]], torch.Tensor]
+# (x [N, in] sorted by expert, weight [E, out, in] to compute with, counts, the stack it came from) -> [N, out]
+GroupedLinear = Callable[[torch.Tensor, torch.Tensor, list[int], torch.Tensor], torch.Tensor]
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
 
 
@@ -25,6 +27,13 @@ def swiglu_experts(x: torch.Tensor, counts: list[int], w1: torch.Tensor, w2: tor
     return grouped_linear(h, w2, counts)  # [N, d]
 
 
+def swiglu_experts_with(linear: GroupedLinear, x: torch.Tensor, counts: list[int], ws: dict[str, torch.Tensor],
+                        sources: dict[str, torch.Tensor]) -> torch.Tensor:
+    """swiglu_experts through a custom grouped linear (N:M kernels) that also sees each weight's source."""
+    h = F.silu(linear(x, ws["w1"], counts, sources["w1"])) * linear(x, ws["w3"], counts, sources["w3"])  # [N, d_ffn]
+    return linear(h, ws["w2"], counts, sources["w2"])  # [N, d]
+
+
 class GroupedExperts(nn.Module):
     """E experts as stacked weights w1/w3 [E, d_ffn, d] and w2 [E, d, d_ffn]."""
 
@@ -34,6 +43,7 @@ class GroupedExperts(nn.Module):
         for name, (o, i) in expert_shapes(d_model, d_ffn).items():
             self.register_parameter(name, nn.Parameter(torch.empty(num_experts, o, i)))
         self.weight_transform: WeightTransform | None = None  # e.g. N:M masking (sparsity)
+        self.grouped_linear_fn: GroupedLinear | None = None  # e.g. N:M kernels (sparsity.kernel)
 
     def weights(self, ids: list[int] | None = None,
                 stacked: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -48,6 +58,9 @@ class GroupedExperts(nn.Module):
                 stacked: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """x [N, d] sorted by expert (counts per expert in `ids` order) -> [N, d]."""
         ws = self.weights(ids, stacked)
+        if self.grouped_linear_fn is not None:
+            sources = stacked if stacked is not None else {n: getattr(self, n) for n in EXPERT_WEIGHTS}
+            return swiglu_experts_with(self.grouped_linear_fn, x, counts, ws, sources)
         return swiglu_experts(x, counts, ws["w1"], ws["w2"], ws["w3"])
 
     def reset_parameters(self, std: float, out_std: float) -> None:

@@ -6,6 +6,7 @@ from typing import Any
 
 METHODS = ("magnitude", "sr_ste")
 MODULE_KINDS = ("experts", "mlp", "attn")
+KERNELS = ("auto", "reference", "triton", "cuda_2_4")
 
 
 def parse_nm(spec: str) -> tuple[int, int]:
@@ -34,6 +35,7 @@ class NMConfig:
     structure_decay: list[str] = field(default_factory=list)  # denser stages before n:m, e.g. ['7:8', '4:8']
     structure_decay_every: int = 0  # optimizer steps per structure-decay stage
     modules: list[str] = field(default_factory=lambda: ["experts"])  # experts | mlp | attn
+    kernel: str = "auto"  # auto (dispatcher; dense on CPU) | reference (dense masked GEMM) | triton | cuda_2_4
 
     def __post_init__(self) -> None:
         parse_nm(f"{self.n}:{self.m}")
@@ -46,6 +48,8 @@ class NMConfig:
         if self.mask_decay_steps < 0 or self.structure_decay_every < 0:
             raise ValueError("NMConfig.mask_decay_steps and structure_decay_every must be >= 0, got "
                              f"{self.mask_decay_steps}, {self.structure_decay_every}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"NMConfig.kernel={self.kernel!r}; allowed: {', '.join(KERNELS)}")
         bad = [k for k in self.modules if k not in MODULE_KINDS]
         if bad:
             raise ValueError(f"NMConfig.modules has {bad}; allowed: {', '.join(MODULE_KINDS)}")
@@ -68,4 +72,4 @@ class NMConfig:
         return cls(n=sc.n, m=sc.m, method=sc.method, lambda_w=sc.lambda_w, transposable=sc.transposable,
                    refresh_every=sc.refresh_every, mask_decay_steps=sc.mask_decay_steps,
                    structure_decay=list(sc.structure_decay), structure_decay_every=sc.structure_decay_every,
-                   modules=list(sc.modules))
+                   modules=list(sc.modules), kernel=getattr(sc, "kernel", "auto"))

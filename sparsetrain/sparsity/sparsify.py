@@ -156,6 +156,7 @@ class NMSparsifier:
     state: NMState
     linears: dict[str, nn.Linear] = field(default_factory=dict)
     experts: dict[str, nn.Module] = field(default_factory=dict)
+    compute: Any = None  # NMCompute when cfg.kernel != 'reference' (N:M kernels in forward/backward)
 
     def step(self, global_step: int) -> None:
         """Advance decay schedules to `global_step` and refresh masks when due."""
@@ -236,6 +237,10 @@ def sparsify_(model: nn.Module, cfg: NMConfig, filter_fn: FilterFn | None = None
     sp = getattr(model, "nm_sparsifier", None)
     if not isinstance(sp, NMSparsifier):
         sp = NMSparsifier(cfg, NMState(cfg))
+        if cfg.kernel != "reference":
+            from sparsetrain.sparsity.nm_compute import NMCompute
+
+            sp.compute = NMCompute(sp.state, cfg.kernel)
     chosen: list[tuple[str, nn.Module]] = []
     for fqn, mod in model.named_modules():
         if never_sparse(mod, fqn) or not keep(mod, fqn):
@@ -251,9 +256,13 @@ def sparsify_(model: nn.Module, cfg: NMConfig, filter_fn: FilterFn | None = None
         if isinstance(mod, nn.Linear):
             parametrize.register_parametrization(mod, "weight", NMParametrization(sp.state))
             sp.linears[fqn] = mod
+            if sp.compute is not None:
+                sp.compute.install_linear(mod)
         else:
             mod.weight_transform = NMExpertTransform(sp.state, previous=mod.weight_transform)
             sp.experts[fqn] = mod
+            if sp.compute is not None:
+                mod.grouped_linear_fn = sp.compute.grouped
     model.nm_sparsifier = sp
     return model
 
