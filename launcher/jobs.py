@@ -24,6 +24,8 @@ import yaml
 from sparsetrain.launcher.env import ENTRY_ENV, tcp_error
 from sparsetrain.launcher.errors import LaunchError, require_ray
 
+from sparsetrain.rendezvous import is_loopback
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # same lookup order as `ray job`
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -51,15 +53,26 @@ def default_address() -> str:
     return DEFAULT_ADDRESS
 
 
+def cleartext_warning(address: str) -> str | None:
+    """A warning when requests (and the token) to `address` would cross the network unencrypted."""
+    url = urlparse(normalize_address(address))
+    if url.scheme != "http" or is_loopback(url.hostname or ""):
+        return None
+    return (f"warning: {address} is plain http: the Ray token and the job travel unencrypted; use https:// "
+            f"(a TLS proxy in front of the dashboard) or an SSH tunnel to 127.0.0.1")
+
+
 def resolve_token(explicit: str | None = None, environ: dict[str, str] | None = None,
-                  home: Path | None = None) -> str | None:
-    """Ray auth token: explicit > RAY_AUTH_TOKEN > file at RAY_AUTH_TOKEN_PATH > ~/.ray/auth_token."""
+                  home: Path | None = None, token_file: str | None = None) -> str | None:
+    """Ray auth token: explicit > RAY_AUTH_TOKEN > token_file > RAY_AUTH_TOKEN_PATH > ~/.ray/auth_token."""
     env = os.environ if environ is None else environ
     if explicit:
         return explicit.strip()
     if env.get("RAY_AUTH_TOKEN"):
         return env["RAY_AUTH_TOKEN"].strip()
-    path = Path(env["RAY_AUTH_TOKEN_PATH"]) if env.get("RAY_AUTH_TOKEN_PATH") else (home or Path.home()) / ".ray" / "auth_token"
+    path = Path(token_file or env.get("RAY_AUTH_TOKEN_PATH") or (home or Path.home()) / ".ray" / "auth_token")
+    if token_file and not path.is_file():
+        raise LaunchError(f"--token-file {token_file}: no such file")
     if path.is_file():
         text = path.read_text().strip()
         return text or None
@@ -80,16 +93,18 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
                           f"(`ray start --head --dashboard-host 0.0.0.0`) and the port open?")
 
 
-def client(address: str | None = None, token: str | None = None) -> Any:
+def client(address: str | None = None, token: str | None = None, token_file: str | None = None) -> Any:
     """A JobSubmissionClient for `address` carrying the auth token (if one is found)."""
     require_ray()
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     addr = normalize_address(address or default_address())
+    if warning := cleartext_warning(addr):
+        print(warning, file=sys.stderr, flush=True)
     check_reachable(addr)
     try:
-        return JobSubmissionClient(addr, headers=auth_headers(resolve_token(token)))
+        return JobSubmissionClient(addr, headers=auth_headers(resolve_token(token, token_file=token_file)))
     except AuthenticationError as e:
         raise LaunchError(f"the Ray cluster at {addr} rejected the request: {e}\nPut the head's token "
                           "(`ray get-auth-token` on the head) in RAY_AUTH_TOKEN or ~/.ray/auth_token.") from None
@@ -170,10 +185,10 @@ def wait_for_job(jc: Any, job_id: str, timeout_s: float | None = None, poll_s: f
 
 def submit(address: str, config: str, overrides: list[str] | None = None, workers: int | None = None,
            wait: bool = False, token: str | None = None, env_vars: dict[str, str] | None = None,
-           entry: str | None = None, timeout_s: float | None = None) -> str:
+           entry: str | None = None, timeout_s: float | None = None, token_file: str | None = None) -> str:
     """Submit a training job to a Ray cluster; returns the job id (wait: also stream logs until it ends)."""
     cfg_dict = job_config(config, overrides, workers)
-    jc = client(address, token)
+    jc = client(address, token, token_file)
     with tempfile.TemporaryDirectory(prefix="st-submit-") as tmp:
         stage = stage_project(cfg_dict, Path(tmp))
         job_id = jc.submit_job(
@@ -198,12 +213,20 @@ def submit(address: str, config: str, overrides: list[str] | None = None, worker
 jobs_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Status, logs or stop of a submitted Ray job.")
 AddressOpt = typer.Option(None, "--address", "-a", help=f"Ray dashboard address (env RAY_API_SERVER_ADDRESS / "
                           f"RAY_ADDRESS, default {DEFAULT_ADDRESS})")
-TokenOpt = typer.Option(None, "--token", help="Ray auth token (default: RAY_AUTH_TOKEN or ~/.ray/auth_token)")
+TokenOpt = typer.Option(None, "--token", hidden=True, help="deprecated: visible in `ps`; use RAY_AUTH_TOKEN or --token-file")
+TokenFileOpt = typer.Option(None, "--token-file", help="file holding the Ray auth token (default: RAY_AUTH_TOKEN, "
+                            "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
 ConfigOpt = typer.Option("tiny", "--config", "-c", help="YAML preset path or name under configs/")
 SetOpt = typer.Option(None, "--set", "-s", help="override a.b=value (repeatable)")
 WorkersOpt = typer.Option(None, "--workers", "-n", help="launch.workers for the job")
 WaitOpt = typer.Option(False, "--wait", "-w", help="stream the job's logs until it ends; non-zero exit if it fails")
 FollowOpt = typer.Option(False, "--follow", "-f", help="keep printing until the job ends")
+
+
+def _deprecated_token(token: str | None) -> None:
+    if token:
+        typer.echo("warning: --token is deprecated (any user can read it with `ps`); put the token in "
+                   "RAY_AUTH_TOKEN or a file (--token-file, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)", err=True)
 
 
 def _cli(fn: Any) -> Any:
@@ -216,17 +239,20 @@ def _cli(fn: Any) -> Any:
 
 
 @jobs_app.command("status")
-def status_command(job_id: str, address: str | None = AddressOpt, token: str | None = TokenOpt) -> None:
+def status_command(job_id: str, address: str | None = AddressOpt, token: str | None = TokenOpt,
+                   token_file: str | None = TokenFileOpt) -> None:
     """Print a job's status and message."""
-    info = _cli(lambda: client(address, token).get_job_info(job_id))
+    _deprecated_token(token)
+    info = _cli(lambda: client(address, token, token_file).get_job_info(job_id))
     typer.echo(f"{job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
 
 
 @jobs_app.command("logs")
 def logs_command(job_id: str, address: str | None = AddressOpt, token: str | None = TokenOpt,
-                 follow: bool = FollowOpt) -> None:
+                 follow: bool = FollowOpt, token_file: str | None = TokenFileOpt) -> None:
     """Print a job's driver output (all ranks, prefixed)."""
-    jc = _cli(lambda: client(address, token))
+    _deprecated_token(token)
+    jc = _cli(lambda: client(address, token, token_file))
     if follow:
         status = wait_for_job(jc, job_id)
         raise typer.Exit(0 if status == "SUCCEEDED" else 1)
@@ -234,15 +260,19 @@ def logs_command(job_id: str, address: str | None = AddressOpt, token: str | Non
 
 
 @jobs_app.command("stop")
-def stop_command(job_id: str, address: str | None = AddressOpt, token: str | None = TokenOpt) -> None:
-    """Ask Ray to stop a job (its workers are killed with it)."""
-    stopped = _cli(lambda: client(address, token).stop_job(job_id))
+def stop_command(job_id: str, address: str | None = AddressOpt, token: str | None = TokenOpt,
+                 token_file: str | None = TokenFileOpt) -> None:
+    """Ask Ray to stop a job (Ray sends its driver SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S)."""
+    _deprecated_token(token)
+    stopped = _cli(lambda: client(address, token, token_file).stop_job(job_id))
     typer.echo(f"{job_id}: {'stop requested' if stopped else 'already finished'}")
 
 
 def submit_command(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
                    address: str | None = AddressOpt, workers: int | None = WorkersOpt,
-                   wait: bool = WaitOpt, token: str | None = TokenOpt) -> None:
+                   wait: bool = WaitOpt, token: str | None = TokenOpt, token_file: str | None = TokenFileOpt) -> None:
     """Submit a training job to a Ray cluster (Ray Jobs API); prints the job id."""
-    job_id = _cli(lambda: submit(address or default_address(), config, overrides, workers, wait, token))
+    _deprecated_token(token)
+    job_id = _cli(lambda: submit(address or default_address(), config, overrides, workers, wait, token,
+                                 token_file=token_file))
     typer.echo(job_id)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import codecs
 import importlib
 import os
+import signal
+import socket
 import sys
 import threading
 import time
@@ -34,7 +36,9 @@ from sparsetrain.launcher.env import (
     tcp_error,
     visible_devices,
 )
-from sparsetrain.launcher.errors import LaunchError, require_ray
+from sparsetrain.launcher.errors import LaunchError, one_line, require_ray, user_error_types
+
+from sparsetrain.rendezvous import LISTEN_FD_ENV
 
 DEFAULT_ENTRY = "sparsetrain.train.entry:train_worker"
 POLL_S = 0.2  # how often the driver collects worker output
@@ -120,6 +124,7 @@ class RankWorker:
 
     def __init__(self) -> None:
         self._capture = _Capture()
+        self._listener: socket.socket | None = None
 
     def info(self) -> dict:
         """Where Ray placed this worker."""
@@ -133,13 +138,21 @@ class RankWorker:
             "gpus": [str(g) for g in ray.get_gpu_ids()],
         }
 
-    def free_port(self) -> int:
+    def free_port(self, host: str = "") -> int:
         """A free TCP port on this worker's node (asked of rank 0 for MASTER_PORT)."""
-        return free_port()
+        return free_port(host)
+
+    def listen(self, host: str) -> int:
+        """Rank 0 of a local run: listen on host:<kernel-chosen port> now, for the TCPStore to take over."""
+        self._listener = socket.create_server((host, 0), backlog=128)
+        return int(self._listener.getsockname()[1])
 
     def run(self, entry: str, cfg_dict: dict, env: dict[str, str], torch_threads: int) -> dict:
         """Set the rank env, call the entry; return {'ok', 'result' | 'error', 'time'}."""
         os.environ.update(env)
+        if self._listener is not None:
+            os.environ[LISTEN_FD_ENV] = str(self._listener.detach())
+            self._listener = None
         self._capture.start()
         try:
             fn = load_entry(entry)
@@ -147,6 +160,9 @@ class RankWorker:
 
             torch.set_num_threads(torch_threads)
             return {"ok": True, "result": fn(cfg_dict), "time": time.time()}
+        except user_error_types() as e:  # bad input: one line on this rank, no traceback
+            print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+            return {"ok": False, "error": one_line(e), "time": time.time()}
         except BaseException:  # noqa: BLE001 - any failure goes back to the driver with its traceback
             traceback.print_exc()
             return {"ok": False, "error": traceback.format_exc(), "time": time.time()}
@@ -157,33 +173,31 @@ class RankWorker:
         """Output captured since the last drain."""
         return self._capture.drain()
 
+    def request_stop(self) -> None:
+        """Preemption: the trainer checkpoints at the end of its current step and returns."""
+        from sparsetrain.train.guards import request_stop
 
-def _start_runtime(workers: int, cpus_per_worker: int, address: str) -> bool:
-    """Connect to `address` or start a private local runtime; True if we started it."""
+        request_stop()
+
+
+def _start_runtime(workers: int, cpus_per_worker: int, address: str) -> tuple[bool, Any]:
+    """Connect to `address` or start a private local runtime; (we started it, its LocalRay handle)."""
     import logging
 
     import ray
 
     if ray.is_initialized():
-        return False
+        return False, None
     if address:
         hp = split_host_port(address)
         if hp and (why := tcp_error(*hp)):
             raise LaunchError(f"cannot reach the Ray cluster at launch.address={address!r} ({why}); "
                               "is `ray start --head` running there and the GCS port open?")
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        return False
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # private runtime bound to 127.0.0.1, no dashboard
-    ray.init(
-        address="local",
-        num_cpus=local_num_cpus(workers, cpus_per_worker, os.cpu_count()),
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-        _temp_dir=local_temp_dir(),
-        _node_ip_address="127.0.0.1",
-    )
-    return True
+        return False, None
+    from sparsetrain.launcher.local_ray import start_local_ray
+
+    return True, start_local_ray(local_num_cpus(workers, cpus_per_worker, os.cpu_count()), local_temp_dir())
 
 
 def _placement_group(workers: int, cpus: int, gpus: int, timeout_s: float, local: bool) -> Any:
@@ -242,13 +256,23 @@ def _env_for(slots: list[RankSlot], infos: list[dict], port: int, threads: int) 
     return envs
 
 
-def _wait(runs: dict[Any, int], actors: dict[int, Any], infos: dict[int, dict], prefixers: dict) -> dict | None:
-    """Stream output until every rank returns; raise LaunchError naming the rank that caused a failure."""
+def _wait(runs: dict[Any, int], actors: dict[int, Any], infos: dict[int, dict], prefixers: dict,
+          term: threading.Event) -> dict | None:
+    """Stream output until every rank returns; raise LaunchError naming the rank that caused a failure.
+
+    After `term` is set (SIGTERM), every rank is asked once to checkpoint and stop; they then return normally.
+    """
     import ray
 
     pending, result, failures = list(runs), None, []
     deadline = None  # after a first failure, wait briefly for the others to report (to find the cause)
+    stop_sent = False
     while pending:
+        if term.is_set() and not stop_sent:
+            print(f"SIGTERM: asking {len(actors)} worker(s) to checkpoint and stop", file=sys.stderr, flush=True)
+            for a in actors.values():
+                a.request_stop.remote()
+            stop_sent = True
         ready, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
         _pump(actors, prefixers, final=False)
         for ref in ready:
@@ -258,6 +282,10 @@ def _wait(runs: dict[Any, int], actors: dict[int, Any], infos: dict[int, dict], 
             except ray.exceptions.RayActorError as e:
                 where = f"pid {infos[rank]['pid']} on {infos[rank]['ip']}"
                 failures.append(Failure(rank, f"rank {rank} ({where}) died unexpectedly", str(e), time.time(), True))
+                continue
+            except ray.exceptions.RayError as e:  # e.g. OutOfMemoryError: Ray's memory monitor killed the worker
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                failures.append(Failure(rank, f"rank {rank}: {type(e).__name__}: {first}", str(e), time.time(), True))
                 continue
             if not res["ok"]:
                 last = res["error"].strip().splitlines()[-1] if res["error"].strip() else "error"
@@ -275,6 +303,21 @@ def _wait(runs: dict[Any, int], actors: dict[int, Any], infos: dict[int, dict], 
     return result
 
 
+def _on_sigterm() -> tuple[threading.Event, Any]:
+    """First SIGTERM sets the event (graceful stop); a second one interrupts like Ctrl-C. Returns (event, undo)."""
+    term = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        return term, lambda: None
+
+    def handler(signum: int, frame: Any) -> None:
+        if term.is_set():
+            raise KeyboardInterrupt
+        term.set()
+
+    old = signal.signal(signal.SIGTERM, handler)
+    return term, lambda: signal.signal(signal.SIGTERM, old)
+
+
 def run_ray(cfg_dict: dict, entry: str = DEFAULT_ENTRY, pg_timeout_s: float | None = None) -> dict | None:
     """Run `entry(cfg_dict)` on launch.workers Ray actors; rank 0's return value comes back."""
     require_ray()
@@ -285,12 +328,12 @@ def run_ray(cfg_dict: dict, entry: str = DEFAULT_ENTRY, pg_timeout_s: float | No
     launch = cfg_dict["launch"]
     n, cpus, gpus = int(launch["workers"]), int(launch["cpus_per_worker"]), int(launch["gpus_per_worker"])
     address = launch.get("address", "")
-    saved_auth = os.environ.get("RAY_AUTH_MODE")
     try:
-        started = _start_runtime(n, cpus, address)
+        started, local = _start_runtime(n, cpus, address)
     except ConnectionError as e:
         raise LaunchError(f"cannot reach the Ray cluster at launch.address={address!r}: {e}") from None
     pg, handles, actors = None, [], {}
+    term, undo_term = _on_sigterm()  # replaces the handler ray.init installed (sys.exit, then a C++ abort)
     try:
         pg = _placement_group(n, cpus, gpus, pg_timeout_s or (60.0 if started else 600.0), started)
         cls = ray.remote(RankWorker)
@@ -306,24 +349,22 @@ def run_ray(cfg_dict: dict, entry: str = DEFAULT_ENTRY, pg_timeout_s: float | No
         by_rank = {s.rank: i for i, s in enumerate(slots)}
         actors = {s.rank: handles[i] for i, s in enumerate(slots)}
         infos = {s.rank: info_list[i] for i, s in enumerate(slots)}
-        port = ray.get(actors[0].free_port.remote())
+        rank0 = actors[0]
+        port = ray.get(rank0.listen.remote(infos[0]["ip"]) if started else rank0.free_port.remote())
         envs = _env_for(slots, info_list, port, int(launch["torch_threads"]))
         runs = {handles[by_rank[r]].run.remote(entry, cfg_dict, envs[by_rank[r]], int(launch["torch_threads"])): r
                 for r in range(n)}
         tty = (sys.stdout.isatty(), sys.stderr.isatty())  # progress-bar frames only on terminals
         prefixers = {r: (LinePrefixer(r, tty[0]), LinePrefixer(r, tty[1])) for r in range(n)}
-        return _wait(runs, actors, infos, prefixers)
+        return _wait(runs, actors, infos, prefixers, term)
     except KeyboardInterrupt:
         print(f"\ninterrupted: stopping {len(handles)} worker(s)", file=sys.stderr, flush=True)
         raise
     finally:
+        undo_term()
         for a in handles:
             ray.kill(a, no_restart=True)
         if pg is not None:
             remove_placement_group(pg)
-        if started:
-            ray.shutdown()
-            if saved_auth is None:
-                os.environ.pop("RAY_AUTH_MODE", None)
-            else:
-                os.environ["RAY_AUTH_MODE"] = saved_auth
+        if local is not None:
+            local.stop()

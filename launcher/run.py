@@ -75,6 +75,7 @@ def run_torchrun(cfg_dict: dict, entry: str = DEFAULT_ENTRY) -> dict | None:
         cfg_path, summary = os.path.join(tmp, "config.yaml"), os.path.join(tmp, "summary.json")
         Path(cfg_path).write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
         env = dict(os.environ, OMP_NUM_THREADS=str(launch["torch_threads"]))
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # --standalone: one machine, gloo pairs on loopback only
         proc = subprocess.Popen(torchrun_command(int(launch["workers"]), cfg_path, summary, entry), env=env)
         try:
             rc = proc.wait()

@@ -17,14 +17,20 @@ SLEEP_ENV = "SPARSETRAIN_SMOKE_SLEEP"  # smoke only: seconds to sleep per step
 
 def smoke_worker(cfg_dict: dict) -> dict | None:
     """Join the process group, all-reduce the ranks a few times, return a summary on rank 0."""
+    import datetime
+
     import torch
     import torch.distributed as dist
+
+    from sparsetrain.rendezvous import loopback_store
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     use_cuda = cfg_dict.get("train", {}).get("device", "auto") != "cpu" and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    store = loopback_store(rank, world, datetime.timedelta(seconds=300))  # None unless MASTER_ADDR is loopback
+    dist.init_process_group("nccl" if use_cuda else "gloo", **({"store": store, "rank": rank, "world_size": world}
+                                                                if store is not None else {}))
     try:
         steps = int(cfg_dict.get("train", {}).get("steps", 3))
         fail_rank = os.environ.get(FAIL_RANK_ENV, "")

@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run one rank under torchrun; returns the process exit code."""
     args = parse_args(argv)
+    from sparsetrain.launcher.errors import one_line, user_error_types
     from sparsetrain.launcher.ray_runtime import load_entry
 
     from sparsetrain.config import load_config, to_dict
@@ -54,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         summary = load_entry(args.entry)(to_dict(cfg))
+    except user_error_types() as e:  # bad input: one line, no traceback
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        if args.summary_out:
+            Path(f"{args.summary_out}.rank{rank}.err").write_text(one_line(e))
+        return 1
     except BaseException:
         if args.summary_out:
             Path(f"{args.summary_out}.rank{rank}.err").write_text(traceback.format_exc())

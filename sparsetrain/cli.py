@@ -52,6 +52,16 @@ def _load(config: str, overrides: list[str] | None) -> Config:
     raise AssertionError("unreachable")
 
 
+def _preflight(cfg: Config, training: bool = True, data: bool = True) -> None:
+    """Planner, memory and data checks before any process starts (sparsetrain.preflight); one line, exit 1."""
+    from sparsetrain.preflight import preflight
+
+    try:
+        preflight(cfg, training, data)
+    except _known_errors() as e:
+        _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, 1)
+
+
 @app.command()
 def train(config: str = ConfigOpt, overrides: list[str] | None = SetOpt) -> None:
     """Train: in-process for 1 worker, else N workers via the launcher (Ray by default)."""
@@ -66,11 +76,8 @@ def train(config: str = ConfigOpt, overrides: list[str] | None = SetOpt) -> None
         except ConfigError as e:
             _fail(str(e))
 
+    _preflight(cfg)  # planner, memory, and local data (every shard and the tokenizer) before any process starts
     try:
-        if not cfg.launch.address:  # local data: every shard and the tokenizer checked before any process starts
-            from sparsetrain.data.check import check_data
-
-            check_data(cfg)
         from sparsetrain.train.checkpoint import preflight_resume
 
         preflight_resume(to_dict(cfg))  # a checkpoint of another model is refused before anything starts
@@ -122,6 +129,7 @@ def evaluate(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
              checkpoint: str | None = typer.Option(None, help="checkpoint dir (default: latest in out_dir)")) -> None:
     """Validation loss of a checkpoint on one process."""
     cfg = _load(config, (overrides or []) + SINGLE)
+    _preflight(cfg, training=False)
     try:
         import torch
 
@@ -153,6 +161,7 @@ def generate(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
         _fail(f"--top-p must be in (0, 1], got {top_p}")
     if tokens < 0 or top_k < 0:
         _fail(f"--tokens and --top-k must be >= 0, got {tokens} and {top_k}")
+    _preflight(cfg, training=False, data=False)
     try:
         import time
 

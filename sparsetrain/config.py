@@ -147,7 +147,8 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100
     out_dir: str = "runs/default"
-    on_nan: str = "error"  # error | skip
+    on_nan: str = "error"  # error | skip (drop the step, print it) | rollback (reload the last good checkpoint)
+    max_skipped_steps: int = 5  # on_nan=skip/rollback: the run ends (non-zero exit) after more non-finite steps
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | mlflow | wandb
@@ -162,7 +163,7 @@ class CheckpointConfig:
     dir: str = ""  # default: <out_dir>/checkpoints
     resume: bool = True  # resume from the latest committed checkpoint in dir
     save_final: bool = True
-    keep: int = 2
+    keep: int = 2  # committed checkpoints kept (0 = all)
 
 
 @dataclass
@@ -255,6 +256,8 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
+        if any("\udc80" <= ch <= "\udcff" for ch in raw):  # bytes the shell's locale could not decode
+            raise ConfigError(f"--set {key}: the value is not valid UTF-8 (check the shell's locale / the path's bytes)")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
@@ -289,7 +292,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load a YAML preset (default: configs/tiny.yaml), apply overrides, validate."""
     src = resolve_preset(path or "tiny")
     try:
-        data = yaml.safe_load(src.read_text()) or {}
+        data = yaml.safe_load(src.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{src}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{src}: invalid YAML: {e}") from None
     cfg = _build(Config, data, "", str(src))
@@ -345,7 +350,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     _check(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
     _one_of("train.precision", t.precision, ("fp32", "bf16"))
-    _one_of("train.on_nan", t.on_nan, ("error", "skip"))
+    _one_of("train.on_nan", t.on_nan, ("error", "skip", "rollback"))
+    from sparsetrain.preflight import check_counters  # the table of minimums lives beside the other pre-start checks
+
+    check_counters(cfg)
     _one_of("train.device", t.device, ("auto", "cpu", "cuda"))
     _check_trackers(t.trackers)
     _check(t.gpu_telemetry_s >= 0, f"train.gpu_telemetry_s must be >= 0, got {t.gpu_telemetry_s}")
@@ -418,8 +426,7 @@ def _validate_peer(cfg: Config) -> None:
 def validate_world(cfg: Config, world: int) -> None:
     """Checks that depend on the number of ranks."""
     p, b = cfg.parallel, cfg.data.batch_size
-    per_step = b
-    _check(per_step % (world * cfg.train.grad_accum) == 0,
+    _check(b % (world * cfg.train.grad_accum) == 0,
            f"data.batch_size={b} is not divisible by launch.workers={world} x train.grad_accum={cfg.train.grad_accum}")
     _check(p.strategy != "none" or world == 1,
            f"parallel.strategy=none does no gradient synchronisation; with {world} workers use dp, ep or fssdp")

@@ -83,6 +83,10 @@ def _worker(
         )
         result = fn(rank, world_size, *args)
         msg = ("ok", pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+        # Leave together: a rank that finishes early (e.g. not in a subgroup) and tears its gloo pairs down
+        # while the others still connect or run collectives made them fail under load ("connectFullMesh
+        # failed", "Connection closed by peer"); the trainer's shutdown_distributed does the same.
+        dist.barrier()
     except BaseException:  # noqa: BLE001 - everything goes back to the parent as text
         msg = ("err", traceback.format_exc())
     try:

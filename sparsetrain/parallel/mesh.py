@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from sparsetrain.rendezvous import loopback_store
+
 
 @dataclass
 class DistInfo:
@@ -42,8 +44,10 @@ def init_distributed(device_pref: str = "auto", timeout_s: int = 300) -> DistInf
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kw = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s), **kw)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if (store := loopback_store(rank, world, timeout)) is not None:  # single machine: loopback only
+            kw["store"] = store
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **kw)
     return DistInfo(rank, world, local_rank, local_world, device)
 
 

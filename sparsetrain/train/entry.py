@@ -20,14 +20,17 @@ def train_worker(cfg_dict: dict) -> dict[str, Any] | None:
     info = init_distributed(cfg.train.device)
     validate_world(cfg, info.world)
     from sparsetrain.telemetry.gpu import start_sampler, stop_sampler
+    from sparsetrain.train.guards import install_sigterm_handler
     from sparsetrain.train.trainer import Trainer
 
     ok = False
     start_sampler(cfg.train.gpu_telemetry_s if info.device.type == "cuda" else 0.0)
+    undo_sigterm = install_sigterm_handler()  # SIGTERM: checkpoint at the end of this step, then stop
     try:
         summary = Trainer(cfg, info).fit()
         ok = True
     finally:
+        undo_sigterm()
         stop_sampler()
         shutdown_distributed(clean=ok)
     return summary if info.is_main else None

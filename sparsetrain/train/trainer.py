@@ -26,11 +26,10 @@ from sparsetrain.telemetry.metrics import MetricsWriter, format_log, placement_t
 from sparsetrain.telemetry.timers import TIMERS, span
 from sparsetrain.train import checkpoint as ckpt
 from sparsetrain.train.fingerprint import fingerprint
+from sparsetrain.train.guards import NanGuard, NonFiniteLossError, all_finite, stop_flag
 from sparsetrain.train.optim import build_optimizer, lr_at
 
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the message names the step."""
+__all__ = ["NonFiniteLossError", "Trainer"]
 
 
 class Trainer:
@@ -68,6 +67,8 @@ class Trainer:
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.out_dir / "checkpoints")
         self.start_step = 0
+        self.stopped_at: int | None = None  # step at which a stop request (SIGTERM) ended the run
+        self.nan_guard = NanGuard(cfg.train.on_nan, cfg.train.max_skipped_steps, self._print)
         self.history: list[dict[str, Any]] = []
         self.train_s = 0.0  # wall seconds spent in training steps (no eval / checkpoint)
 
@@ -111,7 +112,11 @@ class Trainer:
             truncate_after(self.out_dir / "metrics.jsonl", int(extra["step"]))
         self._print(f"resumed from {path} at step {self.start_step}")
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int) -> Path | None:
+        """Commit a checkpoint of this step; never from weights that are not finite (returns None then)."""
+        if not all_finite(self.model.parameters()):
+            self._print(f"step {step}: weights are not finite; no checkpoint written (the last one stays the newest)")
+            return None
         extra = {"strategy": self.strategy.extra_state(), "config": to_dict(self.cfg),
                  "fingerprint": fingerprint(to_dict(self.cfg)),
                  "tokenizer": self.data.tokenizer.record(with_content=True)}  # generate decodes with it
@@ -137,7 +142,7 @@ class Trainer:
             g["lr"] = lr
         x_all, y_all = self.data.train_batch(step)
         micro = x_all.shape[0] // cfg.grad_accum
-        stats = torch.zeros(4, device=self.device)  # ce, aux, z, dropped slots (capacity mode)
+        stats = torch.zeros(5, device=self.device)  # ce, aux, z, dropped slots (capacity mode), stop requested
         counts = None
         t_fwd = t_bwd = 0.0
         for mi in range(cfg.grad_accum):
@@ -151,9 +156,9 @@ class Trainer:
             self.strategy.before_backward(last_micro=mi == cfg.grad_accum - 1)
             self.strategy.backward(loss / cfg.grad_accum)
             t_fwd, t_bwd = t_fwd + t1 - t0, t_bwd + time.perf_counter() - t1
-            stats += torch.stack([out.loss.detach().float(), out.aux_loss.detach().float(),
-                                  out.z_loss.detach().float(),
-                                  torch.tensor(float(out.dropped))]).to(self.device) / cfg.grad_accum
+            stats[:4] += torch.stack([out.loss.detach().float(), out.aux_loss.detach().float(),
+                                      out.z_loss.detach().float(),
+                                      torch.tensor(float(out.dropped))]).to(self.device) / cfg.grad_accum
             if out.tokens_per_expert is not None:
                 c = out.tokens_per_expert.detach().float()
                 counts = c if counts is None else counts + c
@@ -162,17 +167,20 @@ class Trainer:
         self.strategy.finish_backward(self.model)
         if self.sparsifier is not None:
             self.sparsifier.add_decay_grads()
+        stats[4] = stop_flag()
         stats = all_reduce_mean(stats)
         ce = float(stats[0])
         rec: dict[str, Any] = {"step": step, "loss": ce, "aux_loss": float(stats[1]), "z_loss": float(stats[2]),
                                "lr": lr, "fwd_s": t_fwd, "bwd_s": t_bwd}
         if self.cfg.moe.capacity_factor > 0:  # slots dropped this step, all ranks and micro-batches
             rec["dropped_slots"] = round(float(stats[3]) * cfg.grad_accum * self.info.world)
-        if not torch.isfinite(stats).all():
-            if cfg.on_nan == "error":
-                raise NonFiniteLossError(f"non-finite loss {ce} at step {step} (train.on_nan=error; "
-                                         f"set train.on_nan=skip to skip such steps)")
+        if float(stats[4]) > 0:
+            rec["stop"] = True
+        if not torch.isfinite(stats[:3]).all():
+            action = self.nan_guard.handle(step, ce)  # raises under on_nan=error or past max_skipped_steps
             self.optimizer.zero_grad(set_to_none=True)
+            if action == "rollback":
+                self._rollback(step)
             rec["skipped"] = True
             return rec
         with span("optimizer"):
@@ -264,9 +272,14 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
             every = cfg.checkpoint.every
-            if ((every and (step + 1) % every == 0) or (last and cfg.checkpoint.save_final and every >= 0)) \
+            if ((every and (step + 1) % every == 0) or (last and cfg.checkpoint.save_final) or rec.get("stop")) \
                     and self.strategy.checkpoints:
                 self.save(step)
+            if rec.get("stop"):
+                self.stopped_at = step
+                self._print(f"stop requested (SIGTERM): stopped after step {step}, checkpoint in {self.ckpt_dir}; "
+                            f"run the same command to resume")
+                break
         bar.close()
         writer.close()
         elapsed = time.perf_counter() - t_start
@@ -315,6 +328,18 @@ class Trainer:
                 "offload_pool_peak_MB": st["pool_peak_bytes"] / 2**20,
                 "offload_pool_full_tensors": st["kept_pool_full_tensors"]}
 
+    def _rollback(self, step: int) -> None:
+        """on_nan=rollback: reload the newest committed checkpoint (weights, optimizer, strategy state)."""
+        path, manifest, refused = ckpt.find_resumable(self.ckpt_dir)  # the newest one that verifies
+        if refused:
+            self._print(ckpt.fallback_line(self.ckpt_dir, path, refused))
+        if path is None:
+            raise NonFiniteLossError(f"non-finite loss at step {step} with train.on_nan=rollback, but no committed "
+                                     f"checkpoint in {self.ckpt_dir} to roll back to (set checkpoint.every)")
+        extra = ckpt.load_checkpoint(path, self.model, self.optimizer, manifest)
+        self.strategy.load_extra_state(extra.get("strategy", {}), self.model)
+        self._print(f"rolled back to {path.name}; training goes on with the batch of step {step + 1}")
+
     def _logged_records(self) -> list[dict[str, Any]]:
         path = self.out_dir / "metrics.jsonl"
         if not path.exists():
@@ -358,7 +383,8 @@ class Trainer:
 
     def _summary(self, elapsed: float, val_loss: float | None) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
-        steps_run = self.cfg.train.steps - self.start_step
+        end = self.cfg.train.steps if self.stopped_at is None else self.stopped_at + 1
+        steps_run = end - self.start_step
         size = model_size(self.cfg)
         peaks = gather_peak_mib(self.memory)  # every rank calls _summary
         summary = {
@@ -368,7 +394,7 @@ class Trainer:
             "params_total": size.total, "params_active": size.active, "world": self.info.world,
             "peak_memory_mib": [round(p, 1) for p in peaks],
             **self.strategy.describe(),
-        }
+        } | ({"stopped_at_step": self.stopped_at} if self.stopped_at is not None else {})
         for k in ("expert_load_max_mean", "expert_busy_max_mean", "spag_MB", "sprs_MB", "a2a_MB",
                   "rank_tokens_max_mean", "dropped_slots", "offload_MB", "offload_pool_MB", "offload_pool_peak_MB",
                   "offload_pool_full_tensors"):

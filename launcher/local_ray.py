@@ -1,0 +1,117 @@
+"""A private single-machine Ray runtime: every port on 127.0.0.1, none fixed, nothing left after its owner.
+
+Measured on Ray 2.60 (`ss -ltnp` during a run): `ray.init(_node_ip_address="127.0.0.1")`
+does not give a loopback node, because `ray.init` "resolves" 127.0.0.1 to the
+machine's routable address; the GCS, raylet, object manager and worker gRPC servers
+then listen on all interfaces, the dashboard and runtime-env agents on the node
+address, and the agent's HTTP port is fixed at 52365 (two runtimes on one host
+collide). The metrics servers of the autoscaler monitor and the dashboard head use
+fixed ports 44217 / 44227 on 0.0.0.0. So a local runtime here is started with
+the node address really set to 127.0.0.1 (Ray's C++ servers then bind loopback
+only), the agent's HTTP port and both metrics ports chosen by the kernel, and a
+reaper (sparsetrain.launcher.reaper) that ends every process of the runtime when
+the launcher dies, even by SIGKILL.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from sparsetrain.launcher.errors import LaunchError
+from sparsetrain.launcher.reaper import start_reaper, stop_reaper
+
+LOOPBACK = "127.0.0.1"
+# Environment of a local runtime's processes (inherited from the driver): auth off because nothing
+# listens beyond loopback; the two metrics servers Ray starts on fixed ports get kernel-chosen ones.
+LOCAL_ENV = {"RAY_AUTH_MODE": "disabled", "AUTOSCALER_METRIC_PORT": "0", "DASHBOARD_METRIC_PORT": "0"}
+# RayParams fields ray.init(address="local") does not expose: the node address as given (not resolved
+# to the routable one) and a kernel-chosen dashboard-agent HTTP port instead of the fixed 52365.
+LOCAL_PARAMS = {"node_ip_address": LOOPBACK, "dashboard_agent_listen_port": 0}
+
+
+@contextlib.contextmanager
+def _patched_env(env: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _loopback_params() -> Iterator[None]:
+    """While ray.init builds its RayParams, force LOCAL_PARAMS into them."""
+    from ray._private import parameter
+
+    orig = parameter.RayParams.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        orig(self, *args, **(kwargs | LOCAL_PARAMS))
+
+    parameter.RayParams.__init__ = init
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = orig
+
+
+@dataclass
+class LocalRay:
+    """A started local runtime: shut it down with `stop()`."""
+
+    reaper: subprocess.Popen | None
+    env: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    def stop(self) -> None:
+        """ray.shutdown(), then the reaper ends whatever is left; restores the environment."""
+        import ray
+
+        try:
+            ray.shutdown()
+        finally:
+            stop_reaper(self.reaper)
+            self.env.close()
+
+
+START_ATTEMPTS = 3  # Ray gives its raylet a fixed 30 s to register; a busy machine can miss that
+
+
+def start_local_ray(num_cpus: int, temp_dir: str) -> LocalRay:
+    """ray.init a private runtime on 127.0.0.1 with a reaper watching this process."""
+    import sys
+
+    import ray
+
+    for attempt in range(1, START_ATTEMPTS + 1):
+        handle = LocalRay(reaper=start_reaper())
+        handle.env.enter_context(_patched_env(LOCAL_ENV))
+        try:
+            with _loopback_params():
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.WARNING, _temp_dir=temp_dir)
+            return handle
+        except Exception as e:
+            handle.stop()
+            if "timed out during startup" not in str(e):
+                raise
+            if attempt == START_ATTEMPTS:
+                load = os.getloadavg()[0]
+                raise LaunchError(f"could not start a local Ray runtime: its raylet missed Ray's 30 s registration "
+                                  f"window {START_ATTEMPTS} times (load average {load:.0f} on {os.cpu_count()} CPUs); "
+                                  f"retry when the machine is less busy, or use launch.backend=torchrun") from None
+            print(f"Ray's node did not register within its 30 s (machine busy?); retrying ({attempt}/"
+                  f"{START_ATTEMPTS - 1})", file=sys.stderr, flush=True)
+        except BaseException:
+            handle.stop()
+            raise
+    raise AssertionError("unreachable")

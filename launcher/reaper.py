@@ -1,0 +1,99 @@
+"""Reaper: ends every process a launcher started when the launcher goes away, even by SIGKILL.
+
+`start_reaper()` spawns `python -m sparsetrain.launcher.reaper --owner PID` in its
+own session with a pipe on its stdin. While the owner lives, the reaper records
+the processes that appear in the owner's process tree twice a second (pid + kernel
+start time, so a reused pid is never touched; what the owner had already started
+before the reaper is left alone). When the pipe closes (the owner exited, crashed or was killed),
+it sends SIGTERM to every recorded process still alive, then SIGKILL after a grace
+period. Ray's own clean-up misses its dashboard and runtime-env agents after a
+SIGKILL of the driver (they stayed listening for minutes); this catches them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+from sparsetrain.launcher.procs import descendants, start_time
+
+TICK_S = 0.5
+GRACE_S = 3.0
+
+
+def start_reaper(owner: int | None = None) -> subprocess.Popen:
+    """Start a reaper for `owner` (default: this process); close its stdin to make it clean up now."""
+    owner = owner or os.getpid()
+    return subprocess.Popen([sys.executable, "-m", "sparsetrain.launcher.reaper", "--owner", str(owner)],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def stop_reaper(proc: subprocess.Popen | None, timeout_s: float = GRACE_S + 5) -> None:
+    """Let the reaper clean up what is left and wait for it."""
+    if proc is None:
+        return
+    try:
+        if proc.stdin:
+            proc.stdin.close()
+        proc.wait(timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired):
+        proc.kill()
+
+
+def _record(owner: int, seen: dict[int, int], before: set[int]) -> None:
+    """Add the owner's descendants started since the reaper began (never what it had before, nor us)."""
+    me = os.getpid()
+    for pid in descendants(owner) - before:
+        if pid != me and pid not in seen and (t := start_time(pid)) is not None:
+            seen[pid] = t
+
+
+def reap(seen: dict[int, int], grace_s: float = GRACE_S) -> list[int]:
+    """SIGTERM then SIGKILL every recorded process that is still the same process; returns those signalled."""
+    alive = [p for p, t in seen.items() if start_time(p) == t]
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    left = alive
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = [p for p in left if start_time(p) == seen[p]]
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return alive
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Watch --owner until stdin closes, then end what it started."""
+    p = argparse.ArgumentParser(prog="python -m sparsetrain.launcher.reaper")
+    p.add_argument("--owner", type=int, required=True)
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the launcher; it closes our pipe when done
+    seen: dict[int, int] = {}
+    owner_t, before = start_time(args.owner), descendants(args.owner)
+    while True:
+        _record(args.owner, seen, before)
+        ready, _, _ = select.select([sys.stdin], [], [], TICK_S)
+        if ready and not os.read(sys.stdin.fileno(), 4096):
+            break  # EOF: the owner closed the pipe or died
+        if start_time(args.owner) != owner_t:
+            break
+    if start_time(args.owner) == owner_t:  # the owner closed the pipe itself: take a last look at its tree
+        _record(args.owner, seen, before)
+    reap(seen)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Checks run before any process or Ray starts, beyond the config schema: counters, planner, data, memory.
+
+`check_counters` runs inside `config.validate` (cheap, no imports). `preflight(cfg)`
+runs in the CLI before a local run is launched: the planner registry, the data
+on disk (exists, non-empty, dtype, long enough for model.seq_len, token ids below
+model.vocab_size: the same checks the ranks would run, done once up front), and
+the memory `sparsetrain plan` counts per rank (parallel.memory_plan) against what this machine has.
+Every failure is a one-line ConfigError / DataError naming the key.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from sparsetrain.config import Config, ConfigError
+
+# counters and sizes that are silently wrong (or crash inside a rank) below their minimum: (key, min, note)
+COUNTERS = (("model.vocab_size", 1, ""), ("model.d_ffn_dense", 0, "0 = 4 x d_model"), ("data.eval_batches", 1, ""),
+            ("train.max_skipped_steps", 0, ""), ("checkpoint.every", 0, "0 = final save only"),
+            ("checkpoint.keep", 0, "0 = keep all"), ("launch.cpus_per_worker", 1, ""), ("launch.gpus_per_worker", 0, ""),
+            ("launch.torch_threads", 1, ""), ("parallel.ep_size", 0, "0 = world"), ("parallel.pretend_nodes", 0, ""),
+            ("parallel.fssdp.slots_per_rank", 0, ""), ("parallel.fssdp.overlap_budget", -1, "-1 = measure"),
+            ("parallel.fssdp.load_window", 1, ""), ("parallel.fssdp.reshard_every", 0, "0 = never"),
+            ("offload.every_k_layers", 1, ""), ("offload.min_tensor_bytes", 0, ""), ("sparsity.refresh_every", 1, ""))
+
+
+def check_counters(cfg: Config) -> None:
+    """Every COUNTERS key at or above its minimum."""
+    for key, low, note in COUNTERS:
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value < low:
+            raise ConfigError(f"{key} must be >= {low}{f' ({note})' if note else ''}, got {value}")
+
+
+def check_planner(cfg: Config) -> None:
+    """parallel.fssdp.planner names a registered planner."""
+    from sparsetrain.parallel.planners import PLANNERS
+
+    name = cfg.parallel.fssdp.planner
+    if name not in PLANNERS:
+        raise ConfigError(f"parallel.fssdp.planner={name!r}; allowed: {', '.join(sorted(PLANNERS))}")
+
+
+def check_data(cfg: Config) -> None:
+    """Open data.corpus as every rank will: shards, dtype, lengths, tokenizer vs vocab (raises DataError)."""
+    from sparsetrain.data.check import check_data as open_as_a_rank
+
+    open_as_a_rank(cfg)
+
+
+def available_bytes(device: str) -> tuple[int, str] | None:
+    """(bytes one machine offers, what they are) for the run's device; None when unknown."""
+    if device != "cpu":  # NVML, not torch.cuda: the launcher must not create a CUDA context on GPU 0
+        with contextlib.suppress(Exception):  # no NVML / no driver: a CPU machine
+            import pynvml
+
+            pynvml.nvmlInit()
+            if pynvml.nvmlDeviceGetCount() > 0:
+                total = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total
+                return int(total), "per GPU (total memory of GPU 0)"
+        if device == "cuda":
+            return None
+    try:
+        for line in open("/proc/meminfo"):  # noqa: SIM115 - tiny read
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "host memory available now"
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(cfg: Config, training: bool = True) -> None:
+    """Refuse a local run whose memory by `sparsetrain plan` (parallel.memory_plan) cannot fit on this machine."""
+    from sparsetrain.parallel.memory_plan import memory_plan
+
+    have = available_bytes(cfg.train.device)
+    if have is None:
+        return
+    limit, what = have
+    plan = memory_plan(cfg, cfg.launch.workers, "cuda" if "GPU" in what else "cpu")
+    keys = (("params", "grads", "optimizer", "activations", "gathered_experts", "host_data") if training
+            else ("params", "activations", "host_data"))
+    worst = max(plan.ranks, key=lambda r: r.peak)
+    need = worst.peak if training else sum(getattr(worst, k) for k in keys)
+    ranks_sharing = 1 if "GPU" in what else plan.world  # a CPU run's ranks share this machine's memory
+    if need * ranks_sharing > limit:
+        gib = 2**30
+        parts = ", ".join(f"{k} {getattr(worst, k) / gib:.2f}" for k in keys)
+        raise ConfigError(f"does not fit: the plan needs {need / gib:.2f} GiB per rank ({parts} GiB) x "
+                          f"{ranks_sharing} rank(s) here, but this machine has {limit / gib:.2f} GiB {what}; "
+                          f"shrink model.* / data.batch_size or add workers (see `sparsetrain plan`)")
+
+
+def preflight(cfg: Config, training: bool = True, data: bool = True) -> None:
+    """All pre-start checks for a run on this machine (remote clusters: counters and planner only)."""
+    check_planner(cfg)
+    if cfg.launch.address:
+        return  # data and memory live on the cluster's nodes; the ranks check them there
+    check_memory(cfg, training)
+    if data:
+        check_data(cfg)

@@ -1,0 +1,99 @@
+"""A local Ray run listens on loopback only, on no fixed port, and a SIGKILLed launcher leaves nothing listening."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from sparsetrain.launcher.procs import Listener, _hex_addr, descendants, listening_sockets
+from sparsetrain.launcher.reaper import reap, start_time
+
+from tests.launcher.ray_head import kill_pids
+
+SMOKE = "sparsetrain.launcher.smoke:smoke_worker"
+RAY_FIXED_PORTS = {52365, 44217, 44227, 8265, 6379, 10001}  # Ray's defaults: agent, metrics x2, dashboard, GCS, client
+
+
+def test_hex_addr_decodes_proc_net_tcp() -> None:
+    assert _hex_addr("0100007F:1F90") == ("127.0.0.1", 8080)
+    assert _hex_addr("00000000:0050") == ("0.0.0.0", 80)
+    assert _hex_addr("00000000000000000000000001000000:0016") == ("::1", 22)
+    assert _hex_addr("0000000000000000FFFF00000100007F:0016") == ("::ffff:7f00:1", 22)  # ::ffff:127.0.0.1
+
+
+def test_listener_loopback_classification() -> None:
+    assert Listener("127.0.0.1", 1, ()).loopback and Listener("127.8.0.1", 1, ()).loopback
+    assert Listener("::1", 1, ()).loopback and Listener("::ffff:127.0.0.1", 1, ()).loopback
+    assert not Listener("0.0.0.0", 1, ()).loopback and not Listener("::", 1, ()).loopback
+    assert not Listener("192.0.2.2", 1, ()).loopback
+
+
+def test_reaper_kills_only_what_it_recorded() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        t = start_time(child.pid)
+        assert t is not None
+        assert reap({child.pid: t + 1}, grace_s=0.5) == []  # another start time: a reused pid, never touched
+        assert child.poll() is None
+        assert reap({child.pid: t}, grace_s=2) == [child.pid]
+        assert child.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        child.kill()
+
+
+def _run_owned(tmp: str) -> subprocess.Popen:
+    code = ("from sparsetrain.config import load_config; from sparsetrain.launcher import run_job; "
+            f"run_job(load_config('tiny', ['launch.workers=2', 'train.steps=100000']), entry={SMOKE!r})")
+    env = dict(os.environ, SPARSETRAIN_SMOKE_SLEEP="0.1", PYTHONUNBUFFERED="1", SPARSETRAIN_RAY_TMPDIR=tmp)
+    for k in ("RAY_ADDRESS", "SPARSETRAIN_FAIL_RANK"):
+        env.pop(k, None)
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(proc: subprocess.Popen, prefix: str) -> list[str]:
+    seen = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(prefix):
+            return seen
+    pytest.fail("launcher ended before its workers ran:\n" + "".join(seen[-40:]))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_local_run_listens_on_loopback_only_and_sigkill_leaves_nothing() -> None:
+    tmp = f"/tmp/st-pr-{uuid.uuid4().hex[:8]}"
+    proc = _run_owned(tmp)
+    tree: set[int] = set()
+    try:
+        _wait_for(proc, "(rank 1) step 3")
+        tree = descendants(proc.pid) | {proc.pid}
+        ours = [s for s in listening_sockets() if set(s.pids) & tree]
+        assert len(ours) >= 5, f"expected the runtime's listeners (GCS, raylet, workers, store): {ours}"
+        exposed = [s for s in ours if not s.loopback]
+        assert not exposed, f"listening beyond loopback: {exposed}"
+        fixed = [s for s in ours if s.port in RAY_FIXED_PORTS]
+        assert not fixed, f"fixed ports that collide between two runtimes on one host: {fixed}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            left = [s for s in listening_sockets() if set(s.pids) & tree]
+            alive = [p for p in tree if start_time(p) is not None and p != proc.pid]
+            if not left and not alive:
+                break
+            time.sleep(0.5)
+        assert not left, f"still listening after the launcher was SIGKILLed: {left}"
+        assert not alive, f"processes of the run left after SIGKILL: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kill_pids([p for p in tree if p != proc.pid and start_time(p) is not None])
+        subprocess.run(["rm", "-rf", tmp], check=False)

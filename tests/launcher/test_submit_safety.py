@@ -1,0 +1,56 @@
+"""`submit` / `jobs`: clear-text warning for remote http://, https accepted, the token from env or file only."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from sparsetrain.launcher import LaunchError
+from sparsetrain.launcher.jobs import cleartext_warning, jobs_app, normalize_address, resolve_token
+from typer.testing import CliRunner
+
+pytestmark = pytest.mark.unit
+
+
+def test_cleartext_warning_only_for_remote_http() -> None:
+    assert "unencrypted" in (cleartext_warning("http://10.0.0.5:8265") or "")
+    assert "unencrypted" in (cleartext_warning("head.example.com:8265") or "")  # bare host:port means http
+    assert cleartext_warning("https://head.example.com:8443") is None
+    assert cleartext_warning("http://127.0.0.1:8265") is None
+    assert cleartext_warning("http://localhost:8265") is None
+
+
+def test_https_address_is_kept() -> None:
+    assert normalize_address("https://head:8443/") == "https://head:8443"
+
+
+def test_token_file_option_and_missing_file(tmp_path: Path) -> None:
+    f = tmp_path / "tok"
+    f.write_text("secret\n")
+    assert resolve_token(None, {}, tmp_path, token_file=str(f)) == "secret"
+    assert resolve_token(None, {"RAY_AUTH_TOKEN": "env"}, tmp_path, token_file=str(f)) == "env"
+    with pytest.raises(LaunchError, match="--token-file .*no such file"):
+        resolve_token(None, {}, tmp_path, token_file=str(tmp_path / "nope"))
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_token_on_command_line_is_deprecated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    res = CliRunner().invoke(jobs_app, ["status", "x", "--address", f"http://127.0.0.1:{_closed_port()}",
+                                        "--token", "abc"])
+    assert res.exit_code == 1
+    assert "--token is deprecated" in res.output and "cannot reach the Ray dashboard" in res.output
+
+
+def test_remote_http_warns_before_connecting(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_traffic(address: str, timeout_s: float = 5.0) -> None:  # tests send nothing beyond loopback
+        raise LaunchError(f"not connecting to {address} in a test")
+
+    monkeypatch.setattr("sparsetrain.launcher.jobs.check_reachable", no_traffic)
+    res = CliRunner().invoke(jobs_app, ["status", "x", "--address", "http://192.0.2.123:8265"])
+    assert res.exit_code == 1 and "plain http" in res.output and "not connecting" in res.output

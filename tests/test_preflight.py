@@ -1,0 +1,96 @@
+"""Every bad input refused before any process starts, with one line and no traceback (issue 11's probes)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sparsetrain.cli import app
+from sparsetrain.config import ConfigError, load_config
+from sparsetrain.data.errors import DataError
+from sparsetrain.preflight import preflight
+
+pytestmark = pytest.mark.unit
+
+BASE = ["launch.workers=1", "parallel.strategy=none", "train.device=cpu"]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("checkpoint.keep=-1", "checkpoint.keep must be >= 0"),
+    ("checkpoint.every=-5", "checkpoint.every must be >= 0"),
+    ("launch.torch_threads=0", "launch.torch_threads must be >= 1"),
+    ("launch.cpus_per_worker=0", "launch.cpus_per_worker must be >= 1"),
+    ("data.eval_batches=0", "data.eval_batches must be >= 1"),
+    ("model.vocab_size=0", "model.vocab_size must be >= 1"),
+    ("train.max_skipped_steps=-1", "train.max_skipped_steps must be >= 0"),
+    ("train.on_nan=ignore", "train.on_nan='ignore'; allowed: error, skip, rollback"),
+])
+def test_counters_refused_at_load(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", [*BASE, override])
+
+
+def test_planner_name_checked_before_start() -> None:
+    with pytest.raises(ConfigError, match="parallel.fssdp.planner='bogus'; allowed: .*hecate"):
+        preflight(load_config("tiny", [*BASE, "parallel.fssdp.planner=bogus"]))
+
+
+def _corpus(tmp_path: Path, name: str, data: bytes | None) -> str:
+    d = tmp_path / name
+    d.mkdir()
+    if data is not None:
+        (d / "train.bin").write_bytes(data)
+    return str(d)
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (None, "missing .*train.bin"),
+    (b"", "is empty"),
+    (b"abc", "not a multiple of 2"),
+    (b"abcd", r"need a shard of more than model.seq_len \+ 1"),
+])
+def test_data_path_checks(tmp_path: Path, data: bytes | None, message: str) -> None:
+    cfg = load_config("tiny", [*BASE, f"data.corpus={_corpus(tmp_path, 'c', data)}"])
+    with pytest.raises(DataError, match=message):
+        preflight(cfg)
+
+
+def test_missing_data_dir_and_vocab_below_data(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="directory not found"):
+        preflight(load_config("tiny", [*BASE, f"data.corpus={tmp_path}/none"]))
+    with pytest.raises(DataError, match=r"model.vocab_size=10 is smaller than the vocabulary of data.tokenizer"):
+        preflight(load_config("tiny", [*BASE, "model.vocab_size=10"]))
+
+
+@pytest.mark.parametrize("override", ["model.seq_len=100000000", "model.d_model=1000000000"])
+def test_memory_that_cannot_fit_is_refused_with_plan_numbers(override: str) -> None:
+    with pytest.raises(ConfigError, match=r"does not fit: the plan needs [\d.]+ GiB per rank \(params .*activations"):
+        preflight(load_config("tiny", [*BASE, override]))
+
+
+def test_remote_cluster_skips_local_data_and_memory(tmp_path: Path) -> None:
+    preflight(load_config("tiny", [*BASE, "launch.address=auto", f"data.corpus={tmp_path}/none"]))
+
+
+def test_non_utf8_config_and_set_value(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"model:\n  d_model: 64 \xff\n")
+    with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte 0xff"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="--set train.out_dir: the value is not valid UTF-8"):
+        load_config("tiny", [b"train.out_dir=/tmp/\xff".decode("utf-8", "surrogateescape")])
+
+
+@pytest.mark.parametrize(("args", "code"), [
+    (["train", "--set", "model.vocab_size=10"], 1),  # pre-start checks: 1
+    (["train", "--set", "parallel.fssdp.planner=bogus"], 1),
+    (["train", "--set", "model.seq_len=100000000"], 1),
+    (["eval", "--set", "data.eval_batches=0"], 2),  # config load: 2
+    (["train", "--set", "launch.cpus_per_worker=0"], 2),
+])
+def test_cli_one_line_no_traceback(args: list[str], code: int) -> None:
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == code, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.output, res.output

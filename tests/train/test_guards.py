@@ -1,0 +1,144 @@
+"""NaN policy (skip prints each step, max_skipped_steps ends the run, rollback, no non-finite checkpoint) and
+the preemption stop request (checkpoint, stop, resume)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sparsetrain.train import checkpoint as ckpt
+from sparsetrain.train.guards import STOP, NonFiniteLossError, request_stop
+from sparsetrain.train.trainer import Trainer
+from tests.train.test_trainer import tiny_cfg
+
+pytestmark = [pytest.mark.unit]
+
+
+def _nan_at(tr: Trainer, bad: set[int]) -> None:
+    """The CE loss is NaN on the training steps in `bad` (the step is read off the data call)."""
+    current = {"step": -1}
+    batch, fwd = tr.data.train_batch, tr.model.forward
+
+    def train_batch(step: int):
+        current["step"] = step
+        return batch(step)
+
+    def forward(idx, targets=None):
+        out = fwd(idx, targets)
+        if targets is not None and current["step"] in bad and tr.model.training:
+            out.loss = out.loss * float("nan")
+        return out
+
+    tr.data.train_batch = train_batch
+    tr.model.forward = forward
+
+
+def test_skip_prints_every_skipped_step(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    tr = Trainer(tiny_cfg(tmp_path, "train.on_nan=skip", "train.max_skipped_steps=3"))
+    _nan_at(tr, {1, 3})
+    tr.fit()
+    out = capsys.readouterr().out
+    assert "step 1: non-finite loss nan; update skipped (1/3" in out
+    assert "step 3: non-finite loss nan; update skipped (2/3" in out
+
+
+def test_too_many_skipped_steps_end_the_run(tmp_path) -> None:
+    tr = Trainer(tiny_cfg(tmp_path, "train.on_nan=skip", "train.max_skipped_steps=2", steps=8))
+    _nan_at(tr, {1, 2, 3, 4})
+    with pytest.raises(NonFiniteLossError, match=r"3 steps \(last: step 3\), more than train.max_skipped_steps=2"):
+        tr.fit()
+
+
+def test_no_checkpoint_from_non_finite_weights(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    tr = Trainer(tiny_cfg(tmp_path, "checkpoint.save_final=true", steps=2))
+    tr.fit()
+    good = ckpt.latest_checkpoint(tr.ckpt_dir)
+    assert good is not None
+    with torch.no_grad():
+        next(tr.model.parameters()).fill_(float("nan"))
+    assert tr.save(5) is None
+    assert ckpt.latest_checkpoint(tr.ckpt_dir) == good
+    assert "weights are not finite; no checkpoint written" in capsys.readouterr().out
+
+
+def test_rollback_reloads_last_checkpoint_and_goes_on(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    tr = Trainer(tiny_cfg(tmp_path, "train.on_nan=rollback", "checkpoint.every=2", steps=6))
+    _nan_at(tr, {3})
+    saved = {}
+    save = tr.save
+
+    def spy(step: int):
+        saved[step] = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+        return save(step)
+
+    tr.save = spy
+    step_fn = tr.train_step
+    after = {}
+
+    def train_step(step: int):
+        rec = step_fn(step)
+        after[step] = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+        return rec
+
+    tr.train_step = train_step
+    summary = tr.fit()
+    out = capsys.readouterr().out
+    assert "step 3: non-finite loss nan; rolled back to the last checkpoint" in out
+    assert "rolled back to step_00000001; training goes on with the batch of step 4" in out
+    for n, t in saved[1].items():  # after the bad step the weights are those of the step-1 checkpoint
+        torch.testing.assert_close(after[3][n], t, rtol=0, atol=0)
+    assert summary["steps_run"] == 6 and torch.isfinite(torch.tensor(summary["final_loss"]))
+
+
+def test_rollback_without_checkpoint_is_an_error(tmp_path) -> None:
+    tr = Trainer(tiny_cfg(tmp_path, "train.on_nan=rollback"))
+    _nan_at(tr, {1})
+    with pytest.raises(NonFiniteLossError, match="no committed checkpoint"):
+        tr.fit()
+
+
+def test_stop_request_checkpoints_and_resume_continues(tmp_path) -> None:
+    cfg = tiny_cfg(tmp_path, "checkpoint.resume=true", steps=6)
+    tr = Trainer(cfg)
+    step_fn = tr.train_step
+
+    def train_step(step: int):
+        if step == 2:
+            request_stop()  # as the SIGTERM handler / the Ray launcher would
+        return step_fn(step)
+
+    tr.train_step = train_step
+    try:
+        summary = tr.fit()
+    finally:
+        STOP.clear()
+    assert summary["stopped_at_step"] == 2 and summary["steps_run"] == 3
+    assert ckpt.latest_checkpoint(tr.ckpt_dir).name == "step_00000002"
+    again = Trainer(cfg).fit()
+    assert again["steps_run"] == 3 and "stopped_at_step" not in again
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_inline_cli_saves_and_exits_zero(tmp_path) -> None:
+    """`sparsetrain train` (one process) on SIGTERM: checkpoint, one line, exit 0."""
+    args = [sys.executable, "-m", "sparsetrain.cli", "train", "--config", "tiny", "--set", f"train.out_dir={tmp_path}",
+            "--set", "train.steps=100000", "--set", "train.log_every=1", "--set", "train.progress=false",
+            "--set", "launch.workers=1", "--set", "parallel.strategy=none", "--set", "train.eval_every=0"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("step     2"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "stop requested (SIGTERM)" in out and "Traceback" not in out
+    found = ckpt.latest_checkpoint(tmp_path / "checkpoints")
+    assert found is not None
+    assert json.loads((tmp_path / "summary.json").read_text())["stopped_at_step"] >= 2
