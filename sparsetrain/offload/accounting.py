@@ -7,7 +7,10 @@ d_model d, heads H, top_k k, expert hidden f, dense hidden f_d), deduplicated li
 - FFN half: ffn_norm input/rstd/output (2 T d + T); MoE: token rows in slot order going in and out of
   the experts (4 T k d), four d_ffn-wide tensors per slot (w1/w3 outputs, silu, their product: 4 T k f),
   router probs and logits (2 T E), slot indices (int64: 8 T k in 4-byte units); dense MLP: 4 T f_d + T d.
-Checked against the meter on CPU fp32 (tests/offload/test_accounting.py: within 2%).
+Checked against the meter on CPU fp32 (tests/offload/test_accounting.py: within 2%). Like the meter it counts
+bytes per saved tensor (two saved views of one buffer count twice), an upper bound on the storage held;
+`parallel.memory_plan` (storage level, checked against MemTracker, honours the same checkpointing and offload
+settings) is what the plan's per-rank memory table uses.
 Checkpointing keeps the block input only (full) or the attention half plus the FFN input (selective);
 offload moves the selected blocks' saved tensors to host (`min_tensor_bytes`-sized ones stay). Under EP
 and FSSDP expert rows per rank vary with routing: the estimate assumes balanced routing (T k slots).

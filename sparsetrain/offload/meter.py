@@ -4,7 +4,8 @@
 distinct saved tensor that is not a parameter or buffer, then hands the tensor on (to offload, if on).
 Inside a checkpointed region torch's checkpoint hooks are innermost, so the meter sees what checkpointing
 keeps (the region's inputs), not what the replay recomputes. Gathered FSSDP expert copies are claimed by
-an inner layer and never counted: they are weights, not activations.
+an inner layer and never counted: they are weights, not activations. Bytes are per saved tensor (a view
+saved beside its base counts again): an upper bound on the storage autograd holds.
 """
 from __future__ import annotations
 

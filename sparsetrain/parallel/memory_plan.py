@@ -146,7 +146,14 @@ def _activation_bytes(cfg: Config, tokens: int, slots: float, act: int) -> tuple
     mixed = 18 * d if act != FP32 else 0
     attn = tokens * (8 * d * act + FP32 * m.n_heads + mixed)
     blocks = []
+    mode = cfg.train.activation_checkpointing  # full: the block input only; selective: attention + FFN input
     for i in range(m.n_layers):
+        if mode == "full":
+            blocks.append(tokens * d * act)
+            continue
+        if mode == "selective":  # ffn_norm input and output (the recomputed FFN's input) and its fp32 rstd
+            blocks.append(int(attn + tokens * (2 * d * act + FP32)))
+            continue
         if is_moe_layer(cfg, i):
             ffn = tokens * (3 * d * act + 2 * FP32 * e.num_experts) + slots * ((3 * d + 4 * e.d_ffn) * act + 40)
         else:
@@ -165,13 +172,16 @@ def _device_activations(cfg: Config, blocks: list[int], block_input: int, device
         return sum(blocks), 0
     kept = off = 0
     for i, b in enumerate(blocks):
-        selected = i % o.every_k_layers == 0
+        selected = i % o.every_k_layers == o.every_k_layers - 1  # as OffloadController.selected
         if selected and o.checkpoint_activations:
             b = block_input  # only the block input is saved; the block is recomputed in backward
         if selected and device == "cuda":
             off += b
         else:
             kept += b
+    bound = int(o.max_host_mib * 2**20)
+    if bound and off > bound:  # the bounded host pool refuses the rest: it stays on the device
+        kept, off = kept + off - bound, bound
     in_flight = 2 * max(blocks) if off else 0  # the block being offloaded and the one prefetched back
     return kept + min(off, in_flight), max(0, off - in_flight)
 

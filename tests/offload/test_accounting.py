@@ -38,3 +38,17 @@ def test_offload_and_plan_lines() -> None:
     lines = activation_plan_lines(cfg, 1)
     assert [r.split()[0] for r in lines[-3:]] == ["none", "selective", "full"]
     assert "activations per rank" in plan_report(cfg)
+
+
+def test_memory_plan_counts_checkpointing_and_the_pool_bound() -> None:
+    from sparsetrain.parallel.memory_plan import memory_plan
+
+    base = ["launch.workers=1", "parallel.strategy=none", "model.n_layers=8", "train.device=cuda"]
+    acts = {mode: memory_plan(load_config("tiny", [*base, f"train.activation_checkpointing={mode}"])).ranks[0]
+            for mode in ("none", "selective", "full")}
+    assert acts["full"].activations < acts["selective"].activations < acts["none"].activations
+    off = memory_plan(load_config("tiny", [*base, "offload.enabled=true", "offload.every_k_layers=2"])).ranks[0]
+    capped = memory_plan(load_config("tiny", [*base, "offload.enabled=true", "offload.every_k_layers=2",
+                                              "offload.max_host_mib=1"])).ranks[0]
+    assert capped.offloaded <= 2**20 < off.offloaded
+    assert capped.activations + capped.offloaded == off.activations + off.offloaded
