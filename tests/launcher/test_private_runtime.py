@@ -97,3 +97,35 @@ def test_local_run_listens_on_loopback_only_and_sigkill_leaves_nothing() -> None
             proc.kill()
         kill_pids([p for p in tree if p != proc.pid and start_time(p) is not None])
         subprocess.run(["rm", "-rf", tmp], check=False)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sigterm_to_ray_launcher_checkpoints_and_exits_zero(tmp_path) -> None:
+    """Preemption of a 2-rank Ray run: SIGTERM to the launcher -> ranks agree, checkpoint, exit 0."""
+    tmp = f"/tmp/st-pr-{uuid.uuid4().hex[:8]}"
+    out_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "sparsetrain.cli", "train", "--config", "tiny"]
+    for kv in ("launch.workers=2", "parallel.strategy=dp", "train.steps=100000", "train.log_every=1",
+               "train.eval_every=0", "train.progress=false", f"train.out_dir={out_dir}"):
+        args += ["--set", kv]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", SPARSETRAIN_RAY_TMPDIR=tmp)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tree: set[int] = set()
+    try:
+        seen = _wait_for(proc, "(rank 0) step     2")
+        tree = descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=240)
+        text = "".join(seen) + rest
+        assert proc.returncode == 0, text[-3000:]
+        assert "SIGTERM: asking 2 worker(s) to checkpoint and stop" in text
+        assert "(rank 0) stop requested (SIGTERM)" in text and "Traceback" not in text
+        assert list((out_dir / "checkpoints").glob("step_*")), "no checkpoint written on SIGTERM"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kill_pids([p for p in tree if start_time(p) is not None])
+        subprocess.run(["rm", "-rf", tmp], check=False)
