@@ -28,6 +28,7 @@ VARIANTS = {
     "fssdp-nogate": ["parallel.strategy=fssdp", "parallel.fssdp.cost_gate=false"],
     # the gate refuses every copy (a link too slow to pay): FSSDP's path when nothing needs copying
     "fssdp-nocopy": ["parallel.strategy=fssdp", "parallel.fssdp.link_GBps=1e-6"],
+    "deepspeed_moe": ["parallel.strategy=deepspeed_moe"],  # DeepSpeed-MoE dropless, ZeRO-0 (docs/peers.md)
 }
 
 
