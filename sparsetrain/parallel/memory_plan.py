@@ -7,8 +7,9 @@ stash, saved activations and logits of one micro-batch (offload / recomputation 
 communication buffers, on CPU the token corpus held in memory, and a fixed per-process runtime share.
 
 FSSDP copies are planned for the worst step: placements change every step with the loads (and the copy
-cost gate may drop them), so each rank is given `slots_per_rank` copies per layer (or more, if the first
-placement already holds more).
+cost gate may drop them), so each rank is given the most copies per layer its planner can place
+(`slots_per_rank`; hecate with an overlap budget t <= slots_per_rank: t), or more if the first placement
+already holds more.
 
 Activation bytes per token follow the tensors autograd saves in this repo's model (measured with
 `torch.distributed._tools.mem_tracker.MemTracker`; tests/parallel/test_memory_plan.py checks them):
@@ -36,7 +37,7 @@ from sparsetrain.parallel.topology import Topology
 from sparsetrain.sim.workload import zipf_loads
 from sparsetrain.telemetry.flops import is_moe_layer, model_size
 
-__all__ = ["MemoryPlan", "RankMemory", "initial_placement", "memory_plan"]
+__all__ = ["MemoryPlan", "RankMemory", "initial_placement", "memory_plan", "overlap_budget"]
 
 MIB = 2**20
 FP32 = 4
@@ -126,8 +127,9 @@ def initial_placement(cfg: Config, world: int) -> tuple[Topology, list[int], Lay
     loads = zipf_loads(e, cfg.moe.router_skew) if cfg.moe.router_skew > 0 else torch.full((e,), 1.0 / e)
     owners = initial_owners(e, world)
     f = cfg.parallel.fssdp
-    budget = f.overlap_budget if f.overlap_budget >= 0 else f.slots_per_rank
-    placement = get_planner(f.planner)(loads, owners, topo, f.slots_per_rank, budget)
+    budget = overlap_budget(cfg, world)
+    placement = get_planner(f.planner)(loads, owners, topo, f.slots_per_rank,
+                                       budget if budget >= 0 else f.slots_per_rank)
     return topo, owners, placement, loads
 
 
@@ -135,6 +137,35 @@ def _placement_counts(cfg: Config, world: int) -> tuple[list[int], list[int]]:
     """Per rank: owned experts per MoE layer, and non-owner copies per layer (FSSDP's first placement)."""
     _topo, owners, placement, _loads = initial_placement(cfg, world)
     return [owners.count(r) for r in range(world)], placement.extra_count(world)
+
+
+def overlap_budget(cfg: Config, world: int, device: str | None = None) -> int:
+    """The overlap budget t as FSSDP fixes it at set-up (config, or attention time x link bandwidth / chunk
+    bytes with the device defaults); -1 when it is measured at set-up (`parallel.fssdp.link_GBps=-1`)."""
+    from sparsetrain.parallel.copy_cost import DEVICE_DEFAULTS, attention_flops_per_token, overlap_budget_from_model
+
+    f, m = cfg.parallel.fssdp, cfg.model
+    if f.overlap_budget >= 0:
+        return f.overlap_budget
+    if f.link_GBps < 0:
+        return -1
+    intra, inter, tflops = DEVICE_DEFAULTS["cuda" if _device(cfg, device) == "cuda" else "cpu"]
+    nodes = Topology.from_env(world, cfg.parallel.pretend_nodes if world > 1 else 0).num_nodes
+    bandwidth = 1e9 * (f.link_GBps or (inter if nodes > 1 else intra))
+    tokens = cfg.data.batch_size * m.seq_len // (world * cfg.train.grad_accum)
+    chunk = model_size(cfg).per_expert * (2 if cfg.train.precision == "bf16" else FP32)
+    return overlap_budget_from_model(tokens * attention_flops_per_token(m.d_model, m.seq_len),
+                                     1e12 * (f.expert_TFLOPs or tflops), bandwidth, chunk, cfg.moe.num_experts)
+
+
+def _copy_cap(cfg: Config, world: int, device: str) -> int:
+    """Most extra copies one rank can hold in a layer at any step: slots_per_rank, or for hecate with an overlap
+    budget t <= slots_per_rank the t hottest experts."""
+    f = cfg.parallel.fssdp
+    t = overlap_budget(cfg, world, device)
+    if f.planner != "hecate" or t < 0:
+        return f.slots_per_rank
+    return min(t, f.slots_per_rank)
 
 
 def _activation_bytes(cfg: Config, tokens: int, slots: float, act: int) -> tuple[list[int], int, int]:
@@ -206,7 +237,7 @@ def memory_plan(cfg: Config, world: int | None = None, device: str | None = None
         owned, first = _placement_counts(cfg, world)
         # placements are re-planned every step from the loads: a rank may hold up to slots_per_rank copies
         # per layer at any step, so plan for that (or for more, if the first placement already holds more)
-        cap = cfg.parallel.fssdp.slots_per_rank
+        cap = _copy_cap(cfg, world, dev)
         extra = [min(e.num_experts - o, max(x, cap)) for o, x in zip(owned, first)]
     elif strategy in EXPERT_PARALLEL:
         ep = cfg.parallel.ep_size or world
