@@ -143,7 +143,9 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     grad_accum: int = 1
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = "fp32"  # fp32 | bf16: fp32 master weights + Adam state; bf16 compute, FSDP2 all-gathers,
+    # spAG expert chunks and token all-to-all
+    grad_reduce_dtype: str = "fp32"  # bf16 runs: dtype of FSDP2 gradient reduce-scatter and spRS (fp32 | bf16)
     log_every: int = 10
     eval_every: int = 100
     out_dir: str = "runs/default"
@@ -350,6 +352,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     _check(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
     _one_of("train.precision", t.precision, ("fp32", "bf16"))
+    _one_of("train.grad_reduce_dtype", t.grad_reduce_dtype, ("fp32", "bf16"))
     _one_of("train.on_nan", t.on_nan, ("error", "skip", "rollback"))
     from sparsetrain.preflight import check_counters  # the table of minimums lives beside the other pre-start checks
 

@@ -1,7 +1,6 @@
 """Decoder-only GPT with MoE FFNs (every k-th layer); single-device code, no ranks."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -9,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsetrain.config import Config
+from sparsetrain.model.init import init_weights_
 from sparsetrain.model.kv_cache import KVCache, LayerKV
 from sparsetrain.model.layers import MLP, Attention, RMSNorm, rope_tables
 from sparsetrain.model.moe import MoELayer
@@ -68,29 +68,29 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
         if m.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        hd = m.d_model // m.n_heads
+        self.register_buffer("rope_cos", torch.empty(m.seq_len, hd // 2), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(m.seq_len, hd // 2), persistent=False)
+        if not self.tok_emb.weight.is_meta:  # built for real: initialise now (build_model goes through meta)
+            init_weights_(self, cfg.train.seed, m.init_std, m.n_layers)
+            self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """RoPE tables on the buffers' device (they are not saved; meta construction leaves them empty)."""
+        m = self.cfg.model
         cos, sin = rope_tables(m.seq_len, m.d_model // m.n_heads, m.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
 
     def moe_layers(self) -> list[MoELayer]:
         """The MoE layers in depth order."""
         return [b.ffn for b in self.layers if isinstance(b.ffn, MoELayer)]
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """GPT-2 style init: N(0, std), residual outputs scaled by 1/sqrt(2 * n_layers)."""
-        std = self.cfg.model.init_std
-        out_std = std / math.sqrt(2 * self.cfg.model.n_layers)
-        for name, p in self.named_parameters():
-            if p.dim() < 2:
-                continue
-            last = name.rsplit(".", 1)[-1]
-            is_out = last in ("w2",) or name.endswith(("attn.wo.weight", "ffn.w2.weight"))
-            nn.init.normal_(p, std=out_std if is_out else std)
-        for mod in self.modules():
-            if isinstance(mod, RMSNorm):
-                nn.init.ones_(mod.weight)
+        """GPT-2 style init, N(0, init_std), residual outputs / sqrt(2 n_layers); sharding-independent
+        (sparsetrain.model.init)."""
+        init_weights_(self, self.cfg.train.seed, self.cfg.model.init_std, self.cfg.model.n_layers)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> ModelOutput:
@@ -134,6 +134,12 @@ class GPT(nn.Module):
 
 
 def build_model(cfg: Config, device: str | torch.device = "cpu") -> GPT:
-    """Build and initialise the model deterministically from train.seed."""
-    torch.manual_seed(cfg.train.seed)
-    return GPT(cfg).to(device)
+    """Build the model on the meta device, then (unless `device` is 'meta') allocate and initialise it
+    deterministically from train.seed. Strategies shard a meta model first and materialize after."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    if torch.device(device).type == "meta":
+        return model
+    from sparsetrain.model.init import materialize_
+
+    return materialize_(model, device, cfg.train.seed)

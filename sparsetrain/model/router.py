@@ -48,12 +48,24 @@ class TopKRouter(nn.Module):
         self.balance, self.bias_update_rate = balance, bias_update_rate
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         # aux-loss-free balancing: a bias added for selection only, updated outside autograd
+        self.router_skew = router_skew
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
-        prior = zipf_log_prior(num_experts, router_skew) if router_skew > 0 else torch.zeros(num_experts)
-        self.register_buffer("skew_prior", prior, persistent=False)
+        self.register_buffer("skew_prior", torch.zeros(num_experts), persistent=False)
         # Strategies set this to all-reduce counts so the aux loss / bias see the global batch.
         self.reduce_counts: CountReducer = lambda c: c
         self._pending_counts = torch.zeros(num_experts)
+        if not self.expert_bias.is_meta:
+            self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """(Re)compute the buffers on their device: after meta-device construction they hold garbage."""
+        dev = self.expert_bias.device
+        self.expert_bias.zero_()
+        prior = zipf_log_prior(self.num_experts, self.router_skew) if self.router_skew > 0 \
+            else torch.zeros(self.num_experts)
+        self.skew_prior.copy_(prior)
+        self._pending_counts = torch.zeros(self.num_experts, device=dev)
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         """x [T, d_model] -> routing decisions for T tokens."""

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from sparsetrain.parallel.comm import to_comm
 from sparsetrain.telemetry.comm import COMM
 
 __all__ = ["all_to_all_uneven", "exchange_counts"]
@@ -23,10 +24,10 @@ def exchange_counts(send_counts: Tensor, group: dist.ProcessGroup | None = None)
     world = dist.get_world_size(group)
     if send_counts.shape != (world,):
         raise ValueError(f"send_counts: expected shape ({world},), got {tuple(send_counts.shape)}")
-    send = send_counts.to(torch.long).contiguous()
+    send = to_comm(send_counts.to(torch.long), group).contiguous()
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
-    return recv
+    return recv.to(send_counts.device)
 
 
 def _counted_bytes(x: Tensor, send_counts: list[int], group: dist.ProcessGroup | None) -> int:
@@ -36,11 +37,11 @@ def _counted_bytes(x: Tensor, send_counts: list[int], group: dist.ProcessGroup |
 
 
 def _a2a(x: Tensor, send_counts: list[int], recv_counts: list[int], group: dist.ProcessGroup | None) -> Tensor:
-    x = x.contiguous()
-    out = x.new_empty((sum(recv_counts), *x.shape[1:]))  # [sum(recv), ...]
-    dist.all_to_all_single(out, x, recv_counts, send_counts, group=group)
+    xc = to_comm(x, group).contiguous()
+    out = xc.new_empty((sum(recv_counts), *x.shape[1:]))  # [sum(recv), ...]
+    dist.all_to_all_single(out, xc, recv_counts, send_counts, group=group)
     COMM.add("all_to_all", _counted_bytes(x, send_counts, group))
-    return out
+    return out.to(x.device)
 
 
 class _AllToAllUneven(torch.autograd.Function):

@@ -5,19 +5,39 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sparsetrain.parallel.comm import to_comm
 from sparsetrain.parallel.mesh import DistInfo
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-def apply_dense_sharding(model: nn.Module, info: DistInfo, ignored: set[nn.Parameter]) -> nn.Module:
+
+def compute_dtype(precision: str) -> torch.dtype | None:
+    """Low-precision compute / wire dtype for train.precision (None: fp32 everywhere)."""
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def mixed_precision_policy(precision: str, grad_reduce_dtype: str = "fp32") -> object | None:
+    """FSDP2 policy for train.precision=bf16: bf16 params in compute and all-gathers, gradients reduced in
+    `grad_reduce_dtype` (fp32 by default), fp32 sharded master params; None for fp32."""
+    if precision != "bf16":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=DTYPES[grad_reduce_dtype])
+
+
+def apply_dense_sharding(model: nn.Module, info: DistInfo, ignored: set[nn.Parameter],
+                         mp_policy: object | None = None) -> nn.Module:
     """FSDP2 per transformer block and at the root; `ignored` params (experts) stay unsharded."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(info.device.type, (info.world,), mesh_dim_names=("fsdp",))
+    kw = {"mp_policy": mp_policy or MixedPrecisionPolicy()}
     for block in model.layers:
         block_ignored = {p for p in block.parameters() if p in ignored}
-        fully_shard(block, mesh=mesh, reshard_after_forward=True, ignored_params=block_ignored or None)
-    fully_shard(model, mesh=mesh, reshard_after_forward=True, ignored_params=set(ignored) or None)
+        fully_shard(block, mesh=mesh, reshard_after_forward=True, ignored_params=block_ignored or None, **kw)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True, ignored_params=set(ignored) or None, **kw)
     return model
 
 
@@ -26,7 +46,7 @@ def all_reduce_grads(params: list[nn.Parameter], world: int, group: dist.Process
     grads = [p.grad for p in params if p.grad is not None]
     if world == 1 or not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])  # [sum numel]
+    flat = to_comm(torch.cat([g.reshape(-1) for g in grads]), group)  # [sum numel]
     dist.all_reduce(flat, group=group)
     flat /= world
     offset = 0

@@ -77,7 +77,7 @@ class ExpertParallel(Strategy):
         if self.cfg.parallel.dense == "fsdp2":
             from sparsetrain.parallel.dense import apply_dense_sharding
 
-            apply_dense_sharding(model, self.info, ignored=self._expert_params)
+            apply_dense_sharding(model, self.info, ignored=self._expert_params, mp_policy=self.mp_policy())
         return model
 
     def replication(self, name: str, p: torch.Tensor) -> int:
@@ -96,11 +96,8 @@ class ExpertParallel(Strategy):
         all_reduce_grads(self._expert_list, self.info.world, group=self.replica_group)
         self.all_reduce_dense_grads(model, skip=self._expert_params)
 
-    def step_metrics(self, comm: dict[str, int]) -> dict[str, float]:
-        out = {"a2a_MB": comm.get("all_to_all", 0) / 2**20}
-        if self.info.world > 1:
-            out["rank_tokens_max_mean"] = self.rank_tokens_max_mean()
-        return out
+    def step_metrics(self, comm: dict[str, int], per_rank: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {"a2a_MB": comm.get("all_to_all", 0) / 2**20, **super().step_metrics(comm, per_rank)}
 
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.name, "ep_size": self.ep_size, "experts_per_rank": self.experts_per_rank}

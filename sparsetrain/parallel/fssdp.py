@@ -23,6 +23,7 @@ from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts
 from sparsetrain.model.gpt import GPT
 from sparsetrain.parallel import fssdp_state
 from sparsetrain.parallel.chunk_codec import NMChunkCodec, chunk_codec_for
+from sparsetrain.parallel.comm import all_reduce_host
 from sparsetrain.parallel.copy_cost import (
     DEVICE_DEFAULTS,
     CopyCost,
@@ -32,6 +33,7 @@ from sparsetrain.parallel.copy_cost import (
     gate_copies,
     overlap_budget_from_model,
 )
+from sparsetrain.parallel.dense import DTYPES, compute_dtype
 from sparsetrain.parallel.ep import keep_expert_rows
 from sparsetrain.parallel.fssdp_layer import FSSDPDispatcher, owned_flat
 from sparsetrain.parallel.mesh import DistInfo
@@ -43,6 +45,7 @@ from sparsetrain.parallel.placement import (
     reshard_owners_min_moves,
 )
 from sparsetrain.parallel.planners import get_planner
+from sparsetrain.parallel.reshard import move_ownership
 from sparsetrain.parallel.sparse_collectives import SpAGHandle, SpRSHandle, spag, spag_start, sprs_start
 from sparsetrain.parallel.strategy import Strategy
 from sparsetrain.parallel.topology import Topology
@@ -120,8 +123,9 @@ class FSSDP(Strategy):
         if self.cfg.parallel.dense == "fsdp2":
             from sparsetrain.parallel.dense import apply_dense_sharding
 
-            apply_dense_sharding(model, self.info, ignored=self._expert_params)
-        self.chunk_bytes = owned_flat(moes[0].experts).shape[1] * moes[0].experts.w1.element_size()
+            apply_dense_sharding(model, self.info, ignored=self._expert_params, mp_policy=self.mp_policy())
+        self.chunk_numel = owned_flat(moes[0].experts).shape[1]  # C: numbers per expert chunk
+        self.chunk_bytes = self.chunk_numel * self.wire_dtype(moes[0].experts).itemsize  # as spAG sends it
         self._set_machine_numbers(moes[0].experts)
         self._replan()
         if self.fcfg.prefetch:
@@ -152,28 +156,46 @@ class FSSDP(Strategy):
                                  flops_per_s, self.bandwidth, 2 if f.keep_materialized else 3, self.overlap_budget)
 
     def _measure_bandwidth(self, experts: GroupedExperts) -> float:
-        """Time one spAG that sends a chunk from every owner to every rank; all ranks agree (min)."""
-        e = experts.num_experts
-        probe = LayerPlacement.from_lists(initial_owners(e, self.info.world), [range(self.info.world)] * e)
+        """Time one spAG in a ring (each rank's first owned chunk to the next rank: one extra chunk per rank,
+        never a whole layer); all ranks agree on the slowest."""
+        e, world = experts.num_experts, self.info.world
+        owners = initial_owners(e, world)
+        firsts = {owners.index(r): r for r in range(world) if r in owners}  # expert -> its owner
+        copies = [sorted({o, (o + 1) % world}) if x in firsts else [o] for x, o in enumerate(owners)]
+        probe = LayerPlacement.from_lists(owners, copies)
         owners, copies = _lists(probe)
         with torch.no_grad():
-            rows = torch.zeros(len(probe.owned_by(self.info.rank)), self.chunk_bytes // 4)
-            dist.barrier()
+            rows = torch.zeros(len(probe.owned_by(self.info.rank)), self.chunk_numel, device=self.info.device,
+                               dtype=self.wire_dtype(experts))
+            dist.barrier(self.group)
             t0 = time.perf_counter()
             spag(rows, probe.owned_by(self.info.rank), owners, copies, self.group)
-            dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+            if rows.is_cuda:
+                torch.cuda.synchronize(rows.device)
+            dt = all_reduce_host([time.perf_counter() - t0], self.group, op=dist.ReduceOp.MAX)
         COMM.reset()
-        return probe.spag_bytes(self.chunk_bytes) / self.info.world / max(float(dt), 1e-9)
+        return probe.spag_bytes(self.chunk_bytes) / self.info.world / max(float(dt[0]), 1e-9)
 
     # ------------------------------------------------------------------ gathers
     def start_gather(self, li: int, experts: GroupedExperts) -> SpAGHandle:
         owners, copies = _lists(self.placements[li])
         return spag_start(self._send_rows(experts), experts.expert_ids, owners, copies, self.group)
 
+    def wire_dtype(self, experts: GroupedExperts) -> torch.dtype:
+        """Dtype expert chunks travel and compute in: bf16 under train.precision=bf16 (the owner keeps fp32
+        master weights and Adam state), else the parameters' own."""
+        return compute_dtype(self.cfg.train.precision) or experts.w1.dtype
+
+    def grad_dtype(self, experts: GroupedExperts) -> torch.dtype:
+        """Dtype copies' gradients are accumulated and reduced in (spRS): train.grad_reduce_dtype under bf16."""
+        if self.cfg.train.precision != "bf16":
+            return experts.w1.dtype
+        return DTYPES[self.cfg.train.grad_reduce_dtype]
+
     def _send_rows(self, experts: GroupedExperts) -> torch.Tensor:
-        """Owned chunks as sent by spAG: dense rows [n_owned, C], or N:M-compressed bytes [n_owned, B]."""
-        rows = owned_flat(experts).detach()
+        """Owned chunks as sent by spAG: dense rows [n_owned, C] in the wire dtype, or N:M-compressed bytes
+        [n_owned, B]."""
+        rows = owned_flat(experts).detach().to(self.wire_dtype(experts))
         return self.codec.encode(rows) if self.codec is not None else rows
 
     def _prefetch(self, li: int) -> None:
@@ -200,8 +222,8 @@ class FSSDP(Strategy):
         no gradient)."""
         grad = self.grad_stash.pop(li, None)
         if grad is None:
-            grad = torch.zeros(len(self.mat_ids.get(li, [])), self.chunk_bytes // mod.w1.element_size(),
-                               device=mod.w1.device, dtype=mod.w1.dtype)
+            grad = torch.zeros(len(self.mat_ids.get(li, [])), self.chunk_numel, device=mod.w1.device,
+                               dtype=self.grad_dtype(mod))
         owners, copies = _lists(self.placements[li])
         return sprs_start(grad, self.mat_ids.get(li, []), owners, copies, self.group)
 
@@ -228,7 +250,7 @@ class FSSDP(Strategy):
             per = mod.d_model * mod.d_ffn
             for i, w in enumerate(EXPERT_WEIGHTS):
                 p = getattr(mod, w)
-                part = owned[:, i * per:(i + 1) * per].reshape(p.shape)
+                part = owned[:, i * per:(i + 1) * per].reshape(p.shape).to(p.dtype)
                 p.grad = part.clone() if p.grad is None else p.grad + part
 
     # ------------------------------------------------------------------ steps
@@ -255,7 +277,8 @@ class FSSDP(Strategy):
         """This step's placement per layer: the planner's proposal, kept only where the copies pay
         (`restored`: the plan saved with a checkpoint, used as is on resume)."""
         e = self.model_ref.moe_layers()[0].experts
-        self.codec = chunk_codec_for(self.model_ref, self.fcfg.compress_chunks, e.d_model, e.d_ffn, e.w1.dtype)
+        self.codec = chunk_codec_for(self.model_ref, self.fcfg.compress_chunks, e.d_model, e.d_ffn,
+                                     self.wire_dtype(e))
         loads = self.tracker.predicted()  # [L, E]
         placements = list(restored or [])
         for li in range(self.num_layers if restored is None else 0):
@@ -282,8 +305,6 @@ class FSSDP(Strategy):
         new_opt = None
         every = self.fcfg.reshard_every
         if every and (step + 1) % every == 0:
-            from sparsetrain.parallel.reshard import move_ownership
-
             loads = self.tracker.predicted()
             # planners that copy hot experts to every rank spread their load regardless of the owner;
             # planners that replicate only on overload need the owners themselves balanced
@@ -291,7 +312,8 @@ class FSSDP(Strategy):
             new_owners = reshard_owners_min_moves(loads, self.owners, self.topo, replicas)  # memory = EP
             if new_owners != self.owners and _imbalance(loads, new_owners, self.info.world, replicas) < \
                     (1 - RESHARD_GAIN) * _imbalance(loads, self.owners, self.info.world, replicas):
-                new_opt = move_ownership(self, model, optimizer, new_owners)
+                new_opt, self._expert_params = move_ownership([m.experts for m in model.moe_layers()], optimizer,
+                                                              self.owners, new_owners, self.info.rank, self.group)
                 self.reshard_moves += sum(a != b for old, new in zip(self.owners, new_owners)
                                           for a, b in zip(old, new))
                 self.owners = new_owners
@@ -300,11 +322,10 @@ class FSSDP(Strategy):
         return new_opt
 
     # ------------------------------------------------------------------ reporting
-    def step_metrics(self, comm: dict[str, int]) -> dict[str, float]:
+    def step_metrics(self, comm: dict[str, int], per_rank: dict[str, torch.Tensor]) -> dict[str, float]:
         out = {"spag_MB": comm.get("spag", 0) / 2**20, "sprs_MB": comm.get("sprs", 0) / 2**20,
-               "a2a_MB": comm.get("all_to_all", 0) / 2**20}
+               "a2a_MB": comm.get("all_to_all", 0) / 2**20, **super().step_metrics(comm, per_rank)}
         if self.info.world > 1:
-            out["rank_tokens_max_mean"] = self.rank_tokens_max_mean()
             out["overlap_budget"] = self.overlap_budget
             out["replicated_layers"] = sum(self.is_replicated)
         return out

@@ -7,7 +7,7 @@ chunks to the autograd graph and stashes their gradient for spRS, which the stra
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -18,8 +18,33 @@ from sparsetrain.parallel.routing import choose_replicas
 from sparsetrain.parallel.token_exchange import exchange_and_compute
 from sparsetrain.telemetry.timers import span
 
-if TYPE_CHECKING:
-    from sparsetrain.parallel.fssdp import FSSDP
+
+class LayerHost(Protocol):
+    """What the per-layer path needs from the FSSDP strategy (`sparsetrain.parallel.fssdp.FSSDP`);
+    a protocol, so this module does not import the strategy that imports it."""
+
+    cfg: Any
+    fcfg: Any
+    info: Any
+    topo: Any
+    placements: list[Any]
+    pending: dict[int, Any]
+    mat_ids: dict[int, list[int]]
+    rank_tokens: dict[int, float]
+    grad_stash: dict[int, torch.Tensor]
+    sprs_pending: dict[int, Any]
+    regathered: dict[int, torch.Tensor]
+    codec: Any
+    anchor: torch.Tensor
+    sprs_in_backward: bool
+    model_ref: Any
+    owner_index: list[torch.Tensor]
+
+    def replicated(self, li: int) -> bool: ...
+    def start_gather(self, li: int, experts: GroupedExperts) -> Any: ...
+    def regather(self, li: int, experts: GroupedExperts) -> None: ...
+    def post_sprs(self, li: int, experts: GroupedExperts) -> None: ...
+    def grad_dtype(self, experts: GroupedExperts) -> torch.dtype: ...
 
 
 def owned_flat(experts: GroupedExperts) -> torch.Tensor:
@@ -38,7 +63,7 @@ def split_chunks(mat: torch.Tensor, d_model: int, d_ffn: int) -> dict[str, torch
 class FSSDPDispatcher:
     """Per-layer dispatcher: materialize chunks (spAG), topology-aware slot routing, exchange, compute."""
 
-    def __init__(self, strategy: FSSDP, layer: int) -> None:
+    def __init__(self, strategy: LayerHost, layer: int) -> None:
         self.s, self.layer = strategy, layer
 
     def __call__(self, experts: GroupedExperts, x: torch.Tensor, route: RouterOutput) -> tuple[torch.Tensor, int]:
@@ -97,7 +122,7 @@ class ChunkLayer:
     `regather` brings back; without it (keep_materialized) they stay on device as they are.
     """
 
-    def __init__(self, s: FSSDP, li: int, mat: torch.Tensor, release: bool) -> None:
+    def __init__(self, s: LayerHost, li: int, mat: torch.Tensor, release: bool) -> None:
         self.s, self.li, self.release = s, li, release
         self.ptr = mat.untyped_storage().data_ptr()
         self.shape, self.dtype, self.device = tuple(mat.shape), mat.dtype, mat.device
@@ -130,7 +155,7 @@ class _Materialized(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, anchor: torch.Tensor, mat: torch.Tensor, s: FSSDP, li: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, anchor: torch.Tensor, mat: torch.Tensor, s: LayerHost, li: int) -> torch.Tensor:  # type: ignore[override]
         ctx.s, ctx.li = s, li
         return mat.view_as(mat)
 
@@ -140,6 +165,7 @@ class _Materialized(torch.autograd.Function):
         if li in s.sprs_pending:
             raise RuntimeError(f"FSSDP layer {li}: chunk gradients arrived after their spRS was posted; "
                                "set parallel.fssdp.sprs_post=after and report this")
+        grad = grad.to(s.grad_dtype(s.model_ref.moe_layers()[li].experts))  # fp32 accumulation under bf16
         s.grad_stash[li] = grad if li not in s.grad_stash else s.grad_stash[li] + grad
         s.regathered.pop(li, None)  # every use of this layer's copies is done
         return torch.zeros((), dtype=grad.dtype), None, None, None

@@ -64,8 +64,13 @@ def build_mesh(info: DistInfo, ep_size: int = 0):
 
 
 def all_reduce_mean(t: torch.Tensor, group: object | None = None) -> torch.Tensor:
-    """In-place mean over the group (no-op without a process group)."""
+    """In-place mean over the group (no-op without a process group), on the group's comm device."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, group=group)
+        from sparsetrain.parallel.comm import to_comm
+
+        c = to_comm(t, group)
+        dist.all_reduce(c, group=group)
+        if c is not t:
+            t.copy_(c)
         t /= dist.get_world_size(group)
     return t

@@ -237,15 +237,6 @@ def _pick_owner(current: int, count: list[int], rank_load: list[float], rank_chu
     raise AssertionError("no rank has room; layer_cap * world < num_experts cannot happen")
 
 
-def __getattr__(name: str) -> Any:
-    """Lazy re-export of the planner registry (planners.py imports this module)."""
-    if name in ("PLANNERS", "get_planner"):
-        from sparsetrain.parallel import planners
-
-        return getattr(planners, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def reshard_owners_min_moves(loads: torch.Tensor, owners: Sequence[Sequence[int]], topo: Topology,
                              replicas: Sequence[LayerPlacement] | None = None, chunk_slack: int = 0,
                              min_gain: float = 0.02) -> list[list[int]]:

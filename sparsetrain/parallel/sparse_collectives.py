@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from sparsetrain.parallel.comm import to_comm
 from sparsetrain.telemetry.comm import COMM
 
 __all__ = ["DEFAULT_TRANSPORT", "TRANSPORTS", "SpAGHandle", "SpRSHandle", "SparsePlan", "plan_sparse", "spag",
@@ -187,7 +188,8 @@ class _Posted:
     def __init__(self, src: Tensor, send_rows: tuple[tuple[int, ...], ...], recv_counts: list[int],
                  group: dist.ProcessGroup | None, transport: str) -> None:
         self.device = src.device
-        self._stream = _side_stream(src.device) if src.is_cuda else None
+        src = to_comm(src, group)  # no-op on NCCL (CUDA) and on gloo with CPU training
+        self._stream = _side_stream(src.device) if src.is_cuda else None  # on the comm device
         if self._stream is not None:
             self._stream.wait_stream(torch.cuda.current_stream(src.device))
             src.record_stream(self._stream)  # read on the side stream while the caller may drop it
@@ -208,7 +210,7 @@ class _Posted:
         else:
             for w in self.works:
                 w.wait()
-        return self.recv
+        return self.recv.to(self.device)
 
 
 class SpAGHandle:

@@ -10,11 +10,8 @@ from torch import nn
 from sparsetrain.config import Config
 from sparsetrain.model.experts import GroupedExperts
 from sparsetrain.model.gpt import GPT
+from sparsetrain.parallel.comm import all_reduce_host, is_dist, to_comm
 from sparsetrain.parallel.mesh import DistInfo
-
-
-def is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -40,6 +37,12 @@ class Strategy:
     def apply(self, model: GPT) -> GPT:
         """Apply the parallel passes to a freshly built model (same init on every rank)."""
         return model
+
+    def mp_policy(self) -> object | None:
+        """FSDP2 mixed-precision policy from train.precision / train.grad_reduce_dtype."""
+        from sparsetrain.parallel.dense import mixed_precision_policy
+
+        return mixed_precision_policy(self.cfg.train.precision, self.cfg.train.grad_reduce_dtype)
 
     def trainable(self, model: GPT) -> list[tuple[str, torch.nn.Parameter]]:
         """(name, param) pairs the optimizer owns on this rank."""
@@ -83,15 +86,12 @@ class Strategy:
 
     def grad_norm(self, model: GPT) -> torch.Tensor:
         """Global L2 norm of all gradients, identical on every rank."""
-        sq = torch.zeros((), dtype=torch.float64)
+        sq = torch.zeros((), dtype=torch.float64, device=self.info.device)
         for name, p in model.named_parameters():
             if p.grad is not None:
                 g = local_tensor(p.grad).detach()
-                sq += g.double().pow(2).sum().cpu() / self.replication(name, p)
-        if is_dist():
-            sq = sq.to(self.info.device)
-            dist.all_reduce(sq)
-        return sq.sqrt().float().cpu()
+                sq += g.double().pow(2).sum().to(sq.device) / self.replication(name, p)
+        return all_reduce_host(sq).sqrt().float()
 
     def after_step(self, step: int, model: GPT, optimizer: torch.optim.Optimizer,
                    counts: torch.Tensor | None) -> torch.optim.Optimizer | None:
@@ -101,26 +101,30 @@ class Strategy:
     def reduce_counts(self, c: torch.Tensor) -> torch.Tensor:
         """Sum routed-token counts over the data-parallel ranks (global batch statistics)."""
         if is_dist():
-            c = c.to(self.info.device).clone()
-            dist.all_reduce(c)
-            return c.cpu() if self.info.device.type == "cpu" else c
+            out = to_comm(c).clone()
+            dist.all_reduce(out)
+            return out.to(c.device)
         return c
 
     def install_count_reducer(self, model: GPT) -> None:
         for moe in model.moe_layers():
             moe.router.reduce_counts = self.reduce_counts
 
-    def rank_tokens_max_mean(self) -> float:
-        """max/mean over ranks of the expert slots each rank computed in its last forward (collective)."""
-        t = torch.tensor([sum(getattr(self, "rank_tokens", {}).values())], dtype=torch.float64)
-        parts = [torch.zeros_like(t) for _ in range(self.info.world)]
-        dist.all_gather(parts, t)
-        v = torch.cat(parts)
-        return float(v.max() / v.mean().clamp_min(1e-9))
+    def local_log_values(self) -> dict[str, float]:
+        """This rank's numbers for the log line; the trainer gathers them from every rank in its one
+        log-step collective and hands the [world] vectors to `step_metrics`."""
+        if not hasattr(self, "rank_tokens"):
+            return {}
+        return {"rank_tokens": sum(self.rank_tokens.values())}
 
-    def step_metrics(self, comm: dict[str, int]) -> dict[str, float]:
-        """Strategy-specific numbers for the log line (bytes moved, imbalance, ...)."""
-        return {}
+    def step_metrics(self, comm: dict[str, int], per_rank: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Strategy-specific numbers for the log line from bytes summed over ranks and the gathered
+        `local_log_values` (each a [world] tensor)."""
+        out: dict[str, float] = {}
+        if "rank_tokens" in per_rank and self.info.world > 1:
+            v = per_rank["rank_tokens"]
+            out["rank_tokens_max_mean"] = float(v.max() / v.mean().clamp_min(1e-9))
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.name}
@@ -136,7 +140,7 @@ class DataParallel(Strategy):
         if self.info.world > 1 and self.cfg.parallel.dense == "fsdp2":
             from sparsetrain.parallel.dense import apply_dense_sharding
 
-            apply_dense_sharding(model, self.info, ignored=set())
+            apply_dense_sharding(model, self.info, ignored=set(), mp_policy=self.mp_policy())
         return model
 
     def replication(self, name: str, p: torch.Tensor) -> int:

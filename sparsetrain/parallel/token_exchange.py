@@ -9,6 +9,7 @@ import torch.distributed as dist
 from sparsetrain.model.moe import capacity_keep, capacity_weights, combine_slots, expert_capacity
 from sparsetrain.model.router import RouterOutput
 from sparsetrain.parallel.all_to_all import all_to_all_uneven
+from sparsetrain.parallel.comm import to_comm
 from sparsetrain.telemetry.timers import span
 
 ExpertFn = Callable[[torch.Tensor, list[int]], torch.Tensor]
@@ -16,9 +17,16 @@ ExpertFn = Callable[[torch.Tensor, list[int]], torch.Tensor]
 
 def _exchange_count_matrix(c: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """c [world, E] slots this rank sends per (dest, expert) -> [world, E] slots received per (src, expert)."""
-    out = torch.empty_like(c)
-    dist.all_to_all_single(out.view(-1), c.contiguous().view(-1), group=group)  # E numbers per peer
-    return out
+    send = to_comm(c, group).contiguous()
+    out = torch.empty_like(send)
+    dist.all_to_all_single(out.view(-1), send.view(-1), group=group)  # E numbers per peer
+    return out.to(c.device)
+
+
+def _wire_dtype(x: torch.Tensor) -> torch.dtype:
+    """Tokens travel in the autocast dtype when autocast is on (bf16 runs), else in their own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def exchange_and_compute(x: torch.Tensor, route: RouterOutput, slot_rank: torch.Tensor, num_experts: int,
@@ -49,7 +57,7 @@ def exchange_and_compute(x: torch.Tensor, route: RouterOutput, slot_rank: torch.
             order = order[keep[order]]
         sent = torch.bincount(key[order], minlength=world * num_experts).view(world, num_experts)  # [world, E]
         recv = _exchange_count_matrix(sent, group)  # [world(src), E]
-        x_send = x[order // k]  # [S, d]
+        x_send = x[order // k].to(_wire_dtype(x))  # [S, d]: bf16 on the wire under bf16 autocast
         x_recv = all_to_all_uneven(x_send, sent.sum(1).tolist(), recv.sum(1).tolist(), group)  # [R, d]
         src_label = torch.repeat_interleave(torch.arange(world), recv.sum(1).cpu())  # [R]
         e_label = torch.repeat_interleave(torch.arange(num_experts).repeat(world), recv.cpu().reshape(-1))  # [R]
@@ -71,5 +79,5 @@ def exchange_and_compute(x: torch.Tensor, route: RouterOutput, slot_rank: torch.
     with span("combine"):
         y_recv = torch.empty_like(y_grouped).index_copy(0, perm, y_grouped)  # back to [src][e] layout
         y_sorted = all_to_all_uneven(y_recv, recv.sum(1).tolist(), sent.sum(1).tolist(), group)  # [S, d]
-        y_slots = x.new_zeros(t * k, d).index_copy(0, order, y_sorted)  # [T*k, d]
+        y_slots = y_sorted.new_zeros(t * k, d).index_copy(0, order, y_sorted)  # [T*k, d]
         return combine_slots(y_slots, weights), dropped, counts_local

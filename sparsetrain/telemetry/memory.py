@@ -94,16 +94,9 @@ def warm_imports() -> None:
 
 def gather_peak_mib(mem: PeakMemory) -> list[float]:
     """Every rank's peak (MiB) in rank order: one all_gather on the backend's device (CUDA for NCCL)."""
-    import torch.distributed as dist
+    from sparsetrain.parallel.comm import all_gather_host
 
-    value = mem.peak_mib()
-    if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    parts = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t)
-    return [float(x) for x in torch.cat(parts).cpu().tolist()]
+    return [float(x) for x in all_gather_host([mem.peak_mib()]).flatten().tolist()]
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter

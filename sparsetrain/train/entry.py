@@ -1,6 +1,7 @@
 """Worker entry: the same function runs under Ray, torchrun or in-process."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 from typing import Any
@@ -23,11 +24,17 @@ def train_worker(cfg_dict: dict) -> dict[str, Any] | None:
     from sparsetrain.train.guards import install_sigterm_handler
     from sparsetrain.train.trainer import Trainer
 
+    audit = contextlib.nullcontext()
+    if os.environ.get("SPARSETRAIN_AUDIT_COMM") == "1":  # NCCL's device rule enforced on any backend
+        from sparsetrain.parallel.comm_audit import audit_collectives
+
+        audit = audit_collectives()
     ok = False
     start_sampler(cfg.train.gpu_telemetry_s if info.device.type == "cuda" else 0.0)
     undo_sigterm = install_sigterm_handler()  # SIGTERM: checkpoint at the end of this step, then stop
     try:
-        summary = Trainer(cfg, info).fit()
+        with audit:
+            summary = Trainer(cfg, info).fit()
         ok = True
     finally:
         undo_sigterm()

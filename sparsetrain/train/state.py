@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts
+from sparsetrain.parallel.optim_state import OPT_KEYS, ensure_optimizer_state
 
-OPT_KEYS = ("exp_avg", "exp_avg_sq")
+__all__ = ["OPT_KEYS", "ensure_optimizer_state", "expert_ids_of", "flat_state", "full_model_state",
+           "set_optimizer_step"]
 
 
 def expert_ids_of(mod: GroupedExperts) -> list[int]:
@@ -26,17 +28,6 @@ def _expert_param_names(model: nn.Module) -> dict[str, tuple[str, GroupedExperts
             for w in EXPERT_WEIGHTS:
                 out[f"{mname}.{w}"] = (mname, mod)
     return out
-
-
-def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create zero Adam state for every param so a checkpoint can load into it in place."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            st = optimizer.state[p]
-            if not st:
-                st["step"] = torch.zeros((), dtype=torch.float32)
-                for k in OPT_KEYS:
-                    st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def flat_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:

@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from sparsetrain.config import Config, to_dict
 from sparsetrain.data import TokenBatches
 from sparsetrain.data.tokenizer import check_resume_tokenizer
 from sparsetrain.model.gpt import GPT, build_model
+from sparsetrain.model.init import materialize_
 from sparsetrain.parallel import build_strategy
+from sparsetrain.parallel.comm import all_gather_host
 from sparsetrain.parallel.mesh import DistInfo, all_reduce_mean
 from sparsetrain.telemetry.comm import COMM
 from sparsetrain.telemetry.flops import model_size, peak_tflops, train_flops_per_token
@@ -43,14 +44,14 @@ class Trainer:
             return_freed_memory()  # RSS then follows live tensors (see telemetry/memory.py)
         self.memory = PeakMemory(self.device)  # baseline: after imports, before the run allocates
         self.strategy = build_strategy(cfg, self.info)
-        model = build_model(cfg, self.device)
+        model = build_model(cfg, "meta")  # nothing allocated until the strategy says what this rank holds
         self.sparsifier = None
         if cfg.sparsity.enabled:  # before sharding: FSDP2 then shards the parametrized originals
             from sparsetrain.sparsity import NMConfig, nm_sparsifier, sparsify_
 
             sparsify_(model, NMConfig.from_config(cfg.sparsity))
             self.sparsifier = nm_sparsifier(model)
-        self.model: GPT = self.strategy.apply(model)
+        self.model: GPT = materialize_(self.strategy.apply(model), self.device, cfg.train.seed)
         if cfg.train.activation_checkpointing != "none":
             from sparsetrain.offload.checkpointing import apply_activation_checkpointing
 
@@ -158,7 +159,7 @@ class Trainer:
             t_fwd, t_bwd = t_fwd + t1 - t0, t_bwd + time.perf_counter() - t1
             stats[:4] += torch.stack([out.loss.detach().float(), out.aux_loss.detach().float(),
                                       out.z_loss.detach().float(),
-                                      torch.tensor(float(out.dropped))]).to(self.device) / cfg.grad_accum
+                                      torch.tensor(float(out.dropped), device=self.device)]).to(self.device) / cfg.grad_accum
             if out.tokens_per_expert is not None:
                 c = out.tokens_per_expert.detach().float()
                 counts = c if counts is None else counts + c
@@ -257,10 +258,8 @@ class Trainer:
                 rec["val_loss"] = val_loss
             if (step + 1) % cfg.train.log_every == 0 or last or "val_loss" in rec:
                 rec.update(self._throughput(interval_s, interval_steps))
-                rec["peak_memory_mib"] = gather_peak_mib(self.memory)
                 interval_s, interval_steps = 0.0, 0
-                rec.update(self.strategy.step_metrics(self._sum_over_ranks(comm)))
-                rec.update(self._timer_metrics())
+                rec.update(self._log_step_metrics(comm))
                 rec.update(gpu_metrics())
                 intervals.finish(rec)
                 writer.note_placement(step, getattr(self.strategy, "placements", None))
@@ -346,39 +345,33 @@ class Trainer:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-    def _sum_over_ranks(self, comm: dict[str, int]) -> dict[str, int]:
-        """Bytes sent per collective this step, summed over all ranks."""
-        names = ("spag", "sprs", "all_to_all")
-        t = torch.tensor([comm.get(n, 0) for n in names], dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(t)
-        return {n: int(v) for n, v in zip(names, t.tolist())}
-
-    def _timer_metrics(self) -> dict[str, float]:
-        """Forward spans (ms) for this interval, max over ranks, plus expert CPU-time imbalance.
-
-        `ranks` holds each rank's values (busy CPU ms of attention/experts, wall ms of every span, routed
-        slots): what `sparsetrain sim calibrate` fits and `sparsetrain report` draws."""
+    def _log_step_metrics(self, comm: dict[str, int]) -> dict[str, Any]:
+        """Everything the log line needs from other ranks, in ONE collective on log steps only: bytes sent
+        per collective (summed), span times (max), expert busy time (max/mean), peak memory per rank and
+        the strategy's own per-rank numbers. `ranks` keeps each rank's values (busy CPU ms of attention /
+        experts, wall ms of every span, routed slots): what `sparsetrain sim calibrate` fits and
+        `sparsetrain report` draws."""
+        byte_names = ("spag", "sprs", "all_to_all")
+        span_names = ("attention", "dispatch", "experts", "combine", "optimizer", "spag_wait", "sprs")
         wall, cpu = TIMERS.pop()
-        names = ("attention", "dispatch", "experts", "combine", "optimizer")
-        extra = ("spag_wait", "sprs")  # exposed spAG wait and spRS (after backward), wall
-        tokens = sum(getattr(self.strategy, "rank_tokens", {}).values())
-        vals = torch.tensor([wall.get(n, 0.0) for n in names] + [wall.get(n, 0.0) for n in extra]
-                            + [cpu.get("attention", 0.0), tokens, cpu.get("experts", 0.0)], dtype=torch.float64)
-        out: dict[str, float] = {}
-        if dist.is_available() and dist.is_initialized():
-            gathered = [torch.zeros_like(vals) for _ in range(dist.get_world_size())]
-            dist.all_gather(gathered, vals)
-            allv = torch.stack(gathered)  # [world, 10]
-            busy = allv[:, -1]
-            out["expert_busy_max_mean"] = float(busy.max() / busy.mean().clamp_min(1e-12))
-        else:
-            allv = vals[None]  # [1, 10]
-        cols = [f"{n}_ms" for n in names + extra] + ["attention_cpu_ms", "tokens", "experts_cpu_ms"]
-        out["ranks"] = {c: [round(v * (1 if c == "tokens" else 1000), 4) for v in allv[:, i].tolist()]
-                        for i, c in enumerate(cols)}
-        for n, v in zip(names, allv.max(0).values[:len(names)].tolist()):
+        local = {"attention_cpu": cpu.get("attention", 0.0), "experts_cpu": cpu.get("experts", 0.0),
+                 "peak_memory_mib": self.memory.peak_mib(), "rank_tokens": 0.0, **self.strategy.local_log_values()}
+        row = [float(comm.get(n, 0)) for n in byte_names] + [wall.get(n, 0.0) for n in span_names] + list(local.values())
+        allv = all_gather_host(row)  # [world, len(row)]
+        nb, ns = len(byte_names), len(span_names)
+        sums = {n: int(v) for n, v in zip(byte_names, allv[:, :nb].sum(0).tolist())}
+        per_rank = {k: allv[:, nb + ns + i] for i, k in enumerate(local)}
+        out: dict[str, Any] = self.strategy.step_metrics(sums, per_rank)
+        for n, v in zip(span_names[:5], allv[:, nb:nb + 5].max(0).values.tolist()):
             out[f"t_{n}_ms"] = 1000 * v
+        if self.info.world > 1:
+            busy = per_rank["experts_cpu"]
+            out["expert_busy_max_mean"] = float(busy.max() / busy.mean().clamp_min(1e-12))
+        out["peak_memory_mib"] = [round(v, 1) for v in per_rank["peak_memory_mib"].tolist()]
+        ranks = {f"{n}_ms": allv[:, nb + i] * 1000 for i, n in enumerate(span_names)}
+        ranks.update({"attention_cpu_ms": per_rank["attention_cpu"] * 1000, "tokens": per_rank["rank_tokens"],
+                      "experts_cpu_ms": per_rank["experts_cpu"] * 1000})
+        out["ranks"] = {k: [round(v, 4) for v in t.tolist()] for k, t in ranks.items()}
         return out
 
     def _summary(self, elapsed: float, val_loss: float | None) -> dict[str, Any]:

@@ -9,13 +9,12 @@ from hypothesis import strategies as st
 from sparsetrain.parallel.placement import (
     LayerPlacement,
     LoadTracker,
-    get_planner,
     initial_owners,
     owned_load,
     reshard_owners,
     reshard_owners_min_moves,
 )
-from sparsetrain.parallel.planners import PLANNERS, SPILL_THRESHOLD
+from sparsetrain.parallel.planners import PLANNERS, SPILL_THRESHOLD, get_planner
 from sparsetrain.parallel.routing import rank_loads
 from sparsetrain.parallel.topology import Topology
 
