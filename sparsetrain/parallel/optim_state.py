@@ -1,6 +1,8 @@
 """Adam(W) state helpers shared by re-sharding (parallel) and checkpoints (train)."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 OPT_KEYS = ("exp_avg", "exp_avg_sq")
@@ -23,7 +25,8 @@ def rebuild_optimizer(optimizer: torch.optim.Optimizer, replace: dict[torch.nn.P
     params carried over, state of new params from `new_state`."""
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [replace.get(p, p) for p in g["params"]]}
               for g in optimizer.param_groups]
-    new = type(optimizer)(groups, **optimizer.defaults)
+    accepted = inspect.signature(type(optimizer).__init__).parameters  # AdamW's defaults hold keys it does not take
+    new = type(optimizer)(groups, **{k: v for k, v in optimizer.defaults.items() if k in accepted})
     for g in new.param_groups:
         for p in g["params"]:
             if p in new_state:
