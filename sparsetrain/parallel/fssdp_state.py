@@ -11,7 +11,7 @@ keys are per expert).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,11 +20,10 @@ from sparsetrain.model.experts import EXPERT_WEIGHTS
 from sparsetrain.model.gpt import GPT
 from sparsetrain.parallel.placement import LayerPlacement
 
-if TYPE_CHECKING:
-    from sparsetrain.parallel.fssdp import FSSDP
+FSSDPStrategy = Any  # sparsetrain.parallel.fssdp.FSSDP, not imported: it imports this module
 
 
-def extra_state(s: FSSDP) -> dict[str, Any]:
+def extra_state(s: FSSDPStrategy) -> dict[str, Any]:
     """JSON-able FSSDP state (see the module docstring)."""
     st = s.tracker.state_dict()
     return {"tracker": {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in st.items()},
@@ -34,7 +33,7 @@ def extra_state(s: FSSDP) -> dict[str, Any]:
             "overlap_budget": s.overlap_budget, "bandwidth": s.bandwidth}
 
 
-def _valid_layout(s: FSSDP, state: dict[str, Any]) -> bool:
+def _valid_layout(s: FSSDPStrategy, state: dict[str, Any]) -> bool:
     """Whether the saved ownership/plan fits this run (same world, nodes, layers, experts)."""
     owners, copies = state.get("owners"), state.get("copies")
     if state.get("world") != s.info.world or state.get("nodes") != s.topo.num_nodes:
@@ -47,7 +46,7 @@ def _valid_layout(s: FSSDP, state: dict[str, Any]) -> bool:
                and all(0 <= int(r) < w for rs in c for r in rs) for o, c in zip(owners, copies))
 
 
-def reown(s: FSSDP, model: GPT, owners: list[list[int]]) -> None:
+def reown(s: FSSDPStrategy, model: GPT, owners: list[list[int]]) -> None:
     """Hold the rows of the experts `owners` gives this rank (zeros: the checkpoint load fills them)."""
     params: set[nn.Parameter] = set()
     for li, moe in enumerate(model.moe_layers()):
@@ -62,7 +61,7 @@ def reown(s: FSSDP, model: GPT, owners: list[list[int]]) -> None:
     s.owners = owners
 
 
-def load_extra_state(s: FSSDP, state: dict[str, Any], model: GPT) -> None:
+def load_extra_state(s: FSSDPStrategy, state: dict[str, Any], model: GPT) -> None:
     """Restore what extra_state saved; call before the checkpoint's tensors are loaded."""
     tr = state["tracker"]
     s.tracker.load_state_dict({k: (torch.tensor(v, dtype=torch.float64) if isinstance(v, list) else v)
