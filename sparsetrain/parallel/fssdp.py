@@ -292,7 +292,7 @@ class FSSDP(Strategy):
                 p = gated
             placements.append(p)
         if [p.owners for p in placements] != [p.owners for p in self.placements]:
-            self.owner_index = [torch.tensor(p.owners, dtype=torch.long, device=e.w1.device) for p in placements]
+            self.owner_index = [torch.tensor(p.owners, dtype=torch.long, device=self.info.device) for p in placements]
         self.placements = placements
         self.is_replicated = [any(len(c) > 1 for c in p.copies) for p in placements]
 
