@@ -16,6 +16,7 @@ import yaml
 from sparsetrain.launcher.env import ENTRY_ENV, PROGRESS_ENV, Failure, RankSlot, free_port, rank_env, root_cause
 from sparsetrain.launcher.errors import LaunchError
 from sparsetrain.launcher.ray_runtime import DEFAULT_ENTRY, load_entry, run_ray
+from sparsetrain.launcher.restart import run_with_restarts
 
 if TYPE_CHECKING:
     from sparsetrain.config import Config
@@ -108,7 +109,7 @@ def run_job(cfg: Config, entry: str | None = None) -> dict | None:
         if cfg.launch.address:
             raise LaunchError("launch.address is a Ray address; launch.backend=torchrun runs on this machine only "
                               "(run torchrun on each node yourself for multi-node, see docs/launching.md)")
-        return run_torchrun(cfg_dict, entry)
+        return run_with_restarts(cfg_dict, lambda c: run_torchrun(c, entry))
     if backend == "ray":
-        return run_ray(cfg_dict, entry)
+        return run_with_restarts(cfg_dict, lambda c: run_ray(c, entry))
     raise LaunchError(f"launch.backend={backend!r}; allowed: ray, torchrun, inline")

@@ -176,6 +176,7 @@ class LaunchConfig:
     cpus_per_worker: int = 1
     gpus_per_worker: int = 0
     torch_threads: int = 1  # intra-op threads per worker on CPU
+    max_failures: int = 0  # restarts of the worker group after a rank dies or raises (resumes from the last checkpoint)
 
 
 @dataclass
@@ -381,6 +382,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(p.fssdp.expert_TFLOPs >= 0, f"parallel.fssdp.expert_TFLOPs must be >= 0, got {p.fssdp.expert_TFLOPs}")
     _check(cfg.launch.workers >= 1, f"launch.workers must be >= 1, got {cfg.launch.workers}")
     _one_of("launch.backend", cfg.launch.backend, ("ray", "torchrun", "inline"))
+    _check(cfg.launch.max_failures >= 0, f"launch.max_failures must be >= 0, got {cfg.launch.max_failures}")
     if p.strategy in PEER_STRATEGIES:
         _validate_peer(cfg)
     s = cfg.sparsity

@@ -26,8 +26,10 @@ from sparsetrain.telemetry.memory import PeakMemory, gather_peak_mib, return_fre
 from sparsetrain.telemetry.metrics import MetricsWriter, format_log, placement_table, summary_table, truncate_after
 from sparsetrain.telemetry.timers import TIMERS, span
 from sparsetrain.train import checkpoint as ckpt
+from sparsetrain.train.faults import maybe_inject
 from sparsetrain.train.fingerprint import fingerprint
 from sparsetrain.train.guards import NanGuard, NonFiniteLossError, all_finite, stop_flag
+from sparsetrain.train.heartbeat import beat
 from sparsetrain.train.optim import build_optimizer, lr_at
 
 __all__ = ["NonFiniteLossError", "Trainer"]
@@ -163,8 +165,7 @@ class Trainer:
             if out.tokens_per_expert is not None:
                 c = out.tokens_per_expert.detach().float()
                 counts = c if counts is None else counts + c
-        if os.environ.get("SPARSETRAIN_FAIL_RANK") == str(self.info.rank) and step >= 1:
-            raise RuntimeError(f"injected failure on rank {self.info.rank}")
+        maybe_inject(self.info.rank, step)  # test fault hooks (sparsetrain.train.faults)
         self.strategy.finish_backward(self.model)
         if self.sparsifier is not None:
             self.sparsifier.add_decay_grads()
@@ -268,6 +269,7 @@ class Trainer:
                 self.history.append(rec)
             else:
                 TIMERS.pop()
+            beat(self.out_dir, self.info.rank, step + 1)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
             every = cfg.checkpoint.every

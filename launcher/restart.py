@@ -1,0 +1,87 @@
+"""`launch.max_failures`: restart the worker group after a rank dies or raises, resuming from the last commit.
+
+The CLI holds the out_dir lock for the whole run, across restarts (the workers never take it), so a
+restarted group does not trip over its own lock. Each attempt gets SPARSETRAIN_ATTEMPT=n (forwarded to
+every rank); the ranks' heartbeats (sparsetrain.train.heartbeat) say how far the failed attempt got.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from sparsetrain.launcher.errors import LaunchError
+
+from sparsetrain.train import heartbeat
+from sparsetrain.train.faults import ATTEMPT_ENV
+
+# errors a rank reports that a restart would only repeat (bad config / data / checkpoint, diverged loss)
+NOT_RETRIED = ("ConfigError", "DataError", "CheckpointError", "NonFiniteLossError", "RunLockError")
+
+
+def _checkpoint_root(cfg_dict: dict) -> Path:
+    return Path(cfg_dict["checkpoint"]["dir"] or Path(cfg_dict["train"]["out_dir"]) / "checkpoints")
+
+
+def committed_steps(root: Path, since: float = 0.0) -> int | None:
+    """Steps done at the newest committed checkpoint under root (step_N holds N+1 steps), committed after
+    `since` (epoch seconds); None when there is none. Names only: the ranks verify before loading."""
+    best = None
+    for p in root.glob("step_*") if root.is_dir() else ():
+        try:
+            n = int(p.name.split("_", 1)[1]) + 1
+        except ValueError:
+            continue
+        if p.is_dir() and p.stat().st_mtime >= since and (best is None or n > best):
+            best = n
+    return best
+
+
+def run_with_restarts(cfg_dict: dict, attempt: Callable[[dict], dict | None],
+                      log: Callable[[str], None] | None = None) -> dict | None:
+    """Call `attempt(cfg_dict)`; on LaunchError restart up to launch.max_failures times, resuming."""
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    max_failures = int(cfg_dict["launch"].get("max_failures", 0))
+    out_dir, root = cfg_dict["train"]["out_dir"], _checkpoint_root(cfg_dict)
+    started, cfg, failures = time.time() - 1.0, cfg_dict, 0
+    while True:
+        heartbeat.clear(out_dir)
+        old = os.environ.get(ATTEMPT_ENV)
+        os.environ[ATTEMPT_ENV] = str(failures)
+        try:
+            return attempt(cfg)
+        except LaunchError as e:
+            if failures >= max_failures or _user_error(e):
+                if failures:
+                    raise LaunchError(f"{_first_line(e)} (after {failures} restart(s), launch.max_failures="
+                                      f"{max_failures})", rank=e.rank, details=e.details) from None
+                raise
+            failures += 1
+            reached = max(heartbeat.steps_done(out_dir).values(), default=0)
+            # resume=false started this run afresh: only checkpoints it committed itself count
+            done = committed_steps(root, 0.0 if cfg_dict["checkpoint"]["resume"] else started)
+            if done is not None and not cfg["checkpoint"]["resume"]:
+                cfg = copy.deepcopy(cfg)
+                cfg["checkpoint"]["resume"] = True
+            where = f"from the checkpoint at {done} steps" if done is not None else "from the start (no checkpoint)"
+            log(f"restart {failures}/{max_failures}: {_first_line(e)}; the group had completed {reached} "
+                f"step(s); resuming {where}, {max(reached - (done or 0), 0)} step(s) redone")
+        finally:
+            if old is None:
+                os.environ.pop(ATTEMPT_ENV, None)
+            else:
+                os.environ[ATTEMPT_ENV] = old
+
+
+def _user_error(e: LaunchError) -> bool:
+    """Whether the failing rank reported a user error (retrying would fail the same way)."""
+    head = _first_line(e)
+    return any(f": {name}" in head or head.startswith(name) for name in NOT_RETRIED)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

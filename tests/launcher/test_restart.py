@@ -1,0 +1,126 @@
+"""launch.max_failures: a failed worker group restarts by itself and resumes from the last commit; the final
+parameters equal an uninterrupted run's (2 gloo ranks, CPU)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from sparsetrain.launcher import run_job
+from sparsetrain.launcher.errors import LaunchError
+from sparsetrain.launcher.restart import committed_steps, run_with_restarts
+
+from sparsetrain.config import load_config, to_dict
+from sparsetrain.model.gpt import build_model
+from sparsetrain.train import heartbeat
+from sparsetrain.train.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN = ["model.d_model=64", "model.n_layers=2", "model.seq_len=32", "moe.d_ffn=64", "data.batch_size=8",
+       "train.steps=5", "train.log_every=1", "train.eval_every=0", "train.warmup_steps=2", "checkpoint.every=2",
+       "parallel.strategy=fssdp", "parallel.pretend_nodes=0", "launch.workers=2", "launch.torch_threads=1"]
+FAULT_ENV = ("SPARSETRAIN_FAIL_RANK", "SPARSETRAIN_FAIL_STEP", "SPARSETRAIN_FAIL_MODE", "SPARSETRAIN_ATTEMPT")
+
+
+def _cfg_dict(tmp_path: Path, max_failures: int) -> dict:
+    return to_dict(load_config("tiny", [*RUN, f"train.out_dir={tmp_path}", f"launch.max_failures={max_failures}"]))
+
+
+@pytest.mark.unit
+def test_restart_loop_counts_redone_steps_and_gives_up_after_max(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPARSETRAIN_ATTEMPT", raising=False)
+    cfg, seen, logs = _cfg_dict(tmp_path, 2), [], []
+
+    def attempt(c: dict) -> dict:
+        n = int(os.environ["SPARSETRAIN_ATTEMPT"])
+        seen.append(n)
+        (tmp_path / "checkpoints" / f"step_{2 * n + 1:08d}").mkdir(parents=True)  # commits 2 (then 4) steps
+        heartbeat.beat(tmp_path, 0, 2 * n + 3)
+        if n < 2:
+            raise LaunchError(f"rank 1 failed: RuntimeError: boom {n}", rank=1, details="tb")
+        return {"ok": True}
+
+    assert run_with_restarts(cfg, attempt, logs.append) == {"ok": True}
+    assert seen == [0, 1, 2] and "SPARSETRAIN_ATTEMPT" not in os.environ
+    assert logs == [("restart 1/2: rank 1 failed: RuntimeError: boom 0; the group had completed 3 step(s); "
+                     "resuming from the checkpoint at 2 steps, 1 step(s) redone"),
+                    ("restart 2/2: rank 1 failed: RuntimeError: boom 1; the group had completed 5 step(s); "
+                     "resuming from the checkpoint at 4 steps, 1 step(s) redone")]
+    assert committed_steps(tmp_path / "checkpoints") == 6
+
+    def always(c: dict) -> None:
+        raise LaunchError("rank 0 (pid 1 on x) died unexpectedly", rank=0)
+
+    with pytest.raises(LaunchError, match=r"died unexpectedly \(after 2 restart\(s\), launch.max_failures=2\)"):
+        run_with_restarts(_cfg_dict(tmp_path / "b", 2), always, logs.append)
+    with pytest.raises(LaunchError, match=r"died unexpectedly$"):
+        run_with_restarts(_cfg_dict(tmp_path / "c", 0), always, logs.append)
+
+    def user_error(c: dict) -> None:
+        raise LaunchError("rank 1 failed: DataError: data.corpus: directory not found", rank=1)
+
+    n_logs = len(logs)
+    with pytest.raises(LaunchError, match=r"DataError: data.corpus: directory not found$"):
+        run_with_restarts(_cfg_dict(tmp_path / "d", 3), user_error, logs.append)
+    assert len(logs) == n_logs  # a user error is not retried
+
+
+def _final_params(out_dir: Path, steps: int = 5) -> dict[str, torch.Tensor]:
+    cfg = load_config("tiny", [*RUN, f"train.out_dir={out_dir}"])
+    model = build_model(cfg)
+    load_checkpoint(out_dir / "checkpoints" / f"step_{steps - 1:08d}", model, None)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """Final parameters of the same run without a fault."""
+    out = tmp_path_factory.mktemp("ref")
+    for k in FAULT_ENV:
+        os.environ.pop(k, None)
+    run_job(load_config("tiny", [*RUN, f"train.out_dir={out}", "launch.backend=torchrun"]))
+    return _final_params(out)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(400)
+def test_torchrun_rank_raises_then_cli_restarts_and_matches_uninterrupted(tmp_path, reference):
+    env = {k: v for k, v in os.environ.items() if k not in FAULT_ENV} | {
+        "SPARSETRAIN_FAIL_RANK": "1", "SPARSETRAIN_FAIL_STEP": "3", "SPARSETRAIN_PROGRESS": "0"}
+    sets = [a for s in [*RUN, f"train.out_dir={tmp_path}", "launch.backend=torchrun", "launch.max_failures=1"]
+            for a in ("--set", s)]
+    r = subprocess.run([sys.executable, "-m", "sparsetrain.cli", "train", "--config", "tiny", *sets], cwd=ROOT,
+                       env=env, check=False, capture_output=True, text=True, timeout=380)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("restart 1/1: rank 1 failed: RuntimeError: injected failure on rank 1 at step 3; the group had "
+            "completed 3 step(s); resuming from the checkpoint at 2 steps, 1 step(s) redone") in r.stderr
+    _assert_same(_final_params(tmp_path), reference)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(400)
+def test_ray_killed_rank_restarts_and_matches_uninterrupted(tmp_path, reference, monkeypatch):
+    monkeypatch.setenv("SPARSETRAIN_RAY_TMPDIR", f"/tmp/st-rt-{uuid.uuid4().hex[:8]}")
+    for k, v in {"SPARSETRAIN_FAIL_RANK": "0", "SPARSETRAIN_FAIL_STEP": "2", "SPARSETRAIN_FAIL_MODE": "kill"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    logs: list[str] = []
+    cfg = to_dict(load_config("tiny", [*RUN, f"train.out_dir={tmp_path}", "launch.max_failures=1"]))
+    from sparsetrain.launcher.ray_runtime import run_ray
+
+    summary = run_with_restarts(cfg, lambda c: run_ray(c), logs.append)
+    assert summary is not None and summary["world"] == 2
+    assert len(logs) == 1 and logs[0].startswith("restart 1/1: rank 0 (pid ") and "died unexpectedly" in logs[0]
+    assert logs[0].endswith("the group had completed 2 step(s); resuming from the checkpoint at 2 steps, "
+                            "0 step(s) redone"), logs[0]
+    _assert_same(_final_params(tmp_path), reference)
