@@ -37,6 +37,7 @@ from sparsetrain.launcher.env import (
     visible_devices,
 )
 from sparsetrain.launcher.errors import LaunchError, one_line, require_ray, user_error_types
+from sparsetrain.launcher.resources import reserve
 
 from sparsetrain.rendezvous import LISTEN_FD_ENV
 
@@ -200,25 +201,6 @@ def _start_runtime(workers: int, cpus_per_worker: int, address: str) -> tuple[bo
     return True, start_local_ray(local_num_cpus(workers, cpus_per_worker, os.cpu_count()), local_temp_dir())
 
 
-def _placement_group(workers: int, cpus: int, gpus: int, timeout_s: float, local: bool) -> Any:
-    """Reserve one bundle per rank (PACK: as few nodes as possible) or explain what is missing."""
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-
-    bundle = {"CPU": float(cpus)} | ({"GPU": float(gpus)} if gpus else {})
-    total = ray.cluster_resources()
-    if local and gpus and total.get("GPU", 0) < workers * gpus:
-        raise LaunchError(f"launch.gpus_per_worker={gpus} x launch.workers={workers} needs {workers * gpus} GPUs; "
-                          f"the Ray cluster has {total.get('GPU', 0):g} (set launch.gpus_per_worker=0 for CPU)")
-    pg = placement_group([bundle] * workers, strategy="PACK", name=f"sparsetrain-{os.getpid()}")
-    try:
-        ray.get(pg.ready(), timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        remove_placement_group(pg)
-        raise LaunchError(f"could not reserve {workers} x {bundle} within {timeout_s:.0f}s; "
-                          f"cluster resources {total}, available {ray.available_resources()}") from None
-    return pg
-
 
 def _pump(actors: dict[int, Any], prefixers: dict[int, tuple[LinePrefixer, LinePrefixer]], final: bool) -> None:
     """Print every worker's new output with its rank prefix (final: also unterminated rests)."""
@@ -335,7 +317,8 @@ def run_ray(cfg_dict: dict, entry: str = DEFAULT_ENTRY, pg_timeout_s: float | No
     pg, handles, actors = None, [], {}
     term, undo_term = _on_sigterm()  # replaces the handler ray.init installed (sys.exit, then a C++ abort)
     try:
-        pg = _placement_group(n, cpus, gpus, pg_timeout_s or (60.0 if started else 600.0), started)
+        wait_s = pg_timeout_s or (60.0 if started else float(launch.get("resource_timeout_s", 600.0)))
+        pg = reserve(n, cpus, gpus, wait_s, started)
         cls = ray.remote(RankWorker)
         handles = [
             cls.options(
