@@ -50,15 +50,13 @@ def install_sigterm_handler() -> Callable[[], None]:
 
 def all_finite(params: Any) -> bool:
     """True when every (local shard of every) tensor is finite, on every rank."""
-    import torch.distributed as dist
+    from sparsetrain.parallel.comm import all_reduce_host
 
-    bad = torch.zeros(())
+    bad: torch.Tensor | float = 0.0
     for p in params:
         local = p.to_local() if hasattr(p, "to_local") else p
-        bad += (~torch.isfinite(local.detach())).sum().cpu().float()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(bad)
-    return float(bad) == 0.0
+        bad = bad + (~torch.isfinite(local.detach())).sum().float()  # on the params' device: no host sync
+    return float(all_reduce_host([float(bad)])[0]) == 0.0  # one collective, on the comm device
 
 
 class NanGuard:
