@@ -67,13 +67,22 @@ def run_with_restarts(cfg_dict: dict, attempt: Callable[[dict], dict | None],
                 cfg = copy.deepcopy(cfg)
                 cfg["checkpoint"]["resume"] = True
             where = f"from the checkpoint at {done} steps" if done is not None else "from the start (no checkpoint)"
-            log(f"restart {failures}/{max_failures}: {_first_line(e)}; the group had completed {reached} "
+            why = _first_line(e)
+            if _timed_out(e):
+                why += f" (a collective waited launch.timeout_s={cfg_dict['launch'].get('timeout_s')}s: a rank stalled)"
+            log(f"restart {failures}/{max_failures}: {why}; the group had completed {reached} "
                 f"step(s); resuming {where}, {max(reached - (done or 0), 0)} step(s) redone")
         finally:
             if old is None:
                 os.environ.pop(ATTEMPT_ENV, None)
             else:
                 os.environ[ATTEMPT_ENV] = old
+
+
+def _timed_out(e: LaunchError) -> bool:
+    """Whether the failure reads like a collective timeout (gloo 'Timed out', NCCL watchdog)."""
+    text = f"{e}\n{e.details}".lower()
+    return "timed out" in text or "watchdog caught collective operation timeout" in text
 
 
 def _user_error(e: LaunchError) -> bool:

@@ -177,6 +177,7 @@ class LaunchConfig:
     gpus_per_worker: int = 0
     torch_threads: int = 1  # intra-op threads per worker on CPU
     max_failures: int = 0  # restarts of the worker group after a rank dies or raises (resumes from the last checkpoint)
+    timeout_s: float = 300.0  # collective timeout: a rank stalled this long fails the group (restarted by max_failures)
     resource_timeout_s: float = 600.0  # cluster runs: wait this long for the ranks' resources (a line every 30 s)
 
 
@@ -384,6 +385,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(cfg.launch.workers >= 1, f"launch.workers must be >= 1, got {cfg.launch.workers}")
     _one_of("launch.backend", cfg.launch.backend, ("ray", "torchrun", "inline"))
     _check(cfg.launch.max_failures >= 0, f"launch.max_failures must be >= 0, got {cfg.launch.max_failures}")
+    _check(cfg.launch.timeout_s >= 1, f"launch.timeout_s must be >= 1, got {cfg.launch.timeout_s}")
     _check(cfg.launch.resource_timeout_s > 0, f"launch.resource_timeout_s must be > 0, got {cfg.launch.resource_timeout_s}")
     if p.strategy in PEER_STRATEGIES:
         _validate_peer(cfg)

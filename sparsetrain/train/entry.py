@@ -18,7 +18,7 @@ def train_worker(cfg_dict: dict) -> dict[str, Any] | None:
     cfg = config_from_dict(cfg_dict)
     if cfg.launch.torch_threads > 0:
         torch.set_num_threads(cfg.launch.torch_threads)
-    info = init_distributed(cfg.train.device)
+    info = init_distributed(cfg.train.device, timeout_s=max(int(cfg.launch.timeout_s), 1))
     validate_world(cfg, info.world)
     from sparsetrain.telemetry.gpu import start_sampler, stop_sampler
     from sparsetrain.train.guards import install_sigterm_handler

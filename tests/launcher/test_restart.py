@@ -93,6 +93,7 @@ def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_torchrun_rank_raises_then_cli_restarts_and_matches_uninterrupted(tmp_path, reference):
     env = {k: v for k, v in os.environ.items() if k not in FAULT_ENV} | {
@@ -108,6 +109,7 @@ def test_torchrun_rank_raises_then_cli_restarts_and_matches_uninterrupted(tmp_pa
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_ray_killed_rank_restarts_and_matches_uninterrupted(tmp_path, reference, monkeypatch):
     monkeypatch.setenv("SPARSETRAIN_RAY_TMPDIR", f"/tmp/st-rt-{uuid.uuid4().hex[:8]}")
@@ -123,4 +125,21 @@ def test_ray_killed_rank_restarts_and_matches_uninterrupted(tmp_path, reference,
     assert len(logs) == 1 and logs[0].startswith("restart 1/1: rank 0 (pid ") and "died unexpectedly" in logs[0]
     assert logs[0].endswith("the group had completed 2 step(s); resuming from the checkpoint at 2 steps, "
                             "0 step(s) redone"), logs[0]
+    _assert_same(_final_params(tmp_path), reference)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_torchrun_stalled_rank_times_out_and_restarts(tmp_path, reference, monkeypatch, capsys):
+    for k, v in {"SPARSETRAIN_FAIL_RANK": "1", "SPARSETRAIN_FAIL_STEP": "3", "SPARSETRAIN_FAIL_MODE": "stall"}.items():
+        monkeypatch.setenv(k, v)
+    cfg = to_dict(load_config("tiny", [*RUN, f"train.out_dir={tmp_path}", "launch.backend=torchrun",
+                                       "launch.max_failures=1", "launch.timeout_s=15"]))
+    from sparsetrain.launcher.run import run_torchrun
+
+    logs: list[str] = []
+    run_with_restarts(cfg, run_torchrun, logs.append)
+    assert len(logs) == 1 and logs[0].startswith("restart 1/1: ") and "timed out" in logs[0].lower(), logs
+    assert logs[0].endswith("resuming from the checkpoint at 2 steps, 1 step(s) redone"), logs[0]
     _assert_same(_final_params(tmp_path), reference)
