@@ -1,184 +1,208 @@
-"""EP vs FSSDP (and dp) side by side: same processes, same data, Zipf-skewed routing.
+"""MoE strategies side by side on realistic routing: every variant in fresh processes, same data and weights.
 
-For each world size, one set of gloo ranks runs every (skew, strategy) pair in turn on identical
-batches and prints: step time and the fssdp/ep ratio, per-rank expert tokens max/mean, per-rank expert
-busy time (thread CPU time around the expert GEMMs) max/mean, spAG/spRS and all-to-all bytes per step,
-and peak RSS per rank.
+A workload and a variant are each a list of config overrides (`WORKLOADS`, `VARIANTS`; `--set` adds more to
+every run), so adding a baseline is one dict entry. For each (world, workload, variant) a fresh set of gloo
+ranks builds a Trainer (same seed: same initial weights and batches), runs `--steps` steps and reports:
+step time median / p90 / max (slowest rank per step; re-shard steps listed), tokens/s, expert busy
+(thread CPU time of the expert GEMMs, forward + backward) max/mean over ranks and the max in ms, expert
+slots computed per rank max/mean, the workload's measured expert load max/mean and top-1 share, spAG /
+all-to-all MiB per step, peak tensor bytes per rank (measured in one profiled step after the timed ones),
+RSS high-water per rank, the loss after the last step and dropped slots.
 
-    python benchmarks/moe_strategies.py                       # 2 and 4 ranks, s in {0, 0.8, 1.2, 1.6}
-    python benchmarks/moe_strategies.py --worlds 2 --skews 1.2 --steps 20
+    python benchmarks/moe_strategies.py                                # 2 ranks, every workload and variant
+    python benchmarks/moe_strategies.py --worlds 4 --workloads zipf1.2 --variants ep ep-balanced fssdp-lpt
+    python benchmarks/moe_strategies.py --list                         # the workloads and variants
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+TRACES = ROOT / "benchmarks" / "traces"
 
 MODEL = ["model.d_model=128", "model.n_layers=2", "model.n_heads=4", "model.seq_len=128", "moe.num_experts=16",
-         "moe.top_k=2", "moe.d_ffn=2048", "train.eval_every=0", "train.log_every=1000", "train.progress=false",
-         "checkpoint.save_final=false", "checkpoint.resume=false", "launch.torch_threads=1", "train.warmup_steps=2",
-         "moe.aux_loss_coef=0.0"]  # aux loss off: the router keeps the Zipf skew under study
-FSSDP = ["parallel.fssdp.slots_per_rank=2", "parallel.fssdp.reshard_every=5", "parallel.fssdp.load_window=3"]
-VARIANTS = {  # name -> overrides; every variant runs on the same data in the same processes
-    "ep": ["parallel.strategy=ep"],
-    "fssdp": ["parallel.strategy=fssdp", "parallel.fssdp.planner=hecate", *FSSDP],
-    "fssdp-lpt": ["parallel.strategy=fssdp", "parallel.fssdp.planner=lpt_spill", *FSSDP],
-    # spRS posted from each layer's input-grad hook during backward (sprs_post=auto posts it after
-    # backward on CPU): the overlap's A/B on the same data
-    "fssdp-overlap": ["parallel.strategy=fssdp", "parallel.fssdp.planner=hecate", *FSSDP,
-                      "parallel.fssdp.sprs_post=backward"],
-    "fssdp-lpt-overlap": ["parallel.strategy=fssdp", "parallel.fssdp.planner=lpt_spill", *FSSDP,
-                          "parallel.fssdp.sprs_post=backward"],
+         "moe.top_k=2", "moe.d_ffn=2048", "data.batch_size=16", "train.eval_every=0", "train.log_every=1000",
+         "train.progress=false", "checkpoint.save_final=false", "checkpoint.resume=false",
+         "launch.torch_threads=1", "train.warmup_steps=2", "train.seed=1337"]
+WORKLOADS = {  # name -> overrides; see sparsetrain/model/workloads.py
+    "uniform": ["moe.aux_loss_coef=0.01"],  # learned routing, aux loss on (near-balanced)
+    "zipf1.2": ["moe.router_skew=1.2", "moe.aux_loss_coef=0.01"],  # Zipf(1.2) over a seeded permutation
+    "drift": ["moe.router_skew=1.2", "moe.skew_drift_every=10", "moe.aux_loss_coef=0.01"],  # hot set moves
+    "trace-aux": [f"moe.routing_trace={TRACES / 'aux_on.jsonl'}"],  # recorded runs, replayed
+    "trace-noaux": [f"moe.routing_trace={TRACES / 'aux_off.jsonl'}"],
+    "trace-auxfree": [f"moe.routing_trace={TRACES / 'aux_free.jsonl'}"],
 }
+FSSDP = ["parallel.strategy=fssdp", "parallel.fssdp.slots_per_rank=2", "parallel.fssdp.overlap_budget=2",
+         "parallel.fssdp.load_window=3", "parallel.fssdp.reshard_every=5"]  # fixed budget: deterministic
+VARIANTS = {  # name -> overrides
+    "ep": ["parallel.strategy=ep"],  # contiguous expert blocks
+    "ep-balanced": ["parallel.strategy=ep", "parallel.ep_placement=balanced"],  # best static for the mean load
+    "eplb": [*FSSDP, "parallel.fssdp.planner=eplb", "parallel.fssdp.replan_every=10",
+             "parallel.fssdp.reshard_every=0"],  # EPLB-style: redundant hot experts, re-planned periodically
+    "lpt-spill": [*FSSDP, "parallel.fssdp.planner=lpt_spill", "parallel.fssdp.reshard_every=0"],  # LLEP per step
+    "fssdp-hecate": [*FSSDP, "parallel.fssdp.planner=hecate"],
+    "fssdp-lpt": [*FSSDP, "parallel.fssdp.planner=lpt_spill"],
+    "fssdp-eplb": [*FSSDP, "parallel.fssdp.planner=eplb"],
+    "fssdp-none": [*FSSDP, "parallel.fssdp.planner=none"],  # re-sharding only, no copies
+    "deepspeed_moe": ["parallel.strategy=deepspeed_moe"],  # when the adapter is on main (extra .[deepspeed])
+    "megatron_moe": ["parallel.strategy=megatron_moe"],  # CUDA only
+}
+NEEDS_MEAN_LOAD = {"ep-balanced"}  # skipped on learned routing (no known mean load)
 
 
-def _peak_rss_reset() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+def _pct(vals: list[float], q: float) -> float:
+    s = sorted(vals)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
-def _peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _state_mib(tr) -> float:
-    """This rank's training state: local params + grads + Adam moments, plus its largest gathered layer."""
-    def local(t):
-        return t.to_local() if hasattr(t, "to_local") else t
-
-    params = sum(local(p).numel() * local(p).element_size() for p in tr.model.parameters())
-    adam = sum(local(v).numel() * local(v).element_size() for st in tr.optimizer.state.values()
-               for v in st.values() if hasattr(v, "numel") and v.dim() > 0)
-    copies = 0  # the largest gathered layer (layers without copies compute on the owned Parameters)
-    s = tr.strategy
-    gathered = [len(v) for li, v in getattr(s, "mat_ids", {}).items() if s.replicated(li)]
-    if gathered:
-        copies = max(gathered) * s.chunk_bytes
-    return (2 * params + adam + copies) / 2**20
-
-
-def _run_one(overrides: list[str], steps: int, warmup: int) -> dict:
-    """Build a Trainer in this rank, run `steps` steps, return this rank's measurements."""
+def _rank_body(rank: int, world: int, overrides: list[str], steps: int, warmup: int) -> dict:
+    """One rank of one variant: build, run, measure; returns this rank's numbers."""
+    import torch
     import torch.distributed as dist
 
+    from benchmarks.measure import ExpertBusy, peak_tensor_bytes, rss_high_water_mib
     from sparsetrain.config import load_config
     from sparsetrain.parallel.mesh import init_distributed
     from sparsetrain.telemetry.comm import COMM
-    from sparsetrain.telemetry.timers import TIMERS
     from sparsetrain.train.trainer import Trainer
 
-    world = dist.get_world_size()
-    cfg = load_config("tiny", MODEL + [f"launch.workers={world}", f"train.steps={steps}",
+    torch.set_num_threads(1)
+    busy = ExpertBusy()
+    busy.install()
+    cfg = load_config("tiny", MODEL + [f"launch.workers={world}", f"train.steps={steps + 1}",
                                        f"train.out_dir=/tmp/st-bench-{os.getpid()}", *overrides])
     tr = Trainer(cfg, init_distributed("cpu"))
-    TIMERS.enabled = True
-    times, busy, tokens, bytes_ = [], [], [], []
-    rss_ok = _peak_rss_reset()
+    times, fwd_bwd, slots, comm, loads, reshard_steps = [], [], [], [], [], []
+    loss, dropped = float("nan"), 0
     for step in range(steps):
         COMM.reset()
-        TIMERS.pop()
+        busy.pop()
+        before = getattr(tr.strategy, "reshards", 0)
         dist.barrier()
         t0 = time.perf_counter()
-        tr.train_step(step)
+        rec = tr.train_step(step)
         dist.barrier()
         dt = time.perf_counter() - t0
-        _, cpu = TIMERS.pop()
+        f, b = busy.pop()
+        if getattr(tr.strategy, "reshards", 0) != before:
+            reshard_steps.append(step)
+        loss, dropped = rec["loss"], dropped + rec.get("dropped_slots", 0)
+        if rec.get("_counts") is not None:
+            loads.append(rec["_counts"])
         if step >= warmup:
             times.append(dt)
-            busy.append(cpu.get("experts", 0.0))
-            tokens.append(sum(getattr(tr.strategy, "rank_tokens", {}).values()))
-            bytes_.append(COMM.snapshot())
-    TIMERS.enabled = False
+            fwd_bwd.append((f, b))
+            slots.append(sum(getattr(tr.strategy, "rank_tokens", {}).values()))
+            comm.append(COMM.snapshot())
+    peak = peak_tensor_bytes(lambda: tr.train_step(steps))  # one more step, profiled, not timed
     n = max(len(times), 1)
-    agg = {k: sum(b.get(k, 0) for b in bytes_) / n for k in ("spag", "sprs", "all_to_all")}
-    if rank_zero := (dist.get_rank() == 0) and hasattr(tr.strategy, "overlap_budget"):
-        print(f"[bench] {overrides} overlap budget t={tr.strategy.overlap_budget} reshards={tr.strategy.reshards} "
-              f"moved experts={tr.strategy.reshard_moves}",
-              flush=rank_zero)
-    return {"state_mib": _state_mib(tr), "step_s": sorted(times)[len(times) // 2], "busy_s": sum(busy) / n,
-            "tokens": sum(tokens) / n,
-            "bytes": agg, "peak_rss_mib": _peak_rss_mib() if rss_ok else float("nan")}
+    return {"times": times, "busy_fwd": sum(f for f, _ in fwd_bwd) / n, "busy_bwd": sum(b for _, b in fwd_bwd) / n,
+            "slots": sum(slots) / n, "loads": loads, "loss": loss, "dropped": dropped,
+            "reshard_steps": reshard_steps,
+            "bytes": {k: sum(c.get(k, 0) for c in comm) / n for k in ("spag", "sprs", "all_to_all")},
+            "peak_tensor_mib": peak / 2**20, "rss_mib": rss_high_water_mib()}
 
 
-def _rank_body(rank: int, world: int, skews: list[float], steps: int, warmup: int,
-               variants: dict[str, list[str]]) -> list[dict]:
+def _load_stats(loads: list) -> tuple[float, float]:
+    """Mean over steps and layers of the global expert load max/mean and the top-1 share."""
     import torch
 
-    torch.set_num_threads(1)
-    out = []
-    for s in skews:
-        for name, extra in variants.items():
-            res = _run_one([f"moe.router_skew={s}", *extra], steps, warmup)
-            out.append({"skew": s, "strategy": name, **res})
-    return out
+    if not loads:
+        return float("nan"), float("nan")
+    c = torch.tensor(loads, dtype=torch.float64)  # [steps, L, E]
+    return float((c.max(-1).values / c.mean(-1)).mean()), float((c.max(-1).values / c.sum(-1)).mean())
 
 
-def _ratio(vals: list[float]) -> float:
-    m = sum(vals) / len(vals)
-    return max(vals) / m if m > 0 else float("nan")
+def summarize(world: int, workload: str, variant: str, per_rank: list[dict], tokens_per_step: int) -> dict:
+    """One table row from every rank's numbers."""
+    step = [max(r["times"][i] for r in per_rank) for i in range(len(per_rank[0]["times"]))]
+    busy = [r["busy_fwd"] + r["busy_bwd"] for r in per_rank]
+    slots = [r["slots"] for r in per_rank]
+    load_mm, top1 = _load_stats(per_rank[0]["loads"])
+    med = statistics.median(step) if step else float("nan")
+    return {"world": world, "workload": workload, "variant": variant, "step_ms": 1000 * med,
+            "p90_ms": 1000 * _pct(step, 0.9) if step else float("nan"),
+            "max_ms": 1000 * max(step) if step else float("nan"),
+            "tok_s": tokens_per_step * len(step) / sum(step) if step else float("nan"),
+            "busy_max_mean": max(busy) / max(statistics.mean(busy), 1e-12), "busy_max_ms": 1000 * max(busy),
+            "slots_max_mean": max(slots) / max(statistics.mean(slots), 1e-12) if any(slots) else float("nan"),
+            "load_max_mean": load_mm, "top1_share": top1,
+            "spag_mib": sum(r["bytes"]["spag"] for r in per_rank) / 2**20,
+            "a2a_mib": sum(r["bytes"]["all_to_all"] for r in per_rank) / 2**20,
+            "peak_tensor_mib": max(r["peak_tensor_mib"] for r in per_rank),
+            "rss_mib": max(r["rss_mib"] for r in per_rank), "loss": per_rank[0]["loss"],
+            "dropped": per_rank[0]["dropped"], "reshard_steps": per_rank[0]["reshard_steps"]}
 
 
-def report(world: int, per_rank: list[list[dict]], all_gather_mib: float) -> list[str]:
-    """Rows of the table for one world size."""
-    rows = []
-    for i, rec in enumerate(per_rank[0]):
-        recs = [r[i] for r in per_rank]
-        step = max(r["step_s"] for r in recs)
-        rows.append({"world": world, "skew": rec["skew"], "strategy": rec["strategy"], "step_ms": 1000 * step,
-                     "tok": _ratio([r["tokens"] for r in recs]), "busy": _ratio([r["busy_s"] for r in recs]),
-                     "spag": sum(r["bytes"]["spag"] for r in recs) / 2**20,
-                     "sprs": sum(r["bytes"]["sprs"] for r in recs) / 2**20,
-                     "a2a": sum(r["bytes"]["all_to_all"] for r in recs) / 2**20,
-                     "rss": max(r["peak_rss_mib"] for r in recs),
-                     "state": max(r["state_mib"] for r in recs), "state_min": min(r["state_mib"] for r in recs)})
-    lines = []
-    for r in rows:
-        ep = next(x for x in rows if x["skew"] == r["skew"] and x["strategy"] == "ep")
-        ratio = r["step_ms"] / ep["step_ms"]
-        lines.append(f"| {world} | {r['skew']:.1f} | {r['strategy']:<9} | {r['step_ms']:8.1f} | {ratio:5.2f} | "
-                     f"{r['tok']:5.2f} | {r['busy']:5.2f} | {r['spag']:6.2f} | {r['sprs']:6.2f} | "
-                     f"{100 * r['spag'] / all_gather_mib if all_gather_mib else 0:5.1f}% | {r['a2a']:6.2f} | "
-                     f"{r['state']:7.1f} / {r['state_min']:.1f} | {r['rss']:7.0f} |")
-    return lines
+HEADER = ("| ranks | workload | variant | step ms median | p90 | max | vs ep | tokens/s | expert busy fwd+bwd max/mean "
+          "| busy max ms | expert slots max/mean | load max/mean | top-1 share | spAG MiB/step | a2a MiB/step "
+          "| peak tensor MiB/rank | RSS high-water MiB | loss | dropped | re-shard steps |")
+
+
+def row(r: dict, ep_ms: float) -> str:
+    """A markdown row."""
+    return (f"| {r['world']} | {r['workload']} | {r['variant']} | {r['step_ms']:.1f} | {r['p90_ms']:.1f} | "
+            f"{r['max_ms']:.1f} | {r['step_ms'] / ep_ms:.2f} | {r['tok_s']:.0f} | {r['busy_max_mean']:.2f} | "
+            f"{r['busy_max_ms']:.1f} | {r['slots_max_mean']:.2f} | {r['load_max_mean']:.2f} | "
+            f"{r['top1_share']:.3f} | {r['spag_mib']:.2f} | {r['a2a_mib']:.2f} | {r['peak_tensor_mib']:.1f} | "
+            f"{r['rss_mib']:.0f} | {r['loss']:.4f} | {r['dropped']} | {r['reshard_steps'] or '-'} |")
+
+
+def available_strategies() -> set[str]:
+    from sparsetrain.parallel import STRATEGIES
+
+    return set(STRATEGIES)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--skews", type=float, nargs="+", default=[0.0, 0.8, 1.2, 1.6])
-    ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--warmup", type=int, default=6)
-    ap.add_argument("--variants", nargs="+", default=["ep", "fssdp", "fssdp-lpt"], choices=list(VARIANTS))
-    ap.add_argument("--fssdp", nargs="*", default=None, help="extra overrides for the fssdp variants")
+    ap.add_argument("--worlds", type=int, nargs="+", default=[2])
+    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=4, help="first steps not timed")
+    ap.add_argument("--set", dest="extra", action="append", default=[], help="override for every run")
+    ap.add_argument("--json", type=Path, default=None, help="append every row as JSON here")
+    ap.add_argument("--list", action="store_true")
     args = ap.parse_args()
+    if args.list:
+        for name, o in {**WORKLOADS, **VARIANTS}.items():
+            print(f"{name}: {' '.join(o)}")
+        return
     from tests.dist_utils import run_distributed
 
-    d_model, d_ffn, e, layers = 128, 2048, 16, 2
-    chunk_mib = 3 * d_model * d_ffn * 4 / 2**20
-    header = [("| ranks | zipf s | strategy | step ms (median) | vs ep | expert tokens max/mean | "
-              "expert busy max/mean | spAG MiB/step | spRS MiB/step | spAG vs all-gather | a2a MiB/step | "
-              "train state MiB/rank max / min | process RSS high-water MiB |"),
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    print(f"# moe_strategies: {e} experts top-2, d_model {d_model}, d_ffn {d_ffn}, {layers} MoE layers, "
-          f"seq 128, global batch 16, steps {args.steps} (first {args.warmup} not timed)")
-    print("\n".join(header), flush=True)
+    have = available_strategies()
+    tokens = 16 * 128
+    print(f"# moe_strategies: 16 experts top-2, d_model 128, d_ffn 2048, 2 MoE layers, seq 128, global batch 16, "
+          f"{args.steps} steps (first {args.warmup} not timed), fresh processes per variant", flush=True)
+    print(HEADER + "\n" + "|---" * (HEADER.count("|") - 1) + "|", flush=True)
     for world in args.worlds:
-        # all-gather of every expert to every rank, per step (forward + backward re-gather), all layers
-        all_gather_mib = 2 * layers * e * (world - 1) * chunk_mib
-        variants = {k: VARIANTS[k] + (args.fssdp or [] if k != "ep" else []) for k in args.variants}
-        per_rank = run_distributed(_rank_body, world, args.skews, args.steps, args.warmup, variants, timeout=3000)
-        print("\n".join(report(world, per_rank, all_gather_mib)), flush=True)
+        for wl in args.workloads:
+            rows = []
+            for v in args.variants:
+                strategy = next(o.split("=", 1)[1] for o in VARIANTS[v] if o.startswith("parallel.strategy="))
+                if strategy not in have:
+                    print(f"<!-- {v}: parallel.strategy={strategy} not available in this checkout: skipped -->")
+                    continue
+                if v in NEEDS_MEAN_LOAD and not any("router_skew" in o or "routing_trace" in o
+                                                     for o in WORKLOADS[wl]):
+                    continue
+                per_rank = run_distributed(_rank_body, world, WORKLOADS[wl] + VARIANTS[v] + args.extra,
+                                           args.steps, args.warmup, timeout=3000)
+                r = summarize(world, wl, v, per_rank, tokens)
+                rows.append(r)
+                ep_ms = next((x["step_ms"] for x in rows if x["variant"] == "ep"), r["step_ms"])
+                print(row(r, ep_ms), flush=True)
+                if args.json:
+                    with args.json.open("a") as f:
+                        f.write(json.dumps(r) + "\n")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,11 @@ class MoEConfig:
     capacity_factor: float = 0.0  # 0 = dropless; > 0 = capacity mode: an expert takes at most
     # ceil(cf * tokens * top_k / E) slots of a rank's tokens; first choices kept before second (then by gate score)
     capacity_renorm: bool = True  # capacity mode, top_k > 1: rescale a token's surviving weights to sum to 1
-    router_skew: float = 0.0  # benchmark knob: adds a fixed Zipf(s) log-prior to router logits
+    # benchmark routing workloads (sparsetrain/model/workloads.py; default: learned routing):
+    router_skew: float = 0.0  # s > 0: each step's slot share per expert = Zipf(s) over a seeded expert permutation
+    skew_seed: int = 0  # permutation seed (each MoE layer gets its own permutation)
+    skew_drift_every: int = 0  # > 0: a new permutation (new hot set) every k steps
+    routing_trace: str = ""  # expert_loads.jsonl to replay: step t's shares follow the trace's step t % len
 
 
 @dataclass
@@ -63,6 +67,7 @@ class FSSDPConfig:
     expert_TFLOPs: float = 0.0  # expert GEMM throughput per rank for the cost model; 0 = device default
     load_window: int = 5  # steps averaged for the predicted load
     reshard_every: int = 0  # re-shard ownership every K steps (0 = never)
+    replan_every: int = 1  # re-plan the copies (P1) from the predicted load every k steps (> 1: EPLB-style periodic)
     prefetch: bool = True  # issue the next layer's spAG early (async)
     compress_chunks: bool = True  # N:M-masked experts travel compressed in spAG (when copies can use it)
     sprs_post: str = "auto"  # backward: post each layer's spRS from its input-grad hook (overlaps the
@@ -80,6 +85,8 @@ class ParallelConfig:
     strategy: str = "fssdp"  # fssdp | ep | dp | none | deepspeed_moe | megatron_moe (peers, for benchmarks)
     dense: str = "fsdp2"  # fsdp2 | ddp
     ep_size: int = 0  # expert-parallel group size (0 = world size)
+    ep_placement: str = "contiguous"  # ep: contiguous expert blocks | balanced (best static placement for
+    # the routing workload's mean load; needs moe.router_skew or moe.routing_trace)
     pretend_nodes: int = 0  # treat the ranks as this many nodes (topology tests on one machine)
     fssdp: FSSDPConfig = field(default_factory=FSSDPConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -347,6 +354,19 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(e.d_ffn > 0, f"moe.d_ffn must be > 0, got {e.d_ffn}")
     _one_of("moe.balance", e.balance, ("aux_loss", "aux_free"))
     _check(e.capacity_factor >= 0, f"moe.capacity_factor must be >= 0, got {e.capacity_factor}")
+    _check(e.router_skew >= 0, f"moe.router_skew must be >= 0, got {e.router_skew}")
+    _check(e.skew_drift_every >= 0, f"moe.skew_drift_every must be >= 0, got {e.skew_drift_every}")
+    _check(not (e.routing_trace and e.router_skew > 0), "set moe.routing_trace or moe.router_skew, not both")
+    _check(e.skew_drift_every == 0 or e.router_skew > 0, "moe.skew_drift_every needs moe.router_skew > 0")
+    if e.routing_trace:
+        from sparsetrain.model.workloads import load_trace
+
+        try:
+            n = load_trace(e.routing_trace).shape[-1]
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        _check(n == e.num_experts, f"moe.routing_trace {e.routing_trace} has {n} experts, "
+                                   f"moe.num_experts={e.num_experts}")
     _check(t.steps > 0, f"train.steps must be > 0, got {t.steps}")
     _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _check(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
@@ -378,10 +398,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(cfg.data.prepare_workers >= 0, f"data.prepare_workers must be >= 0, got {cfg.data.prepare_workers}")
     _one_of("parallel.strategy", p.strategy, STRATEGY_NAMES)
     _one_of("parallel.dense", p.dense, ("fsdp2", "ddp"))
+    _one_of("parallel.ep_placement", p.ep_placement, ("contiguous", "balanced"))
+    _check(p.ep_placement == "contiguous" or e.router_skew > 0 or bool(e.routing_trace),
+           "parallel.ep_placement=balanced needs a known mean load: set moe.router_skew or moe.routing_trace")
     _one_of("parallel.fssdp.sprs_post", p.fssdp.sprs_post, ("auto", "backward", "after"))
     _check(p.fssdp.link_GBps >= 0 or p.fssdp.link_GBps == -1,
            f"parallel.fssdp.link_GBps={p.fssdp.link_GBps}; allowed: > 0, 0 (device default) or -1 (measure)")
     _check(p.fssdp.expert_TFLOPs >= 0, f"parallel.fssdp.expert_TFLOPs must be >= 0, got {p.fssdp.expert_TFLOPs}")
+    _check(p.fssdp.replan_every >= 1, f"parallel.fssdp.replan_every must be >= 1, got {p.fssdp.replan_every}")
     _check(cfg.launch.workers >= 1, f"launch.workers must be >= 1, got {cfg.launch.workers}")
     _one_of("launch.backend", cfg.launch.backend, ("ray", "torchrun", "inline"))
     _check(cfg.launch.max_failures >= 0, f"launch.max_failures must be >= 0, got {cfg.launch.max_failures}")

@@ -12,6 +12,7 @@ from sparsetrain.model.init import init_weights_
 from sparsetrain.model.kv_cache import KVCache, LayerKV
 from sparsetrain.model.layers import MLP, Attention, RMSNorm, rope_tables
 from sparsetrain.model.moe import MoELayer
+from sparsetrain.model.workloads import RoutingWorkload
 from sparsetrain.telemetry.timers import span
 
 
@@ -26,7 +27,8 @@ class ModelOutput:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, use_moe: bool) -> None:
+    def __init__(self, cfg: Config, use_moe: bool, workload: RoutingWorkload | None = None,
+                 moe_index: int = 0) -> None:
         super().__init__()
         m, e = cfg.model, cfg.moe
         self.attn_norm = RMSNorm(m.d_model, m.norm_eps)
@@ -36,7 +38,7 @@ class Block(nn.Module):
         if use_moe:
             self.ffn = MoELayer(m.d_model, e.num_experts, e.top_k, e.d_ffn, aux_loss_coef=e.aux_loss_coef,
                                 z_loss_coef=e.z_loss_coef, balance=e.balance, bias_update_rate=e.bias_update_rate,
-                                router_skew=e.router_skew, capacity_factor=e.capacity_factor,
+                                workload=workload, layer_index=moe_index, capacity_factor=e.capacity_factor,
                                 capacity_renorm=e.capacity_renorm)
         else:
             self.ffn = MLP(m.d_model, m.d_ffn_dense or 4 * m.d_model)
@@ -62,8 +64,9 @@ class GPT(nn.Module):
         m = cfg.model
         self.cfg = cfg
         self.tok_emb = nn.Embedding(m.vocab_size, m.d_model)
-        self.layers = nn.ModuleList(Block(cfg, use_moe=(i % m.moe_every == m.moe_every - 1) or m.moe_every == 1)
-                                    for i in range(m.n_layers))
+        use_moe = [(i % m.moe_every == m.moe_every - 1) or m.moe_every == 1 for i in range(m.n_layers)]
+        workload = RoutingWorkload.from_config(cfg.moe)
+        self.layers = nn.ModuleList(Block(cfg, use_moe[i], workload, sum(use_moe[:i])) for i in range(m.n_layers))
         self.norm = RMSNorm(m.d_model, m.norm_eps)
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
         if m.tie_embeddings:
@@ -82,6 +85,11 @@ class GPT(nn.Module):
         cos, sin = rope_tables(m.seq_len, m.d_model // m.n_heads, m.rope_theta)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+
+    def set_routing_step(self, step: int) -> None:
+        """Tell the routers the training step (routing workloads change their targets with it)."""
+        for moe in self.moe_layers():
+            moe.router.step = step
 
     def moe_layers(self) -> list[MoELayer]:
         """The MoE layers in depth order."""

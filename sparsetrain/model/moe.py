@@ -115,7 +115,7 @@ class MoELayer(nn.Module):
         """x [B, S, d] -> [B, S, d]."""
         b, s, d = x.shape
         flat = x.reshape(b * s, d)  # [B, S, d] -> [T, d]
-        route = self.router(flat)
+        route = self.router(flat, group=s)
         y, self.last_dropped = self.dispatcher(self.experts, flat, route)
         self.last_route = route
         return y.view(b, s, d)  # [T, d] -> [B, S, d]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sparsetrain.model.workloads import RoutingWorkload
 from sparsetrain.offload.saved import recomputing
 
 CountReducer = Callable[[torch.Tensor], torch.Tensor]
@@ -29,28 +30,21 @@ class RouterOutput:
         return self.scores if self.scores is not None else self.weights
 
 
-def zipf_log_prior(num_experts: int, s: float) -> torch.Tensor:
-    """log p_e for a Zipf(s) distribution over experts (expert 0 hottest)."""
-    ranks = torch.arange(1, num_experts + 1, dtype=torch.float32)
-    p = ranks.pow(-s)
-    return (p / p.sum()).log()  # [E]
-
-
 class TopKRouter(nn.Module):
     """Softmax top-k gating (top-2 default); returns its losses explicitly."""
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, aux_loss_coef: float = 0.01,
                  z_loss_coef: float = 0.001, balance: str = "aux_loss", bias_update_rate: float = 1e-3,
-                 router_skew: float = 0.0) -> None:
+                 workload: RoutingWorkload | None = None, layer_index: int = 0) -> None:
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.balance, self.bias_update_rate = balance, bias_update_rate
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         # aux-loss-free balancing: a bias added for selection only, updated outside autograd
-        self.router_skew = router_skew
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
-        self.register_buffer("skew_prior", torch.zeros(num_experts), persistent=False)
+        # benchmark routing workload (None = learned routing); `step` is set by the trainer each step
+        self.workload, self.layer_index, self.step = workload, layer_index, 0
         # Strategies set this to all-reduce counts so the aux loss / bias see the global batch.
         self.reduce_counts: CountReducer = lambda c: c
         self._pending_counts = torch.zeros(num_experts)
@@ -62,17 +56,18 @@ class TopKRouter(nn.Module):
         """(Re)compute the buffers on their device: after meta-device construction they hold garbage."""
         dev = self.expert_bias.device
         self.expert_bias.zero_()
-        prior = zipf_log_prior(self.num_experts, self.router_skew) if self.router_skew > 0 \
-            else torch.zeros(self.num_experts)
-        self.skew_prior.copy_(prior)
         self._pending_counts = torch.zeros(self.num_experts, device=dev)
 
-    def forward(self, x: torch.Tensor) -> RouterOutput:
-        """x [T, d_model] -> routing decisions for T tokens."""
-        logits = self.gate(x).float() + self.skew_prior  # [T, E]
+    def forward(self, x: torch.Tensor, group: int | None = None) -> RouterOutput:
+        """x [T, d_model] -> routing decisions for T tokens (`group`: tokens per sequence, for workloads)."""
+        logits = self.gate(x)  # [T, E], in fp32 at least (fp64 models keep fp64)
+        logits = logits if logits.dtype == torch.float64 else logits.float()
         probs = logits.softmax(dim=-1)
-        select = probs + self.expert_bias if self.balance == "aux_free" else probs
-        _, expert_ids = torch.topk(select, self.top_k, dim=-1)  # [T, k]
+        if self.workload is not None:  # quota routing to the workload's target shares, by gate score
+            expert_ids = self.workload.route(probs, self.layer_index, self.step, group or x.shape[0])  # [T, k]
+        else:
+            select = probs + self.expert_bias if self.balance == "aux_free" else probs
+            _, expert_ids = torch.topk(select, self.top_k, dim=-1)  # [T, k]
         weights = probs.gather(-1, expert_ids)  # [T, k]
         scores = weights.detach()
         if self.top_k > 1:

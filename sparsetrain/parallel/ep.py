@@ -25,14 +25,15 @@ def keep_expert_rows(experts: GroupedExperts, ids: list[int]) -> None:
 
 
 class EPDispatcher:
-    """Slots go to the rank owning their expert (ep_rank = expert // experts_per_rank)."""
+    """Slots go to the EP-group rank owning their expert (`parallel.ep_placement` decides the owners)."""
 
     def __init__(self, strategy: ExpertParallel, layer: int) -> None:
         self.s, self.layer = strategy, layer
 
     def __call__(self, experts: GroupedExperts, x: torch.Tensor, route: RouterOutput) -> tuple[torch.Tensor, int]:
         s = self.s
-        slot_rank = route.expert_ids.reshape(-1) // s.experts_per_rank  # [T*k] EP-group rank
+        owner = s.owner_table[self.layer].to(route.expert_ids.device)  # [E] EP-group rank of each expert
+        slot_rank = owner[route.expert_ids.reshape(-1)]  # [T*k]
         out, dropped, counts = exchange_and_compute(
             x, route, slot_rank, experts.num_experts, experts.expert_ids,
             lambda xs, c: experts(xs, c, ids=experts.expert_ids), s.ep_group, s.cfg.moe.capacity_factor,
@@ -52,6 +53,7 @@ class ExpertParallel(Strategy):
         self.experts_per_rank = cfg.moe.num_experts // self.ep_size
         self.ep_group = self.replica_group = None
         self.rank_tokens: dict[int, float] = {}
+        self.owner_table: list[torch.Tensor] = []  # per MoE layer [E]: EP-group rank owning each expert
 
     def _groups(self) -> None:
         from sparsetrain.parallel.mesh import build_mesh
@@ -67,10 +69,10 @@ class ExpertParallel(Strategy):
             return model
         self._groups()
         ep_rank = dist.get_rank(self.ep_group)
-        lo = ep_rank * self.experts_per_rank
-        ids = list(range(lo, lo + self.experts_per_rank))
+        owners = self.static_owners(len(model.moe_layers()))
         for li, moe in enumerate(model.moe_layers()):
-            keep_expert_rows(moe.experts, ids)
+            self.owner_table.append(torch.tensor(owners[li], dtype=torch.long))
+            keep_expert_rows(moe.experts, [e for e, o in enumerate(owners[li]) if o == ep_rank])
             moe.dispatcher = EPDispatcher(self, li)
         self._expert_list = [p for _, m in expert_modules(model) for p in m.parameters()]  # same order on all ranks
         self._expert_params = set(self._expert_list)
@@ -79,6 +81,20 @@ class ExpertParallel(Strategy):
 
             apply_dense_sharding(model, self.info, ignored=self._expert_params, mp_policy=self.mp_policy())
         return model
+
+    def static_owners(self, num_layers: int) -> list[list[int]]:
+        """Owner (EP-group rank) of each expert per MoE layer: contiguous blocks, or `balanced` for the
+        routing workload's mean load over the run (the best static placement a careful EP user would pick)."""
+        e = self.cfg.moe.num_experts
+        if self.cfg.parallel.ep_placement == "contiguous":
+            return [[x // self.experts_per_rank for x in range(e)] for _ in range(num_layers)]
+        from sparsetrain.model.workloads import RoutingWorkload
+        from sparsetrain.parallel.placement import balanced_owners
+
+        workload = RoutingWorkload.from_config(self.cfg.moe)
+        assert workload is not None  # config validation requires a workload for ep_placement=balanced
+        loads = torch.stack([workload.mean_target(li, self.cfg.train.steps) for li in range(num_layers)])  # [L, E]
+        return balanced_owners(loads, self.ep_size)
 
     def replication(self, name: str, p: torch.Tensor) -> int:
         if hasattr(p, "to_local"):
@@ -100,4 +116,5 @@ class ExpertParallel(Strategy):
         return {"a2a_MB": comm.get("all_to_all", 0) / 2**20, **super().step_metrics(comm, per_rank)}
 
     def describe(self) -> dict[str, Any]:
-        return {"strategy": self.name, "ep_size": self.ep_size, "experts_per_rank": self.experts_per_rank}
+        return {"strategy": self.name, "ep_size": self.ep_size, "experts_per_rank": self.experts_per_rank,
+                "ep_placement": self.cfg.parallel.ep_placement}

@@ -318,7 +318,8 @@ class FSSDP(Strategy):
                                           for a, b in zip(old, new))
                 self.owners = new_owners
                 self.reshards += 1
-        self._replan()
+        if new_opt is not None or (step + 1) % self.fcfg.replan_every == 0:
+            self._replan()
         return new_opt
 
     # ------------------------------------------------------------------ reporting

@@ -34,7 +34,6 @@ from sparsetrain.config import Config
 from sparsetrain.parallel.placement import LayerPlacement, initial_owners
 from sparsetrain.parallel.planners import get_planner
 from sparsetrain.parallel.topology import Topology
-from sparsetrain.sim.workload import zipf_loads
 from sparsetrain.telemetry.flops import is_moe_layer, model_size
 
 __all__ = ["MemoryPlan", "RankMemory", "initial_placement", "memory_plan", "overlap_budget"]
@@ -121,10 +120,13 @@ def _device(cfg: Config, device: str | None) -> str:
 
 
 def initial_placement(cfg: Config, world: int) -> tuple[Topology, list[int], LayerPlacement, torch.Tensor]:
-    """First-step placement: loads uniform, or Zipf(moe.router_skew) when the skew knob is set."""
+    """First-step placement of layer 0: loads uniform, or the routing workload's first-step target shares."""
+    from sparsetrain.model.workloads import RoutingWorkload
+
     topo = Topology.from_env(world, cfg.parallel.pretend_nodes if world > 1 else 0)
     e = cfg.moe.num_experts
-    loads = zipf_loads(e, cfg.moe.router_skew) if cfg.moe.router_skew > 0 else torch.full((e,), 1.0 / e)
+    workload = RoutingWorkload.from_config(cfg.moe)
+    loads = workload.target(0, 0) if workload is not None else torch.full((e,), 1.0 / e)
     owners = initial_owners(e, world)
     f = cfg.parallel.fssdp
     budget = overlap_budget(cfg, world)

@@ -15,7 +15,8 @@ import torch
 
 from sparsetrain.parallel.topology import Topology
 
-__all__ = ["LayerPlacement", "LoadTracker", "initial_owners", "owned_load", "reshard_owners", "reshard_owners_min_moves"]
+__all__ = ["LayerPlacement", "LoadTracker", "balanced_owners", "initial_owners", "owned_load", "reshard_owners",
+           "reshard_owners_min_moves"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,24 @@ def initial_owners(num_experts: int, world: int) -> list[int]:
     if world < 1:
         raise ValueError(f"world must be >= 1, got {world}")
     return [e * world // num_experts for e in range(num_experts)]
+
+
+def balanced_owners(loads: torch.Tensor, world: int) -> list[list[int]]:
+    """Best static expert-parallel placement for known mean loads [L, E]: E/world experts per rank per layer,
+    longest-processing-time first, then the pair moves/swaps of `reshard_owners_min_moves` until none
+    lowers a layer's most-loaded rank. Deterministic."""
+    if loads.dim() != 2 or loads.shape[1] % world:
+        raise ValueError(f"loads must be [layers, experts] with experts divisible by world={world}, "
+                         f"got {tuple(loads.shape)}")
+    per_rank = loads.shape[1] // world
+    owners = []
+    for row in loads.to(torch.float64).tolist():
+        here, count, own = [0.0] * world, [0] * world, [0] * len(row)
+        for e in sorted(range(len(row)), key=lambda e: (-row[e], e)):
+            r = min((r for r in range(world) if count[r] < per_rank), key=lambda r: (here[r], r))
+            own[e], here[r], count[r] = r, here[r] + row[e], count[r] + 1
+        owners.append(own)
+    return reshard_owners_min_moves(loads, owners, Topology(world, world), min_gain=1e-9)
 
 
 def check_plan_inputs(loads: torch.Tensor, owners: Sequence[int], topo: Topology, slots_per_rank: int) -> list[float]:

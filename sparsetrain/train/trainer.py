@@ -144,6 +144,7 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         x_all, y_all = self.data.train_batch(step)
+        self.model.set_routing_step(step)
         micro = x_all.shape[0] // cfg.grad_accum
         stats = torch.zeros(5, device=self.device)  # ce, aux, z, dropped slots (capacity mode), stop requested
         counts = None

@@ -151,8 +151,8 @@ def test_expert_with_no_tokens_gets_zero_grad():
     layer = _layer(1, dtype=torch.float32)
     with torch.no_grad():
         layer.router.gate.weight.zero_()
-        layer.router.skew_prior[0] = 10.0
-    # expert 0 wins every token; experts 1..E-1 get none
+        layer.router.expert_bias[0] = 10.0
+    layer.router.balance = "aux_free"  # the selection bias makes expert 0 win every token; 1..E-1 get none
     x = _x(dtype=torch.float32)
     layer(x).sum().backward()
     assert layer.last_route.tokens_per_expert[0] == 24

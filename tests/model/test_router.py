@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsetrain.model.router import TopKRouter, zipf_log_prior
+from sparsetrain.model.router import TopKRouter
 
 pytestmark = [pytest.mark.unit]
 
@@ -135,15 +135,3 @@ def test_aux_free_update_is_noop_for_aux_loss_balance():
     r(_x())
     r.update_bias()
     assert torch.count_nonzero(r.expert_bias) == 0
-
-
-def test_zipf_prior_and_router_skew():
-    prior = zipf_log_prior(E, 1.2)
-    torch.testing.assert_close(prior.exp().sum(), torch.tensor(1.0))
-    assert (prior[:-1] > prior[1:]).all()  # expert 0 hottest, strictly decreasing
-    r = _router(1, router_skew=3.0)
-    with torch.no_grad():
-        r.gate.weight.mul_(0.01)  # weak learned logits: the prior dominates
-    counts = r(_x(200)).tokens_per_expert
-    assert int(counts.argmax()) == 0 and counts[0] > counts.sum() // 2
-    assert torch.equal(counts, torch.sort(counts, descending=True).values)

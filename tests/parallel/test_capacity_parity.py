@@ -11,11 +11,6 @@ from tests.parity_utils import _parity_body, assert_same_training, run_reference
 pytestmark = [pytest.mark.distributed]
 
 
-def _body_fp64(rank: int, world: int, cfg: dict, out: str) -> dict:
-    torch.set_default_dtype(torch.float64)
-    return _parity_body(rank, world, cfg, out)
-
-
 @pytest.mark.parametrize("strategy,extra", [("ep", []), ("fssdp", ["moe.router_skew=1.2"])])
 def test_capacity_mode_matches_single_process_per_shard(tmp_path, strategy, extra):
     # fp64: a drop decision is discontinuous in the gate scores, so in fp32 a near-tie at the capacity boundary
@@ -32,6 +27,6 @@ def test_capacity_mode_matches_single_process_per_shard(tmp_path, strategy, extr
         ref = run_reference(ref_cfg, str(tmp_path / "ref"))
     finally:
         torch.set_default_dtype(default)
-    got = run_distributed(_body_fp64, world, cfg, str(tmp_path / "dist"))
+    got = run_distributed(_parity_body, world, cfg, str(tmp_path / "dist"), True)
     assert_same_training(ref, got[0], rtol=1e-9, atol=1e-10)
     assert got[0]["last"]["dropped_slots"] > 0 and got[0]["last"]["dropped_slots"] == ref["last"]["dropped_slots"]

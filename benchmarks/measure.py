@@ -1,0 +1,176 @@
+"""Measurement helpers shared by the benchmarks (run inside each rank's process).
+
+- `ExpertBusy`: thread CPU time of the expert GEMMs, forward AND backward (identity autograd markers around
+  every `GroupedExperts.forward`: the backward span runs from the output's grad arriving to the input's grad
+  leaving, which on CPU executes on the calling thread).
+- `peak_tensor_bytes`: tensor bytes this rank holds at its peak during one step: the live tensors at the
+  step's start (params, optimizer state, strategy buffers; enumerated, storages de-duplicated) plus the
+  high-water of the allocations the PyTorch profiler records during the step.
+- `rss_high_water_mib`: the process's VmHWM (each variant runs in fresh processes, so it is the variant's own).
+- `CollectiveCounter`: per-step count and bytes of every torch.distributed collective, by kind.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+class _Mark(torch.autograd.Function):
+    """Identity; its backward calls `hook` (marks where the expert backward starts / ends)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, hook: Callable[[], None]) -> torch.Tensor:  # type: ignore[override]
+        ctx.hook = hook
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        ctx.hook()
+        return g, None
+
+
+class ExpertBusy:
+    """Accumulates expert forward and backward thread-CPU seconds; `pop()` returns and clears them."""
+
+    def __init__(self) -> None:
+        self.fwd = self.bwd = 0.0
+        self._t0: list[float] = []
+
+    def install(self) -> None:
+        from sparsetrain.model.experts import GroupedExperts
+
+        orig = GroupedExperts.forward
+        busy = self
+
+        def timed(mod, x, counts, ids=None, stacked=None):  # same signature as GroupedExperts.forward
+            if torch.is_grad_enabled() and x.requires_grad:
+                x = _Mark.apply(x, busy._end)
+            c0 = time.thread_time()
+            y = orig(mod, x, counts, ids, stacked)
+            busy.fwd += time.thread_time() - c0
+            if y.requires_grad:
+                y = _Mark.apply(y, busy._start)
+            return y
+
+        GroupedExperts.forward = timed
+
+    def _start(self) -> None:
+        self._t0.append(time.thread_time())
+
+    def _end(self) -> None:
+        if self._t0:
+            self.bwd += time.thread_time() - self._t0.pop()
+
+    def pop(self) -> tuple[float, float]:
+        out = (self.fwd, self.bwd)
+        self.fwd = self.bwd = 0.0
+        self._t0.clear()
+        return out
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every live tensor storage reachable from Python (de-duplicated by storage)."""
+    import warnings
+
+    seen: dict[int, int] = {}
+    with warnings.catch_warnings():  # isinstance on deprecated module attributes warns
+        warnings.simplefilter("ignore")
+        objs = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    for obj in objs:
+        try:
+            if not obj.is_meta:
+                t = obj.to_local() if hasattr(obj, "to_local") else obj
+                st = t.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
+        except Exception:  # noqa: BLE001, S112 - exotic tensor subclasses without storage
+            continue
+    return sum(seen.values())
+
+
+def peak_tensor_bytes(step_fn: Callable[[], Any]) -> int:
+    """Run `step_fn` once under the profiler: live bytes at its start + the allocation high-water during it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    base = live_tensor_bytes()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step_fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    run = peak = 0
+    for e in events:  # allocations positive, frees negative
+        run += e.nbytes()
+        peak = max(peak, run)
+    return base + peak
+
+
+def rss_high_water_mib() -> float:
+    """VmHWM of this process in MiB (nan without procfs)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+_KINDS = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single",
+          "broadcast", "barrier", "send", "recv", "isend", "irecv", "batch_isend_irecv", "all_to_all",
+          "reduce_scatter", "_reduce_scatter_base", "_all_gather_base", "all_gather_object")
+
+
+def _nbytes(args: tuple) -> int:
+    """The largest tensor argument (a list of tensors counts as their sum): the bytes the call moves."""
+    best = 0
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            best = max(best, a.numel() * a.element_size())
+        elif isinstance(a, (list, tuple)):
+            best = max(best, sum(x.numel() * x.element_size() for x in a if isinstance(x, torch.Tensor)))
+        elif isinstance(getattr(a, "tensor", None), torch.Tensor):  # P2POp
+            best = max(best, a.tensor.numel() * a.tensor.element_size())
+    return best
+
+
+class CollectiveCounter:
+    """Wraps torch.distributed's collectives: calls and bytes (largest tensor argument) per kind.
+
+    Counts what goes through the `torch.distributed` module attributes (FSDP2, our strategies, DDP-style
+    loops); a library that bound a collective by `from torch.distributed import ...` before `install()`
+    would not be seen, so install it before importing the code under test."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = defaultdict(int)
+        self.bytes: dict[str, int] = defaultdict(int)
+        self.enabled = False
+
+    def install(self) -> None:
+        for kind in _KINDS:
+            fn = getattr(dist, kind, None)
+            if fn is None:
+                continue
+
+            def wrapped(*args, _fn=fn, _kind=kind, **kwargs):
+                if self.enabled:
+                    self.calls[_kind] += 1
+                    if _kind == "batch_isend_irecv":
+                        self.bytes[_kind] += sum(_nbytes((op,)) for op in args[0])
+                    else:
+                        self.bytes[_kind] += _nbytes(args)
+                return _fn(*args, **kwargs)
+
+            setattr(dist, kind, wrapped)
+
+    def pop(self) -> tuple[dict[str, int], dict[str, int]]:
+        out = dict(self.calls), dict(self.bytes)
+        self.calls.clear()
+        self.bytes.clear()
+        return out
