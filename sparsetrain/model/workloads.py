@@ -26,7 +26,7 @@ __all__ = ["RoutingWorkload", "cap_shares", "load_trace", "quota_route", "slot_q
 
 def zipf_shares(num_experts: int, s: float) -> torch.Tensor:
     """Shares [E] float64 summing to 1, rank r (0-based) getting (r+1)^-s."""
-    w = torch.arange(1, num_experts + 1, dtype=torch.float64).pow(-float(s))
+    w = torch.arange(1, num_experts + 1, dtype=torch.float64, device="cpu").pow(-float(s))
     return w / w.sum()
 
 
@@ -130,14 +130,15 @@ def load_trace(path: str | Path) -> torch.Tensor:
                 raise ValueError(f"moe.routing_trace {p}: line {i + 1} is not a {{'counts': [[...]]}} record") from exc
     if not rows:
         raise ValueError(f"moe.routing_trace {p}: no records")
-    t = torch.tensor(rows, dtype=torch.float64)
+    t = torch.tensor(rows, dtype=torch.float64, device="cpu")
     if t.dim() != 3 or bool((t < 0).any()) or bool((t.sum(-1) <= 0).any()):
         raise ValueError(f"moe.routing_trace {p}: counts must be [layers][experts] of non-negative loads per step")
     return t
 
 
 class RoutingWorkload:
-    """Per-(layer, step) target shares and the quota routing that reaches them."""
+    """Per-(layer, step) target shares and the quota routing that reaches them (targets live on the CPU:
+    the model may be built under a meta-device context)."""
 
     def __init__(self, num_experts: int, top_k: int, skew: float = 0.0, seed: int = 0, drift_every: int = 0,
                  trace: torch.Tensor | None = None) -> None:
@@ -160,14 +161,14 @@ class RoutingWorkload:
         """perm [E]: perm[r] = the expert at Zipf rank r for this layer and step (seeded; drifts every k steps)."""
         epoch = step // self.drift_every if self.drift_every > 0 else 0
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + layer * 10_007 + epoch)
-        return torch.randperm(self.num_experts, generator=gen)
+        return torch.randperm(self.num_experts, generator=gen, device="cpu")
 
     def target(self, layer: int, step: int) -> torch.Tensor:
         """Target share per expert [E] float64 (sums to 1, none above 1/top_k)."""
         if self.trace is not None:
             row = self.trace[step % self.trace.shape[0], layer % self.trace.shape[1]]
             return cap_shares(row, 1.0 / self.top_k)
-        p = torch.empty(self.num_experts, dtype=torch.float64)
+        p = torch.empty(self.num_experts, dtype=torch.float64, device="cpu")
         p[self.permutation(layer, step)] = self._zipf
         return cap_shares(p, 1.0 / self.top_k)
 
