@@ -45,7 +45,8 @@ def _minimal_step(model, opt, x, y, world: int) -> None:
         flat = torch.cat([g.reshape(-1) for g in grads])  # [sum numel]
         dist.all_reduce(flat)
         flat /= world
-        torch._foreach_copy_(grads, list(flat.split([g.numel() for g in grads])))  # views back into grads
+        parts = flat.split([g.numel() for g in grads])  # [sum numel] -> one flat piece per grad
+        torch._foreach_copy_(grads, [c.view_as(g) for c, g in zip(parts, grads)])
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
