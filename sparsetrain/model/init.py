@@ -88,6 +88,8 @@ def materialize_(model: nn.Module, device: torch.device | str, seed: int) -> nn.
     """Allocate what this rank holds of a meta-built model on `device` (Parameter objects kept, so the
     strategies' parameter sets stay valid), initialise parameters and buffers, refuse leftovers."""
     device = torch.device(device)
+    if not any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        return model  # already real (e.g. a peer adapter materialized it to copy weights into its own layers)
     prev = torch.__future__.get_swap_module_params_on_conversion()
     torch.__future__.set_swap_module_params_on_conversion(True)
     try:

@@ -117,6 +117,11 @@ class DeepSpeedMoE(Strategy):
 
     def apply(self, model: GPT) -> GPT:
         """Swap every MoE FFN for DeepSpeed's MoE layer holding the same gate and this rank's experts."""
+        from sparsetrain.model.init import materialize_
+
+        # the peer builds its own expert layers from our weights: materialize ours first (replicated, as the
+        # peer's dense parameters are; its experts then hold only this rank's share)
+        materialize_(model, self.info.device, self.cfg.train.seed)
         import torch.distributed as dist
 
         backend = "nccl" if self.info.device.type == "cuda" else "gloo"

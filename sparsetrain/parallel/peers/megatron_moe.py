@@ -103,6 +103,11 @@ class MegatronMoE(Strategy):
 
     def apply(self, model: GPT) -> GPT:
         """Swap every MoE FFN for Megatron-Core's MoELayer holding the same gate and this rank's experts."""
+        from sparsetrain.model.init import materialize_
+
+        # the peer builds its own expert layers from our weights: materialize ours first (replicated, as the
+        # peer's dense parameters are; its experts then hold only this rank's share)
+        materialize_(model, self.info.device, self.cfg.train.seed)
         from megatron.core import parallel_state, tensor_parallel
         from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
         from megatron.core.transformer.moe.moe_layer import MoELayer as McoreMoELayer
