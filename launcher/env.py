@@ -5,9 +5,11 @@ is unit-tested without processes.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 PROGRESS_ENV = "SPARSETRAIN_PROGRESS"  # "0" on ranks that must not draw a progress bar
@@ -70,6 +72,21 @@ def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """Driver env vars (SPARSETRAIN_*) that every worker should see too."""
     src = os.environ if environ is None else environ
     return {k: v for k, v in src.items() if k.startswith(FORWARD_PREFIX) and k != PROGRESS_ENV}
+
+
+@contextlib.contextmanager
+def patched_env(env: dict[str, str]) -> Iterator[None]:
+    """Set env vars in this process for the duration of the block, then restore the old values."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def visible_devices(own: list[str], node_gpus_by_local_rank: list[list[str]]) -> str:

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from sparsetrain.launcher.env import patched_env
 from sparsetrain.launcher.errors import LaunchError
 from sparsetrain.launcher.reaper import start_reaper, stop_reaper
 
@@ -32,20 +33,6 @@ LOCAL_ENV = {"RAY_AUTH_MODE": "disabled", "AUTOSCALER_METRIC_PORT": "0", "DASHBO
 # RayParams fields ray.init(address="local") does not expose: the node address as given (not resolved
 # to the routable one) and a kernel-chosen dashboard-agent HTTP port instead of the fixed 52365.
 LOCAL_PARAMS = {"node_ip_address": LOOPBACK, "dashboard_agent_listen_port": 0}
-
-
-@contextlib.contextmanager
-def _patched_env(env: dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -94,7 +81,7 @@ def start_local_ray(num_cpus: int, temp_dir: str) -> LocalRay:
 
     for attempt in range(1, START_ATTEMPTS + 1):
         handle = LocalRay(reaper=start_reaper())
-        handle.env.enter_context(_patched_env(LOCAL_ENV))
+        handle.env.enter_context(patched_env(LOCAL_ENV))
         try:
             with _loopback_params():
                 ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,

@@ -7,34 +7,26 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
-from sparsetrain.launcher.env import ENTRY_ENV, PROGRESS_ENV, Failure, RankSlot, free_port, rank_env, root_cause
+from sparsetrain.launcher.env import (
+    ENTRY_ENV,
+    PROGRESS_ENV,
+    Failure,
+    RankSlot,
+    free_port,
+    patched_env,
+    rank_env,
+    root_cause,
+)
 from sparsetrain.launcher.errors import LaunchError
 from sparsetrain.launcher.ray_runtime import DEFAULT_ENTRY, load_entry, run_ray
 from sparsetrain.launcher.restart import run_with_restarts
 
 if TYPE_CHECKING:
     from sparsetrain.config import Config
-
-
-@contextmanager
-def _patched_env(env: dict[str, str]) -> Iterator[None]:
-    """Set env vars for the duration of the block, then restore the old values."""
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def run_inline(cfg_dict: dict, entry: str = DEFAULT_ENTRY) -> dict | None:
@@ -46,7 +38,7 @@ def run_inline(cfg_dict: dict, entry: str = DEFAULT_ENTRY) -> dict | None:
     slot = RankSlot(rank=0, local_rank=0, local_world_size=1, node="local")
     env = rank_env(slot, 1, "127.0.0.1", free_port("127.0.0.1"), int(launch["torch_threads"]))
     env[PROGRESS_ENV] = os.environ.get(PROGRESS_ENV, "1")
-    with _patched_env(env):
+    with patched_env(env):
         return load_entry(entry)(cfg_dict)
 
 

@@ -14,6 +14,7 @@ from sparsetrain.launcher.env import (
     RankSlot,
     assign_ranks,
     forwarded_env,
+    patched_env,
     rank_env,
     visible_devices,
 )
@@ -57,6 +58,17 @@ def test_rank_env_has_everything_train_worker_needs() -> None:
 def test_forwarded_env_only_sparsetrain_vars() -> None:
     env = {"SPARSETRAIN_FAIL_RANK": "1", "HOME": "/root", PROGRESS_ENV: "1"}
     assert forwarded_env(env) == {"SPARSETRAIN_FAIL_RANK": "1"}
+
+
+def test_patched_env_restores_old_values_and_removes_new_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    monkeypatch.setenv("SPARSETRAIN_RF_OLD", "before")
+    monkeypatch.delenv("SPARSETRAIN_RF_NEW", raising=False)
+    with pytest.raises(RuntimeError), patched_env({"SPARSETRAIN_RF_OLD": "during", "SPARSETRAIN_RF_NEW": "x"}):
+        assert os.environ["SPARSETRAIN_RF_OLD"] == "during" and os.environ["SPARSETRAIN_RF_NEW"] == "x"
+        raise RuntimeError("the block fails")
+    assert os.environ["SPARSETRAIN_RF_OLD"] == "before" and "SPARSETRAIN_RF_NEW" not in os.environ
 
 
 def test_visible_devices_orders_by_local_rank() -> None:
