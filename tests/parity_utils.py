@@ -70,9 +70,10 @@ def _parity_body(rank: int, world: int, cfg: dict, out: str, fp64: bool = False)
     return res if rank == 0 else {"losses": res["losses"]}
 
 
-def check_parity(world: int, cfg: dict, tmp: Any, rtol: float = 1e-5, atol: float = 1e-6,
-                 fp64: bool = False) -> dict[str, Any]:
-    """Train cfg on `world` gloo ranks and on one process; losses and final parameters must agree.
+def run_parity(world: int, cfg: dict, tmp: Any, rtol: float = 1e-5, atol: float = 1e-6, fp64: bool = False,
+               ref_cfg: dict | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train cfg on `world` gloo ranks and ref_cfg (default: cfg) on one process; losses and final parameters
+    must agree and every rank must see the same losses. Returns (single-process result, rank 0's result).
 
     fp64: build and train both sides in float64 -- for discontinuous routing (quota workloads, capacity drops)
     where fp32 reassociation between the sharded and single-process GEMMs can reorder near-equal gate
@@ -84,11 +85,17 @@ def check_parity(world: int, cfg: dict, tmp: Any, rtol: float = 1e-5, atol: floa
     if fp64:
         torch.set_default_dtype(torch.float64)
     try:
-        ref = run_reference(cfg, str(tmp / "ref"))
+        ref = run_reference(cfg if ref_cfg is None else ref_cfg, str(tmp / "ref"))
     finally:
         torch.set_default_dtype(default)
     results = run_distributed(_parity_body, world, cfg, str(tmp / "dist"), fp64)
     assert_same_training(ref, results[0], rtol=rtol, atol=atol)
     for r in results[1:]:
         assert r["losses"] == results[0]["losses"]
-    return results[0]
+    return ref, results[0]
+
+
+def check_parity(world: int, cfg: dict, tmp: Any, rtol: float = 1e-5, atol: float = 1e-6,
+                 fp64: bool = False) -> dict[str, Any]:
+    """`run_parity` with the same config on both sides; returns rank 0's result."""
+    return run_parity(world, cfg, tmp, rtol=rtol, atol=atol, fp64=fp64)[1]

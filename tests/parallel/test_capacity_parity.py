@@ -3,10 +3,8 @@ so a w-rank run equals a single process that sees the same shards as w micro-bat
 from __future__ import annotations
 
 import pytest
-import torch
 
-from tests.dist_utils import run_distributed
-from tests.parity_utils import _parity_body, assert_same_training, run_reference, small_config
+from tests.parity_utils import run_parity, small_config
 
 pytestmark = [pytest.mark.distributed]
 
@@ -21,12 +19,5 @@ def test_capacity_mode_matches_single_process_per_shard(tmp_path, strategy, extr
                        *extra, steps=4)
     world = 2
     ref_cfg = {**cfg, "train": {**cfg["train"], "grad_accum": world}}
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        ref = run_reference(ref_cfg, str(tmp_path / "ref"))
-    finally:
-        torch.set_default_dtype(default)
-    got = run_distributed(_parity_body, world, cfg, str(tmp_path / "dist"), True)
-    assert_same_training(ref, got[0], rtol=1e-9, atol=1e-10)
-    assert got[0]["last"]["dropped_slots"] > 0 and got[0]["last"]["dropped_slots"] == ref["last"]["dropped_slots"]
+    ref, got = run_parity(world, cfg, tmp_path, rtol=1e-9, atol=1e-10, fp64=True, ref_cfg=ref_cfg)
+    assert got["last"]["dropped_slots"] > 0 and got["last"]["dropped_slots"] == ref["last"]["dropped_slots"]
