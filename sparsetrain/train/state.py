@@ -13,12 +13,32 @@ from torch import nn
 from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts
 from sparsetrain.parallel.optim_state import OPT_KEYS, ensure_optimizer_state
 
-__all__ = ["OPT_KEYS", "ensure_optimizer_state", "expert_ids_of", "flat_state", "full_model_state",
+__all__ = ["OPT_KEYS", "ensure_optimizer_state", "expert_ids_of", "expert_rows", "flat_state", "full_model_state",
            "set_optimizer_step"]
 
 
 def expert_ids_of(mod: GroupedExperts) -> list[int]:
     return list(getattr(mod, "expert_ids", range(mod.num_experts)))
+
+
+def expert_rows(mod: GroupedExperts, stacked: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """[(global expert id, view of this rank's row)] of a stacked [E_here, out, in] expert tensor.
+
+    A DTensor (parallel.strategy=dp with FSDP2 shards the stacked experts on dim 0) gives the rows of its
+    local shard, as views: indexing the DTensor itself would all-gather into a temporary, and a load into
+    that temporary would leave the parameter untouched.
+    """
+    ids = expert_ids_of(mod)
+    if not hasattr(stacked, "to_local"):
+        return list(zip(ids, stacked.unbind(0)))
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if any(isinstance(pl, Shard) and pl.dim != 0 for pl in stacked.placements):
+        raise ValueError(f"stacked experts sharded as {stacked.placements}; only dim 0 (experts) is supported")
+    shape, offset = compute_local_shape_and_global_offset(stacked.shape, stacked.device_mesh, stacked.placements)
+    local = stacked.to_local()[:shape[0]]  # [E_local, out, in]; drop FSDP2 padding rows if any
+    return list(zip(ids[offset[0]:offset[0] + shape[0]], local.unbind(0)))
 
 
 def _expert_param_names(model: nn.Module) -> dict[str, tuple[str, GroupedExperts]]:
@@ -40,10 +60,9 @@ def flat_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dic
             continue
         out[f"model.{key}"] = t
     for key, (mname, mod) in experts.items():
-        stacked = getattr(mod, key.rsplit(".", 1)[-1])
         w = key.rsplit(".", 1)[-1]
-        for row, gid in enumerate(expert_ids_of(mod)):
-            out[f"model.{mname}.{gid}.{w}"] = stacked.data[row]
+        for gid, row in expert_rows(mod, getattr(mod, w).data):
+            out[f"model.{mname}.{gid}.{w}"] = row
     if optimizer is None:
         return out
     ensure_optimizer_state(optimizer)
@@ -57,8 +76,8 @@ def flat_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dic
             mname, mod = experts[name]
             w = name.rsplit(".", 1)[-1]
             for k in OPT_KEYS:
-                for row, gid in enumerate(expert_ids_of(mod)):
-                    out[f"optim.{mname}.{gid}.{w}.{k}"] = st[k][row]
+                for gid, row in expert_rows(mod, st[k]):
+                    out[f"optim.{mname}.{gid}.{w}.{k}"] = row
         else:
             for k in OPT_KEYS:
                 out[f"optim.{name}.{k}"] = st[k]

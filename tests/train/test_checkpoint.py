@@ -154,7 +154,7 @@ def _resume_cfg(cfg: dict, strategy: str, workers: int, ckpt_dir: str) -> dict:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ep", "fssdp"])
+@pytest.mark.parametrize("strategy", ["ep", "fssdp", "dp"])  # dp: FSDP2 shards the stacked experts (DTensor rows)
 def test_resume_on_fewer_ranks(tmp_path, strategy):
     cfg = small_config(f"parallel.strategy={strategy}", *RESHARD, steps=4)
     full = run_distributed(_train_body, 4, cfg, str(tmp_path / "w4"))[0]["losses"]  # saves after step 2
