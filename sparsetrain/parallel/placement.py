@@ -194,9 +194,15 @@ def owned_load(loads: torch.Tensor, owners: Sequence[Sequence[int]], world: int,
     return torch.tensor(out, dtype=torch.float64)
 
 
-def reshard_owners(loads: torch.Tensor, owners: Sequence[Sequence[int]], topo: Topology,
-                   replicas: Sequence[LayerPlacement] | None = None, chunk_slack: int = 1) -> list[list[int]]:
-    """Heterogeneous re-sharding: new owners [L][E] so every rank's owned load summed over layers is even."""
+def _copy_counts(replicas: Sequence[LayerPlacement] | None, num_layers: int, num_experts: int) -> list[list[int]]:
+    """Copies per expert [L][E] (1 each without replicas): an expert's load is shared by its copies."""
+    return [[len(replicas[layer].copies[e]) if replicas is not None else 1 for e in range(num_experts)]
+            for layer in range(num_layers)]
+
+
+def _check_reshard_inputs(loads: torch.Tensor, owners: Sequence[Sequence[int]],
+                          replicas: Sequence[LayerPlacement] | None, chunk_slack: int) -> tuple[int, int]:
+    """Shapes of a re-sharding call agree (loads [L, E], owners [L][E], replicas [L]); returns (L, E)."""
     if loads.dim() != 2:
         raise ValueError(f"loads must be 2-D [num_layers, num_experts], got shape {tuple(loads.shape)}")
     num_layers, num_experts = loads.shape
@@ -209,10 +215,16 @@ def reshard_owners(loads: torch.Tensor, owners: Sequence[Sequence[int]], topo: T
                          f"{[p.num_experts for p in replicas]}")
     if chunk_slack < 0:
         raise ValueError(f"chunk_slack must be >= 0, got {chunk_slack}")
+    return num_layers, num_experts
+
+
+def reshard_owners(loads: torch.Tensor, owners: Sequence[Sequence[int]], topo: Topology,
+                   replicas: Sequence[LayerPlacement] | None = None, chunk_slack: int = 1) -> list[list[int]]:
+    """Heterogeneous re-sharding: new owners [L][E] so every rank's owned load summed over layers is even."""
+    num_layers, num_experts = _check_reshard_inputs(loads, owners, replicas, chunk_slack)
     world = topo.world
     vals = [check_plan_inputs(loads[layer], owners[layer], topo, 0) for layer in range(num_layers)]
-    ncopies = [[len(replicas[layer].copies[e]) if replicas is not None else 1 for e in range(num_experts)]
-               for layer in range(num_layers)]
+    ncopies = _copy_counts(replicas, num_layers, num_experts)
     layer_cap = math.ceil(num_experts / world) + chunk_slack  # owned chunks per rank per layer
     total_cap = math.ceil(num_layers * num_experts / world) + chunk_slack  # soft: relaxed if it blocks
     rank_load = [0.0] * world
@@ -270,17 +282,14 @@ def reshard_owners_min_moves(loads: torch.Tensor, owners: Sequence[Sequence[int]
     Rebuilding the assignment from scratch (longest-processing-time first) balanced as well but moved
     about half of the experts at every re-shard on noisy loads; this moves only what pays.
     """
-    if loads.dim() != 2:
-        raise ValueError(f"loads must be 2-D [num_layers, num_experts], got shape {tuple(loads.shape)}")
-    num_layers, num_experts = loads.shape
-    if len(owners) != num_layers or any(len(row) != num_experts for row in owners):
-        raise ValueError(f"owners must be {num_layers} lists of {num_experts} ranks to match loads")
+    num_layers, num_experts = _check_reshard_inputs(loads, owners, replicas, chunk_slack)
     world = topo.world
     cap = math.ceil(num_experts / world) + chunk_slack
+    ncopies = _copy_counts(replicas, num_layers, num_experts)
     new: list[list[int]] = []
     for layer in range(num_layers):
         vals = check_plan_inputs(loads[layer], owners[layer], topo, 0)
-        ncop = [len(replicas[layer].copies[e]) if replicas is not None else 1 for e in range(num_experts)]
+        ncop = ncopies[layer]
         share = [vals[e] / ncop[e] for e in range(num_experts)]
         row = [int(o) for o in owners[layer]]
         movable = [e for e in range(num_experts) if ncop[e] < world]  # copied everywhere: stays put

@@ -261,12 +261,17 @@ def test_reshard_strictly_better_and_keeps_full_replicas():
     assert kept[0][hot] == owners[0][hot]
 
 
-def test_reshard_errors():
+@pytest.mark.parametrize("reshard", [reshard_owners, reshard_owners_min_moves])
+def test_reshard_errors(reshard):
     topo = Topology(4, 2)
     with pytest.raises(ValueError, match="2-D"):
-        reshard_owners(torch.ones(4), [[0, 1, 2, 3]], topo)
+        reshard(torch.ones(4), [[0, 1, 2, 3]], topo)
     with pytest.raises(ValueError, match="owners must be 2 lists of 4"):
-        reshard_owners(torch.ones(2, 4), [[0, 1, 2, 3]], topo)
+        reshard(torch.ones(2, 4), [[0, 1, 2, 3]], topo)
+    with pytest.raises(ValueError, match="replicas has 0 layers, expected 1"):
+        reshard(torch.ones(1, 4), [[0, 1, 2, 3]], topo, replicas=[])
+    with pytest.raises(ValueError, match="chunk_slack must be >= 0"):
+        reshard(torch.ones(1, 4), [[0, 1, 2, 3]], topo, chunk_slack=-1)
 
 
 # ---- re-sharding by few moves (what FSSDP uses) ------------------------------------------------------------
