@@ -16,11 +16,11 @@ import os
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparsetrain.config import Config
 from sparsetrain.model.gpt import GPT
+from sparsetrain.model.layers import MLP
 from sparsetrain.model.moe import MoELayer
 from sparsetrain.model.router import RouterOutput
 from sparsetrain.parallel.mesh import DistInfo
@@ -42,17 +42,8 @@ def import_deepspeed(device: torch.device) -> Any:
     return deepspeed
 
 
-class SwiGLUExpert(nn.Module):
-    """One expert as DeepSpeed's `Experts` clones it: w2(silu(w1 x) * w3 x), weights [out, in] like ours."""
-
-    def __init__(self, d_model: int, d_ffn: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(d_model, d_ffn, bias=False)
-        self.w3 = nn.Linear(d_model, d_ffn, bias=False)
-        self.w2 = nn.Linear(d_ffn, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+class SwiGLUExpert(MLP):
+    """One expert as DeepSpeed's `Experts` clones it: our dense SwiGLU MLP, w2(silu(w1 x) * w3 x), [out, in]."""
 
 
 class _NoRouterState:
