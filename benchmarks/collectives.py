@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from sparsetrain.launcher.env import free_port
 
 from sparsetrain.parallel.collectives import plan_sparse, spag
 from sparsetrain.telemetry.comm import COMM
@@ -94,14 +95,6 @@ def _rank_main(rank: int, world: int, port: int, iters: int, chunk_kbs: list[int
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     """Spawn the ranks, print the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -111,7 +104,7 @@ def main() -> None:
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.spawn(_rank_main, args=(args.world, _free_port(), args.iters, args.chunk_kb, queue), nprocs=args.world)
+    mp.spawn(_rank_main, args=(args.world, free_port("127.0.0.1"), args.iters, args.chunk_kb, queue), nprocs=args.world)
     rows = queue.get()
     print(f"spAG on {args.world} gloo ranks, fp32, median of {args.iters} iters (slowest rank), ms")
     print(
