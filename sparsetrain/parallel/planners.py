@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from sparsetrain.parallel.placement import LayerPlacement, check_plan_inputs
@@ -78,21 +79,35 @@ def _largest_remainder(vals: Sequence[float], total: int, caps: Sequence[int]) -
     return alloc
 
 
+def _first_min(ok: np.ndarray, *keys: np.ndarray) -> int:
+    """Lowest index among `ok` [world] minimizing `keys` [world] lexicographically (Python's `min` on tuples
+    (key..., r), vectorized over ranks with numpy: planning 4096 ranks takes seconds, not minutes)."""
+    for k in keys:
+        ok = ok & (k == k[ok].min())
+    return int(ok.argmax())
+
+
 def _place_spread(b: _Builder, order: Sequence[int], want: Sequence[int], share: Sequence[float],
                   rank_load: list[float]) -> None:
     """Place `want[e]` extra copies per expert: fewest copies on the node first, then least-loaded rank."""
     topo = b.topo
+    node = np.arange(topo.world) // topo.ranks_per_node  # [world] node of each rank
+    load = np.array(rank_load, dtype=np.float64)  # same float64 sums as the lists had
+    extra = np.array(b.extra)
     for e in order:
+        held = np.zeros(topo.world, dtype=bool)
+        held[list(b.copies[e])] = True
+        per_node = np.bincount(node[held], minlength=topo.num_nodes)  # [nodes] copies of e per node
         for _ in range(want[e]):
-            cand = [r for r in range(topo.world) if b.can_add(e, r)]
-            if not cand:
+            ok = ~held & (extra < b.m)  # b.can_add(e, r) for every r
+            if not ok.any():
                 break
-            per_node = [0] * topo.num_nodes
-            for r in b.copies[e]:
-                per_node[topo.node_of(r)] += 1
-            r = min(cand, key=lambda r: (per_node[topo.node_of(r)], rank_load[r], r))
+            r = _first_min(ok, per_node[node], load)
             b.add(e, r)
-            rank_load[r] += share[e]
+            held[r], extra[r] = True, extra[r] + 1
+            per_node[node[r]] += 1
+            load[r] += share[e]
+    rank_load[:] = load.tolist()
 
 
 def plan_hecate(loads: torch.Tensor, owners: Sequence[int], topo: Topology, slots_per_rank: int,
@@ -137,17 +152,22 @@ def plan_eplb(loads: torch.Tensor, owners: Sequence[int], topo: Topology, slots_
             e = min(room, key=lambda e: (-vals[e] / ncopies[e], e))
             ncopies[e] += 1
         # pack: heaviest replica first onto the least-loaded rank of the node that has a free slot
-        rank_load = {r: 0.0 for r in ranks}
+        first = ranks[0]
+        load = np.zeros(rpn, dtype=np.float64)  # [rpn] load of the node's ranks
         for e in homed:
-            rank_load[b.owners[e]] += vals[e] / ncopies[e]
+            load[b.owners[e] - first] += vals[e] / ncopies[e]
+        extra = np.array(b.extra[first:first + rpn])
         for e in sorted(homed, key=lambda e: (-vals[e] / ncopies[e], e)):
+            held = np.zeros(rpn, dtype=bool)
+            held[[r - first for r in b.copies[e]]] = True  # homed here: every copy is on this node
             for _ in range(ncopies[e] - 1):
-                cand = [r for r in ranks if b.can_add(e, r)]
-                if not cand:
+                ok = ~held & (extra < slots_per_rank)  # b.can_add(e, r) for the node's ranks
+                if not ok.any():
                     break
-                r = min(cand, key=lambda r: (rank_load[r], r))
-                b.add(e, r)
-                rank_load[r] += vals[e] / ncopies[e]
+                i = _first_min(ok, load)
+                b.add(e, first + i)
+                held[i], extra[i] = True, extra[i] + 1
+                load[i] += vals[e] / ncopies[e]
     return b.build()
 
 
@@ -163,26 +183,31 @@ def plan_lpt_spill(loads: torch.Tensor, owners: Sequence[int], topo: Topology, s
     mean = sum(rank_load) / world
     if mean <= 0 or max(rank_load) <= SPILL_THRESHOLD * mean:
         return b.build()
+    load = np.array(rank_load, dtype=np.float64)  # [world], updated with the same float64 steps
+    held = np.zeros((len(vals), world), dtype=bool)  # [E, world] ranks holding a copy
+    held[list(range(len(vals))), list(b.owners)] = True
+    extra = np.zeros(world, dtype=np.int64)
+    everyone = np.ones(world, dtype=bool)
     for _ in range(world * slots_per_rank):
-        hot = min(range(world), key=lambda r: (-rank_load[r], r))
-        if rank_load[hot] <= SPILL_THRESHOLD * mean:
+        hot = _first_min(everyone, -load)  # busiest rank, lowest index on ties
+        if float(load[hot]) <= SPILL_THRESHOLD * mean:
             break
-        held = [e for e in range(len(vals)) if hot in b.copies[e] and vals[e] > 0]
+        mine = [e for e in np.flatnonzero(held[:, hot]).tolist() if vals[e] > 0]
         done = False
         # longest processing time first: the heaviest per-copy item goes to the least-loaded helper
-        for e in sorted(held, key=lambda e: (-vals[e] / len(b.copies[e]), e)):
-            helpers = [r for r in range(world) if b.can_add(e, r)]
-            if not helpers:
+        for e in sorted(mine, key=lambda e: (-vals[e] / len(b.copies[e]), e)):
+            helpers = ~held[e] & (extra < slots_per_rank)  # b.can_add(e, r) for every r
+            if not helpers.any():
                 continue
-            h = min(helpers, key=lambda r: (rank_load[r], r))
+            h = _first_min(helpers, load)
             n = len(b.copies[e])
             old, new = vals[e] / n, vals[e] / (n + 1)
-            if rank_load[h] + new >= rank_load[hot]:  # would not lower the peak
+            if float(load[h]) + new >= float(load[hot]):  # would not lower the peak
                 continue
-            for r in b.copies[e]:
-                rank_load[r] += new - old
+            load[held[e]] += new - old
             b.add(e, h)
-            rank_load[h] += new
+            held[e, h], extra[h] = True, extra[h] + 1
+            load[h] += new
             done = True
             break
         if not done:

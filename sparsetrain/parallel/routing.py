@@ -13,7 +13,7 @@ import torch
 from sparsetrain.parallel.placement import LayerPlacement
 from sparsetrain.parallel.topology import Topology
 
-__all__ = ["candidate_table", "candidates", "choose_replicas", "rank_loads", "share_matrix"]
+__all__ = ["candidate_table", "candidates", "choose_replicas", "copy_mask", "rank_loads", "share_matrix"]
 
 
 def candidates(copies: tuple[int, ...], src_rank: int, topo: Topology) -> tuple[int, ...]:
@@ -77,15 +77,25 @@ def share_matrix(placement: LayerPlacement, topo: Topology) -> torch.Tensor:
     return _share_matrix(placement, topo).clone()
 
 
+def copy_mask(placement: LayerPlacement, world: int) -> torch.Tensor:
+    """held [E, world] float64: 1 where a rank holds a copy of the expert."""
+    held = torch.zeros(placement.num_experts, world, dtype=torch.float64)
+    ei = [e for e, c in enumerate(placement.copies) for _ in c]
+    held[ei, [r for c in placement.copies for r in c]] = 1.0
+    return held
+
+
 @lru_cache(maxsize=64)
 def _share_matrix(placement: LayerPlacement, topo: Topology) -> torch.Tensor:
-    m = torch.zeros(placement.num_experts, topo.world, dtype=torch.float64)
-    for src in range(topo.world):
-        for e, c in enumerate(placement.copies):
-            cand = candidates(c, src, topo)
-            for r in cand:
-                m[e, r] += 1.0 / (len(cand) * topo.world)
-    return m
+    # closed form of summing `candidates` over all sources (tests check it against that loop): a holder serves
+    # itself; the non-holders of a node with copies split over those; sources on nodes without one over all
+    held = copy_mask(placement, topo.world)  # [E, world]
+    rpn = topo.ranks_per_node
+    per_node = held.view(-1, topo.num_nodes, rpn).sum(2)  # [E, nodes] copies on each node
+    local = torch.where(per_node > 0, (rpn - per_node) / per_node.clamp_min(1), torch.zeros_like(per_node))
+    without = (per_node == 0).sum(1, keepdim=True).double() * rpn  # [E, 1] sources with no copy on their node
+    m = held * (1.0 + local.repeat_interleave(rpn, dim=1) + without / held.sum(1, keepdim=True))
+    return m / topo.world
 
 
 def rank_loads(counts_per_expert: torch.Tensor, placement: LayerPlacement, topo: Topology) -> torch.Tensor:

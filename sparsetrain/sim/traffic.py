@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsetrain.parallel.placement import LayerPlacement
-from sparsetrain.parallel.routing import candidates
+from sparsetrain.parallel.routing import copy_mask
 from sparsetrain.parallel.topology import Topology
 from sparsetrain.sim.cluster import Cluster
 
@@ -25,13 +25,22 @@ class Traffic:
 
     @classmethod
     def from_matrix(cls, flow: torch.Tensor, topo: Topology) -> Traffic:
-        """From bytes [src, dst] (the diagonal is local and ignored)."""
-        node = torch.arange(topo.world) // topo.ranks_per_node
-        same = node[:, None] == node[None, :]  # [world, world]
-        off = flow * ~torch.eye(topo.world, dtype=torch.bool)
-        intra, inter = off * same, off * ~same
-        return cls(intra.sum(1), inter.sum(1), intra.sum(0), inter.sum(0),
-                   ((intra > 0) | (intra.t() > 0)).sum(1).double(), ((inter > 0) | (inter.t() > 0)).sum(1).double())
+        """From bytes [src, dst] (the diagonal is local and ignored). Works on the node blocks of the diagonal
+        and a few whole-matrix passes, so 4096 ranks cost a fraction of a second."""
+        n, r = topo.num_nodes, topo.ranks_per_node
+        blocks = flow.view(n, r, n, r).diagonal(dim1=0, dim2=2).permute(2, 0, 1).clone()  # [nodes, r, r] in-node
+        blocks.diagonal(dim1=1, dim2=2).zero_()  # a rank's own slots stay local
+        send_intra, recv_intra = blocks.sum(2).flatten(), blocks.sum(1).flatten()
+        own = flow.diagonal()
+        send_inter = flow.sum(1) - own - send_intra
+        recv_inter = flow.sum(0) - own - recv_intra
+        nz = flow > 0
+        nz |= nz.t().clone()  # [world, world] peers talk in either direction
+        nz.fill_diagonal_(False)
+        nzb = nz.view(n, r, n, r).diagonal(dim1=0, dim2=2)  # [r, r, nodes] in-node part
+        peers_intra = nzb.sum(1).t().flatten().double()
+        peers_inter = nz.sum(1).double() - peers_intra
+        return cls(send_intra, send_inter.clamp_min(0), recv_intra, recv_inter.clamp_min(0), peers_intra, peers_inter)
 
     def reversed(self) -> Traffic:
         """The same exchange in the other direction (combine after dispatch, spRS after spAG)."""
@@ -66,35 +75,29 @@ def dispatch_matrix(slots: float, shares: torch.Tensor, placement: LayerPlacemen
     """Routed slots [src, dst] when every source routes `slots` slots by `shares` [E] under the runtime's replica
     rule (`routing.candidates`): a copy on the source, else the copies on its node, else all copies; an
     expert's slots split evenly over the candidates. The rule depends on the source only through its node and
-    whether it holds a copy, so it is evaluated once per (node, expert) and applied to every source there."""
-    world, num_experts = topo.world, placement.num_experts
-    held = torch.zeros(world, num_experts, dtype=torch.float64)  # [src, E] 1 where src holds a copy
-    for e, c in enumerate(placement.copies):
-        held[list(c), e] = 1.0
-    flow = torch.zeros(world, world, dtype=torch.float64)
-    for node in range(topo.num_nodes):
-        ranks = topo.ranks_of_node(node)
-        to = torch.zeros(num_experts, world, dtype=torch.float64)  # [E, dst] split for a non-holding source
-        for e, c in enumerate(placement.copies):
-            src = next((r for r in ranks if r not in c), None)
-            if src is None:
-                continue  # every rank of the node holds e: always local
-            cand = candidates(c, src, topo)
-            to[e, list(cand)] = 1.0 / len(cand)
-        rows = torch.tensor(ranks)
-        remote = (slots * shares)[None, :] * (1 - held[rows])  # [rpn, E] slots that leave the source
-        flow[rows] = remote @ to  # [rpn, E] @ [E, world] -> [rpn, world]
-        flow[rows, rows] += (slots * shares[None, :] * held[rows]).sum(1)  # served by the source's own copy
+    whether it holds a copy, so it is evaluated for all sources at once (tests check it against `candidates`)."""
+    world, n, r = topo.world, topo.num_nodes, topo.ranks_per_node
+    held = copy_mask(placement, world)  # [E, world] 1 where a rank holds a copy
+    per_slot = slots * shares.to(torch.float64)  # [E] slots per source per expert
+    per_node = held.view(-1, n, r).sum(2)  # [E, nodes] copies on each node
+    near = (per_node > 0).double().repeat_interleave(r, dim=1).t()  # [world, E] source's node has a copy
+    remote = (1 - held.t()) * per_slot  # [world, E] slots that leave the source
+    flow = (remote * (1 - near)) @ (held / held.sum(1, keepdim=True))  # [world, world] to all copies evenly
+    local = held.view(-1, n, r) / per_node.clamp_min(1)[..., None]  # [E, nodes, r] the node's copies evenly
+    blocks = torch.bmm((remote * near).view(n, r, -1), local.permute(1, 0, 2))  # [nodes, r(src), r(dst)]
+    flow.view(n, r, n, r).diagonal(dim1=0, dim2=2).add_(blocks.permute(1, 2, 0))
+    flow.diagonal().add_((held.t() * per_slot).sum(1))  # served by the source's own copy
     return flow
 
 
 def spag_matrix(placement: LayerPlacement, world: int, chunk_bytes: float) -> torch.Tensor:
     """spAG bytes [owner, holder]: each owner sends its chunk to every non-owner copy."""
+    pairs = [(o, h) for o, c in zip(placement.owners, placement.copies) for h in c if h != o]
     m = torch.zeros(world, world, dtype=torch.float64)
-    for o, c in zip(placement.owners, placement.copies):
-        for r in c:
-            if r != o:
-                m[o, r] += chunk_bytes
+    if pairs:
+        idx = torch.tensor(pairs).t()
+        m.index_put_((idx[0], idx[1]), torch.full((len(pairs),), float(chunk_bytes), dtype=torch.float64),
+                     accumulate=True)
     return m
 
 

@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 
 from sparsetrain.parallel.placement import LayerPlacement, initial_owners
 from sparsetrain.parallel.planners import plan_hecate
-from sparsetrain.parallel.routing import candidate_table, choose_replicas, rank_loads, share_matrix
+from sparsetrain.parallel.routing import (
+    candidate_table,
+    candidates,
+    choose_replicas,
+    copy_mask,
+    rank_loads,
+    share_matrix,
+)
 from sparsetrain.parallel.topology import Topology
 
 pytestmark = pytest.mark.unit
@@ -114,3 +121,22 @@ def test_choose_replicas_is_fast():
     finally:
         torch.set_num_threads(threads)
     assert elapsed < 0.02  # ~1 ms measured; generous bound for a loaded machine
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([(4, 1), (4, 2), (8, 4), (6, 3), (8, 8)]), st.integers(2, 9), st.integers(0, 2**16))
+def test_share_matrix_equals_candidates_loop(shape, num_experts, seed):
+    """share_matrix's closed form is the `candidates` rule summed over sources."""
+    world, rpn = shape
+    topo = Topology(world, rpn)
+    g = torch.Generator().manual_seed(seed)
+    owners = torch.randint(0, world, (num_experts,), generator=g).tolist()
+    copies = [(torch.rand(world, generator=g) < 0.3).nonzero()[:, 0].tolist() for _ in range(num_experts)]
+    p = LayerPlacement.from_lists(owners, copies)
+    loop = torch.zeros(num_experts, world, dtype=torch.float64)
+    for src in range(world):
+        for e, c in enumerate(p.copies):
+            cand = candidates(c, src, topo)
+            loop[e, list(cand)] += 1.0 / (len(cand) * world)
+    assert copy_mask(p, world).sum().item() == sum(len(c) for c in p.copies)
+    assert torch.allclose(share_matrix(p, topo), loop, rtol=1e-12, atol=1e-15)

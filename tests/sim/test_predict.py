@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparsetrain.parallel.placement import LayerPlacement
-from sparsetrain.parallel.routing import choose_replicas
+from sparsetrain.parallel.routing import candidates, choose_replicas
 from sparsetrain.parallel.topology import Topology
 from sparsetrain.sim.cluster import Cluster, list_clusters, load_cluster
 from sparsetrain.sim.predict import predict
@@ -66,6 +66,33 @@ def test_dispatch_matrix_matches_the_runtime_rule():
         got = torch.bincount(choose_replicas(ids, src, p, topo), minlength=4).double()
         assert torch.allclose(flow[src], got, atol=1.0), (src, flow[src], got)  # even split up to one slot
     assert flow.sum().item() == pytest.approx(4 * slots)
+
+
+def test_dispatch_and_traffic_equal_the_per_source_loop():
+    """Vectorized dispatch_matrix / Traffic.from_matrix against `candidates` per (source, expert) and dense sums."""
+    g = torch.Generator().manual_seed(3)
+    for world, rpn, num_experts in ((6, 3, 5), (8, 2, 7), (4, 1, 3)):
+        topo = Topology(world, rpn)
+        owners = torch.randint(0, world, (num_experts,), generator=g).tolist()
+        copies = [(torch.rand(world, generator=g) < 0.4).nonzero()[:, 0].tolist() for _ in range(num_experts)]
+        p = LayerPlacement.from_lists(owners, copies)
+        shares = torch.rand(num_experts, generator=g, dtype=torch.float64)
+        shares /= shares.sum()
+        want = torch.zeros(world, world, dtype=torch.float64)
+        for src in range(world):
+            for e, c in enumerate(p.copies):
+                cand = candidates(c, src, topo)
+                want[src, list(cand)] += 10 * shares[e] / len(cand)
+        flow = dispatch_matrix(10, shares, p, topo)
+        assert torch.allclose(flow, want)
+        t = Traffic.from_matrix(flow, topo)
+        node = torch.arange(world) // rpn
+        same = (node[:, None] == node[None, :]) & ~torch.eye(world, dtype=torch.bool)
+        other = node[:, None] != node[None, :]
+        assert torch.allclose(t.send_intra, (flow * same).sum(1)) and torch.allclose(t.recv_inter, (flow * other).sum(0))
+        talk = (flow > 0) | (flow.t() > 0)
+        assert t.peers_intra.tolist() == (talk & same).sum(1).tolist()
+        assert t.peers_inter.tolist() == (talk & other).sum(1).tolist()
 
 
 def _cpuish(**kw) -> Cluster:
