@@ -4,7 +4,8 @@ Each run dir holds config.yaml and metrics.jsonl, whose records carry per-rank s
 Fits, by least squares over (logged step, rank) samples (the first logged interval is warm-up, skipped):
 - compute: forward busy CPU time of attention + experts = FLOPs / achievable_flops + passes x layer_overhead_s
   (per-rank thread CPU time, so ranks sharing the host's cores do not count each other's work); on a CPU host
-  the median of busy CPU / wall time of those spans is the share of a core a rank got (`cpu_share`);
+  the median of busy CPU / wall time of those spans is the share of a core a rank got (`cpu_share`; with
+  `cores` set, the split of cores among more ranks than cores is taken out first: `Cluster.rank_share`);
 - link: forward all-to-all wall time (dispatch + combine spans of the rank that waited least: the others also
   wait for the slowest rank's experts) = peer messages x latency + bytes / bandwidth;
 - backward/forward compute ratio from each record's fwd_s / bwd_s less the collective spans;
@@ -95,7 +96,9 @@ def fit(runs: list[RunData], base: Cluster) -> tuple[Cluster, dict[str, Any]]:
     comp = [compute_features(run, rec, k) for run in runs for rec in run.records for k in range(run.world)]
     x = torch.tensor([[f, n] for f, n, _, _ in comp], dtype=torch.float64)
     y = torch.tensor([b for _, _, b, _ in comp], dtype=torch.float64)
-    shares = torch.tensor([b / w for _, _, b, w in comp if w > 0], dtype=torch.float64)
+    # a rank's core share, less what oversubscription explains (more local ranks than cores split them)
+    split = [base.rank_share(run.world) / base.cpu_share for run in runs for _ in run.records for _ in range(run.world)]
+    shares = torch.tensor([b / w / k for (_, _, b, w), k in zip(comp, split) if w > 0], dtype=torch.float64)
     cpu_share = min(1.0, float(shares.median())) if base.device == "cpu" and len(shares) else 1.0
     inv_flops, overhead = _lstsq_nonneg(x, y).tolist()
     if inv_flops <= 0:

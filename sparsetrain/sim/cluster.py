@@ -30,6 +30,12 @@ class Cluster:
     step_overhead_s: float = 0.0  # per step, outside layers (calibrated hosts: loss, clipping, bookkeeping)
     device: str = "cuda"  # cuda | cpu: where spRS overlaps backward under sprs_post=auto (as the runtime)
     cpu_share: float = 1.0  # share of a core each rank gets (CPU hosts: busy CPU time / wall time of compute)
+    cores: int = 0  # CPU hosts: cores the local ranks share (more ranks than cores split them); 0 = one per rank
+
+    def rank_share(self, world: int) -> float:
+        """Share of a core each of `world` local ranks gets: cpu_share, split further when ranks outnumber cores."""
+        ranks = min(world, self.gpus_per_node)
+        return self.cpu_share * (min(1.0, self.cores / ranks) if self.cores else 1.0)
 
     def __post_init__(self) -> None:
         for f in ("intra_node_Bps", "inter_node_Bps", "peak_flops", "achievable_flops", "cpu_share"):
@@ -41,6 +47,8 @@ class Cluster:
                 raise ValueError(f"cluster {self.name}: {f} must be >= 0, got {getattr(self, f)}")
         if self.device not in ("cuda", "cpu"):
             raise ValueError(f"cluster {self.name}: device must be cuda or cpu, got {self.device!r}")
+        if self.cores < 0:
+            raise ValueError(f"cluster {self.name}: cores must be >= 0, got {self.cores}")
         if self.gpus_per_node < 1:
             raise ValueError(f"cluster {self.name}: gpus_per_node must be >= 1, got {self.gpus_per_node}")
 

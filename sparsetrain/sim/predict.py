@@ -94,6 +94,20 @@ def placements(s: SimSetup, world: int, topo: Topology, loads: torch.Tensor, bud
     return [memo[tuple(loads[li].tolist())] for li in range(s.n_moe)]
 
 
+def gate_numbers(s: SimSetup, c: Cluster, topo: Topology) -> tuple[float, float]:
+    """(bytes/s, FLOP/s) FSSDP's overlap budget and copy cost gate hold at set-up, as `FSSDP._set_machine_numbers`
+    picks them: the configured numbers, the device defaults when 0, what it would measure (this cluster's link)
+    when link_GBps is -1; the placement then follows the runtime's decision, right or wrong for the cluster."""
+    from sparsetrain.parallel.copy_cost import DEVICE_DEFAULTS
+
+    intra, inter, tflops = DEVICE_DEFAULTS[c.device]
+    if s.link_GBps < 0:
+        bw = c.inter_node_Bps if topo.num_nodes > 1 else c.intra_node_Bps
+    else:
+        bw = 1e9 * (s.link_GBps or (inter if topo.num_nodes > 1 else intra))
+    return bw, 1e12 * (s.expert_TFLOPs or tflops)
+
+
 def predict(s: SimSetup, c: Cluster, world: int, shares: torch.Tensor) -> Prediction:
     """Simulate one step of setup `s` on `world` ranks of cluster `c`; `shares` [n_moe, E] expert token shares."""
     if tuple(shares.shape) != (s.n_moe, s.num_experts):
@@ -103,20 +117,21 @@ def predict(s: SimSetup, c: Cluster, world: int, shares: torch.Tensor) -> Predic
     topo = topology(world, c)
     tokens_rank = s.tokens / world
     slots_rank = tokens_rank * s.top_k
-    flops_rate = c.achievable_flops * c.cpu_share  # wall-clock rate (a CPU host's ranks may share cores)
-    overhead = c.layer_overhead_s / c.cpu_share
+    share = c.rank_share(world)  # a CPU host's ranks may share cores
+    flops_rate = c.achievable_flops * share  # wall-clock rate
+    overhead = c.layer_overhead_s / share
     attn_fwd = tokens_rank * s.attn_fwd_flops() / flops_rate + overhead  # per block
     other_fwd = tokens_rank * s.other_fwd_flops() / flops_rate
     bwd = c.bwd_fwd_ratio
     chunk_bytes = s.expert_params * s.act_bytes  # spAG moves chunks in the compute dtype
     budget = s.overlap_budget
-    bw = c.inter_node_Bps if topo.num_nodes > 1 else c.intra_node_Bps  # as the runtime picks its link number
-    if s.strategy == "fssdp" and budget < 0:  # the runtime's set-up rule, with this cluster's numbers
+    gate_bw, gate_flops = gate_numbers(s, c, topo)
+    if s.strategy == "fssdp" and budget < 0:  # the runtime's set-up rule, with the numbers it would hold
         budget = overlap_budget_from_model(tokens_rank * attention_flops_per_token(s.d_model, s.seq_len),
-                                           flops_rate, bw, chunk_bytes, s.num_experts)
+                                           gate_flops, gate_bw, chunk_bytes, s.num_experts)
     cost = None
     if s.strategy == "fssdp" and s.cost_gate:
-        cost = CopyCost(chunk_bytes, expert_flops_per_slot(s.d_model, s.d_ffn), flops_rate, bw,
+        cost = CopyCost(chunk_bytes, expert_flops_per_slot(s.d_model, s.d_ffn), gate_flops, gate_bw,
                         2 if s.keep_materialized else 3, budget)
     # per-layer placement, routed slots per rank and the all-to-all
     if s.strategy == "dp":
@@ -194,7 +209,7 @@ def predict(s: SimSetup, c: Cluster, world: int, shares: torch.Tensor) -> Predic
         params_local += owned * s.n_moe * s.expert_params
     exposed += max(0.0, dense_comm - compute)
     if c.optimizer_s_per_param > 0:
-        optimizer = params_local * c.optimizer_s_per_param / c.cpu_share
+        optimizer = params_local * c.optimizer_s_per_param / share
     else:
         optimizer = params_local * STATE_BYTES * 2 / c.hbm_Bps if c.hbm_Bps > 0 else 0.0
     step = compute + a2a + exposed + optimizer + c.step_overhead_s

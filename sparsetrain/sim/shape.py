@@ -30,6 +30,8 @@ class SimSetup:
     keep_materialized: bool = False
     cost_gate: bool = True  # parallel.fssdp.cost_gate: copies kept only where they pay (parallel/copy_cost.py)
     sprs_post: str = "auto"  # auto | backward | after (as parallel.fssdp.sprs_post)
+    link_GBps: float = 0.0  # parallel.fssdp.link_GBps: the gate's bandwidth (0 device default, -1 measured)
+    expert_TFLOPs: float = 0.0  # parallel.fssdp.expert_TFLOPs: the gate's expert throughput (0 device default)
     ep_size: int = 0  # 0: the largest divisor of the world that divides num_experts
     dense: str = "fsdp2"  # fsdp2 | ddp
     bf16: bool = False  # autocast: activations and spAG chunks in bf16 (params fp32)
@@ -88,5 +90,6 @@ def setup_from_config(cfg: Config) -> SimSetup:
                     num_experts=e.num_experts, top_k=e.top_k, d_ffn=e.d_ffn, d_ffn_dense=m.d_ffn_dense or 4 * m.d_model,
                     batch_size=cfg.data.batch_size, dense_params=dense, strategy=strategy, planner=f.planner,
                     slots_per_rank=f.slots_per_rank, overlap_budget=f.overlap_budget,
-                    keep_materialized=f.keep_materialized, cost_gate=f.cost_gate, sprs_post=f.sprs_post, ep_size=cfg.parallel.ep_size,
+                    keep_materialized=f.keep_materialized, cost_gate=f.cost_gate, sprs_post=f.sprs_post,
+                    link_GBps=f.link_GBps, expert_TFLOPs=f.expert_TFLOPs, ep_size=cfg.parallel.ep_size,
                     dense=cfg.parallel.dense, bf16=cfg.train.precision == "bf16")

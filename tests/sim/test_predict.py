@@ -117,7 +117,7 @@ def test_monotone_in_skew_bandwidth_latency_flops():
 
 def test_fssdp_balances_skew_with_the_runtime_planners():
     s = S.with_(num_experts=8, top_k=2, n_moe=2, n_layers=2, batch_size=64, d_model=256, d_ffn=1024, seq_len=64,
-                strategy="fssdp", slots_per_rank=2, overlap_budget=2)
+                strategy="fssdp", slots_per_rank=2, overlap_budget=2, link_GBps=-1, expert_TFLOPs=0.01)
     fast = _cpuish(intra_node_Bps=1e12, intra_node_latency_s=1e-6, inter_node_Bps=1e11, inter_node_latency_s=1e-6)
     loads = zipf_loads(8, 1.5).expand(2, -1)
     ep = predict(s.with_(strategy="ep"), fast, 4, loads)
@@ -201,3 +201,25 @@ def test_scale_rows_carry_the_runtime_memory_plan(tmp_path):
     assert "plan GiB" in format_table(rows)
     pngs = write_outputs(rows, tmp_path, "tiny")
     assert {p.name for p in pngs} >= {"step_time_s.png", "mem_plan_gib.png"} and (tmp_path / "predictions.json").exists()
+
+
+def test_gate_holds_the_numbers_the_runtime_would():
+    """Device defaults for link_GBps=0, the cluster's link when measured (-1), else the configured value."""
+    from sparsetrain.parallel.copy_cost import DEVICE_DEFAULTS
+    from sparsetrain.sim.predict import gate_numbers
+
+    topo = Topology(4, 2)  # two nodes: the inter-node numbers
+    assert gate_numbers(S, C, topo) == (1e9 * DEVICE_DEFAULTS["cuda"][1], 1e12 * DEVICE_DEFAULTS["cuda"][2])
+    assert gate_numbers(S.with_(link_GBps=-1, expert_TFLOPs=0.5), C, topo) == (C.inter_node_Bps, 0.5e12)
+    assert gate_numbers(S.with_(link_GBps=7.0), _cpuish(device="cpu"), Topology(2, 2))[0] == 7e9
+
+
+def test_more_local_ranks_than_cores_split_them():
+    host = _cpuish(gpus_per_node=8, cores=2, cpu_share=0.8, device="cpu")
+    assert host.rank_share(1) == host.rank_share(2) == 0.8 and host.rank_share(4) == pytest.approx(0.4)
+    s = S.with_(num_experts=4, batch_size=16, strategy="dp")
+    one = predict(s, host, 4, torch.full((1, 4), 0.25, dtype=torch.float64))
+    free = predict(s, dataclasses.replace(host, cores=0), 4, torch.full((1, 4), 0.25, dtype=torch.float64))
+    assert one.compute_s == pytest.approx(2 * free.compute_s)  # 4 ranks on 2 cores: half a share each
+    with pytest.raises(ValueError, match="cores"):
+        _cpuish(cores=-1)
