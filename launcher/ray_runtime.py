@@ -239,7 +239,7 @@ def _env_for(slots: list[RankSlot], infos: list[dict], port: int, threads: int) 
 
 
 def _wait(runs: dict[Any, int], actors: dict[int, Any], infos: dict[int, dict], prefixers: dict,
-          term: threading.Event) -> dict | None:
+          term: threading.Event, watch: Any = None) -> dict | None:
     """Stream output until every rank returns; raise LaunchError naming the rank that caused a failure.
 
     After `term` is set (SIGTERM), every rank is asked once to checkpoint and stop; they then return normally.
@@ -250,6 +250,9 @@ def _wait(runs: dict[Any, int], actors: dict[int, Any], infos: dict[int, dict], 
     deadline = None  # after a first failure, wait briefly for the others to report (to find the cause)
     stop_sent = False
     while pending:
+        if watch is not None and watch.stalled is not None:  # the heartbeat watcher: the group stopped moving
+            _pump(actors, prefixers, final=True)
+            raise watch.stalled
         if term.is_set() and not stop_sent:
             print(f"SIGTERM: asking {len(actors)} worker(s) to checkpoint and stop", file=sys.stderr, flush=True)
             for a in actors.values():
@@ -317,6 +320,12 @@ def run_ray(cfg_dict: dict, entry: str = DEFAULT_ENTRY, pg_timeout_s: float | No
     pg, handles, actors = None, [], {}
     term, undo_term = _on_sigterm()  # replaces the handler ray.init installed (sys.exit, then a C++ abort)
     try:
+        if int(launch.get("min_workers", 0) or 0):  # elastic: fewer ranks when a node is gone
+            from sparsetrain.launcher.elastic import ray_placeable, shrink
+
+            cfg_dict = shrink(cfg_dict, ray_placeable(cpus, gpus))
+            launch = cfg_dict["launch"]
+            n = int(launch["workers"])
         wait_s = pg_timeout_s or (60.0 if started else float(launch.get("resource_timeout_s", 600.0)))
         pg = reserve(n, cpus, gpus, wait_s, started)
         cls = ray.remote(RankWorker)
@@ -339,7 +348,10 @@ def run_ray(cfg_dict: dict, entry: str = DEFAULT_ENTRY, pg_timeout_s: float | No
                 for r in range(n)}
         tty = (sys.stdout.isatty(), sys.stderr.isatty())  # progress-bar frames only on terminals
         prefixers = {r: (LinePrefixer(r, tty[0]), LinePrefixer(r, tty[1])) for r in range(n)}
-        return _wait(runs, actors, infos, prefixers, term)
+        from sparsetrain.launcher.watchdog import HeartbeatWatch
+
+        with HeartbeatWatch(cfg_dict["train"]["out_dir"], float(launch["timeout_s"]), lambda: None) as watch:
+            return _wait(runs, actors, infos, prefixers, term, watch)  # a stall raises; `finally` kills the actors
     except KeyboardInterrupt:
         print(f"\ninterrupted: stopping {len(handles)} worker(s)", file=sys.stderr, flush=True)
         raise

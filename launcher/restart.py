@@ -69,7 +69,8 @@ def run_with_restarts(cfg_dict: dict, attempt: Callable[[dict], dict | None],
             where = f"from the checkpoint at {done} steps" if done is not None else "from the start (no checkpoint)"
             why = _first_line(e)
             if _timed_out(e):
-                why += f" (a collective waited launch.timeout_s={cfg_dict['launch'].get('timeout_s')}s: a rank stalled)"
+                _, what = heartbeat.stall_report(heartbeat.beats(out_dir))
+                why += f" (a collective waited launch.timeout_s={cfg_dict['launch'].get('timeout_s')}s: {what})"
             log(f"restart {failures}/{max_failures}: {why}; the group had completed {reached} "
                 f"step(s); resuming {where}, {max(reached - (done or 0), 0)} step(s) redone")
         finally:

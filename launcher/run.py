@@ -1,6 +1,7 @@
 """`run_job(cfg)`: dispatch a validated config to the inline, Ray or torchrun backend."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,6 +25,9 @@ from sparsetrain.launcher.env import (
 from sparsetrain.launcher.errors import LaunchError
 from sparsetrain.launcher.ray_runtime import DEFAULT_ENTRY, load_entry, run_ray
 from sparsetrain.launcher.restart import run_with_restarts
+from sparsetrain.launcher.watchdog import HeartbeatWatch
+
+from sparsetrain.train import heartbeat
 
 if TYPE_CHECKING:
     from sparsetrain.config import Config
@@ -61,8 +65,22 @@ def _first_error(summary_out: str) -> tuple[int | None, str]:
     return cause.rank, cause.details
 
 
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun's workers, then torchrun itself (a stalled group ignores a polite stop)."""
+    from sparsetrain.launcher.procs import descendants
+
+    for pid in descendants(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.kill()
+
+
 def run_torchrun(cfg_dict: dict, entry: str = DEFAULT_ENTRY) -> dict | None:
     """Run the job under a local torchrun with launch.workers processes."""
+    if int(cfg_dict["launch"].get("min_workers", 0) or 0):  # elastic: fewer ranks when GPUs are gone
+        from sparsetrain.launcher.elastic import local_placeable, shrink
+
+        cfg_dict = shrink(cfg_dict, local_placeable(cfg_dict))
     launch = cfg_dict["launch"]
     with tempfile.TemporaryDirectory(prefix="st-torchrun-") as tmp:
         cfg_path, summary = os.path.join(tmp, "config.yaml"), os.path.join(tmp, "summary.json")
@@ -70,8 +88,10 @@ def run_torchrun(cfg_dict: dict, entry: str = DEFAULT_ENTRY) -> dict | None:
         env = dict(os.environ, OMP_NUM_THREADS=str(launch["torch_threads"]))
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # --standalone: one machine, gloo pairs on loopback only
         proc = subprocess.Popen(torchrun_command(int(launch["workers"]), cfg_path, summary, entry), env=env)
+        watch = HeartbeatWatch(cfg_dict["train"]["out_dir"], float(launch["timeout_s"]), lambda: _kill_tree(proc))
         try:
-            rc = proc.wait()
+            with watch:
+                rc = proc.wait()
         except KeyboardInterrupt:
             proc.send_signal(signal.SIGINT)
             try:
@@ -79,10 +99,17 @@ def run_torchrun(cfg_dict: dict, entry: str = DEFAULT_ENTRY) -> dict | None:
             except subprocess.TimeoutExpired:
                 proc.kill()
             raise
+        if watch.stalled is not None:
+            raise watch.stalled
         if rc != 0:
             rank, tb = _first_error(summary)
-            if rank is None:
-                raise LaunchError(f"torchrun exited with code {rc} (see the output above)")
+            if rank is None:  # no traceback: a rank was killed (SIGKILL, OOM killer); the heartbeats say which
+                found = heartbeat.beats(cfg_dict["train"]["out_dir"])
+                late = heartbeat.behind(found)
+                why = (f"; no rank left a traceback, rank {late[0]} is behind ({found[late[0]].where()}): it died"
+                       if len(late) == 1 else "")
+                raise LaunchError(f"torchrun exited with code {rc} (see the output above){why}",
+                                  rank=late[0] if len(late) == 1 else None)
             last = tb.strip().splitlines()[-1] if tb.strip() else "error"
             raise LaunchError(f"rank {rank} failed: {last}", rank=rank, details=tb)
         return json.loads(Path(summary).read_text()) if os.path.exists(summary) else None

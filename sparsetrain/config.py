@@ -191,6 +191,7 @@ class LaunchConfig:
     max_failures: int = 0  # restarts of the worker group after a rank dies or raises (resumes from the last checkpoint)
     timeout_s: float = 300.0  # collective timeout: a rank stalled this long fails the group (restarted by max_failures)
     resource_timeout_s: float = 600.0  # cluster runs: wait this long for the ranks' resources (a line every 30 s)
+    min_workers: int = 0  # elastic: run on fewer ranks (>= this) when fewer can be placed, grad_accum raised; 0 = off
 
 
 @dataclass

@@ -100,6 +100,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(cfg.launch.max_failures >= 0, f"launch.max_failures must be >= 0, got {cfg.launch.max_failures}")
     _check(cfg.launch.timeout_s >= 1, f"launch.timeout_s must be >= 1, got {cfg.launch.timeout_s}")
     _check(cfg.launch.resource_timeout_s > 0, f"launch.resource_timeout_s must be > 0, got {cfg.launch.resource_timeout_s}")
+    from sparsetrain.launcher.elastic import check_min_workers
+
+    check_min_workers(cfg)
     if p.strategy in PEER_STRATEGIES:
         _validate_peer(cfg)
     s = cfg.sparsity

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,9 @@ def committed(root: str | Path) -> list[Path]:
 
 
 def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    extra: dict[str, Any], keep: int = 2) -> Path:
-    """Write to a temp dir on every rank, hash it into a manifest, then rank 0 renames it into place."""
+                    extra: dict[str, Any], keep: int = 2, before_commit: Callable[[], None] | None = None) -> Path:
+    """Write to a temp dir on every rank, hash it into a manifest, then rank 0 renames it into place
+    (`before_commit`, a fault-injection hook, runs on every rank after the files are written)."""
     root = Path(root)
     final, tmp = step_dir(root, step), root / f".tmp-step_{step:08d}"
     if _rank() == 0:
@@ -82,6 +84,8 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
         (tmp / EXTRA).write_text(json.dumps({"step": step, **extra}))
     _barrier()
     write_manifest(tmp, step)  # collective: every rank hashes its share of the files
+    if before_commit is not None:
+        before_commit()
     if _rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

@@ -1,36 +1,95 @@
-"""Per-rank progress files: `<out_dir>/.heartbeat/rank<R>` holds the steps a rank has completed and when.
+"""Per-rank progress files: `<out_dir>/.heartbeat/rank<R>` holds the steps a rank has completed, where it is in
+the current step, and when it got there.
 
-The launcher reads them after a failure to say at which step the group was and how many steps a restart
-redoes (a SIGKILLed rank leaves no traceback, but its last beat).
+Phases of step k (in order): `data` (fetching the batch), `compute` (forward/backward), `sync` (the step's
+gradient collectives), then `done` with k+1 steps completed; `eval` / `save` mark evaluation and checkpoint
+writing, which may legitimately take long. The launcher reads the beats after a failure to say at which step
+the group was and how many steps a restart redoes (a SIGKILLed rank leaves no traceback, but its last beat),
+and its watcher (sparsetrain.launcher.watchdog) names the rank that is behind when the group stops moving:
+the others wait for it in a collective.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 DIR = ".heartbeat"
+PHASES = ("done", "data", "compute", "sync", "eval", "save")  # order within a step (done = before the next one)
+LONG_PHASES = ("eval", "save")  # no stall is declared while a rank is in one (collective timeouts still apply)
 
 
-def beat(out_dir: str | Path, rank: int, steps_done: int) -> None:
-    """Record that `rank` has completed `steps_done` steps (atomic replace; a few bytes)."""
+@dataclass(frozen=True)
+class Beat:
+    """A rank's last beat: completed steps, phase of the step in progress, wall time (epoch seconds)."""
+
+    steps: int
+    phase: str
+    time: float
+
+    def order(self) -> tuple[int, int]:
+        """Sort key of progress: later steps, then later phases, are further along."""
+        return self.steps, PHASES.index(self.phase) if self.phase in PHASES else 0
+
+    def where(self) -> str:
+        """'in step 3 (sync)' (the step in progress and its phase) or 'after step 2'."""
+        return f"in step {self.steps} ({self.phase})" if self.phase != "done" else f"after step {self.steps - 1}"
+
+
+def beat(out_dir: str | Path, rank: int, steps_done: int, phase: str = "done") -> None:
+    """Record that `rank` has completed `steps_done` steps and is now in `phase` (atomic replace; a few bytes)."""
     d = Path(out_dir) / DIR
-    d.mkdir(parents=True, exist_ok=True)
+    if not d.is_dir():
+        d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".rank{rank}.tmp"
-    tmp.write_text(f"{steps_done} {time.time():.3f}\n")
+    tmp.write_text(f"{steps_done} {time.time():.3f} {phase}\n")
     os.replace(tmp, d / f"rank{rank}")
+
+
+def beats(out_dir: str | Path) -> dict[int, Beat]:
+    """{rank: last Beat} (empty when none were written)."""
+    out: dict[int, Beat] = {}
+    for p in (Path(out_dir) / DIR).glob("rank*"):
+        try:
+            parts = p.read_text().split()
+            out[int(p.name[4:])] = Beat(int(parts[0]), parts[2] if len(parts) > 2 else "done", float(parts[1]))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
 
 
 def steps_done(out_dir: str | Path) -> dict[int, int]:
     """{rank: completed steps} from the last beats (empty when none were written)."""
-    out: dict[int, int] = {}
-    for p in (Path(out_dir) / DIR).glob("rank*"):
-        try:
-            out[int(p.name[4:])] = int(p.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
+    return {r: b.steps for r, b in beats(out_dir).items()}
+
+
+def behind(found: dict[int, Beat]) -> list[int]:
+    """The ranks furthest behind when some rank is further along (empty when all are at the same point)."""
+    if len(found) < 2:
+        return []
+    low = min(b.order() for b in found.values())
+    if all(b.order() == low for b in found.values()):
+        return []
+    return sorted(r for r, b in found.items() if b.order() == low)
+
+
+def stall_report(found: dict[int, Beat], now: float | None = None) -> tuple[int | None, str]:
+    """(the stalled rank or None, one phrase naming it and where the others are) from the last beats."""
+    if not found:
+        return None, "no rank had written a heartbeat"
+    now = time.time() if now is None else now
+    late = behind(found) or (list(found) if len(found) == 1 else [])
+    if not late:
+        b = next(iter(found.values()))
+        idle = now - max(x.time for x in found.values())
+        return None, f"every rank stopped {b.where()} {idle:.0f}s ago (none is behind: a collective or the network hangs)"
+    first = found[late[0]]
+    ahead = max(found.values(), key=Beat.order)
+    names = ", ".join(map(str, late))
+    others = f" while the others are {ahead.where()}" if len(found) > 1 else ""
+    return late[0], f"rank{'s' if len(late) > 1 else ''} {names} stalled {first.where()} for {now - first.time:.0f}s{others}"
 
 
 def clear(out_dir: str | Path) -> None:

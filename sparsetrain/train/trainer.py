@@ -26,7 +26,7 @@ from sparsetrain.telemetry.memory import PeakMemory, gather_peak_mib, return_fre
 from sparsetrain.telemetry.metrics import MetricsWriter, format_log, placement_table, summary_table, truncate_after
 from sparsetrain.telemetry.timers import TIMERS, span
 from sparsetrain.train import checkpoint as ckpt
-from sparsetrain.train.faults import maybe_inject
+from sparsetrain.train.faults import maybe_inject, maybe_kill_in_save, poison_
 from sparsetrain.train.fingerprint import fingerprint
 from sparsetrain.train.guards import NanGuard, NonFiniteLossError, all_finite, stop_flag
 from sparsetrain.train.heartbeat import beat
@@ -123,7 +123,8 @@ class Trainer:
         extra = {"strategy": self.strategy.extra_state(), "config": to_dict(self.cfg),
                  "fingerprint": fingerprint(to_dict(self.cfg)),
                  "tokenizer": self.data.tokenizer.record(with_content=True)}  # generate decodes with it
-        return ckpt.save_checkpoint(self.ckpt_dir, step, self.model, self.optimizer, extra, self.cfg.checkpoint.keep)
+        return ckpt.save_checkpoint(self.ckpt_dir, step, self.model, self.optimizer, extra, self.cfg.checkpoint.keep,
+                                    before_commit=lambda: maybe_kill_in_save(self.info.rank, step, self.out_dir))
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -143,7 +144,9 @@ class Trainer:
         lr = lr_at(step, cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        beat(self.out_dir, self.info.rank, step, "data")  # phases let the launcher's watcher name a stalled rank
         x_all, y_all = self.data.train_batch(step)
+        beat(self.out_dir, self.info.rank, step, "compute")
         self.model.set_routing_step(step)
         micro = x_all.shape[0] // cfg.grad_accum
         stats = torch.zeros(5, device=self.device)  # ce, aux, z, dropped slots (capacity mode), stop requested
@@ -166,7 +169,9 @@ class Trainer:
             if out.tokens_per_expert is not None:
                 c = out.tokens_per_expert.detach().float()
                 counts = c if counts is None else counts + c
-        maybe_inject(self.info.rank, step)  # test fault hooks (sparsetrain.train.faults)
+        if maybe_inject(self.info.rank, step, self.out_dir, self.ckpt_dir):  # test fault hooks (train/faults.py)
+            poison_(self.model.parameters(), stats)  # fault "nan": this rank's loss and gradients become NaN
+        beat(self.out_dir, self.info.rank, step, "sync")
         self.strategy.finish_backward(self.model)
         if self.sparsifier is not None:
             self.sparsifier.add_decay_grads()
@@ -256,6 +261,7 @@ class Trainer:
                 writer.note_loads(counts)
             last = step == cfg.train.steps - 1
             if cfg.train.eval_every and ((step + 1) % cfg.train.eval_every == 0 or last):
+                beat(self.out_dir, self.info.rank, step, "eval")
                 val_loss = self.evaluate()
                 rec["val_loss"] = val_loss
             if (step + 1) % cfg.train.log_every == 0 or last or "val_loss" in rec:
@@ -276,6 +282,7 @@ class Trainer:
             every = cfg.checkpoint.every
             if ((every and (step + 1) % every == 0) or (last and cfg.checkpoint.save_final) or rec.get("stop")) \
                     and self.strategy.checkpoints:
+                beat(self.out_dir, self.info.rank, step + 1, "save")
                 self.save(step)
             if rec.get("stop"):
                 self.stopped_at = step

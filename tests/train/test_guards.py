@@ -142,3 +142,22 @@ def test_sigterm_inline_cli_saves_and_exits_zero(tmp_path) -> None:
     found = ckpt.latest_checkpoint(tmp_path / "checkpoints")
     assert found is not None
     assert json.loads((tmp_path / "summary.json").read_text())["stopped_at_step"] >= 2
+
+
+def test_nan_fault_mode_skip_and_rollback_end_in_the_same_weights(tmp_path, monkeypatch, capsys) -> None:
+    """SPARSETRAIN_FAULTS=nan@3:0 poisons step 3's loss and gradients; skip drops the update, rollback reloads
+    the step-2 checkpoint: both then continue from the same state, so their final weights are bit-equal."""
+    monkeypatch.setenv("SPARSETRAIN_FAULTS", "nan@3:0")
+    monkeypatch.delenv("SPARSETRAIN_ATTEMPT", raising=False)
+    runs = {}
+    for policy, extra in (("skip", ()), ("rollback", ("checkpoint.every=1",))):
+        tr = Trainer(tiny_cfg(tmp_path / policy, f"train.on_nan={policy}", *extra, steps=5))
+        summary = tr.fit()
+        assert tr.nan_guard.skipped == [3] and summary["steps_run"] == 5, policy
+        runs[policy] = dict(tr.model.named_parameters())
+    out = capsys.readouterr().out
+    assert "step 3: non-finite loss nan; update skipped" in out and "rolled back to step_00000002" in out
+    for name, p in runs["skip"].items():
+        assert torch.isfinite(p).all() and torch.equal(p, runs["rollback"][name]), name
+    faults = [json.loads(ln) for ln in (tmp_path / "skip" / "faults.jsonl").read_text().splitlines()]
+    assert faults[0]["mode"] == "nan" and faults[0]["step"] == 3
