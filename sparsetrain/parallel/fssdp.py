@@ -115,6 +115,7 @@ class FSSDP(Strategy):
         self.tracker = LoadTracker(self.num_layers, e, self.fcfg.load_window)
         self.owners = [initial_owners(e, self.info.world) for _ in moes]
         self.group = dist.new_group(list(range(self.info.world)))  # once: keeps spAG p2p off the main group
+        self.topo = self._link_topology(self.topo)
         self._expert_params: set[nn.Parameter] = set()
         for li, moe in enumerate(moes):
             keep_expert_rows(moe.experts, [x for x in range(e) if self.owners[li][x] == self.info.rank])
@@ -134,6 +135,19 @@ class FSSDP(Strategy):
                     li = moes.index(block.ffn)
                     block.register_forward_pre_hook(lambda mod, args, li=li: self._prefetch(li))
         return model
+
+    def _link_topology(self, topo: Topology) -> Topology:
+        """On CUDA, narrow the node map to NVLink islands (`telemetry.gpu.link_domain`, from NVML) when every rank
+        sees equal islands smaller than its node; unchanged on CPU, with pretend_nodes, or where ranks disagree."""
+        if self.info.device.type != "cuda" or self.cfg.parallel.pretend_nodes:
+            return topo
+        from sparsetrain.telemetry.gpu import link_domain
+
+        k = link_domain(topo.ranks_per_node)
+        low, neg_high = all_reduce_host([k, -k], self.group, op=dist.ReduceOp.MIN).tolist()
+        if low != -neg_high or low >= topo.ranks_per_node:
+            return topo
+        return Topology(topo.world, int(low))
 
     def _set_machine_numbers(self, experts: GroupedExperts, measured_Bps: float | None = None) -> None:
         """Fix, once, the bandwidth, expert throughput, overlap budget and copy cost for the whole run

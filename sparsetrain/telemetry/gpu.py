@@ -3,7 +3,8 @@
 Samples utilization, memory, power, temperature and SM clock of this process's GPU every `interval_s`;
 `metrics()` returns the means since the previous call. Without a GPU or without nvidia-ml-py the
 sampler does nothing and returns no metrics (silent and harmless). `nvlink_matrix()` reports the
-NVLink link count between local GPUs when NVML can tell.
+NVLink link count between local GPUs when NVML can tell; `link_domain()` turns it into the ranks per fast-link
+domain that FSSDP's node map (`Topology`) uses on CUDA.
 """
 from __future__ import annotations
 
@@ -146,6 +147,53 @@ def nvlink_matrix() -> list[list[int]] | None:
     finally:
         with contextlib.suppress(nvml.NVMLError):
             nvml.nvmlShutdown()
+
+
+def nvlink_islands(links: list[list[int]]) -> list[list[int]]:
+    """GPUs joined by NVLink (directly or through others), each island sorted, islands by first GPU."""
+    n, seen, out = len(links), set(), []
+    for g in range(n):
+        if g in seen:
+            continue
+        island, todo = [], [g]
+        while todo:
+            x = todo.pop()
+            if x in seen:
+                continue
+            seen.add(x)
+            island.append(x)
+            todo += [y for y in range(n) if links[x][y] > 0 or links[y][x] > 0]
+        out.append(sorted(island))
+    return out
+
+
+def local_gpus(local_world: int) -> list[int]:
+    """NVML index of each local rank's GPU: CUDA_VISIBLE_DEVICES (numeric) by local rank, else the local rank."""
+    vis = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if len(vis) >= local_world and all(v.isdigit() for v in vis[:local_world]):
+        return [int(v) for v in vis[:local_world]]
+    return list(range(local_world))
+
+
+def link_domain(local_world: int, links: list[list[int]] | None = None) -> int:
+    """Ranks per fast-link domain on this node for the node map (`Topology.ranks_per_node`): the size of the
+    NVLink islands when the local ranks' GPUs fall into equal islands of consecutive local ranks smaller than
+    the node (e.g. NVLink pairs on a PCIe box); else `local_world` (all GPUs linked, no NVLink, no NVML)."""
+    links = nvlink_matrix() if links is None else links
+    gpus = local_gpus(local_world)
+    if not links or any(g >= len(links) for g in gpus) or not any(any(row) for row in links):
+        return local_world
+    island_of = {g: i for i, isl in enumerate(nvlink_islands(links)) for g in isl}
+    groups: list[list[int]] = []  # consecutive local ranks sharing an island
+    for r, g in enumerate(gpus):
+        if groups and island_of[gpus[groups[-1][0]]] == island_of[g]:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    sizes = {len(x) for x in groups}
+    if len(groups) != len({island_of[gpus[x[0]]] for x in groups}) or len(sizes) != 1:
+        return local_world  # an island split by other islands' ranks, or unequal islands: keep the node
+    return sizes.pop()
 
 
 SAMPLER: GPUSampler | None = None  # the worker's sampler, started by the launcher's worker entry

@@ -64,3 +64,53 @@ def test_fake_gpu_interval_means(monkeypatch):
     assert m == {"gpu_util_pct": 60.0, "gpu_mem_used_gib": 2.0, "gpu_power_w": 300.0, "gpu_sm_clock_mhz": 1980.0}
     assert "gpu_temp_c" not in m and s.metrics() == {}  # unsupported field left out; means reset
     s.stop()
+
+
+def _fake_nvlink(pairs: list[tuple[int, int]], n: int) -> types.ModuleType:
+    """A fake NVML whose GPUs i, j share one NVLink for each (i, j) in `pairs`."""
+    m = _fake_nvml([])
+    m.nvmlDeviceGetCount = lambda: n
+    m.nvmlDeviceGetPciInfo = lambda h: types.SimpleNamespace(busId=f"pci-{h}".encode())
+    peers = {i: [b for a, b in pairs if a == i] + [a for a, b in pairs if b == i] for i in range(n)}
+
+    def state(h, link):
+        if link >= len(peers[int(h[3:])]):
+            raise m.NVMLError("no such link")
+        return 1
+
+    m.nvmlDeviceGetNvLinkState = state
+    m.nvmlDeviceGetNvLinkRemotePciInfo_v2 = lambda h, link: types.SimpleNamespace(
+        busId=f"pci-gpu{peers[int(h[3:])][link]}")
+    return m
+
+
+def test_nvlink_islands_feed_the_node_map(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvlink([(0, 1), (2, 3)], 4))  # NVLink pairs, PCIe between
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    links = gpu.nvlink_matrix()
+    assert links == [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]]
+    assert gpu.nvlink_islands(links) == [[0, 1], [2, 3]]
+    assert gpu.link_domain(4) == 2  # two fast domains of 2 ranks on this node
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,2,0,3")
+    assert gpu.link_domain(4) == 4  # islands not on consecutive local ranks: keep the node
+    assert gpu.link_domain(4, [[0, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 0]]) == 4  # all linked
+    assert gpu.link_domain(4, [[0] * 4] * 4) == 4  # no NVLink (PCIe only): the node stays the domain
+    monkeypatch.setattr(gpu, "_nvml", lambda: None)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert gpu.nvlink_matrix() is None and gpu.link_domain(8) == 8  # no GPU: silent, unchanged
+
+
+def test_fssdp_node_map_takes_the_nvlink_islands(monkeypatch):
+    """FSSDP's topology narrows to NVLink pairs on CUDA (single process: the agreement is this rank's own)."""
+    from sparsetrain.parallel.fssdp import FSSDP
+    from sparsetrain.parallel.topology import Topology
+
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvlink([(0, 1), (2, 3)], 4))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    stub = types.SimpleNamespace(info=types.SimpleNamespace(device=types.SimpleNamespace(type="cuda")),
+                                 cfg=types.SimpleNamespace(parallel=types.SimpleNamespace(pretend_nodes=0)), group=None)
+    assert FSSDP._link_topology(stub, Topology(4, 4)) == Topology(4, 2)
+    stub.cfg.parallel.pretend_nodes = 1  # an explicit node map wins
+    assert FSSDP._link_topology(stub, Topology(4, 4)) == Topology(4, 4)
+    stub.cfg.parallel.pretend_nodes, stub.info.device.type = 0, "cpu"
+    assert FSSDP._link_topology(stub, Topology(4, 4)) == Topology(4, 4)
