@@ -11,22 +11,24 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from sparsetrain.launcher.errors import LaunchError
 
 from sparsetrain.train import heartbeat
 from sparsetrain.train.faults import ATTEMPT_ENV
+from sparsetrain.train.location import Location, local_dir
 
 # errors a rank reports that a restart would only repeat (bad config / data / checkpoint, diverged loss)
 NOT_RETRIED = ("ConfigError", "DataError", "CheckpointError", "NonFiniteLossError", "RunLockError")
 
 
-def _checkpoint_root(cfg_dict: dict) -> Path:
-    return Path(cfg_dict["checkpoint"]["dir"] or Path(cfg_dict["train"]["out_dir"]) / "checkpoints")
+def _checkpoint_root(cfg_dict: dict) -> Location:
+    from sparsetrain.train.checkpoint import checkpoint_root
+
+    return checkpoint_root(cfg_dict["train"]["out_dir"], cfg_dict["checkpoint"]["dir"])
 
 
-def committed_steps(root: Path, since: float = 0.0) -> int | None:
+def committed_steps(root: Location, since: float = 0.0) -> int | None:
     """Steps done at the newest committed checkpoint under root (step_N holds N+1 steps), committed after
     `since` (epoch seconds); None when there is none. Names only: the ranks verify before loading."""
     best = None
@@ -45,7 +47,7 @@ def run_with_restarts(cfg_dict: dict, attempt: Callable[[dict], dict | None],
     """Call `attempt(cfg_dict)`; on LaunchError restart up to launch.max_failures times, resuming."""
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     max_failures = int(cfg_dict["launch"].get("max_failures", 0))
-    out_dir, root = cfg_dict["train"]["out_dir"], _checkpoint_root(cfg_dict)
+    out_dir, root = local_dir(cfg_dict["train"]["out_dir"]), _checkpoint_root(cfg_dict)  # heartbeats: local
     started, cfg, failures = time.time() - 1.0, cfg_dict, 0
     while True:
         heartbeat.clear(out_dir)

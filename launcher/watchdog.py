@@ -26,7 +26,7 @@ class HeartbeatWatch:
     """A daemon thread polling `<out_dir>/.heartbeat`; `stalled` holds the LaunchError once it fired."""
 
     def __init__(self, out_dir: str | Path, timeout_s: float, stop: Callable[[], None], poll_s: float = POLL_S) -> None:
-        self.out_dir, self.timeout_s, self._stop_group, self.poll_s = Path(out_dir), float(timeout_s), stop, poll_s
+        self.out_dir, self.timeout_s, self._stop_group, self.poll_s = str(out_dir), float(timeout_s), stop, poll_s
         self.stalled: LaunchError | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat-watch", daemon=True)

@@ -66,15 +66,17 @@ def _preflight(cfg: Config, training: bool = True, data: bool = True) -> None:
 def train(config: str = ConfigOpt, overrides: list[str] | None = SetOpt) -> None:
     """Train: in-process for 1 worker, else N workers via the launcher (Ray by default)."""
     cfg = _load(config, overrides)
+    from sparsetrain.train.location import check_urls
     from sparsetrain.train.run_lock import run_lock
     from sparsetrain.train.storage import in_ray_job, resolve_job_storage
 
-    if in_ray_job():  # a Ray job's working dir is deleted with it: outputs go to durable storage
-        try:
+    try:
+        if in_ray_job():  # a Ray job's working dir is deleted with it: outputs go to durable storage
             for change in resolve_job_storage(cfg):
                 typer.echo(f"storage: {change}", err=True)
-        except ConfigError as e:
-            _fail(str(e))
+        check_urls(cfg.train.out_dir, cfg.checkpoint.dir)  # s3:// without s3fs etc.: one line, nothing started
+    except ConfigError as e:
+        _fail(str(e))
 
     _preflight(cfg)  # planner, memory, and local data (every shard and the tokenizer) before any process starts
     try:
@@ -110,7 +112,7 @@ def _single_process_model(cfg: Config, checkpoint: str | None):
     from sparsetrain.train import checkpoint as ckpt
 
     model = build_model(cfg)
-    root = Path(checkpoint or cfg.checkpoint.dir or f"{cfg.train.out_dir}/checkpoints")
+    root = ckpt.checkpoint_root(cfg.train.out_dir, checkpoint or cfg.checkpoint.dir)
     if ckpt.is_checkpoint_dir(root):  # one checkpoint named: verified, refused if bad
         path, manifest = root, None
     else:  # a directory of checkpoints: the newest that verifies

@@ -178,6 +178,8 @@ class CheckpointConfig:
     resume: bool = True  # resume from the latest committed checkpoint in dir
     save_final: bool = True
     keep: int = 2  # committed checkpoints kept (0 = all)
+    # `checkpoint.async` (a Python keyword, so the field is async_save): write in the background, commit after
+    async_save: bool = field(default=False, metadata={"key": "async"})
 
 
 @dataclass
@@ -242,9 +244,11 @@ def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r} ({source})")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    aliases = {f.metadata["key"]: f.name for f in dataclasses.fields(cls) if "key" in f.metadata}
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
+        key = aliases.get(key, key)  # a YAML key that cannot be a field name (checkpoint.async)
         if key not in names:
             known = ", ".join(sorted(names))
             raise ConfigError(f"unknown config key '{dotted}' in {source} (known here: {known})")

@@ -29,12 +29,11 @@ def _check_resume(cfg: Config, b: TokenBatches) -> None:
     if not cfg.checkpoint.resume:
         return
     import json
-    from pathlib import Path
 
     from sparsetrain.data.tokenizer import check_resume_tokenizer
-    from sparsetrain.train.checkpoint import EXTRA, committed
+    from sparsetrain.train.checkpoint import EXTRA, checkpoint_root, committed
 
-    root = Path(cfg.checkpoint.dir or Path(cfg.train.out_dir) / "checkpoints")
+    root = checkpoint_root(cfg.train.out_dir, cfg.checkpoint.dir)
     for path in reversed(committed(root)):
         try:
             extra = json.loads((path / EXTRA).read_text())

@@ -1,18 +1,19 @@
 """Checkpoints with torch.distributed.checkpoint: committed atomically, verified before anything is read.
 
-Save: every rank writes into `.tmp-step_N`, the files are hashed into `manifest.json`, then rank 0 renames
-the directory to `step_N` (the rename is the commit: a kill leaves the previous checkpoint as it was).
+Save (local directory): every rank writes into `.tmp-step_N`, the files are hashed into `manifest.json`,
+then rank 0 renames the directory to `step_N` (the rename is the commit: a kill leaves the previous
+checkpoint as it was). Save (fsspec URL: s3://, gs://, file://; object stores have no atomic rename): the
+ranks write into `step_N` through DCP's FsspecWriter and `manifest.json` is written last; it is the commit
+(a directory without one is never loaded, and resume falls back past it with a line saying so).
 Load: the manifest is checked (sizes, SHA-256) before any file is parsed, and DCP's `.metadata` pickle is
-read only through `safe_dcp.VerifiedReader`. Resume takes the newest checkpoint that verifies.
+read only through `safe_dcp`'s verified readers. Resume takes the newest checkpoint that verifies.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,11 +23,12 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
 from sparsetrain.train.fingerprint import compare
+from sparsetrain.train.location import Location, RemotePath, as_location, join, rmtree
 from sparsetrain.train.manifest import MANIFEST, METADATA, CheckpointError, verify_checkpoint, write_manifest
-from sparsetrain.train.safe_dcp import VerifiedReader
+from sparsetrain.train.safe_dcp import verified_reader, writer
 from sparsetrain.train.state import flat_state, set_optimizer_step
 
-__all__ = ["EXTRA", "CheckpointError", "committed", "fallback_line", "find_resumable", "is_checkpoint_dir",
+__all__ = ["EXTRA", "CheckpointError", "begin_save", "checkpoint_root", "commit_save", "committed", "fallback_line", "find_resumable", "is_checkpoint_dir",
            "latest_checkpoint", "load_checkpoint", "preflight_resume", "read_extra", "resume_config_changes",
            "save_checkpoint", "step_of", "verify_checkpoint"]
 
@@ -37,20 +39,20 @@ def _is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _barrier() -> None:
+def _barrier(group: Any = None) -> None:
     if _is_dist():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _rank() -> int:
     return dist.get_rank() if _is_dist() else 0
 
 
-def step_dir(root: Path, step: int) -> Path:
+def step_dir(root: Location, step: int) -> Location:
     return root / f"step_{step:08d}"
 
 
-def step_of(path: Path) -> int:
+def step_of(path: Location) -> int:
     """The step number in a `step_N` directory name (-1 when the name carries none)."""
     try:
         return int(path.name.split("_", 1)[1])
@@ -58,53 +60,71 @@ def step_of(path: Path) -> int:
         return -1
 
 
-def committed(root: str | Path) -> list[Path]:
+def committed(root: str | Location) -> list[Location]:
     """Committed checkpoint directories under root (renamed into place), oldest first; not yet verified."""
-    r = Path(root)
+    r = as_location(root)
     if not r.is_dir():
         return []
     return sorted((p for p in r.glob("step_*") if p.is_dir()), key=lambda p: (step_of(p), p.name))
 
 
-def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    extra: dict[str, Any], keep: int = 2, before_commit: Callable[[], None] | None = None) -> Path:
-    """Write to a temp dir on every rank, hash it into a manifest, then rank 0 renames it into place
+def save_checkpoint(root: str | Location, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    extra: dict[str, Any], keep: int = 2, before_commit: Callable[[], None] | None = None) -> Location:
+    """Write on every rank, hash the files into a manifest, commit (rename, or manifest last for a URL)
     (`before_commit`, a fault-injection hook, runs on every rank after the files are written)."""
-    root = Path(root)
-    final, tmp = step_dir(root, step), root / f".tmp-step_{step:08d}"
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
     state = {k: v.detach() for k, v in flat_state(model, optimizer).items()}
+    tmp = begin_save(root, step)
     with warnings.catch_warnings():  # DCP warns that a single process saves alone: that is intended here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=not _is_dist())
+        dcp.save(state, storage_writer=writer(tmp), no_dist=not _is_dist())
+    return commit_save(root, step, tmp, extra, keep, before_commit=before_commit)
+
+
+def begin_save(root: str | Location, step: int) -> Location:
+    """The emptied directory the ranks write step `step` into (step_N itself for a URL). Collective."""
+    root = as_location(root)
+    final = step_dir(root, step)
+    tmp = final if isinstance(root, RemotePath) else root / f".tmp-step_{step:08d}"
+    if _rank() == 0:
+        rmtree(tmp)  # an earlier attempt's partial write of this step (or, for a URL, its old commit)
+        tmp.mkdir(parents=True)
+    _barrier()
+    return tmp
+
+
+def commit_save(root: str | Location, step: int, tmp: Location, extra: dict[str, Any], keep: int,
+                group: Any = None, before_commit: Callable[[], None] | None = None) -> Location:
+    """After every rank's DCP write into `tmp`: trainer state, manifest, commit, prune. Collective over `group`."""
+    root = as_location(root)
+    final = step_dir(root, step)
     if _rank() == 0:
         (tmp / EXTRA).write_text(json.dumps({"step": step, **extra}))
-    _barrier()
-    write_manifest(tmp, step)  # collective: every rank hashes its share of the files
-    if before_commit is not None:
+    _barrier(group)
+    if before_commit is not None and tmp == final:  # a URL: the manifest is the commit, so the hook runs before it
+        before_commit()
+    write_manifest(tmp, step, group)  # collective: every rank hashes its share; for a URL the manifest commits
+    if before_commit is not None and tmp != final:
         before_commit()
     if _rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        if tmp != final:
+            rmtree(final)
+            os.replace(tmp, final)
         _prune(root, keep, final)
-    _barrier()
+    _barrier(group)
     return final
 
 
-def _prune(root: Path, keep: int, newest_good: Path) -> None:
+def _prune(root: Location, keep: int, newest_good: Location) -> None:
     """Keep the last `keep` checkpoints, and always the one just written (the newest known-good one),
     even when checkpoints with higher step numbers (left by an earlier attempt, maybe bad) take the slots."""
     if keep <= 0:
         return
     for old in committed(root)[:-keep]:
         if old != newest_good:
-            shutil.rmtree(old, ignore_errors=True)
+            rmtree(old)
 
 
-def read_extra(path: Path) -> dict[str, Any]:
+def read_extra(path: Location) -> dict[str, Any]:
     """The trainer state JSON of a checkpoint (call after verify_checkpoint)."""
     try:
         return json.loads((path / EXTRA).read_text())
@@ -112,21 +132,21 @@ def read_extra(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path}: unreadable {EXTRA}: {e}") from None
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+def load_checkpoint(path: str | Location, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     manifest: dict[str, Any] | None = None, cfg_dict: dict[str, Any] | None = None) -> dict:
     """Verify (unless `manifest` says it already was), then load weights (and optimizer state) in place.
 
     With `cfg_dict`, a checkpoint of another model (model-defining keys differ) is refused listing the keys.
     Returns the trainer extra state. Collective when a process group is up (every rank calls it).
     """
-    path = Path(path)
+    path = as_location(path)
     if manifest is None:
         manifest = verify_checkpoint(path, required=(EXTRA,))
     extra = read_extra(path)
     if cfg_dict is not None:
         resume_config_changes(extra, cfg_dict, path, hint="use the config it was trained with (in its "
                                                           f"{EXTRA})")
-    reader = VerifiedReader(path, manifest)
+    reader = verified_reader(path, manifest)
     reader.read_metadata()  # a refused .metadata raises CheckpointError here, before DCP logs its own fallback
     state = flat_state(model, optimizer)
     if optimizer is None:
@@ -151,12 +171,13 @@ def _first_cause(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def find_resumable(root: str | Path) -> tuple[Path | None, dict[str, Any] | None, list[tuple[Path, str]]]:
+def find_resumable(root: str | Location) -> tuple[Location | None, dict[str, Any] | None,
+                                                   list[tuple[Location, str]]]:
     """Newest checkpoint under root that verifies: (path, manifest, [(refused newer path, reason), ...]).
 
     Collective when a process group is up. (None, None, refused) when nothing under root verifies.
     """
-    refused: list[tuple[Path, str]] = []
+    refused: list[tuple[Location, str]] = []
     for path in reversed(committed(root)):
         try:
             return path, verify_checkpoint(path, required=(EXTRA,)), refused
@@ -165,12 +186,12 @@ def find_resumable(root: str | Path) -> tuple[Path | None, dict[str, Any] | None
     return None, None, refused
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
+def latest_checkpoint(root: str | Location) -> Location | None:
     """The newest checkpoint under root that verifies (None if none does). Collective like find_resumable."""
     return find_resumable(root)[0]
 
 
-def fallback_line(root: str | Path, good: Path | None, refused: list[tuple[Path, str]]) -> str:
+def fallback_line(root: str | Location, good: Location | None, refused: list[tuple[Location, str]]) -> str:
     """One line saying which checkpoints were refused and what resuming from `good` costs.
 
     Raises CheckpointError when nothing verifies: starting over silently would lose the run.
@@ -185,16 +206,22 @@ def fallback_line(root: str | Path, good: Path | None, refused: list[tuple[Path,
             f"{lost} step{'s' if lost != 1 else ''} earlier (trained again)")
 
 
-def is_checkpoint_dir(path: Path) -> bool:
+def is_checkpoint_dir(path: str | Location) -> bool:
     """Whether `path` is one checkpoint (as opposed to a directory of them)."""
+    path = as_location(path)
     return (path / MANIFEST).exists() or (path / METADATA).exists() or (path / EXTRA).exists()
+
+
+def checkpoint_root(out_dir: str, directory: str = "") -> Location:
+    """checkpoint.dir, or <train.out_dir>/checkpoints: a local Path or a RemotePath for a URL."""
+    return as_location(directory or join(str(out_dir), "checkpoints"))
 
 
 RESUME_HINT = ("resume with the checkpoint's values, or start a new run (another train.out_dir, or "
                "checkpoint.resume=false)")
 
 
-def resume_config_changes(extra: dict[str, Any], cfg_dict: dict[str, Any], path: Path,
+def resume_config_changes(extra: dict[str, Any], cfg_dict: dict[str, Any], path: Location,
                           hint: str = RESUME_HINT) -> list[str]:
     """Run-control keys that differ from the checkpoint's config ('key old -> new'); CheckpointError listing
     every model-defining key that differs (sizes, vocab, experts, top_k, sparsity structure)."""
@@ -212,8 +239,8 @@ def preflight_resume(cfg_dict: dict[str, Any]) -> None:
     """
     if not cfg_dict["checkpoint"]["resume"]:
         return
-    root = Path(cfg_dict["checkpoint"]["dir"] or Path(cfg_dict["train"]["out_dir"]) / "checkpoints")
-    refused: list[tuple[Path, str]] = []
+    root = checkpoint_root(cfg_dict["train"]["out_dir"], cfg_dict["checkpoint"]["dir"])
+    refused: list[tuple[Location, str]] = []
     for path in reversed(committed(root)):
         try:
             verify_checkpoint(path, required=(EXTRA,), collective=False, hashes=False)

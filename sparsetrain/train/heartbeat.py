@@ -38,9 +38,16 @@ class Beat:
         return f"in step {self.steps} ({self.phase})" if self.phase != "done" else f"after step {self.steps - 1}"
 
 
+def _dir(out_dir: str | Path) -> Path:
+    """The heartbeat directory: under out_dir, or under its local mirror for a URL (sparsetrain.train.location)."""
+    from sparsetrain.train.location import local_dir
+
+    return local_dir(str(out_dir)) / DIR
+
+
 def beat(out_dir: str | Path, rank: int, steps_done: int, phase: str = "done") -> None:
     """Record that `rank` has completed `steps_done` steps and is now in `phase` (atomic replace; a few bytes)."""
-    d = Path(out_dir) / DIR
+    d = _dir(out_dir)
     if not d.is_dir():
         d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".rank{rank}.tmp"
@@ -51,7 +58,7 @@ def beat(out_dir: str | Path, rank: int, steps_done: int, phase: str = "done") -
 def beats(out_dir: str | Path) -> dict[int, Beat]:
     """{rank: last Beat} (empty when none were written)."""
     out: dict[int, Beat] = {}
-    for p in (Path(out_dir) / DIR).glob("rank*"):
+    for p in _dir(out_dir).glob("rank*"):
         try:
             parts = p.read_text().split()
             out[int(p.name[4:])] = Beat(int(parts[0]), parts[2] if len(parts) > 2 else "done", float(parts[1]))
@@ -94,4 +101,4 @@ def stall_report(found: dict[int, Beat], now: float | None = None) -> tuple[int 
 
 def clear(out_dir: str | Path) -> None:
     """Forget the beats of an earlier attempt."""
-    shutil.rmtree(Path(out_dir) / DIR, ignore_errors=True)
+    shutil.rmtree(_dir(out_dir), ignore_errors=True)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+
+from sparsetrain.train.location import Location, as_location
 
 MANIFEST = "manifest.json"
 FORMAT = "sparsetrain-checkpoint/1"
@@ -31,37 +32,38 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+def sha256_file(path: str | Location) -> str:
+    """Hex SHA-256 of a file (local or behind a URL), read in 1 MiB chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with as_location(path).open("rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
 
 
-def _gather(local: Any, collective: bool) -> list[Any]:
+def _gather(local: Any, collective: bool, group: Any = None) -> list[Any]:
     """Every rank's `local` (rank order); just [local] without a process group."""
     world = _world()[1]
     if not collective or world == 1:
         return [local]
     parts: list[Any] = [None] * world
-    dist.all_gather_object(parts, local)
+    dist.all_gather_object(parts, local, group=group)
     return parts
 
 
-def write_manifest(directory: Path, step: int) -> dict[str, Any]:
-    """Hash every file in `directory` (split over ranks) and write the manifest on rank 0. Collective."""
+def write_manifest(directory: Location, step: int, group: Any = None) -> dict[str, Any]:
+    """Hash every file in `directory` (split over ranks) and write the manifest on rank 0. Collective (over
+    `group`, a process group spanning every rank; default: the world)."""
     rank, world = _world()
     names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST) if rank == 0 else []
     if world > 1:  # rank 0's listing for all: a shared filesystem's caches may lag on other nodes
         box = [names]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=group)
         names = box[0]
     mine = {n: {"sha256": sha256_file(directory / n), "bytes": (directory / n).stat().st_size}
             for n in names[rank::world]}
     files: dict[str, Any] = {}
-    for part in _gather(mine, collective=True):
+    for part in _gather(mine, collective=True, group=group):
         files.update(part)
     manifest = {"format": FORMAT, "step": step, "files": dict(sorted(files.items()))}
     if rank == 0:
@@ -69,7 +71,7 @@ def write_manifest(directory: Path, step: int) -> dict[str, Any]:
     return manifest
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
+def read_manifest(directory: Location) -> dict[str, Any]:
     """The parsed manifest of a checkpoint directory, its shape checked; CheckpointError if absent or malformed."""
     path = directory / MANIFEST
     if not path.is_file():
@@ -91,7 +93,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def _check_file(directory: Path, name: str, entry: dict[str, Any], hashes: bool = True) -> str | None:
+def _check_file(directory: Location, name: str, entry: dict[str, Any], hashes: bool = True) -> str | None:
     """None when the file matches its manifest entry (size, and SHA-256 with `hashes`), else a one-line reason
     naming the file."""
     path = directory / name
@@ -106,7 +108,7 @@ def _check_file(directory: Path, name: str, entry: dict[str, Any], hashes: bool 
     return None
 
 
-def verify_checkpoint(directory: str | Path, required: tuple[str, ...] = (), collective: bool = True,
+def verify_checkpoint(directory: str | Location, required: tuple[str, ...] = (), collective: bool = True,
                       hashes: bool = True) -> dict:
     """Check every file against the manifest before anything is parsed; returns the manifest.
 
@@ -114,7 +116,7 @@ def verify_checkpoint(directory: str | Path, required: tuple[str, ...] = (), col
     rank must call it: the files are hashed round-robin over the ranks and all ranks get the same verdict.
     `hashes=False` checks presence and sizes only (a cheap look before anything starts, not a verification).
     """
-    directory = Path(directory)
+    directory = as_location(directory)
     rank, world = _world()
     collective = collective and world > 1
     problems: list[str] = []

@@ -136,9 +136,11 @@ def _release(path: Path, me: dict[str, Any]) -> None:
 @contextmanager
 def run_lock(*dirs: str | Path, log: Callable[[str], None] = print) -> Iterator[None]:
     """Hold the lock of every directory (out_dir, and checkpoint.dir when it lies elsewhere) for the block."""
+    from sparsetrain.train.location import is_url, local_dir
+
     seen: list[Path] = []
-    for d in dirs:
-        p = Path(d).resolve()
+    for d in dirs:  # a URL's lock lives in its local mirror: object stores have no atomic create-if-absent
+        p = (local_dir(str(d)) if is_url(str(d)) else Path(d)).resolve()
         if d and not any(p == s or s in p.parents for s in seen):
             seen.append(p)
     with ExitStack() as stack:

@@ -17,9 +17,11 @@ import pickle
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from sparsetrain.train.location import Location, RemotePath
 from sparsetrain.train.manifest import METADATA, CheckpointError
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
@@ -58,27 +60,60 @@ def load_metadata(data: bytes, where: str) -> Metadata:
     return metadata
 
 
-class VerifiedReader(FileSystemReader):
-    """FileSystemReader whose `.metadata` must match the manifest's SHA-256 and is unpickled safely; the
-    data files it points at must be files the manifest lists (no path outside the checkpoint)."""
+class _Verified:
+    """The `.metadata` read shared by the local and the fsspec reader (mixed in before the DCP reader)."""
 
-    def __init__(self, path: str | Path, manifest: dict) -> None:
-        super().__init__(path)
+    metadata_sha256: str
+    listed: set[str]
+    where: str
+
+    def _verify(self, manifest: dict, where: str) -> None:
         self.metadata_sha256 = manifest["files"][METADATA]["sha256"]
-        self.listed = set(manifest["files"])
+        self.listed, self.where = set(manifest["files"]), where
 
     def read_metadata(self) -> Metadata:  # no **kwargs: DCP then never falls back to per-rank metadata files
-        path = Path(self.path) / METADATA
-        data = path.read_bytes()
+        with self.fs.create_stream(self.fs.concat_path(self.path, METADATA), "rb") as f:
+            data = f.read()
         if hashlib.sha256(data).hexdigest() != self.metadata_sha256:
-            raise CheckpointError(f"checkpoint {path.parent}: file {METADATA} fails its SHA-256 check")
-        metadata = load_metadata(data, f"checkpoint {path.parent}: file {METADATA}")
+            raise CheckpointError(f"checkpoint {self.where}: file {METADATA} fails its SHA-256 check")
+        metadata = load_metadata(data, f"checkpoint {self.where}: file {METADATA}")
         for info in (metadata.storage_data or {}).values():
             name = getattr(info, "relative_path", None)
             if name not in self.listed:
-                raise CheckpointError(f"checkpoint {path.parent}: file {METADATA} points at {name!r}, "
+                raise CheckpointError(f"checkpoint {self.where}: file {METADATA} points at {name!r}, "
                                       f"which manifest.json does not list")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+class VerifiedReader(_Verified, FileSystemReader):
+    """FileSystemReader whose `.metadata` must match the manifest's SHA-256 and is unpickled safely; the
+    data files it points at must be files the manifest lists (no path outside the checkpoint)."""
+
+    def __init__(self, path: str | Path, manifest: dict) -> None:
+        super().__init__(path)
+        self._verify(manifest, str(path))
+
+
+class VerifiedFsspecReader(_Verified, FsspecReader):
+    """The same checks over an fsspec URL (DCP's FsspecReader: s3://, gs://, file://, memory://)."""
+
+    def __init__(self, url: str, manifest: dict) -> None:
+        super().__init__(url)
+        self._verify(manifest, url)
+
+
+def verified_reader(path: Location, manifest: dict) -> FileSystemReader:
+    """The verified DCP reader for a local checkpoint directory or one behind a URL."""
+    if isinstance(path, RemotePath):
+        return VerifiedFsspecReader(str(path), manifest)
+    return VerifiedReader(path, manifest)
+
+
+def writer(path: Location) -> FileSystemWriter:
+    """DCP's writer for a local directory or a URL (FsspecWriter)."""
+    if isinstance(path, RemotePath):
+        return FsspecWriter(str(path))
+    return FileSystemWriter(str(path))

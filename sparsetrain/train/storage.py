@@ -4,7 +4,8 @@ A Ray job runs in a temporary working directory that Ray deletes with the job (K
 system, deleted with the pod), so a relative out_dir there loses every checkpoint and a resubmitted job
 cannot resume. For a submitted job (`sparsetrain submit`, or `sparsetrain train` running as a Ray job's
 entrypoint) a relative path is resolved against SPARSETRAIN_STORAGE_ROOT (a directory every node sees:
-NFS/Lustre/EFS, a mounted bucket) or refused with one line. Absolute paths are used as given.
+NFS/Lustre/EFS, a mounted bucket, or an fsspec URL such as s3://bucket/runs) or refused with one line.
+Absolute paths and fsspec URLs (s3://, gs://, file://; never relative) are used as given.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from sparsetrain.config import ConfigError
+from sparsetrain.train.location import is_url, join
 
 if TYPE_CHECKING:
     from sparsetrain.config import Config
@@ -34,19 +36,20 @@ def resolve_job_storage(cfg: Config, environ: Mapping[str, str] | None = None) -
     """
     env = os.environ if environ is None else environ
     root = env.get(STORAGE_ROOT_ENV, "")
-    if root and not posixpath.isabs(root):
-        raise ConfigError(f"{STORAGE_ROOT_ENV}={root!r} must be an absolute path on storage every node sees")
+    if root and not posixpath.isabs(root) and not is_url(root):
+        raise ConfigError(f"{STORAGE_ROOT_ENV}={root!r} must be an absolute path on storage every node sees, "
+                          f"or an fsspec URL (s3://bucket/prefix)")
     changes = []
     for section, key in ((cfg.train, "out_dir"), (cfg.checkpoint, "dir")):
         path = getattr(section, key)
         name = f"{'train' if section is cfg.train else 'checkpoint'}.{key}"
-        if not path or posixpath.isabs(path):
+        if not path or posixpath.isabs(path) or is_url(path):
             continue
         if not root:
             raise ConfigError(f"{name}={path!r} is relative: a Ray job runs in a temporary directory that is "
                               f"deleted with it (checkpoints lost, no resume); give an absolute path on storage "
-                              f"every node sees, or set {STORAGE_ROOT_ENV}")
-        new = posixpath.join(root, path)
+                              f"every node sees or an fsspec URL (s3://...), or set {STORAGE_ROOT_ENV}")
+        new = join(root, path)
         setattr(section, key, new)
         changes.append(f"{name}: {path} -> {new}")
     return changes

@@ -5,7 +5,6 @@ import contextlib
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,10 +25,12 @@ from sparsetrain.telemetry.memory import PeakMemory, gather_peak_mib, return_fre
 from sparsetrain.telemetry.metrics import MetricsWriter, format_log, placement_table, summary_table, truncate_after
 from sparsetrain.telemetry.timers import TIMERS, span
 from sparsetrain.train import checkpoint as ckpt
+from sparsetrain.train.async_checkpoint import AsyncCheckpointer
 from sparsetrain.train.faults import maybe_inject, maybe_kill_in_save, poison_
 from sparsetrain.train.fingerprint import fingerprint
 from sparsetrain.train.guards import NanGuard, NonFiniteLossError, all_finite, stop_flag
 from sparsetrain.train.heartbeat import beat
+from sparsetrain.train.location import Location, download_logs, local_dir, upload_logs
 from sparsetrain.train.optim import build_optimizer, lr_at
 
 __all__ = ["NonFiniteLossError", "Trainer"]
@@ -67,8 +68,9 @@ class Trainer:
         self.optimizer = self.strategy.wrap_optimizer(
             self.model, build_optimizer(self.strategy.trainable(self.model), cfg.train))
         self.data = TokenBatches(cfg, self.info.rank, self.info.world)
-        self.out_dir = Path(cfg.train.out_dir)
-        self.ckpt_dir = Path(cfg.checkpoint.dir or self.out_dir / "checkpoints")
+        self.out_dir = local_dir(cfg.train.out_dir)  # logs; for a URL out_dir a local mirror, uploaded at commits
+        self.ckpt_dir = ckpt.checkpoint_root(cfg.train.out_dir, cfg.checkpoint.dir)
+        self.async_ckpt = AsyncCheckpointer(cfg.launch.timeout_s) if cfg.checkpoint.async_save else None
         self.start_step = 0
         self.stopped_at: int | None = None  # step at which a stop request (SIGTERM) ended the run
         self.nan_guard = NanGuard(cfg.train.on_nan, cfg.train.max_skipped_steps, self._print)
@@ -112,19 +114,31 @@ class Trainer:
         ckpt.load_checkpoint(path, self.model, self.optimizer, manifest)
         self.start_step = int(extra["step"]) + 1
         if self.info.is_main:
+            download_logs(self.cfg.train.out_dir)  # a URL out_dir resumed on a fresh node: its logs so far
             truncate_after(self.out_dir / "metrics.jsonl", int(extra["step"]))
         self._print(f"resumed from {path} at step {self.start_step}")
 
-    def save(self, step: int) -> Path | None:
-        """Commit a checkpoint of this step; never from weights that are not finite (returns None then)."""
+    def save(self, step: int) -> Location | None:
+        """Commit a checkpoint of this step (its path; with checkpoint.async the previous save's, once committed,
+        while this one is written); never from weights that are not finite (returns None then)."""
         if not all_finite(self.model.parameters()):
             self._print(f"step {step}: weights are not finite; no checkpoint written (the last one stays the newest)")
             return None
         extra = {"strategy": self.strategy.extra_state(), "config": to_dict(self.cfg),
                  "fingerprint": fingerprint(to_dict(self.cfg)),
                  "tokenizer": self.data.tokenizer.record(with_content=True)}  # generate decodes with it
-        return ckpt.save_checkpoint(self.ckpt_dir, step, self.model, self.optimizer, extra, self.cfg.checkpoint.keep,
-                                    before_commit=lambda: maybe_kill_in_save(self.info.rank, step, self.out_dir))
+        args = (self.ckpt_dir, step, self.model, self.optimizer, extra, self.cfg.checkpoint.keep)
+        hook = lambda: maybe_kill_in_save(self.info.rank, step, self.out_dir)
+        save = self.async_ckpt.save if self.async_ckpt else ckpt.save_checkpoint
+        path = save(*args, before_commit=hook)  # async: the previous save's path, once committed
+        if self.info.is_main and path is not None:
+            upload_logs(self.cfg.train.out_dir)
+        return path
+
+    def flush_checkpoint(self) -> None:
+        """checkpoint.async: wait until the save in flight is committed (end of run, SIGTERM, rollback)."""
+        if self.async_ckpt is not None and self.async_ckpt.wait() is not None and self.info.is_main:
+            upload_logs(self.cfg.train.out_dir)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -291,6 +305,7 @@ class Trainer:
                 break
         bar.close()
         writer.close()
+        self.flush_checkpoint()
         elapsed = time.perf_counter() - t_start
         TIMERS.enabled = False
         if self.start_step >= cfg.train.steps:  # resumed a finished run: report it instead of nothing
@@ -339,6 +354,7 @@ class Trainer:
 
     def _rollback(self, step: int) -> None:
         """on_nan=rollback: reload the newest committed checkpoint (weights, optimizer, strategy state)."""
+        self.flush_checkpoint()
         path, manifest, refused = ckpt.find_resumable(self.ckpt_dir)  # the newest one that verifies
         if refused:
             self._print(ckpt.fallback_line(self.ckpt_dir, path, refused))
@@ -412,6 +428,7 @@ class Trainer:
             summary["plan_memory_mib"] = round(memory_plan(self.cfg, self.info.world, self.device.type).max_mib, 1)
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            upload_logs(self.cfg.train.out_dir)
             rows = [(k, v) for k, v in summary.items() if not isinstance(v, (dict, list))]
             print(summary_table(rows), flush=True)
             for k, v in summary.items():
