@@ -1,7 +1,7 @@
 """Measurement helpers shared by the benchmarks (run inside each rank's process).
 
 - `ExpertBusy`: thread CPU time of the expert GEMMs, forward AND backward (identity autograd markers around
-  every `GroupedExperts.forward`: the backward span runs from the output's grad arriving to the input's grad
+  every `GroupedExperts.forward`, or DeepSpeed's `Experts.forward` for the deepspeed_moe peer: the backward span runs from the output's grad arriving to the input's grad
   leaving, which on CPU executes on the calling thread).
 - `peak_tensor_bytes`: tensor bytes this rank holds at its peak during one step: the live tensors at the
   step's start (params, optimizer state, strategy buffers; enumerated, storages de-duplicated) plus the
@@ -43,23 +43,35 @@ class ExpertBusy:
         self.fwd = self.bwd = 0.0
         self._t0: list[float] = []
 
-    def install(self) -> None:
+    def install(self, deepspeed: bool = False) -> None:
+        """Time every `GroupedExperts.forward` (and DeepSpeed's `Experts.forward` when `deepspeed`: its padded
+        [ep, local experts, capacity, d] buffer, the rows DeepSpeed really computes)."""
         from sparsetrain.model.experts import GroupedExperts
 
-        orig = GroupedExperts.forward
+        GroupedExperts.forward = self._timed(GroupedExperts.forward)
+        if deepspeed:
+            from sparsetrain.parallel.peers.deepspeed_moe import import_deepspeed
+
+            import_deepspeed(torch.device("cpu"))
+            from deepspeed.moe.experts import Experts
+
+            Experts.forward = self._timed(Experts.forward)
+
+    def _timed(self, orig: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """`orig(mod, x, ...)` with its forward thread time counted and backward markers around it."""
         busy = self
 
-        def timed(mod, x, counts, ids=None, stacked=None):  # same signature as GroupedExperts.forward
+        def timed(mod, x, *rest, **kw):
             if torch.is_grad_enabled() and x.requires_grad:
                 x = _Mark.apply(x, busy._end)
             c0 = time.thread_time()
-            y = orig(mod, x, counts, ids, stacked)
+            y = orig(mod, x, *rest, **kw)
             busy.fwd += time.thread_time() - c0
             if y.requires_grad:
                 y = _Mark.apply(y, busy._start)
             return y
 
-        GroupedExperts.forward = timed
+        return timed
 
     def _start(self) -> None:
         self._t0.append(time.thread_time())

@@ -42,7 +42,8 @@ WORKLOADS = {  # name -> overrides; see sparsetrain/model/workloads.py
 FSSDP = ["parallel.strategy=fssdp", "parallel.fssdp.slots_per_rank=2", "parallel.fssdp.overlap_budget=2",
          "parallel.fssdp.load_window=3", "parallel.fssdp.reshard_every=5"]  # fixed budget: deterministic
 VARIANTS = {  # name -> overrides
-    "ep": ["parallel.strategy=ep"],  # contiguous expert blocks
+    "ep": ["parallel.strategy=ep"],  # contiguous expert blocks, dense parameters FSDP2-sharded
+    "ep-ddp": ["parallel.strategy=ep", "parallel.dense=ddp"],  # dense replicated: DeepSpeed ZeRO-0's handling
     "ep-balanced": ["parallel.strategy=ep", "parallel.ep_placement=balanced"],  # best static for the mean load
     "eplb": [*FSSDP, "parallel.fssdp.planner=eplb", "parallel.fssdp.replan_every=10",
              "parallel.fssdp.reshard_every=0"],  # EPLB-style: redundant hot experts, re-planned periodically
@@ -51,8 +52,11 @@ VARIANTS = {  # name -> overrides
     "fssdp-lpt": [*FSSDP, "parallel.fssdp.planner=lpt_spill"],
     "fssdp-eplb": [*FSSDP, "parallel.fssdp.planner=eplb"],
     "fssdp-none": [*FSSDP, "parallel.fssdp.planner=none"],  # re-sharding only, no copies
-    "deepspeed_moe": ["parallel.strategy=deepspeed_moe"],  # when the adapter is on main (extra .[deepspeed])
-    "megatron_moe": ["parallel.strategy=megatron_moe"],  # CUDA only
+    # peers (extras .[deepspeed] / .[megatron]); both dropless at moe.capacity_factor=0. DeepSpeed's gate follows
+    # every workload's quotas (sparsetrain/parallel/peers/deepspeed_gate.py); ZeRO-0 replicates dense parameters,
+    # so its like-for-like sparsetrain row is ep-ddp
+    "deepspeed_moe": ["parallel.strategy=deepspeed_moe"],
+    "megatron_moe": ["parallel.strategy=megatron_moe"],  # CUDA only (refused in one line elsewhere: printed n/a)
 }
 NEEDS_MEAN_LOAD = {"ep-balanced"}  # skipped on learned routing (no known mean load)
 
@@ -75,7 +79,7 @@ def _rank_body(rank: int, world: int, overrides: list[str], steps: int, warmup: 
 
     torch.set_num_threads(1)
     busy = ExpertBusy()
-    busy.install()
+    busy.install(deepspeed="parallel.strategy=deepspeed_moe" in overrides)
     cfg = load_config("tiny", MODEL + [f"launch.workers={world}", f"train.steps={steps + 1}",
                                        f"train.out_dir=/tmp/st-bench-{os.getpid()}", *overrides])
     tr = Trainer(cfg, init_distributed("cpu"))
@@ -155,6 +159,27 @@ def row(r: dict, ep_ms: float) -> str:
             f"{r['rss_mib']:.0f} | {r['loss']:.4f} | {r['dropped']} | {r['reshard_steps'] or '-'} |")
 
 
+def peer_ratios(rows: list[dict]) -> str:
+    """A comment line after a workload's rows: sparsetrain EP's step time over DeepSpeed-MoE dropless's
+    (ep-ddp is the like-for-like row: dense parameters replicated, as under DeepSpeed ZeRO-0)."""
+    ms = {r["variant"]: r["step_ms"] for r in rows}
+    if "deepspeed_moe" not in ms or not rows:
+        return ""
+    parts = [f"{v} / deepspeed_moe = {ms[v] / ms['deepspeed_moe']:.2f}" for v in ("ep-ddp", "ep") if v in ms]
+    return f"<!-- {rows[0]['world']} ranks, {rows[0]['workload']}: step time {'; '.join(parts)} -->" if parts else ""
+
+
+def refusal(world: int, overrides: list[str]) -> str:
+    """The config's one-line refusal of this run (e.g. megatron_moe on a CPU machine), or ''."""
+    from sparsetrain.config import ConfigError, load_config, validate_world
+
+    try:
+        validate_world(load_config("tiny", MODEL + [f"launch.workers={world}", *overrides]), world)
+    except ConfigError as exc:
+        return str(exc)
+    return ""
+
+
 def available_strategies() -> set[str]:
     from sparsetrain.parallel import STRATEGIES
 
@@ -194,6 +219,10 @@ def main() -> None:
                 if v in NEEDS_MEAN_LOAD and not any("router_skew" in o or "routing_trace" in o
                                                      for o in WORKLOADS[wl]):
                     continue
+                reason = refusal(world, WORKLOADS[wl] + VARIANTS[v] + args.extra)
+                if reason:
+                    print(f"| {world} | {wl} | {v} | n/a: {reason} |", flush=True)
+                    continue
                 per_rank = run_distributed(_rank_body, world, WORKLOADS[wl] + VARIANTS[v] + args.extra,
                                            args.steps, args.warmup, timeout=3000)
                 r = summarize(world, wl, v, per_rank, tokens)
@@ -203,6 +232,7 @@ def main() -> None:
                 if args.json:
                     with args.json.open("a") as f:
                         f.write(json.dumps(r) + "\n")
+            print(peer_ratios(rows), flush=True)
 
 
 if __name__ == "__main__":

@@ -131,7 +131,6 @@ def _validate_peer(cfg: Config) -> None:
     _check(cfg.checkpoint.every == 0, f"parallel.strategy={name} keeps its state in its own runtime; "
                                       f"sparsetrain checkpoints are not supported (set checkpoint.every=0)")
     _check(e.balance == "aux_loss", f"parallel.strategy={name} has no aux-loss-free bias (moe.balance=aux_free)")
-    _check(e.router_skew == 0, f"parallel.strategy={name}: its router does not apply moe.router_skew (set it to 0)")
     _check(not cfg.sparsity.enabled, f"parallel.strategy={name} does not support sparsity.enabled")
     if name == "deepspeed_moe":
         _check(e.top_k in (1, 2), f"parallel.strategy=deepspeed_moe supports moe.top_k 1 or 2, got {e.top_k}")
@@ -146,6 +145,9 @@ def _validate_peer(cfg: Config) -> None:
                                                 and not torch.cuda.is_available())
         _check(not no_gpu, "parallel.strategy=megatron_moe runs only on CUDA GPUs (Megatron-Core's MoELayer "
                            "does not run on CPU); on CPU use deepspeed_moe or ep")
+        _check(e.router_skew == 0 and not e.routing_trace,
+               "parallel.strategy=megatron_moe: its router does not follow routing workloads "
+               "(set moe.router_skew=0 and moe.routing_trace empty; deepspeed_moe follows them)")
 
 
 def validate_world(cfg: Config, world: int) -> None:

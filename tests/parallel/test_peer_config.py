@@ -40,11 +40,20 @@ def test_megatron_moe_refused_without_gpu():
     ("parallel.deepspeed.zero_stage=3", "zero_stage=3"),
     ("checkpoint.every=10", "checkpoint.every=0"),
     ("moe.balance=aux_free", "aux_free"),
-    ("moe.router_skew=1.2", "router_skew"),
 ])
 def test_deepspeed_moe_config_refusals(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config("tiny", ["parallel.strategy=deepspeed_moe", "launch.workers=2", override])
+
+
+def test_routing_workloads_deepspeed_follows_them_megatron_refuses():
+    """DeepSpeed's gate is made to follow the workload quotas (deepspeed_gate.py); Megatron's router is not."""
+    cfg = load_config("tiny", ["parallel.strategy=deepspeed_moe", "launch.workers=2", "moe.router_skew=1.2",
+                               "moe.skew_drift_every=10"])
+    assert cfg.moe.router_skew == 1.2
+    for wl in ("moe.router_skew=1.2", "moe.routing_trace=benchmarks/traces/aux_on.jsonl"):
+        with pytest.raises(ConfigError, match="does not follow routing workloads"):
+            load_config("tiny", ["parallel.strategy=megatron_moe", "train.device=cuda", "moe.num_experts=16", wl])
 
 
 def test_core_never_imports_the_peers():

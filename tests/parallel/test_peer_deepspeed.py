@@ -77,3 +77,48 @@ def test_deepspeed_moe_trains_on_two_ranks_from_our_weights(tmp_path):
         assert losses[-1] < losses[0] - 0.1, losses
         # same GPT, data and initial weights; only float summation order differs before the first update
         assert losses[0] == pytest.approx(ref[0], rel=1e-5, abs=1e-5), (zero_stage, losses[0], ref[0])
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_workload_gate_is_deepspeed_gating_on_the_workload_ids(top_k):
+    """DeepSpeed's gate under a routing workload: fed plain top-k ids it reproduces DeepSpeed's own gating at a
+    binding capacity (ids, drops, locations, weights, aux loss, gradients); fed Zipf quota ids it routes exactly
+    as our router does under the same workload, with the same combine weights."""
+    from deepspeed.moe.sharded_moe import top1gating, top2gating
+
+    from sparsetrain.model.router import TopKRouter
+    from sparsetrain.model.workloads import RoutingWorkload
+    from sparsetrain.parallel.peers.deepspeed_gate import workload_gating
+
+    torch.manual_seed(0)
+    t, d, e, cf = 256, 16, 8, 0.75  # capacity 0.75: about a quarter of the slots dropped
+    x = torch.randn(t, d)
+    w = torch.randn(e, d)
+    logits = (x @ w.t()).requires_grad_()
+    ids = torch.topk(logits.detach().softmax(-1), top_k, dim=-1).indices  # [T, k] best first
+    ref_logits = logits.detach().clone().requires_grad_()
+    if top_k == 2:
+        ref = top2gating(ref_logits, cf, 0, True, None, top2_2nd_expert_sampling=False, sparse_routes=True)
+    else:
+        ref = top1gating(ref_logits, cf, 0, None, None, True, False, None, sparse_routes=True)
+    got = workload_gating(logits, ids, top_k, cf, 0, True, None)
+    assert int(got[1]) == int(ref[1]) and bool((ref[3] < 0).any())  # same capacity, and it binds
+    for i in (3, 4, 6):  # ids (-1 = dropped), locations, counts
+        assert torch.equal(got[i], ref[i]), i
+    torch.testing.assert_close(got[5], ref[5], rtol=1e-6, atol=1e-7)  # combine weights
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=1e-7)  # aux loss
+    probe = torch.randn(top_k, t)
+    ((got[5] * probe).sum() + got[0]).backward()
+    ((ref[5] * probe).sum() + ref[0]).backward()
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-7)
+    # Zipf 1.2 quotas: the same experts and weights as our router under the same workload (nothing dropped)
+    wl = RoutingWorkload(e, top_k, skew=1.2, seed=3)
+    router = TopKRouter(d, e, top_k, aux_loss_coef=0.0, z_loss_coef=0.0, workload=wl, layer_index=1)
+    with torch.no_grad():
+        router.gate.weight.copy_(w)
+    router.step = 5
+    ours = router(x, group=64)
+    quota_ids = wl.route(logits.detach().softmax(-1), 1, 5, 64)
+    got = workload_gating(logits.detach(), quota_ids, top_k, float(e), 0, True, None)
+    assert torch.equal(got[3].t().long(), ours.expert_ids)
+    torch.testing.assert_close(got[5].t(), ours.weights, rtol=1e-6, atol=1e-7)

@@ -5,7 +5,9 @@ Each block's router gate and its expert-parallel rank's experts are copied into 
 and experts (a SwiGLU module with the same w1/w2/w3), so both runtimes start from identical weights. From
 the config: `parallel.ep_size`, `moe.top_k` (1 or 2), `moe.capacity_factor` (0 = dropless:
 `drop_tokens=False`), `parallel.deepspeed.{zero_stage,min_capacity}`. Second-expert sampling and random
-token selection are off, so top-2 ids and combine weights equal sparsetrain's router's. DeepSpeed's aux
+token selection are off, so top-2 ids and combine weights equal sparsetrain's router's. Under a routing
+workload (`moe.router_skew`, `moe.routing_trace`) DeepSpeed's gate follows the same per-sequence quotas
+(`deepspeed_gate.WorkloadTopKGate`: the logits of experts the workload did not pick are masked). DeepSpeed's aux
 loss (E * sum_e f_top1 * P over the rank's tokens) is scaled by `moe.aux_loss_coef`; it has no z-loss.
 The engine does the gradient all-reduce (experts over their expert-data-parallel group), clipping
 (`train.grad_clip`) and the optimizer step; the trainer sets the learning rate as for every strategy.
@@ -47,7 +49,7 @@ class SwiGLUExpert(MLP):
 
 
 class _NoRouterState:
-    """What the trainer asks of `moe.router`: DeepSpeed's gate has no aux-loss-free bias to update."""
+    """What the trainer asks of `moe.router` on a peer's block without routing workloads (Megatron-Core)."""
 
     def update_bias(self) -> None:
         """No-op."""
@@ -64,7 +66,15 @@ class DeepSpeedMoEBlock(MoELayer):
     def __init__(self, ours: MoELayer, ds_moe: nn.Module, first_expert: int, aux_loss_coef: float) -> None:
         nn.Module.__init__(self)  # not MoELayer's: the router and experts are DeepSpeed's
         self.moe = ds_moe
-        self.router = _NoRouterState()
+        from sparsetrain.parallel.peers.deepspeed_gate import RoutingState, WorkloadTopKGate
+
+        self.router = RoutingState(ours.router.workload, ours.router.layer_index)  # the trainer sets .step
+        if ours.router.workload is not None:  # benchmark workloads: DeepSpeed's gate follows the same quotas
+            g = ds_moe.deepspeed_moe.gate
+            ds_moe.deepspeed_moe.gate = WorkloadTopKGate(
+                self.router, g.wg.in_features, g.wg.out_features, g.k, g.capacity_factor, g.eval_capacity_factor,
+                g.min_capacity, g.noisy_gate_policy, g.drop_tokens, g.use_rts, None, g.top2_2nd_expert_sampling
+            ).to(g.wg.weight.device)
         self.aux_loss_coef = aux_loss_coef
         self.top_k = ours.router.top_k
         self.last_route: RouterOutput | None = None
@@ -82,6 +92,7 @@ class DeepSpeedMoEBlock(MoELayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, S, d] -> [B, S, d]."""
+        self.router.group = x.shape[1]  # tokens per sequence: workload quotas are per sequence
         y, l_aux, counts = self.moe(x)
         ids, gates = self._gate_out[3], self._gate_out[5]  # [k, T] each, sparse routes
         self._gate_out = None
