@@ -53,6 +53,8 @@ class MoEConfig:
     capacity_factor: float = 0.0  # 0 = dropless; > 0 = capacity mode: an expert takes at most
     # ceil(cf * tokens * top_k / E) slots of a rank's tokens; first choices kept before second (then by gate score)
     capacity_renorm: bool = True  # capacity mode, top_k > 1: rescale a token's surviving weights to sum to 1
+    capacity_priority: str = "score"  # capacity mode, order within a choice rank: score (gate score, then token
+    # order; batch-prioritized) | token (token order, as GShard / DeepSpeed top2gating)
     # benchmark routing workloads (sparsetrain/model/workloads.py; default: learned routing):
     router_skew: float = 0.0  # s > 0: each step's slot share per expert = Zipf(s) over a seeded expert permutation
     skew_seed: int = 0  # permutation seed (each MoE layer gets its own permutation)

@@ -42,6 +42,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(1 <= e.top_k <= e.num_experts, f"moe.top_k={e.top_k} must be in [1, moe.num_experts={e.num_experts}]")
     _check(e.d_ffn > 0, f"moe.d_ffn must be > 0, got {e.d_ffn}")
     _one_of("moe.balance", e.balance, ("aux_loss", "aux_free"))
+    _one_of("moe.capacity_priority", e.capacity_priority, ("score", "token"))
     _check(e.capacity_factor >= 0, f"moe.capacity_factor must be >= 0, got {e.capacity_factor}")
     _check(e.router_skew >= 0, f"moe.router_skew must be >= 0, got {e.router_skew}")
     _check(e.skew_drift_every >= 0, f"moe.skew_drift_every must be >= 0, got {e.skew_drift_every}")

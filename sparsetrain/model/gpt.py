@@ -39,7 +39,7 @@ class Block(nn.Module):
             self.ffn = MoELayer(m.d_model, e.num_experts, e.top_k, e.d_ffn, aux_loss_coef=e.aux_loss_coef,
                                 z_loss_coef=e.z_loss_coef, balance=e.balance, bias_update_rate=e.bias_update_rate,
                                 workload=workload, layer_index=moe_index, capacity_factor=e.capacity_factor,
-                                capacity_renorm=e.capacity_renorm)
+                                capacity_renorm=e.capacity_renorm, capacity_priority=e.capacity_priority)
         else:
             self.ffn = MLP(m.d_model, m.d_ffn_dense or 4 * m.d_model)
 

@@ -34,15 +34,20 @@ def combine_slots(y_slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (y_slots.view(t, k, -1) * weights.unsqueeze(-1)).sum(dim=1)  # [T, k, d] -> [T, d]
 
 
-def capacity_keep(expert_ids: torch.Tensor, scores: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
-    """Bool mask [T*k]: GShard/DeepSpeed priority -- every first choice before any second choice, within a
-    choice rank the higher gate score first (ties: token order); an expert keeps its first `capacity` slots.
+def capacity_keep(expert_ids: torch.Tensor, scores: torch.Tensor | None, num_experts: int,
+                  capacity: int) -> torch.Tensor:
+    """Bool mask [T*k]: every first choice before any second choice (GShard/DeepSpeed); within a choice rank
+    the higher gate score first (`scores` [T, k], the gate probabilities; ties: token order) or, with
+    `scores=None`, token order (GShard's and DeepSpeed's `top2gating`); an expert keeps its first `capacity` slots.
 
-    expert_ids [T, k] (column j = the token's (j+1)-th choice), scores [T, k] the gate probabilities.
+    expert_ids [T, k] (column j = the token's (j+1)-th choice).
     """
     t, k = expert_ids.shape
     flat = expert_ids.flatten()  # [T*k] slot s = token s // k, choice s % k
-    by_score = torch.argsort(-scores.detach().flatten().float(), stable=True)  # [T*k] score desc, token order
+    if scores is None:
+        by_score = torch.arange(t * k, device=flat.device)  # [T*k] token order
+    else:
+        by_score = torch.argsort(-scores.detach().flatten().float(), stable=True)  # [T*k] score desc, token order
     choice = torch.arange(k, device=flat.device).repeat(t)  # [T*k]
     priority = by_score[torch.argsort(choice[by_score], stable=True)]  # [T*k] choice rank, then score
     one_hot = torch.nn.functional.one_hot(flat[priority], num_experts)  # [T*k, E] in priority order
@@ -71,8 +76,10 @@ def capacity_weights(weights: torch.Tensor, keep: torch.Tensor, renormalize: boo
 class LocalDispatcher:
     """Single-device dispatch: sort slots by expert, run each expert on its tokens, unsort, combine."""
 
-    def __init__(self, capacity_factor: float = 0.0, capacity_renorm: bool = True) -> None:
+    def __init__(self, capacity_factor: float = 0.0, capacity_renorm: bool = True,
+                 capacity_priority: str = "score") -> None:
         self.capacity_factor, self.capacity_renorm = capacity_factor, capacity_renorm
+        self.capacity_priority = capacity_priority
 
     def __call__(self, experts: GroupedExperts, x: torch.Tensor, route: RouterOutput) -> tuple[torch.Tensor, int]:
         t, k = route.expert_ids.shape
@@ -82,7 +89,8 @@ class LocalDispatcher:
         weights = route.weights
         if self.capacity_factor > 0:
             cap = expert_capacity(self.capacity_factor, t, k, experts.num_experts)
-            keep = capacity_keep(ids, route.gate_scores(), experts.num_experts, cap)  # [T*k]
+            scores = route.gate_scores() if self.capacity_priority == "score" else None
+            keep = capacity_keep(ids, scores, experts.num_experts, cap)  # [T*k]
             dropped = int((~keep).sum())
             weights = capacity_weights(weights, keep, self.capacity_renorm)
         with span("dispatch"):
@@ -105,9 +113,10 @@ class MoELayer(nn.Module):
         super().__init__()
         capacity_factor = router_kw.pop("capacity_factor", 0.0)
         capacity_renorm = router_kw.pop("capacity_renorm", True)
+        capacity_priority = router_kw.pop("capacity_priority", "score")
         self.router = TopKRouter(d_model, num_experts, top_k, **router_kw)
         self.experts = GroupedExperts(num_experts, d_model, d_ffn)
-        self.dispatcher: Dispatcher = LocalDispatcher(capacity_factor, capacity_renorm)
+        self.dispatcher: Dispatcher = LocalDispatcher(capacity_factor, capacity_renorm, capacity_priority)
         self.last_route: RouterOutput | None = None
         self.last_dropped = 0
 

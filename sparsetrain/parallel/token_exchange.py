@@ -32,11 +32,13 @@ def _wire_dtype(x: torch.Tensor) -> torch.dtype:
 def exchange_and_compute(x: torch.Tensor, route: RouterOutput, slot_rank: torch.Tensor, num_experts: int,
                          local_ids: list[int], expert_fn: ExpertFn, group: dist.ProcessGroup | None,
                          capacity_factor: float = 0.0,
-                         capacity_renorm: bool = True) -> tuple[torch.Tensor, int, torch.Tensor]:
+                         capacity_renorm: bool = True,
+                         capacity_priority: str = "score") -> tuple[torch.Tensor, int, torch.Tensor]:
     """Send each slot to `slot_rank`, run local experts grouped by expert, return combined [T, d].
 
     Capacity mode (capacity_factor > 0) drops over-capacity slots before they leave this rank, in GShard
-    priority order over this rank's tokens (`capacity_keep`), and renormalizes the survivors' weights.
+    priority order over this rank's tokens (`capacity_keep`; `capacity_priority` score or token order within
+    a choice rank), and renormalizes the survivors' weights.
 
     Returns (output [T, d], dropped slots, tokens computed per local expert [len(local_ids)]).
     """
@@ -51,7 +53,8 @@ def exchange_and_compute(x: torch.Tensor, route: RouterOutput, slot_rank: torch.
         order = torch.argsort(key, stable=True)
         if capacity_factor > 0:  # GShard-style local capacity per expert on this rank's tokens
             cap = expert_capacity(capacity_factor, t, k, num_experts)
-            keep = capacity_keep(route.expert_ids, route.gate_scores(), num_experts, cap)  # [T*k]
+            scores = route.gate_scores() if capacity_priority == "score" else None
+            keep = capacity_keep(route.expert_ids, scores, num_experts, cap)  # [T*k]
             dropped = int((~keep).sum())
             weights = capacity_weights(weights, keep, capacity_renorm)
             order = order[keep[order]]

@@ -9,7 +9,8 @@ from tests.parity_utils import run_parity, small_config
 pytestmark = [pytest.mark.distributed]
 
 
-@pytest.mark.parametrize("strategy,extra", [("ep", []), ("fssdp", ["moe.router_skew=1.2"])])
+@pytest.mark.parametrize("strategy,extra", [("ep", []), ("fssdp", ["moe.router_skew=1.2"]),
+                                            ("ep", ["moe.capacity_priority=token"])])
 def test_capacity_mode_matches_single_process_per_shard(tmp_path, strategy, extra):
     # fp64: a drop decision is discontinuous in the gate scores, so in fp32 a near-tie at the capacity boundary
     # can flip on float reassociation (GEMM over both ranks' tokens vs per micro-batch); in fp64 none does.

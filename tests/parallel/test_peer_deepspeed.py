@@ -122,3 +122,23 @@ def test_workload_gate_is_deepspeed_gating_on_the_workload_ids(top_k):
     got = workload_gating(logits.detach(), quota_ids, top_k, float(e), 0, True, None)
     assert torch.equal(got[3].t().long(), ours.expert_ids)
     torch.testing.assert_close(got[5].t(), ours.weights, rtol=1e-6, atol=1e-7)
+
+
+def test_token_priority_capacity_drops_what_deepspeed_drops():
+    """`moe.capacity_priority=token`: at a binding capacity our kept slots and renormalized weights are
+    DeepSpeed top2gating's (first choices before second ones, each in token order)."""
+    from deepspeed.moe.sharded_moe import top2gating
+
+    from sparsetrain.model.moe import capacity_keep, capacity_weights, expert_capacity
+
+    torch.manual_seed(1)
+    t, e, cf = 512, 8, 0.75
+    logits = torch.randn(t, e) * 2
+    ref = top2gating(logits.clone(), cf, 0, True, None, top2_2nd_expert_sampling=False, sparse_routes=True)
+    probs = logits.softmax(-1)
+    w, ids = torch.topk(probs, 2, dim=-1)  # [T, 2]
+    keep = capacity_keep(ids, None, e, expert_capacity(cf, t, 2, e))  # [T*2]
+    assert torch.equal(keep, (ref[3].t() >= 0).flatten()) and not bool(keep.all())
+    torch.testing.assert_close(capacity_weights(w / w.sum(-1, keepdim=True), keep, True), ref[5].t(),
+                               rtol=1e-6, atol=1e-7)
+    assert not torch.equal(keep, capacity_keep(ids, w, e, expert_capacity(cf, t, 2, e)))  # score order differs
