@@ -7,7 +7,10 @@ step time median / p90 / max (slowest rank per step; re-shard steps listed), tok
 (thread CPU time of the expert GEMMs, forward + backward) max/mean over ranks and the max in ms, expert
 slots computed per rank max/mean, the workload's measured expert load max/mean and top-1 share, spAG /
 all-to-all MiB per step, peak tensor bytes per rank (measured in one profiled step after the timed ones),
-RSS high-water per rank, the loss after the last step and dropped slots.
+RSS high-water per rank, the loss after the last step and dropped slots. After each workload a comment line
+gives sparsetrain EP's step time over DeepSpeed-MoE dropless's (`ep-ddp` is the like-for-like row: dense
+parameters replicated, as under DeepSpeed ZeRO-0). DeepSpeed's gate follows every workload's quotas; a
+variant the config refuses (megatron_moe without CUDA) prints as an n/a row with the reason.
 
     python benchmarks/moe_strategies.py                                # 2 ranks, every workload and variant
     python benchmarks/moe_strategies.py --worlds 4 --workloads zipf1.2 --variants ep ep-balanced fssdp-lpt
@@ -58,6 +61,7 @@ VARIANTS = {  # name -> overrides
     "deepspeed_moe": ["parallel.strategy=deepspeed_moe"],
     "megatron_moe": ["parallel.strategy=megatron_moe"],  # CUDA only (refused in one line elsewhere: printed n/a)
 }
+PEERS = {"deepspeed_moe", "megatron_moe"}
 NEEDS_MEAN_LOAD = {"ep-balanced"}  # skipped on learned routing (no known mean load)
 
 
@@ -151,11 +155,13 @@ HEADER = ("| ranks | workload | variant | step ms median | p90 | max | vs ep | t
 
 
 def row(r: dict, ep_ms: float) -> str:
-    """A markdown row."""
+    """A markdown row (a peer's all-to-all goes through its own comm layer, which our byte counters do not see:
+    n/c; its expert slots per rank are not reported either: nan)."""
+    a2a = "n/c" if r["variant"] in PEERS else f"{r['a2a_mib']:.2f}"
     return (f"| {r['world']} | {r['workload']} | {r['variant']} | {r['step_ms']:.1f} | {r['p90_ms']:.1f} | "
             f"{r['max_ms']:.1f} | {r['step_ms'] / ep_ms:.2f} | {r['tok_s']:.0f} | {r['busy_max_mean']:.2f} | "
             f"{r['busy_max_ms']:.1f} | {r['slots_max_mean']:.2f} | {r['load_max_mean']:.2f} | "
-            f"{r['top1_share']:.3f} | {r['spag_mib']:.2f} | {r['a2a_mib']:.2f} | {r['peak_tensor_mib']:.1f} | "
+            f"{r['top1_share']:.3f} | {r['spag_mib']:.2f} | {a2a} | {r['peak_tensor_mib']:.1f} | "
             f"{r['rss_mib']:.0f} | {r['loss']:.4f} | {r['dropped']} | {r['reshard_steps'] or '-'} |")
 
 
