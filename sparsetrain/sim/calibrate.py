@@ -155,10 +155,12 @@ def _local_params(run: RunData) -> float:
 
 
 def measured_step_s(run: RunData) -> float:
-    """Mean step time over the run's logged intervals (`step_ms`, else from interval tokens/s)."""
+    """Median step time over the run's logged intervals (`step_ms`, else from interval tokens/s): on a shared
+    host one interval can catch another process's burst (seen: 10.5 s beside 3.5 s and 2.8 s); not this run's."""
     vals = [r["step_ms"] / 1000 if r.get("step_ms") else run.setup.tokens / r["tokens_per_s"]
             for r in run.records if r.get("step_ms") or r.get("tokens_per_s")]
-    return sum(vals) / len(vals)
+    return float(torch.tensor(vals, dtype=torch.float64).median()) if len(vals) % 2 else \
+        float(torch.tensor(vals, dtype=torch.float64).sort().values[len(vals) // 2 - 1:len(vals) // 2 + 1].mean())
 
 
 def run_shares(run: RunData) -> torch.Tensor:
