@@ -11,8 +11,8 @@ run and the fssdp/ep ratio, and ends with `max relative error: X%` (step time).
 Robust to a shared host: calibration and held-out runs are interleaved (so both see the same load), and with
 `--repeats N` each configuration runs N times and the median step time counts.
 
-    python benchmarks/sim_validation.py                 # 6 short runs (~4 min on a quiet 2-core host)
-    python benchmarks/sim_validation.py --repeats 2 --out runs/sim_validation_quiet   # the quiet re-run (~8 min)
+    python benchmarks/sim_validation.py --out runs/sim_validation_quiet   # the quiet re-run: 6 runs, ~4 min on 2 cores
+    python benchmarks/sim_validation.py --repeats 2     # a shared host: each configuration twice, medians (~2x)
     python benchmarks/sim_validation.py --reuse         # re-analyse the runs already under --out
 """
 from __future__ import annotations
