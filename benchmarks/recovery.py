@@ -37,7 +37,7 @@ SHAPE = ["model.d_model=64", "model.n_layers=2", "model.seq_len=32", "moe.d_ffn=
 KINDS = {
     "raise": ("raise", 1, []),
     "kill": ("kill", 1, []),
-    "stall": ("stall", 1, []),  # --timeout-s bounds it (heartbeat watcher / collective timeout)
+    "stall": ("stall", 1, ["launch.timeout_s={timeout_s}"]),  # the heartbeat watcher / collective timeout
     "delay": ("delay", 1, []),
     "corrupt": ("corrupt", 0, []),
     "save_kill": ("save_kill", 0, []),
@@ -85,8 +85,8 @@ def run_one(kind: str | None, steps: int, step_at: int, timeout_s: float, delay_
     mode, rank, extra = KINDS[kind] if kind else ("", 0, [])
     env = {"SPARSETRAIN_FAULTS": f"{mode}@{step_at}:{rank}" if kind else "", "SPARSETRAIN_FAIL_DELAY_S": str(delay_s),
            "SPARSETRAIN_PROGRESS": "0", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    cfg = load_config("tiny", [*SHAPE, *extra, f"train.steps={steps}", f"train.out_dir={out}",
-                               f"launch.timeout_s={timeout_s}"])
+    cfg = load_config("tiny", [*SHAPE, *(e.format(timeout_s=timeout_s) for e in extra), f"train.steps={steps}",
+                               f"train.out_dir={out}"])
     t0, ok, err = time.time(), True, ""
     with patched_env(env):
         try:
@@ -98,6 +98,8 @@ def run_one(kind: str | None, steps: int, step_at: int, timeout_s: float, delay_
         return rec | {"error": err}
     if not kind:
         return rec
+    if not (out / "faults.jsonl").exists():  # e.g. the first attempt failed before the fault's step
+        return rec | {"ok": False, "error": "the fault never fired (see the output above)"}
     fault = json.loads((out / "faults.jsonl").read_text().splitlines()[0])
     done_at_fault = fault["step"] + (1 if mode == "save_kill" else 0)  # save_kill: its step ran, not committed
     after = sorted((t, s) for r, s, p, t in _beats(out) if p == "done" and t > fault["time"])
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--fault-step", type=int, default=5, help="the step the fault fires in (checkpoint.every=2)")
-    p.add_argument("--timeout-s", type=float, default=10.0, help="launch.timeout_s (bounds the stall)")
+    p.add_argument("--timeout-s", type=float, default=20.0, help="launch.timeout_s of the stall run (others: 300)")
     p.add_argument("--delay-s", type=float, default=2.0, help="how long a delay fault holds rank 1")
     p.add_argument("--json", default="", help="append one JSON line per run here")
     args = p.parse_args(argv)
