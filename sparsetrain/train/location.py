@@ -76,6 +76,10 @@ class RemotePath:
         return posixpath.basename(self.path)
 
     @property
+    def suffix(self) -> str:
+        return posixpath.splitext(self.name)[1]
+
+    @property
     def parent(self) -> RemotePath:
         return RemotePath(self.url.rsplit("/", 1)[0], self.fs, posixpath.dirname(self.path))
 
@@ -124,7 +128,10 @@ class RemotePath:
         return self.read_bytes().decode()
 
     def write_text(self, text: str) -> None:
-        self.fs.pipe_file(self.path, text.encode())
+        self.write_bytes(text.encode())
+
+    def write_bytes(self, data: bytes) -> None:
+        self.fs.pipe_file(self.path, bytes(data))
 
     def unlink(self, missing_ok: bool = False) -> None:
         try:
