@@ -12,7 +12,7 @@ from sparsetrain.config import config_from_dict
 from sparsetrain.model.gpt import build_model
 from sparsetrain.train import async_checkpoint
 from sparsetrain.train import checkpoint as ckpt
-from tests.dist_utils import run_distributed
+from tests.dist_utils import DistributedError, run_distributed
 from tests.parity_utils import small_config
 from tests.train.test_checkpoint import _run, _Stop
 from tests.train.test_trainer import tiny_cfg
@@ -83,3 +83,28 @@ def test_async_resume_equals_uninterrupted_on_two_ranks_over_file_url(tmp_path):
         assert res["equal"], "final parameters differ from the uninterrupted synchronous run"
     assert [p.name for p in ckpt.committed(f"file://{tmp_path}/async/checkpoints")] == \
         ["step_00000003", "step_00000005"]
+
+
+def _killed_body(rank: int, world: int, cfg: dict, out: str) -> dict:
+    from sparsetrain.parallel.mesh import init_distributed
+    from sparsetrain.train.trainer import Trainer
+
+    os.environ.update({"SPARSETRAIN_FAULTS": "save_kill@3:0", "SPARSETRAIN_ATTEMPT": "0"})
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    d = {**cfg, "train": {**cfg["train"], "out_dir": out}, "checkpoint": {**cfg["checkpoint"], "async_save": True}}
+    Trainer(config_from_dict(d), info).fit()
+    return {}
+
+
+@pytest.mark.distributed
+def test_sigkill_during_an_async_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    cfg = small_config("parallel.strategy=fssdp", "checkpoint.every=2", "launch.workers=2", steps=6)
+    # rank 0 is SIGKILLed by its commit thread after step 3 was written, before it was committed
+    with pytest.raises(DistributedError, match="rank 0 (closed its pipe|exited)"):
+        run_distributed(_killed_body, 2, cfg, str(tmp_path))
+    root = tmp_path / "checkpoints"
+    assert (root / ".tmp-step_00000003" / ".metadata").is_file()
+    assert [p.name for p in ckpt.committed(root)] == ["step_00000001"]
+    assert ckpt.latest_checkpoint(root) == root / "step_00000001"
+    assert ckpt.load_checkpoint(root / "step_00000001", build_model(config_from_dict(cfg)), None)["step"] == 1
