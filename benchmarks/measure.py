@@ -134,8 +134,10 @@ def rss_high_water_mib() -> float:
     return float("nan")
 
 
+# isend / irecv stay unwrapped: P2POp accepts only the original functions (our spAG posts them through
+# batch_isend_irecv, which is counted with the bytes of every op it carries).
 _KINDS = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single",
-          "broadcast", "barrier", "send", "recv", "isend", "irecv", "batch_isend_irecv", "all_to_all",
+          "broadcast", "barrier", "send", "recv", "batch_isend_irecv", "all_to_all",
           "reduce_scatter", "_reduce_scatter_base", "_all_gather_base", "all_gather_object")
 
 

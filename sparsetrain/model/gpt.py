@@ -12,6 +12,7 @@ from sparsetrain.model.init import init_weights_
 from sparsetrain.model.kv_cache import KVCache, LayerKV
 from sparsetrain.model.layers import MLP, Attention, RMSNorm, rope_tables
 from sparsetrain.model.moe import MoELayer
+from sparsetrain.model.router import CountReducer
 from sparsetrain.model.workloads import RoutingWorkload
 from sparsetrain.telemetry.timers import span
 
@@ -23,6 +24,7 @@ class ModelOutput:
     aux_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     z_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     tokens_per_expert: torch.Tensor | None = None  # [L_moe, E] this rank's routed slots
+    global_tokens_per_expert: torch.Tensor | None = None  # [L_moe, E] summed over ranks, when the forward reduced
     dropped: int = 0
 
 
@@ -72,6 +74,11 @@ class GPT(nn.Module):
         if m.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         hd = m.d_model // m.n_heads
+        # Strategies set this to sum [L_moe, E] counts over the data-parallel ranks: one collective per
+        # forward for every layer's aux loss / aux-free bias (the routers defer theirs to the model).
+        self.reduce_counts: CountReducer = lambda c: c
+        for moe in self.moe_layers():
+            moe.router.defer_aux = True
         self.register_buffer("rope_cos", torch.empty(m.seq_len, hd // 2), persistent=False)
         self.register_buffer("rope_sin", torch.empty(m.seq_len, hd // 2), persistent=False)
         if not self.tok_emb.weight.is_meta:  # built for real: initialise now (build_model goes through meta)
@@ -124,13 +131,28 @@ class GPT(nn.Module):
         moes = self.moe_layers()
         if moes:
             routes = [m.last_route for m in moes]
-            out.aux_loss = sum(r.aux_loss for r in routes)
             out.z_loss = sum(r.z_loss for r in routes)
             out.tokens_per_expert = torch.stack([r.tokens_per_expert for r in routes])  # [L_moe, E]
+            out.aux_loss, out.global_tokens_per_expert = self._deferred_aux(moes, routes, out.tokens_per_expert)
             out.dropped = sum(m.last_dropped for m in moes)
         if targets is not None:
             out.loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
         return out
+
+    def _deferred_aux(self, moes: list[MoELayer], routes: list, local: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every layer's aux loss from ONE reduction of the [L_moe, E] counts (instead of one per layer);
+        returns (summed aux loss, the global counts or None when no router needed them)."""
+        aux = sum(r.aux_loss for r in routes)  # routers that are not deferred (peer layers) computed theirs
+        if not any(getattr(m.router, "defer_aux", False) and m.router.needs_global_counts() for m in moes):
+            return aux, None
+        global_counts = self.reduce_counts(local.detach().float())  # [L_moe, E]
+        for m, r, g in zip(moes, routes, global_counts):
+            if getattr(m.router, "defer_aux", False):
+                m.router.note_global_counts(g)
+                if r.probs_mean is not None:
+                    aux = aux + m.router.aux_loss_from(g, r.probs_mean)
+        return aux, global_counts
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         """An empty KVCache for this model (max_len defaults to model.seq_len)."""

@@ -24,6 +24,7 @@ class RouterOutput:
     aux_loss: torch.Tensor  # scalar load-balancing loss (already times its coefficient)
     z_loss: torch.Tensor  # scalar router z-loss (already times its coefficient)
     scores: torch.Tensor | None = None  # [T, k] gate probabilities of the chosen experts (before top-k renorm)
+    probs_mean: torch.Tensor | None = None  # [E] mean gate probability over T (deferred aux loss; has grad)
 
     def gate_scores(self) -> torch.Tensor:
         """[T, k] gate scores that order slots for capacity drops (the raw probabilities when known)."""
@@ -47,6 +48,9 @@ class TopKRouter(nn.Module):
         self.workload, self.layer_index, self.step = workload, layer_index, 0
         # Strategies set this to all-reduce counts so the aux loss / bias see the global batch.
         self.reduce_counts: CountReducer = lambda c: c
+        # True inside a GPT: the model reduces every layer's counts in one collective after its forward and
+        # calls `aux_loss_from` / `note_global_counts` (standalone routers reduce and compute here).
+        self.defer_aux = False
         self._pending_counts = torch.zeros(num_experts)
         if not self.expert_bias.is_meta:
             self.init_buffers()
@@ -73,20 +77,37 @@ class TopKRouter(nn.Module):
         if self.top_k > 1:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         counts = torch.bincount(expert_ids.flatten(), minlength=self.num_experts)  # [E]
-        global_counts = self.reduce_counts(counts.detach().float())
-        if self.training and self.balance == "aux_free" and not recomputing():  # a checkpoint replay: counted
-            self._pending_counts = self._pending_counts.to(global_counts) + global_counts
+        probs_mean = probs.mean(dim=0) if self.uses_aux_loss else None  # [E]
         aux = x.new_zeros((), dtype=torch.float32)
-        if self.aux_loss_coef > 0 and self.balance == "aux_loss":
-            # Switch/GShard: E * sum_e f_e * P_e with f from the global batch, P from local tokens;
-            # the mean over ranks of this equals the single-process value on the global batch.
-            f = global_counts / global_counts.sum().clamp_min(1.0)  # [E]
-            p_mean = probs.mean(dim=0)  # [E]
-            aux = self.aux_loss_coef * self.num_experts * (f * p_mean).sum()
+        if not self.defer_aux and self.needs_global_counts():
+            global_counts = self.reduce_counts(counts.detach().float())
+            self.note_global_counts(global_counts)
+            if probs_mean is not None:
+                aux = self.aux_loss_from(global_counts, probs_mean)
         z = x.new_zeros((), dtype=torch.float32)
         if self.z_loss_coef > 0:
             z = self.z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
-        return RouterOutput(expert_ids, weights.to(x.dtype), counts, aux, z, scores)
+        return RouterOutput(expert_ids, weights.to(x.dtype), counts, aux, z, scores, probs_mean)
+
+    @property
+    def uses_aux_loss(self) -> bool:
+        return self.aux_loss_coef > 0 and self.balance == "aux_loss"
+
+    def needs_global_counts(self) -> bool:
+        """Whether this forward needs the global batch's routed counts (aux loss, or an aux-free bias update)."""
+        return self.uses_aux_loss or (self.training and self.balance == "aux_free" and not recomputing())
+
+    def aux_loss_from(self, global_counts: torch.Tensor, probs_mean: torch.Tensor) -> torch.Tensor:
+        """Switch/GShard: coef * E * sum_e f_e * P_e with f from the global batch's counts [E], P the mean
+        gate probability [E] over local tokens; the mean over ranks equals the single-process value."""
+        f = global_counts / global_counts.sum().clamp_min(1.0)  # [E]
+        return self.aux_loss_coef * self.num_experts * (f.to(probs_mean) * probs_mean).sum()
+
+    @torch.no_grad()
+    def note_global_counts(self, global_counts: torch.Tensor) -> None:
+        """Accumulate the global batch's counts [E] for the aux-free bias update (not on a checkpoint replay)."""
+        if self.training and self.balance == "aux_free" and not recomputing():
+            self._pending_counts = self._pending_counts.to(global_counts) + global_counts
 
     @torch.no_grad()
     def update_bias(self) -> None:

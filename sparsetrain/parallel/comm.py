@@ -63,7 +63,7 @@ def all_reduce_host(values: torch.Tensor | list[float], group: dist.ProcessGroup
                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """All-reduce host numbers (a list or a tensor on any device) as one collective; returns a CPU tensor."""
     t = torch.as_tensor(values, dtype=dtype).to(comm_device(group))
-    if is_dist():
+    if is_dist() and dist.get_world_size(group) > 1:
         dist.all_reduce(t, op=op, group=group)
     return t.cpu()
 
@@ -72,9 +72,9 @@ def all_gather_host(values: torch.Tensor | list[float], group: dist.ProcessGroup
                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Gather every rank's vector of host numbers in one collective: [n] -> CPU tensor [world, n]."""
     t = torch.as_tensor(values, dtype=dtype).reshape(-1).to(comm_device(group))
-    if not is_dist():
+    world = dist.get_world_size(group) if is_dist() else 1
+    if world == 1:
         return t.cpu().unsqueeze(0)
-    world = dist.get_world_size(group)
     out = t.new_empty(world * t.numel())  # [world * n], rank-major
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(out, t, group=group)

@@ -46,6 +46,9 @@ def all_reduce_grads(params: list[nn.Parameter], world: int, group: dist.Process
     grads = [p.grad for p in params if p.grad is not None]
     if world == 1 or not grads:
         return
+    if dist.get_world_size(group) == 1:  # e.g. EP's expert replica group of one: no collective, only the mean
+        torch._foreach_div_(grads, world)
+        return
     flat = to_comm(torch.cat([g.reshape(-1) for g in grads]), group)  # [sum numel]
     dist.all_reduce(flat, group=group)
     flat /= world

@@ -65,7 +65,7 @@ def build_mesh(info: DistInfo, ep_size: int = 0):
 
 def all_reduce_mean(t: torch.Tensor, group: object | None = None) -> torch.Tensor:
     """In-place mean over the group (no-op without a process group), on the group's comm device."""
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         from sparsetrain.parallel.comm import to_comm
 
         c = to_comm(t, group)

@@ -84,14 +84,27 @@ class Strategy:
     def finish_backward(self, model: GPT) -> None:
         """Synchronise gradients not handled by module wrappers (e.g. expert grads)."""
 
-    def grad_norm(self, model: GPT) -> torch.Tensor:
-        """Global L2 norm of all gradients, identical on every rank."""
-        sq = torch.zeros((), dtype=torch.float64, device=self.info.device)
+    def local_grad_sq(self, model: GPT) -> torch.Tensor:
+        """This rank's share of the squared global gradient norm (fp64 scalar): each local gradient's
+        squared norm divided by how many ranks hold an identical copy; summed over ranks it is the square
+        of the global norm (the trainer fuses that sum into its one per-step collective)."""
+        groups: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}  # (replication, dtype) -> grads
         for name, p in model.named_parameters():
             if p.grad is not None:
                 g = local_tensor(p.grad).detach()
-                sq += g.double().pow(2).sum().to(sq.device) / self.replication(name, p)
-        return all_reduce_host(sq).sqrt().float()
+                groups.setdefault((self.replication(name, p), g.dtype), []).append(g)
+        sq = torch.zeros((), dtype=torch.float64, device=self.info.device)
+        for (r, _), grads in groups.items():
+            norms = torch._foreach_norm(grads)  # one fused pass per group, no fp64 copies of the grads
+            sq += torch.stack([n.to(sq.device, torch.float64) for n in norms]).pow(2).sum() / r
+        return sq
+
+    def grad_norm(self, model: GPT) -> torch.Tensor:
+        """Global L2 norm of all gradients, identical on every rank."""
+        sq = self.local_grad_sq(model)
+        if is_dist() and self.info.world > 1:
+            sq = all_reduce_host(sq)
+        return sq.sqrt().float().cpu()
 
     def after_step(self, step: int, model: GPT, optimizer: torch.optim.Optimizer,
                    counts: torch.Tensor | None) -> torch.optim.Optimizer | None:
@@ -100,15 +113,15 @@ class Strategy:
 
     def reduce_counts(self, c: torch.Tensor) -> torch.Tensor:
         """Sum routed-token counts over the data-parallel ranks (global batch statistics)."""
-        if is_dist():
+        if is_dist() and self.info.world > 1:
             out = to_comm(c).clone()
             dist.all_reduce(out)
             return out.to(c.device)
         return c
 
     def install_count_reducer(self, model: GPT) -> None:
-        for moe in model.moe_layers():
-            moe.router.reduce_counts = self.reduce_counts
+        """The model reduces every MoE layer's counts in one collective per forward."""
+        model.reduce_counts = self.reduce_counts
 
     def local_log_values(self) -> dict[str, float]:
         """This rank's numbers for the log line; the trainer gathers them from every rank in its one

@@ -15,7 +15,6 @@ from sparsetrain.data.tokenizer import check_resume_tokenizer
 from sparsetrain.model.gpt import GPT, build_model
 from sparsetrain.model.init import materialize_
 from sparsetrain.parallel import build_strategy
-from sparsetrain.parallel.comm import all_gather_host
 from sparsetrain.parallel.mesh import DistInfo, all_reduce_mean
 from sparsetrain.telemetry.comm import COMM
 from sparsetrain.telemetry.flops import model_size, peak_tflops, train_flops_per_token
@@ -31,9 +30,15 @@ from sparsetrain.train.fingerprint import fingerprint
 from sparsetrain.train.guards import NanGuard, NonFiniteLossError, all_finite, stop_flag
 from sparsetrain.train.heartbeat import beat
 from sparsetrain.train.location import Location, download_logs, local_dir, upload_logs
+from sparsetrain.train.step_collectives import log_step_metrics, reduce_step
 from sparsetrain.train.optim import build_optimizer, lr_at
 
 __all__ = ["NonFiniteLossError", "Trainer"]
+
+
+def grads_of_kind(grads: list[torch.Tensor], dtensor: bool) -> list[torch.Tensor]:
+    """The DTensor (FSDP2-sharded) gradients, or the plain ones."""
+    return [g for g in grads if hasattr(g, "to_local") == dtensor]
 
 
 class Trainer:
@@ -164,7 +169,7 @@ class Trainer:
         self.model.set_routing_step(step)
         micro = x_all.shape[0] // cfg.grad_accum
         stats = torch.zeros(5, device=self.device)  # ce, aux, z, dropped slots (capacity mode), stop requested
-        counts = None
+        counts = global_counts = None  # [L_moe, E] this rank's routed slots / summed over ranks by the forward
         t_fwd = t_bwd = 0.0
         for mi in range(cfg.grad_accum):
             x = x_all[mi * micro:(mi + 1) * micro].to(self.device)
@@ -183,6 +188,9 @@ class Trainer:
             if out.tokens_per_expert is not None:
                 c = out.tokens_per_expert.detach().float()
                 counts = c if counts is None else counts + c
+            if out.global_tokens_per_expert is not None:  # the forward's one count reduction (aux loss)
+                g = out.global_tokens_per_expert.detach().float()
+                global_counts = g if global_counts is None else global_counts + g
         if maybe_inject(self.info.rank, step, self.out_dir, self.ckpt_dir):  # test fault hooks (train/faults.py)
             poison_(self.model.parameters(), stats)  # fault "nan": this rank's loss and gradients become NaN
         beat(self.out_dir, self.info.rank, step, "sync")
@@ -190,7 +198,13 @@ class Trainer:
         if self.sparsifier is not None:
             self.sparsifier.add_decay_grads()
         stats[4] = stop_flag()
-        stats = all_reduce_mean(stats)
+        # ONE collective for this step's numbers: losses/flags (mean), squared grad norm and counts (sums)
+        own_norm = self.strategy.owns_optimizer_step
+        red = reduce_step(stats, None if own_norm else self.strategy.local_grad_sq(self.model),
+                          counts if global_counts is None else None, self.info.world)
+        stats = red.stats
+        if red.counts is not None:
+            global_counts = red.counts
         ce = float(stats[0])
         rec: dict[str, Any] = {"step": step, "loss": ce, "aux_loss": float(stats[1]), "z_loss": float(stats[2]),
                                "lr": lr, "fwd_s": t_fwd, "bwd_s": t_bwd}
@@ -206,16 +220,16 @@ class Trainer:
             rec["skipped"] = True
             return rec
         with span("optimizer"):
-            if self.strategy.owns_optimizer_step:
+            if own_norm:
                 gnorm = self.strategy.optimizer_step()
             else:
-                gnorm = self.strategy.grad_norm(self.model)
+                gnorm = red.grad_sq.sqrt().float()
                 if cfg.grad_clip > 0:
                     clip = min(1.0, cfg.grad_clip / (float(gnorm) + 1e-6))
                     if clip < 1.0:
-                        for p in self.model.parameters():
-                            if p.grad is not None:
-                                p.grad.mul_(clip)
+                        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                        for same_kind in (g for g in (grads_of_kind(grads, True), grads_of_kind(grads, False)) if g):
+                            torch._foreach_mul_(same_kind, clip)  # DTensor and plain grads never mix in one call
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             for moe in self.model.moe_layers():
@@ -225,12 +239,13 @@ class Trainer:
         rec["grad_norm"] = float(gnorm)
         if self.sparsifier is not None and ((step + 1) % cfg.log_every == 0 or step == cfg.steps - 1):
             rec.update({f"nm_{k}": float(v) for k, v in self.sparsifier.stats().items()})
-        global_counts = self.strategy.reduce_counts(counts) if counts is not None else None
+        if global_counts is not None:
+            global_counts = global_counts.float()
         new_opt = self.strategy.after_step(step, self.model, self.optimizer, global_counts)
         if new_opt is not None:
             self.optimizer = new_opt
         if global_counts is not None:
-            per_layer = global_counts.float()
+            per_layer = global_counts
             rec["expert_load_max_mean"] = float((per_layer.max(1).values / per_layer.mean(1).clamp_min(1e-9)).mean())
             rec["_counts"] = per_layer.cpu().tolist()
         return rec
@@ -281,7 +296,7 @@ class Trainer:
             if (step + 1) % cfg.train.log_every == 0 or last or "val_loss" in rec:
                 rec.update(self._throughput(interval_s, interval_steps))
                 interval_s, interval_steps = 0.0, 0
-                rec.update(self._log_step_metrics(comm))
+                rec.update(log_step_metrics(self.strategy, self.memory, comm, self.info.world))
                 rec.update(gpu_metrics())
                 intervals.finish(rec)
                 writer.note_placement(step, getattr(self.strategy, "placements", None))
@@ -370,35 +385,6 @@ class Trainer:
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    def _log_step_metrics(self, comm: dict[str, int]) -> dict[str, Any]:
-        """Everything the log line needs from other ranks, in ONE collective on log steps only: bytes sent
-        per collective (summed), span times (max), expert busy time (max/mean), peak memory per rank and
-        the strategy's own per-rank numbers. `ranks` keeps each rank's values (busy CPU ms of attention /
-        experts, wall ms of every span, routed slots): what `sparsetrain sim calibrate` fits and
-        `sparsetrain report` draws."""
-        byte_names = ("spag", "sprs", "all_to_all")
-        span_names = ("attention", "dispatch", "experts", "combine", "optimizer", "spag_wait", "sprs")
-        wall, cpu = TIMERS.pop()
-        local = {"attention_cpu": cpu.get("attention", 0.0), "experts_cpu": cpu.get("experts", 0.0),
-                 "peak_memory_mib": self.memory.peak_mib(), "rank_tokens": 0.0, **self.strategy.local_log_values()}
-        row = [float(comm.get(n, 0)) for n in byte_names] + [wall.get(n, 0.0) for n in span_names] + list(local.values())
-        allv = all_gather_host(row)  # [world, len(row)]
-        nb, ns = len(byte_names), len(span_names)
-        sums = {n: int(v) for n, v in zip(byte_names, allv[:, :nb].sum(0).tolist())}
-        per_rank = {k: allv[:, nb + ns + i] for i, k in enumerate(local)}
-        out: dict[str, Any] = self.strategy.step_metrics(sums, per_rank)
-        for n, v in zip(span_names[:5], allv[:, nb:nb + 5].max(0).values.tolist()):
-            out[f"t_{n}_ms"] = 1000 * v
-        if self.info.world > 1:
-            busy = per_rank["experts_cpu"]
-            out["expert_busy_max_mean"] = float(busy.max() / busy.mean().clamp_min(1e-12))
-        out["peak_memory_mib"] = [round(v, 1) for v in per_rank["peak_memory_mib"].tolist()]
-        ranks = {f"{n}_ms": allv[:, nb + i] * 1000 for i, n in enumerate(span_names)}
-        ranks.update({"attention_cpu_ms": per_rank["attention_cpu"] * 1000, "tokens": per_rank["rank_tokens"],
-                      "experts_cpu_ms": per_rank["experts_cpu"] * 1000})
-        out["ranks"] = {k: [round(v, 4) for v in t.tolist()] for k, t in ranks.items()}
-        return out
 
     def _summary(self, elapsed: float, val_loss: float | None) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
