@@ -30,8 +30,8 @@ from sparsetrain.train.fingerprint import fingerprint
 from sparsetrain.train.guards import NanGuard, NonFiniteLossError, all_finite, stop_flag
 from sparsetrain.train.heartbeat import beat
 from sparsetrain.train.location import Location, download_logs, local_dir, upload_logs
-from sparsetrain.train.step_collectives import log_step_metrics, reduce_step
 from sparsetrain.train.optim import build_optimizer, lr_at
+from sparsetrain.train.step_collectives import log_step_metrics, reduce_step
 
 __all__ = ["NonFiniteLossError", "Trainer"]
 
