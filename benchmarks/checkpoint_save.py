@@ -10,6 +10,7 @@ state exists. For each target: `save_checkpoint` (blocks until committed) side b
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -47,8 +48,8 @@ def main() -> None:
     print(f"state {mib:.0f} MiB; medians of {args.repeats}")
     print(f"{'target':8s} {'sync save s':>12s} {'async blocks s':>15s} {'async committed s':>18s} {'blocked ratio':>14s}")
     for kind in ("path", "file://"):
-        root = tempfile.mkdtemp(prefix="st-ckpt-bench-")
-        root = root if kind == "path" else f"file://{root}"
+        local = tempfile.mkdtemp(prefix="st-ckpt-bench-")
+        root = local if kind == "path" else f"file://{local}"
         sync, blocks, total = [], [], []
         ckpt = AsyncCheckpointer()
         for r in range(args.repeats):
@@ -61,6 +62,7 @@ def main() -> None:
             ckpt.wait()
             total.append(time.perf_counter() - t)
         ckpt.close()
+        shutil.rmtree(local, ignore_errors=True)
         s, b, c = (statistics.median(x) for x in (sync, blocks, total))
         print(f"{kind:8s} {s:12.2f} {b:15.2f} {c:18.2f} {b / s:14.2f}")
 
