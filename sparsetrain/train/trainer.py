@@ -17,11 +17,10 @@ from sparsetrain.model.init import materialize_
 from sparsetrain.parallel import build_strategy
 from sparsetrain.parallel.mesh import DistInfo, all_reduce_mean
 from sparsetrain.telemetry.comm import COMM
-from sparsetrain.telemetry.flops import model_size, peak_tflops, train_flops_per_token
 from sparsetrain.telemetry.gpu import gpu_metrics
 from sparsetrain.telemetry.intervals import IntervalMeans
-from sparsetrain.telemetry.memory import PeakMemory, gather_peak_mib, return_freed_memory, warm_imports
-from sparsetrain.telemetry.metrics import MetricsWriter, format_log, placement_table, summary_table, truncate_after
+from sparsetrain.telemetry.memory import PeakMemory, return_freed_memory, warm_imports
+from sparsetrain.telemetry.metrics import MetricsWriter, format_log, truncate_after
 from sparsetrain.telemetry.timers import TIMERS, span
 from sparsetrain.train import checkpoint as ckpt
 from sparsetrain.train.async_checkpoint import AsyncCheckpointer
@@ -32,6 +31,7 @@ from sparsetrain.train.heartbeat import beat
 from sparsetrain.train.location import Location, download_logs, local_dir, upload_logs
 from sparsetrain.train.optim import build_optimizer, lr_at
 from sparsetrain.train.step_collectives import log_step_metrics, reduce_step
+from sparsetrain.train.summary import run_summary, throughput
 
 __all__ = ["NonFiniteLossError", "Trainer"]
 
@@ -294,7 +294,7 @@ class Trainer:
                 val_loss = self.evaluate()
                 rec["val_loss"] = val_loss
             if (step + 1) % cfg.train.log_every == 0 or last or "val_loss" in rec:
-                rec.update(self._throughput(interval_s, interval_steps))
+                rec.update(throughput(self.cfg, self.device, self.info.world, interval_s, interval_steps))
                 interval_s, interval_steps = 0.0, 0
                 rec.update(log_step_metrics(self.strategy, self.memory, comm, self.info.world))
                 rec.update(gpu_metrics())
@@ -328,18 +328,8 @@ class Trainer:
                         f"set checkpoint.resume=false or another train.out_dir to train again")
             self.history = self._logged_records()[-1:]
             val_loss = self.evaluate()
-        return self._summary(elapsed, val_loss)
+        return run_summary(self, elapsed, val_loss)
 
-    def _throughput(self, seconds: float, steps: int) -> dict[str, float]:
-        """Step time, global tokens/s, model TFLOP/s per rank and MFU over `steps` training steps."""
-        tokens = self.cfg.data.batch_size * self.cfg.model.seq_len * steps
-        tok_s = tokens / max(seconds, 1e-9)
-        tflops = train_flops_per_token(self.cfg) * tok_s / self.info.world / 1e12
-        out = {"step_ms": 1000 * seconds / max(steps, 1), "tokens_per_s": tok_s, "tflops_per_rank": tflops}
-        peak = peak_tflops(self.cfg, self.device)
-        if peak > 0:
-            out["mfu"] = tflops / peak
-        return out
     def _measured_step(self, step: int) -> dict[str, Any]:
         """One step with the activation meter on: saved bytes per block (and what offload took) for the summary."""
         from sparsetrain.offload.meter import ActivationMeter
@@ -385,41 +375,3 @@ class Trainer:
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    def _summary(self, elapsed: float, val_loss: float | None) -> dict[str, Any]:
-        last = self.history[-1] if self.history else {}
-        end = self.cfg.train.steps if self.stopped_at is None else self.stopped_at + 1
-        steps_run = end - self.start_step
-        size = model_size(self.cfg)
-        peaks = gather_peak_mib(self.memory)  # every rank calls _summary
-        summary = {
-            "steps": self.cfg.train.steps, "steps_run": steps_run, "final_loss": last.get("loss"),
-            "val_loss": val_loss, "elapsed_s": elapsed,
-            **(self._throughput(self.train_s, steps_run) if steps_run > 0 else {}),
-            "params_total": size.total, "params_active": size.active, "world": self.info.world,
-            "peak_memory_mib": [round(p, 1) for p in peaks],
-            **self.strategy.describe(),
-        } | ({"stopped_at_step": self.stopped_at} if self.stopped_at is not None else {})
-        for k in ("expert_load_max_mean", "expert_busy_max_mean", "spag_MB", "sprs_MB", "a2a_MB",
-                  "rank_tokens_max_mean", "dropped_slots", "offload_MB", "offload_pool_MB", "offload_pool_peak_MB",
-                  "offload_pool_full_tensors"):
-            if k in last:
-                summary[k] = last[k]
-        if self.offload is not None:
-            summary["offload_max_host_MiB"] = self.cfg.offload.max_host_mib or "unbounded"
-        summary.update(self.activation_report)
-        if self.info.is_main:
-            from sparsetrain.parallel.memory_plan import memory_plan
-
-            summary["plan_memory_mib"] = round(memory_plan(self.cfg, self.info.world, self.device.type).max_mib, 1)
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-            upload_logs(self.cfg.train.out_dir)
-            rows = [(k, v) for k, v in summary.items() if not isinstance(v, (dict, list))]
-            print(summary_table(rows), flush=True)
-            for k, v in summary.items():
-                if k == "hottest_placement":
-                    print(placement_table(v), flush=True)
-                elif isinstance(v, (dict, list)):
-                    print(f"{k}: {json.dumps(v)}", flush=True)
-        return summary
