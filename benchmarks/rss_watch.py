@@ -5,7 +5,8 @@ acceptance run of issue 9:
 
     python benchmarks/rss_watch.py -- sparsetrain train -c tiny --set launch.backend=torchrun \\
         --set launch.workers=8 --set moe.num_experts=64 --set model.d_model=256 --set moe.d_ffn=2048 \\
-        --set model.n_layers=4 --set train.steps=3 --set train.out_dir=/tmp/rss8
+        --set model.n_layers=4 --set train.steps=3 --set train.out_dir=/tmp/rss8 \\
+        --set train.cpu_exact_memory=true
 
 Linux only (reads /proc). Prints one line per process whose high-water was the largest seen, sorted, and the
 command's exit code.

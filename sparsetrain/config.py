@@ -170,6 +170,8 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | mlflow | wandb
     gpu_telemetry_s: float = 2.0  # NVML sampling interval per worker (0 = off; nothing happens without a GPU)
     peak_tflops: float = 0.0  # peak TFLOP/s of one rank for MFU; 0 = GPU device table (CPU: no MFU)
+    cpu_exact_memory: bool = False  # CPU: glibc returns freed blocks >= 128 KiB so the RSS peak follows live
+    # tensors (what `plan` counts) -- for memory measurements; steps run ~2x slower (page faults on every alloc)
     activation_checkpointing: str = "none"  # none | full (every block) | selective (every block's FFN: router+experts)
 
 

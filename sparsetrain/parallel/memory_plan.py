@@ -21,7 +21,8 @@ Peak = the largest of: end of forward (state + activations + gathered weights), 
 (+ a layer's activation gradients and the logits gradient), end of backward (state + gradients +
 copy-gradient stash + communication buffers) and the optimizer step; on CPU plus the corpus. CUDA
 measures live bytes (`torch.cuda.max_memory_allocated`); CPU measures the RSS high-water, which follows
-live bytes because the trainer has glibc return freed blocks (`telemetry.memory.return_freed_memory`).
+live bytes when the trainer has glibc return freed blocks (`train.cpu_exact_memory`, see
+`telemetry.memory.return_freed_memory`); without it the RSS also holds the allocator's free blocks.
 """
 from __future__ import annotations
 

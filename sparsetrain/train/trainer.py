@@ -48,8 +48,8 @@ class Trainer:
         self.cfg, self.info = cfg, info or DistInfo()
         self.device = self.info.device
         warm_imports()
-        if self.device.type == "cpu":
-            return_freed_memory()  # RSS then follows live tensors (see telemetry/memory.py)
+        if self.device.type == "cpu" and cfg.train.cpu_exact_memory:
+            return_freed_memory()  # RSS then follows live tensors (see telemetry/memory.py), at a speed cost
         self.memory = PeakMemory(self.device)  # baseline: after imports, before the run allocates
         self.strategy = build_strategy(cfg, self.info)
         model = build_model(cfg, "meta")  # nothing allocated until the strategy says what this rank holds

@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 MODEL = ["model.d_model=256", "model.n_heads=4", "moe.d_ffn=512", "moe.num_experts=16", "model.n_layers=2",
          "model.seq_len=64", "train.steps=3", "train.log_every=1", "train.eval_every=0", "train.progress=false",
          "checkpoint.save_final=false", "checkpoint.resume=false", "checkpoint.every=0", "train.device=cpu",
-         "launch.torch_threads=1"]
+         "launch.torch_threads=1", "train.cpu_exact_memory=true"]  # RSS follows live tensors (no allocator slack)
 CASES = {
     "none-1": (1, ["parallel.strategy=none", "data.batch_size=4"]),
     # copies on (no cost gate): every rank gathers, stashes copy gradients and runs spRS
