@@ -28,6 +28,8 @@ VARIANTS = {
     "none": ["parallel.strategy=none"],  # the Trainer, single process only
     "dp-ddp": ["parallel.strategy=dp", "parallel.dense=ddp"],
     "dp-fsdp2": ["parallel.strategy=dp", "parallel.dense=fsdp2"],
+    "dp-fsdp2-always": ["parallel.strategy=dp", "parallel.dense=fsdp2", "parallel.fsdp_reshard_after_forward=always"],
+    "dp-fsdp2-never": ["parallel.strategy=dp", "parallel.dense=fsdp2", "parallel.fsdp_reshard_after_forward=never"],
     "ep": ["parallel.strategy=ep", "parallel.dense=ddp"],
     "ep-fsdp2": ["parallel.strategy=ep", "parallel.dense=fsdp2"],
     "fssdp": ["parallel.strategy=fssdp", "parallel.fssdp.overlap_budget=2"],

@@ -91,6 +91,8 @@ class DeepSpeedConfig:
 class ParallelConfig:
     strategy: str = "fssdp"  # fssdp | ep | dp | none | deepspeed_moe | megatron_moe (peers, for benchmarks)
     dense: str = "fsdp2"  # fsdp2 | ddp
+    fsdp_reshard_after_forward: str = "default"  # FSDP2 (as torchtitan): default = every block but the last
+    # and not the root (they are needed again first in backward) | always | never (ZeRO-2-like: no re-gather)
     ep_size: int = 0  # expert-parallel group size (0 = world size)
     ep_placement: str = "contiguous"  # ep: contiguous expert blocks | balanced (best static placement for
     # the routing workload's mean load; needs moe.router_skew or moe.routing_trace)

@@ -88,6 +88,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(cfg.data.prepare_workers >= 0, f"data.prepare_workers must be >= 0, got {cfg.data.prepare_workers}")
     _one_of("parallel.strategy", p.strategy, STRATEGY_NAMES)
     _one_of("parallel.dense", p.dense, ("fsdp2", "ddp"))
+    _one_of("parallel.fsdp_reshard_after_forward", p.fsdp_reshard_after_forward, ("default", "always", "never"))
     _one_of("parallel.ep_placement", p.ep_placement, ("contiguous", "balanced"))
     _check(p.ep_placement == "contiguous" or e.router_skew > 0 or bool(e.routing_trace),
            "parallel.ep_placement=balanced needs a known mean load: set moe.router_skew or moe.routing_trace")

@@ -26,18 +26,31 @@ def mixed_precision_policy(precision: str, grad_reduce_dtype: str = "fp32") -> o
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=DTYPES[grad_reduce_dtype])
 
 
+RESHARD_POLICIES = ("default", "always", "never")
+
+
 def apply_dense_sharding(model: nn.Module, info: DistInfo, ignored: set[nn.Parameter],
-                         mp_policy: object | None = None) -> nn.Module:
-    """FSDP2 per transformer block and at the root; `ignored` params (experts) stay unsharded."""
+                         mp_policy: object | None = None, reshard: str = "default") -> nn.Module:
+    """FSDP2 per transformer block and at the root; `ignored` params (experts) stay unsharded.
+
+    `reshard` (parallel.fsdp_reshard_after_forward), torchtitan's policy: `default` frees every block's
+    unsharded parameters after its forward except the last block's and the root's (backward needs those
+    first, so freeing them would only re-gather them at once); `always` frees all; `never` keeps all
+    until backward (no re-gather, more memory)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if reshard not in RESHARD_POLICIES:
+        raise ValueError(f"parallel.fsdp_reshard_after_forward={reshard!r}: expected one of {RESHARD_POLICIES}")
     mesh = init_device_mesh(info.device.type, (info.world,), mesh_dim_names=("fsdp",))
     kw = {"mp_policy": mp_policy or MixedPrecisionPolicy()}
-    for block in model.layers:
+    last = len(model.layers) - 1
+    for i, block in enumerate(model.layers):
         block_ignored = {p for p in block.parameters() if p in ignored}
-        fully_shard(block, mesh=mesh, reshard_after_forward=True, ignored_params=block_ignored or None, **kw)
-    fully_shard(model, mesh=mesh, reshard_after_forward=True, ignored_params=set(ignored) or None, **kw)
+        free = reshard == "always" or (reshard == "default" and i < last)
+        fully_shard(block, mesh=mesh, reshard_after_forward=free, ignored_params=block_ignored or None, **kw)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard == "always", ignored_params=set(ignored) or None,
+                **kw)
     return model
 
 

@@ -79,7 +79,8 @@ class ExpertParallel(Strategy):
         if self.cfg.parallel.dense == "fsdp2":
             from sparsetrain.parallel.dense import apply_dense_sharding
 
-            apply_dense_sharding(model, self.info, ignored=self._expert_params, mp_policy=self.mp_policy())
+            apply_dense_sharding(model, self.info, ignored=self._expert_params, mp_policy=self.mp_policy(),
+                                 reshard=self.cfg.parallel.fsdp_reshard_after_forward)
         return model
 
     def static_owners(self, num_layers: int) -> list[list[int]]:

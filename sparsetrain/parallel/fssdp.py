@@ -124,7 +124,8 @@ class FSSDP(Strategy):
         if self.cfg.parallel.dense == "fsdp2":
             from sparsetrain.parallel.dense import apply_dense_sharding
 
-            apply_dense_sharding(model, self.info, ignored=self._expert_params, mp_policy=self.mp_policy())
+            apply_dense_sharding(model, self.info, ignored=self._expert_params, mp_policy=self.mp_policy(),
+                                 reshard=self.cfg.parallel.fsdp_reshard_after_forward)
         self.chunk_numel = owned_flat(moes[0].experts).shape[1]  # C: numbers per expert chunk
         self.chunk_bytes = self.chunk_numel * self.wire_dtype(moes[0].experts).itemsize  # as spAG sends it
         self._set_machine_numbers(moes[0].experts)

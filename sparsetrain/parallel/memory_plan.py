@@ -257,7 +257,10 @@ def memory_plan(cfg: Config, world: int | None = None, device: str | None = None
         p = (dense_local + expert_params) * FP32
         grads, opt = p, 2 * p
         compute = (dense_local + expert_params) * 2 if bf16 else 0
-        gathered_dense = (2 * block_dense + root_dense) * act if fsdp else 0
+        # FSDP2: a block being used + the one prefetched, and the root (kept from the end of forward to
+        # the start of backward under the default reshard policy); `never` keeps every block unsharded
+        held_blocks = m.n_layers if cfg.parallel.fsdp_reshard_after_forward == "never" else 2
+        gathered_dense = (held_blocks * block_dense + root_dense) * act if fsdp else 0
         chunk_b = per_expert * act
         rows = (owned[r] + extra[r]) if extra[r] else 0  # materialized rows per layer (replicated layers only)
         live_layers = n_moe if cfg.parallel.fssdp.keep_materialized else min(2, n_moe)

@@ -153,7 +153,8 @@ class DataParallel(Strategy):
         if self.info.world > 1 and self.cfg.parallel.dense == "fsdp2":
             from sparsetrain.parallel.dense import apply_dense_sharding
 
-            apply_dense_sharding(model, self.info, ignored=set(), mp_policy=self.mp_policy())
+            apply_dense_sharding(model, self.info, ignored=set(), mp_policy=self.mp_policy(),
+                                 reshard=self.cfg.parallel.fsdp_reshard_after_forward)
         return model
 
     def replication(self, name: str, p: torch.Tensor) -> int:
