@@ -35,7 +35,9 @@ MODEL = ["model.d_model=128", "model.n_layers=2", "model.n_heads=4", "model.seq_
          "train.progress=false", "checkpoint.save_final=false", "checkpoint.resume=false",
          "launch.torch_threads=1", "train.warmup_steps=2", "train.seed=1337"]
 WORKLOADS = {  # name -> overrides; see sparsetrain/model/workloads.py
-    "uniform": ["moe.aux_loss_coef=0.01"],  # learned routing, aux loss on (near-balanced)
+    "uniform": ["moe.aux_loss_coef=0.01"],  # learned routing, aux loss on (early steps are far from balanced)
+    # equal shares reached by the router's per-sequence quotas (Zipf with s -> 0; router_skew=0 means "off")
+    "balanced": ["moe.router_skew=1e-6", "moe.aux_loss_coef=0.01"],
     "zipf1.2": ["moe.router_skew=1.2", "moe.aux_loss_coef=0.01"],  # Zipf(1.2) over a seeded permutation
     "drift": ["moe.router_skew=1.2", "moe.skew_drift_every=10", "moe.aux_loss_coef=0.01"],  # hot set moves
     "trace-aux": [f"moe.routing_trace={TRACES / 'aux_on.jsonl'}"],  # recorded runs, replayed
