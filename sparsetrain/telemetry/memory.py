@@ -1,6 +1,8 @@
 """Peak memory of this process: CUDA `max_memory_allocated`, or on CPU the RSS high-water above a baseline.
 
-CPU: the baseline is the resident set when `reset()` runs (after imports, before the trainer allocates);
+CPU: the baseline is the resident set when `reset()` runs (after imports, before the trainer allocates, after
+glibc has handed its free heap blocks back with `malloc_trim`, so blocks freed earlier in the process are
+not reused invisibly);
 `reset()` also writes 5 to /proc/self/clear_refs, which sets the kernel's high-water mark (VmHWM) back
 to the current RSS, so an import-time transient does not count. Where that is not permitted the
 high-water still includes it (`hwm_reset` is False then) and the peak can read high.
@@ -63,6 +65,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.baseline = 0  # max_memory_allocated counts the run's tensors from zero
             return
+        _malloc_trim()  # freed heap blocks back to the OS: the baseline is what the process holds, not its free list
         try:
             Path("/proc/self/clear_refs").write_text("5")
             self.hwm_reset = True
@@ -97,6 +100,17 @@ def gather_peak_mib(mem: PeakMemory) -> list[float]:
     from sparsetrain.parallel.comm import all_gather_host
 
     return [float(x) for x in all_gather_host([mem.peak_mib()]).flatten().tolist()]
+
+
+def _malloc_trim() -> bool:
+    """glibc: return the heap's free memory to the OS (once, cheap); False off glibc."""
+    name = ctypes.util.find_library("c")
+    if sys.platform != "linux" or not name:
+        return False
+    try:
+        return bool(ctypes.CDLL(name).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
