@@ -97,8 +97,9 @@ def test_ray_ctrl_c_stops_workers_and_runtime(ray_tmp: str) -> None:
         startup = time.monotonic() - t0
         proc.send_signal(signal.SIGINT)
         # Teardown (actors, placement group, ray.shutdown, reaper) costs about what start-up did on this
-        # machine at this load: a fixed 30 s failed at load ~12 on 2 cores; allow twice the start-up, >= 60 s.
-        _, err = proc.communicate(timeout=max(60.0, 2 * startup))
+        # machine at this load: a fixed 30 s failed at load ~12 on 2 cores, and 60 s once in a full-suite
+        # CI run on a quiet machine (alone it passes in 14 s); allow three times the start-up, >= 120 s.
+        _, err = proc.communicate(timeout=max(120.0, 3 * startup))
     finally:
         if proc.poll() is None:
             proc.kill()
