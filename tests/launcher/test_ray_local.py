@@ -81,7 +81,10 @@ def test_ray_killed_worker_is_detected(ray_tmp: str, monkeypatch: pytest.MonkeyP
 
 
 def test_ray_ctrl_c_stops_workers_and_runtime(ray_tmp: str) -> None:
-    code = ("from sparsetrain.config import load_config; from sparsetrain.launcher import run_job; "
+    # Ctrl-C as on a terminal: a shell without job control starts background jobs with SIGINT ignored and
+    # an ignored signal is inherited, so a test runner started that way would never deliver the SIGINT
+    code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from sparsetrain.config import load_config; from sparsetrain.launcher import run_job; "
             f"run_job(load_config('tiny', ['launch.workers=2', 'train.steps=10000']), entry={SMOKE!r})")
     env = dict(os.environ, SPARSETRAIN_SMOKE_SLEEP="0.05", PYTHONUNBUFFERED="1")
     t0 = time.monotonic()
