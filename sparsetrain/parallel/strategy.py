@@ -10,7 +10,7 @@ from torch import nn
 from sparsetrain.config import Config
 from sparsetrain.model.experts import GroupedExperts
 from sparsetrain.model.gpt import GPT
-from sparsetrain.parallel.comm import all_reduce_host, is_dist, to_comm
+from sparsetrain.parallel.comm import is_dist, to_comm
 from sparsetrain.parallel.mesh import DistInfo
 
 
@@ -98,13 +98,6 @@ class Strategy:
             norms = torch._foreach_norm(grads)  # one fused pass per group, no fp64 copies of the grads
             sq += torch.stack([n.to(sq.device, torch.float64) for n in norms]).pow(2).sum() / r
         return sq
-
-    def grad_norm(self, model: GPT) -> torch.Tensor:
-        """Global L2 norm of all gradients, identical on every rank."""
-        sq = self.local_grad_sq(model)
-        if is_dist() and self.info.world > 1:
-            sq = all_reduce_host(sq)
-        return sq.sqrt().float().cpu()
 
     def after_step(self, step: int, model: GPT, optimizer: torch.optim.Optimizer,
                    counts: torch.Tensor | None) -> torch.optim.Optimizer | None:

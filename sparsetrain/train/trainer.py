@@ -245,9 +245,9 @@ class Trainer:
         if new_opt is not None:
             self.optimizer = new_opt
         if global_counts is not None:
-            per_layer = global_counts
-            rec["expert_load_max_mean"] = float((per_layer.max(1).values / per_layer.mean(1).clamp_min(1e-9)).mean())
-            rec["_counts"] = per_layer.cpu().tolist()
+            rec["expert_load_max_mean"] = float((global_counts.max(1).values
+                                                 / global_counts.mean(1).clamp_min(1e-9)).mean())
+            rec["_counts"] = global_counts.cpu().tolist()
         return rec
 
     # ----------------------------------------------------------------- the loop
