@@ -7,16 +7,21 @@
   step's start (params, optimizer state, strategy buffers; enumerated, storages de-duplicated) plus the
   high-water of the allocations the PyTorch profiler records during the step.
 - `rss_high_water_mib`: the process's VmHWM (each variant runs in fresh processes, so it is the variant's own).
-- `CollectiveCounter`: per-step count and bytes of every torch.distributed collective, by kind.
+- `CollectiveCounter`: per-step count and bytes of every torch.distributed collective, by kind (positional or
+  keyword tensor arguments: DeepSpeed's `deepspeed.comm` passes them by keyword).
+- `StepClock`: each step's wall time between barriers and this process's CPU time (all threads), per rank.
+- `run_interleaved` / `rotations` / `per_run_ratios` / `percentile`: repetitions in fresh processes, variants
+  interleaved, summarized by medians over repetitions and per-repetition ratios (main process).
 """
 from __future__ import annotations
 
 import gc
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -141,7 +146,7 @@ _KINDS = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_
           "reduce_scatter", "_reduce_scatter_base", "_all_gather_base", "all_gather_object")
 
 
-def _nbytes(args: tuple) -> int:
+def _nbytes(args: Sequence[Any]) -> int:
     """The largest tensor argument (a list of tensors counts as their sum): the bytes the call moves."""
     best = 0
     for a in args:
@@ -176,9 +181,10 @@ class CollectiveCounter:
                 if self.enabled:
                     self.calls[_kind] += 1
                     if _kind == "batch_isend_irecv":
-                        self.bytes[_kind] += sum(_nbytes((op,)) for op in args[0])
+                        ops = args[0] if args else kwargs.get("p2p_op_list", [])
+                        self.bytes[_kind] += sum(_nbytes((op,)) for op in ops)
                     else:
-                        self.bytes[_kind] += _nbytes(args)
+                        self.bytes[_kind] += _nbytes([*args, *kwargs.values()])
                 return _fn(*args, **kwargs)
 
             setattr(dist, kind, wrapped)
@@ -188,3 +194,67 @@ class CollectiveCounter:
         self.calls.clear()
         self.bytes.clear()
         return out
+
+
+class StepClock:
+    """Per-step wall and CPU seconds on this rank (`with clock.step(timed): train_step()`).
+
+    Wall: from a barrier before the step to a barrier after it, so every rank sees the slowest rank's step.
+    CPU: this process's CPU time over the step (`time.process_time`: all its threads, the compute and the
+    communication library's), read before the closing barrier: the work the step did on this rank, which
+    other load on the machine does not inflate the way it does wall time."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    @contextmanager
+    def step(self, timed: bool = True) -> Iterator[None]:
+        dist.barrier()
+        t0, c0 = time.perf_counter(), time.process_time()
+        yield
+        c1 = time.process_time()
+        dist.barrier()
+        if timed:
+            self.wall.append(time.perf_counter() - t0)
+            self.cpu.append(c1 - c0)
+
+
+R = TypeVar("R")
+
+
+def rotations(variants: Sequence[str], repeats: int) -> list[list[str]]:
+    """Each repetition's run order: the variants rotated by one more each time (a b c, b c a, c a b, a b c, ...),
+    so no variant always runs first or always after the same neighbour: slow drift of the machine's load
+    spreads over every variant."""
+    n = len(variants)
+    return [[*variants[r % n:], *variants[:r % n]] for r in range(repeats)] if n else []
+
+
+def run_interleaved(variants: Sequence[str], repeats: int, run: Callable[[str], R],
+                    log: Callable[[int, str, R], None] | None = None) -> dict[str, list[R]]:
+    """`run(variant)` `repeats` times for each variant in the `rotations` order (each call should start fresh
+    processes); returns every variant's results in repetition order. `log(rep, variant, result)` after each."""
+    out: dict[str, list[R]] = {v: [] for v in variants}
+    for rep, order in enumerate(rotations(variants, repeats)):
+        for v in order:
+            res = run(v)
+            out[v].append(res)
+            if log is not None:
+                log(rep, v, res)
+    return out
+
+
+def per_run_ratios(values: Sequence[float], ref: Sequence[float]) -> list[float]:
+    """Each repetition's value over the reference variant's in the same repetition (paired: they ran adjacent)."""
+    if len(values) != len(ref):
+        raise ValueError(f"per_run_ratios: {len(values)} values vs {len(ref)} reference values")
+    return [v / r if r else float("nan") for v, r in zip(values, ref)]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The nearest-rank q-quantile (0 <= q <= 1) of `values`; nan when empty."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]

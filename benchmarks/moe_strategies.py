@@ -1,18 +1,28 @@
 """MoE strategies side by side on realistic routing: every variant in fresh processes, same data and weights.
 
 A workload and a variant are each a list of config overrides (`WORKLOADS`, `VARIANTS`; `--set` adds more to
-every run), so adding a baseline is one dict entry. For each (world, workload, variant) a fresh set of gloo
-ranks builds a Trainer (same seed: same initial weights and batches), runs `--steps` steps and reports:
-step time median / p90 / max (slowest rank per step; re-shard steps listed), tokens/s, expert busy
-(thread CPU time of the expert GEMMs, forward + backward) max/mean over ranks and the max in ms, expert
-slots computed per rank max/mean, the workload's measured expert load max/mean and top-1 share, spAG /
-all-to-all MiB per step, peak tensor bytes per rank (measured in one profiled step after the timed ones),
-RSS high-water per rank, the loss after the last step and dropped slots. After each workload a comment line
-gives sparsetrain EP's step time over DeepSpeed-MoE dropless's (`ep-ddp` is the like-for-like row: dense
-parameters replicated, as under DeepSpeed ZeRO-0). DeepSpeed's gate follows every workload's quotas; a
-variant the config refuses (megatron_moe without CUDA) prints as an n/a row with the reason.
+every run), so adding a baseline is one dict entry. For each (world, workload) every variant runs `--repeats`
+times, each run a fresh set of gloo ranks building a Trainer (same seed: same initial weights and batches),
+the runs interleaved (repetition r runs the variants rotated by r: ep fssdp ds, fssdp ds ep, ...) so that a
+change in machine load hits every variant alike. Per variant it reports: step time (slowest rank per step)
+as the median over repetitions of each run's median, and p90 / max over every timed step of every repetition
+(re-shard steps listed); the ratio to `ep` (or to the first variant when ep is not run) of those medians and
+each repetition's own ratio (paired runs, adjacent in time); CPU ms per step (this rank's process CPU time,
+all threads, max over ranks; median over steps and repetitions: the work, independent of machine load) and
+its ratio to ep; tokens/s; expert busy (thread CPU time of the expert GEMMs, forward + backward) max/mean over
+ranks and the max in ms; expert slots computed per rank max/mean; the workload's measured expert load
+max/mean and top-1 share; spAG / all-to-all MiB per step (bytes each rank sends to other ranks, summed over
+ranks; DeepSpeed-MoE's token all-to-all counted the same way); peak tensor bytes per rank (one profiled step
+after the timed ones) and RSS high-water per rank (max over repetitions); the loss after the last step and
+dropped slots (a comment flags a variant whose repetitions disagree on them). Progress goes to stderr, the
+table to stdout. After each workload a comment line gives sparsetrain EP's step time over DeepSpeed-MoE
+dropless's (`ep-ddp` is the like-for-like row: dense parameters replicated, as under DeepSpeed ZeRO-0).
+DeepSpeed's gate follows every workload's quotas; a variant the config refuses (megatron_moe without CUDA)
+prints as an n/a row with the reason.
 
     python benchmarks/moe_strategies.py                                # 2 ranks, every workload and variant
+    python benchmarks/moe_strategies.py --worlds 2 --workloads balanced --variants ep fssdp-lpt deepspeed_moe \
+        --steps 30 --warmup 6 --repeats 5                              # medians of 5 interleaved repetitions
     python benchmarks/moe_strategies.py --worlds 4 --workloads zipf1.2 --variants ep ep-balanced fssdp-lpt
     python benchmarks/moe_strategies.py --list                         # the workloads and variants
 """
@@ -23,7 +33,7 @@ import json
 import os
 import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,21 +73,15 @@ VARIANTS = {  # name -> overrides
     "deepspeed_moe": ["parallel.strategy=deepspeed_moe"],
     "megatron_moe": ["parallel.strategy=megatron_moe"],  # CUDA only (refused in one line elsewhere: printed n/a)
 }
-PEERS = {"deepspeed_moe", "megatron_moe"}
+TOKENS_PER_STEP = 16 * 128  # data.batch_size x model.seq_len in MODEL
 NEEDS_MEAN_LOAD = {"ep-balanced"}  # skipped on learned routing (no known mean load)
-
-
-def _pct(vals: list[float], q: float) -> float:
-    s = sorted(vals)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
 def _rank_body(rank: int, world: int, overrides: list[str], steps: int, warmup: int) -> dict:
     """One rank of one variant: build, run, measure; returns this rank's numbers."""
     import torch
-    import torch.distributed as dist
 
-    from benchmarks.measure import ExpertBusy, peak_tensor_bytes, rss_high_water_mib
+    from benchmarks.measure import ExpertBusy, StepClock, peak_tensor_bytes, rss_high_water_mib
     from sparsetrain.config import load_config
     from sparsetrain.parallel.mesh import init_distributed
     from sparsetrain.telemetry.comm import COMM
@@ -89,17 +93,15 @@ def _rank_body(rank: int, world: int, overrides: list[str], steps: int, warmup: 
     cfg = load_config("tiny", MODEL + [f"launch.workers={world}", f"train.steps={steps + 1}",
                                        f"train.out_dir=/tmp/st-bench-{os.getpid()}", *overrides])
     tr = Trainer(cfg, init_distributed("cpu"))
-    times, fwd_bwd, slots, comm, loads, reshard_steps = [], [], [], [], [], []
+    clock = StepClock()
+    fwd_bwd, slots, comm, loads, reshard_steps = [], [], [], [], []
     loss, dropped = float("nan"), 0
     for step in range(steps):
         COMM.reset()
         busy.pop()
         before = getattr(tr.strategy, "reshards", 0)
-        dist.barrier()
-        t0 = time.perf_counter()
-        rec = tr.train_step(step)
-        dist.barrier()
-        dt = time.perf_counter() - t0
+        with clock.step(timed=step >= warmup):
+            rec = tr.train_step(step)
         f, b = busy.pop()
         if getattr(tr.strategy, "reshards", 0) != before:
             reshard_steps.append(step)
@@ -107,13 +109,12 @@ def _rank_body(rank: int, world: int, overrides: list[str], steps: int, warmup: 
         if rec.get("_counts") is not None:
             loads.append(rec["_counts"])
         if step >= warmup:
-            times.append(dt)
             fwd_bwd.append((f, b))
             slots.append(sum(getattr(tr.strategy, "rank_tokens", {}).values()))
             comm.append(COMM.snapshot())
     peak = peak_tensor_bytes(lambda: tr.train_step(steps))  # one more step, profiled, not timed
-    n = max(len(times), 1)
-    return {"times": times, "busy_fwd": sum(f for f, _ in fwd_bwd) / n, "busy_bwd": sum(b for _, b in fwd_bwd) / n,
+    n = max(len(clock.wall), 1)
+    return {"times": clock.wall, "cpu": clock.cpu, "busy_fwd": sum(f for f, _ in fwd_bwd) / n, "busy_bwd": sum(b for _, b in fwd_bwd) / n,
             "slots": sum(slots) / n, "loads": loads, "loss": loss, "dropped": dropped,
             "reshard_steps": reshard_steps,
             "bytes": {k: sum(c.get(k, 0) for c in comm) / n for k in ("spag", "sprs", "all_to_all")},
@@ -131,18 +132,23 @@ def _load_stats(loads: list) -> tuple[float, float]:
 
 
 def summarize(world: int, workload: str, variant: str, per_rank: list[dict], tokens_per_step: int) -> dict:
-    """One table row from every rank's numbers."""
-    step = [max(r["times"][i] for r in per_rank) for i in range(len(per_rank[0]["times"]))]
+    """One run's numbers from every rank's."""
+    from benchmarks.measure import percentile
+
+    n = len(per_rank[0]["times"])
+    step = [max(r["times"][i] for r in per_rank) for i in range(n)]  # the slowest rank's step
+    cpu = [max(r["cpu"][i] for r in per_rank) for i in range(n)]  # the busiest rank's CPU time
     busy = [r["busy_fwd"] + r["busy_bwd"] for r in per_rank]
     slots = [r["slots"] for r in per_rank]
     load_mm, top1 = _load_stats(per_rank[0]["loads"])
-    med = statistics.median(step) if step else float("nan")
-    return {"world": world, "workload": workload, "variant": variant, "step_ms": 1000 * med,
-            "p90_ms": 1000 * _pct(step, 0.9) if step else float("nan"),
-            "max_ms": 1000 * max(step) if step else float("nan"),
-            "tok_s": tokens_per_step * len(step) / sum(step) if step else float("nan"),
+    nan = float("nan")
+    return {"world": world, "workload": workload, "variant": variant,
+            "step_ms": 1000 * statistics.median(step) if step else nan,
+            "p90_ms": 1000 * percentile(step, 0.9), "max_ms": 1000 * max(step) if step else nan,
+            "cpu_ms": 1000 * statistics.median(cpu) if cpu else nan, "steps_ms": [1000 * t for t in step],
+            "tok_s": tokens_per_step * len(step) / sum(step) if step else nan,
             "busy_max_mean": max(busy) / max(statistics.mean(busy), 1e-12), "busy_max_ms": 1000 * max(busy),
-            "slots_max_mean": max(slots) / max(statistics.mean(slots), 1e-12) if any(slots) else float("nan"),
+            "slots_max_mean": max(slots) / max(statistics.mean(slots), 1e-12) if any(slots) else nan,
             "load_max_mean": load_mm, "top1_share": top1,
             "spag_mib": sum(r["bytes"]["spag"] for r in per_rank) / 2**20,
             "a2a_mib": sum(r["bytes"]["all_to_all"] for r in per_rank) / 2**20,
@@ -151,17 +157,44 @@ def summarize(world: int, workload: str, variant: str, per_rank: list[dict], tok
             "dropped": per_rank[0]["dropped"], "reshard_steps": per_rank[0]["reshard_steps"]}
 
 
-HEADER = ("| ranks | workload | variant | step ms median | p90 | max | vs ep | tokens/s | expert busy fwd+bwd max/mean "
-          "| busy max ms | expert slots max/mean | load max/mean | top-1 share | spAG MiB/step | a2a MiB/step "
-          "| peak tensor MiB/rank | RSS high-water MiB | loss | dropped | re-shard steps |")
+_MEDIAN_OVER_RUNS = ("step_ms", "cpu_ms", "tok_s", "busy_max_mean", "busy_max_ms", "slots_max_mean", "load_max_mean",
+                     "top1_share", "spag_mib", "a2a_mib")
 
 
-def row(r: dict, ep_ms: float) -> str:
-    """A markdown row (a peer's all-to-all goes through its own comm layer, which our byte counters do not see:
-    n/c; its expert slots per rank are not reported either: nan)."""
-    a2a = "n/c" if r["variant"] in PEERS else f"{r['a2a_mib']:.2f}"
+def combine(runs: list[dict]) -> dict:
+    """A variant's row from its repetitions: medians over runs (step and CPU time: of each run's median), p90 and
+    max over every timed step of every run, memory high-waters the max over runs, loss / dropped / re-shard
+    steps of the first run (`same_result` says whether every run agreed on them)."""
+    from benchmarks.measure import percentile
+
+    first = runs[0]
+    steps = [t for r in runs for t in r["steps_ms"]]
+    out = {**first, **{k: statistics.median(r[k] for r in runs) for k in _MEDIAN_OVER_RUNS}}
+    out.update(repeats=len(runs), steps_ms=steps, p90_ms=percentile(steps, 0.9),
+               max_ms=max(steps) if steps else float("nan"),
+               peak_tensor_mib=max(r["peak_tensor_mib"] for r in runs), rss_mib=max(r["rss_mib"] for r in runs),
+               run_step_ms=[r["step_ms"] for r in runs], run_cpu_ms=[r["cpu_ms"] for r in runs],
+               same_result=all((r["loss"], r["dropped"], r["reshard_steps"]) ==
+                               (first["loss"], first["dropped"], first["reshard_steps"]) for r in runs))
+    return out
+
+
+HEADER = ("| ranks | workload | variant | step ms median | p90 | max | vs ep | per-run vs ep | CPU ms/step/rank "
+          "| CPU vs ep | tokens/s | expert busy fwd+bwd max/mean | busy max ms | expert slots max/mean | load max/mean "
+          "| top-1 share | spAG MiB/step | a2a MiB/step | peak tensor MiB/rank | RSS high-water MiB | loss | dropped "
+          "| re-shard steps |")
+
+
+def row(r: dict, ref: dict) -> str:
+    """A markdown row; ratios against the reference row `ref` (ep's). A peer whose all-to-all goes through
+    a comm layer we do not count (megatron_moe) shows n/c; a peer's expert slots per rank are not reported (nan)."""
+    from benchmarks.measure import per_run_ratios
+
+    a2a = "n/c" if r["variant"] == "megatron_moe" else f"{r['a2a_mib']:.2f}"
+    runs = ", ".join(f"{x:.2f}" for x in per_run_ratios(r["run_step_ms"], ref["run_step_ms"]))
     return (f"| {r['world']} | {r['workload']} | {r['variant']} | {r['step_ms']:.1f} | {r['p90_ms']:.1f} | "
-            f"{r['max_ms']:.1f} | {r['step_ms'] / ep_ms:.2f} | {r['tok_s']:.0f} | {r['busy_max_mean']:.2f} | "
+            f"{r['max_ms']:.1f} | {r['step_ms'] / ref['step_ms']:.2f} | {runs} | {r['cpu_ms']:.1f} | "
+            f"{r['cpu_ms'] / ref['cpu_ms']:.2f} | {r['tok_s']:.0f} | {r['busy_max_mean']:.2f} | "
             f"{r['busy_max_ms']:.1f} | {r['slots_max_mean']:.2f} | {r['load_max_mean']:.2f} | "
             f"{r['top1_share']:.3f} | {r['spag_mib']:.2f} | {a2a} | {r['peak_tensor_mib']:.1f} | "
             f"{r['rss_mib']:.0f} | {r['loss']:.4f} | {r['dropped']} | {r['reshard_steps'] or '-'} |")
@@ -194,6 +227,38 @@ def available_strategies() -> set[str]:
     return set(STRATEGIES)
 
 
+def _runnable(world: int, wl: str, variants: list[str], extra: list[str], have: set[str]) -> list[str]:
+    """The variants that run for this (world, workload); prints why the others do not (before any process)."""
+    out = []
+    for v in variants:
+        strategy = next(o.split("=", 1)[1] for o in VARIANTS[v] if o.startswith("parallel.strategy="))
+        if strategy not in have:
+            print(f"<!-- {v}: parallel.strategy={strategy} not available in this checkout: skipped -->")
+            continue
+        if v in NEEDS_MEAN_LOAD and not any("router_skew" in o or "routing_trace" in o for o in WORKLOADS[wl]):
+            continue
+        reason = refusal(world, WORKLOADS[wl] + VARIANTS[v] + extra)
+        if reason:
+            print(f"| {world} | {wl} | {v} | n/a: {reason} |", flush=True)
+            continue
+        out.append(v)
+    return out
+
+
+def _run(world: int, wl: str, args: argparse.Namespace, v: str) -> dict:
+    """One run of variant `v`: fresh gloo ranks, summarized."""
+    from tests.dist_utils import run_distributed
+
+    per_rank = run_distributed(_rank_body, world, WORKLOADS[wl] + VARIANTS[v] + args.extra, args.steps, args.warmup,
+                               timeout=3000)
+    return summarize(world, wl, v, per_rank, TOKENS_PER_STEP)
+
+
+def _log(world: int, wl: str, repeats: int, rep: int, v: str, r: dict) -> None:
+    print(f"# rep {rep + 1}/{repeats} {world} ranks {wl} {v}: step {r['step_ms']:.1f} ms, "
+          f"CPU {r['cpu_ms']:.1f} ms/step/rank", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worlds", type=int, nargs="+", default=[2])
@@ -201,6 +266,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4, help="first steps not timed")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs per variant, fresh processes each, interleaved across variants (rows: medians)")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="override for every run")
     ap.add_argument("--json", type=Path, default=None, help="append every row as JSON here")
     ap.add_argument("--list", action="store_true")
@@ -209,37 +276,33 @@ def main() -> None:
         for name, o in {**WORKLOADS, **VARIANTS}.items():
             print(f"{name}: {' '.join(o)}")
         return
-    from tests.dist_utils import run_distributed
+    if args.repeats < 1:
+        ap.error(f"--repeats {args.repeats}: must be >= 1")
+    if not 0 <= args.warmup < args.steps:
+        ap.error(f"--warmup {args.warmup} with --steps {args.steps}: need 0 <= warmup < steps (some steps timed)")
+    from benchmarks.measure import run_interleaved
 
     have = available_strategies()
-    tokens = 16 * 128
     print(f"# moe_strategies: 16 experts top-2, d_model 128, d_ffn 2048, 2 MoE layers, seq 128, global batch 16, "
-          f"{args.steps} steps (first {args.warmup} not timed), fresh processes per variant", flush=True)
+          f"{args.steps} steps (first {args.warmup} not timed), {args.repeats} interleaved repetition(s) per "
+          f"variant, fresh processes per run", flush=True)
     print(HEADER + "\n" + "|---" * (HEADER.count("|") - 1) + "|", flush=True)
     for world in args.worlds:
         for wl in args.workloads:
-            rows = []
-            for v in args.variants:
-                strategy = next(o.split("=", 1)[1] for o in VARIANTS[v] if o.startswith("parallel.strategy="))
-                if strategy not in have:
-                    print(f"<!-- {v}: parallel.strategy={strategy} not available in this checkout: skipped -->")
-                    continue
-                if v in NEEDS_MEAN_LOAD and not any("router_skew" in o or "routing_trace" in o
-                                                     for o in WORKLOADS[wl]):
-                    continue
-                reason = refusal(world, WORKLOADS[wl] + VARIANTS[v] + args.extra)
-                if reason:
-                    print(f"| {world} | {wl} | {v} | n/a: {reason} |", flush=True)
-                    continue
-                per_rank = run_distributed(_rank_body, world, WORKLOADS[wl] + VARIANTS[v] + args.extra,
-                                           args.steps, args.warmup, timeout=3000)
-                r = summarize(world, wl, v, per_rank, tokens)
-                rows.append(r)
-                ep_ms = next((x["step_ms"] for x in rows if x["variant"] == "ep"), r["step_ms"])
-                print(row(r, ep_ms), flush=True)
+            variants = _runnable(world, wl, args.variants, args.extra, have)
+            res = run_interleaved(variants, args.repeats, partial(_run, world, wl, args),
+                                  partial(_log, world, wl, args.repeats))
+            rows = [combine(res[v]) for v in variants]
+            ref = next((r for r in rows if r["variant"] == "ep"), rows[0] if rows else None)
+            for r in rows:
+                print(row(r, ref), flush=True)
                 if args.json:
                     with args.json.open("a") as f:
                         f.write(json.dumps(r) + "\n")
+            for r in rows:
+                if not r["same_result"]:
+                    print(f"<!-- {world} ranks, {wl}, {r['variant']}: repetitions disagree on loss / dropped / "
+                          f"re-shard steps -->", flush=True)
             print(peer_ratios(rows), flush=True)
 
 

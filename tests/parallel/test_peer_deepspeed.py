@@ -79,6 +79,52 @@ def test_deepspeed_moe_trains_on_two_ranks_from_our_weights(tmp_path):
         assert losses[0] == pytest.approx(ref[0], rel=1e-5, abs=1e-5), (zero_stage, losses[0], ref[0])
 
 
+def _a2a_body(rank: int, world: int, cfg_dict: dict, out: str, steps: int) -> dict:
+    from benchmarks.measure import CollectiveCounter
+    from sparsetrain.config import config_from_dict
+    from sparsetrain.parallel.mesh import init_distributed
+    from sparsetrain.telemetry.comm import COMM
+    from sparsetrain.train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    counter = CollectiveCounter()
+    counter.install()
+    cfg_dict = {**cfg_dict, "train": {**cfg_dict["train"], "out_dir": out}}
+    tr = Trainer(config_from_dict(cfg_dict), init_distributed("cpu"))
+    caps: list[int] = []  # every gate call's capacity C: DeepSpeed exchanges a padded [E, C, d] buffer
+    for layer in tr.model.moe_layers():
+        layer.moe.deepspeed_moe.gate.register_forward_hook(lambda m, a, o: caps.append(int(o[1])))
+    got = []
+    for step in range(steps):
+        COMM.reset()
+        caps.clear()
+        counter.enabled = True
+        tr.train_step(step)
+        counter.enabled = False
+        calls, nbytes = counter.pop()
+        got.append({"comm": COMM.snapshot().get("all_to_all", 0), "caps": list(caps),
+                    "a2a_calls": calls.get("all_to_all_single", 0), "a2a_bytes": nbytes.get("all_to_all_single", 0)})
+    return {"steps": got, "E": tr.cfg.moe.num_experts, "d": tr.cfg.model.d_model}
+
+
+@pytest.mark.slow
+def test_deepspeed_moe_all_to_all_bytes_are_counted(tmp_path):
+    """DeepSpeed's token all-to-all goes through deepspeed.comm (tensors passed by keyword): per step, COMM
+    'all_to_all' holds the bytes sent to the other rank, as for our EP, and CollectiveCounter sees every call
+    with its bytes: dispatch + combine, forward + backward, of a padded [E, C, d] fp32 buffer per MoE layer."""
+    steps = 2
+    cfg = small_config("parallel.strategy=deepspeed_moe", steps=steps)
+    res = run_distributed(_a2a_body, 2, cfg, str(tmp_path), steps, timeout=1200, env={"DS_ACCELERATOR": "cpu"})
+    for r in res:
+        e, d = r["E"], r["d"]
+        for s in r["steps"]:
+            assert len(s["caps"]) == 2 and min(s["caps"]) > 0, s  # one gate call per MoE layer
+            buffers = sum(e * c * d * 4 for c in s["caps"])  # bytes of each layer's [E, C, d] buffer, summed
+            assert s["a2a_calls"] == 4 * len(s["caps"]), s
+            assert s["a2a_bytes"] == 4 * buffers, s  # CollectiveCounter: the whole buffer per call
+            assert s["comm"] == 4 * buffers // 2, s  # COMM: the half each rank sends to the other
+
+
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_workload_gate_is_deepspeed_gating_on_the_workload_ids(top_k):
     """DeepSpeed's gate under a routing workload: fed plain top-k ids it reproduces DeepSpeed's own gating at a

@@ -11,6 +11,8 @@ workload (`moe.router_skew`, `moe.routing_trace`) DeepSpeed's gate follows the s
 loss (E * sum_e f_top1 * P over the rank's tokens) is scaled by `moe.aux_loss_coef`; it has no z-loss.
 The engine does the gradient all-reduce (experts over their expert-data-parallel group), clipping
 (`train.grad_clip`) and the optimizer step; the trainer sets the learning rate as for every strategy.
+DeepSpeed's token all-to-all (forward and backward) is counted in `COMM` 'all_to_all' as ours is: the bytes
+this rank sends to other ranks (`count_token_exchange`).
 """
 from __future__ import annotations
 
@@ -42,6 +44,33 @@ def import_deepspeed(device: torch.device) -> Any:
         raise ImportError("parallel.strategy=deepspeed_moe needs DeepSpeed: pip install 'sparsetrain[deepspeed]' "
                           "(DS_BUILD_OPS=0)") from None
     return deepspeed
+
+
+def count_token_exchange() -> None:
+    """Make DeepSpeed-MoE's token all-to-all add to `COMM` 'all_to_all' the bytes each call sends to other ranks.
+
+    `deepspeed.moe.sharded_moe._AllToAll` (dispatch and combine; its backward applies it again) moves an even
+    split of a padded [E, capacity, d] buffer through `deepspeed.comm`: each rank keeps 1/ep of it and sends
+    the rest, the convention of our `all_to_all_uneven`. Idempotent."""
+    import torch.distributed as dist
+    from deepspeed.moe import sharded_moe
+
+    from sparsetrain.telemetry.comm import COMM
+
+    base = sharded_moe._AllToAll
+    if getattr(base, "counted", False):
+        return
+
+    class CountedAllToAll(base):  # type: ignore[misc, valid-type]
+        counted = True
+
+        @staticmethod
+        def forward(ctx: Any, group: Any, input: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            ep = dist.get_world_size(group)
+            COMM.add("all_to_all", input.numel() * input.element_size() * (ep - 1) // ep)
+            return base.forward(ctx, group, input)
+
+    sharded_moe._AllToAll = CountedAllToAll  # module global: MOELayer.forward and _AllToAll.backward look it up
 
 
 class SwiGLUExpert(MLP):
@@ -132,6 +161,7 @@ class DeepSpeedMoE(Strategy):
         self.ds.init_distributed(dist_backend=backend, dist_init_required=False)
         from deepspeed.moe.layer import MoE
 
+        count_token_exchange()
         m, e = self.cfg.model, self.cfg.moe
         ep_rank = (self.info.rank % self.ep_size) if self.info.world > 1 else 0
         first = ep_rank * (e.num_experts // self.ep_size)
