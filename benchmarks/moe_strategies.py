@@ -81,6 +81,9 @@ def _rank_body(rank: int, world: int, overrides: list[str], steps: int, warmup: 
     """One rank of one variant: build, run, measure; returns this rank's numbers."""
     import torch
 
+    os.dup2(2, 1)  # this rank's own output (DeepSpeed's logs, profiler notes) goes to stderr: stdout is the table
+    sys.stdout = sys.stderr
+
     from benchmarks.measure import ExpertBusy, StepClock, peak_tensor_bytes, rss_high_water_mib
     from sparsetrain.config import load_config
     from sparsetrain.parallel.mesh import init_distributed
