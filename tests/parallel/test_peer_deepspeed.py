@@ -53,7 +53,8 @@ def _train_body(rank: int, world: int, cfg_dict: dict, out: str) -> dict:
     cfg_dict = {**cfg_dict, "train": {**cfg_dict["train"], "out_dir": out}}
     tr = Trainer(config_from_dict(cfg_dict), init_distributed("cpu"))
     tr.fit()
-    return {"losses": [r["loss"] for r in tr.history], "layers": [type(m).__name__ for m in tr.model.moe_layers()],
+    return {"losses": [r["loss"] for r in tr.history], "a2a_MB": [r.get("a2a_MB", 0.0) for r in tr.history],
+            "layers": [type(m).__name__ for m in tr.model.moe_layers()],
             "engine": type(getattr(tr.strategy, "engine", None)).__name__}
 
 
@@ -75,6 +76,7 @@ def test_deepspeed_moe_trains_on_two_ranks_from_our_weights(tmp_path):
         assert got[1]["losses"] == losses  # the logged loss is the mean over ranks
         assert got[0]["layers"] == ["DeepSpeedMoEBlock"] * 2 and got[0]["engine"] == "DeepSpeedEngine", got[0]
         assert losses[-1] < losses[0] - 0.1, losses
+        assert min(got[0]["a2a_MB"]) > 0, got[0]["a2a_MB"]  # its token all-to-all is logged as EP's is
         # same GPT, data and initial weights; only float summation order differs before the first update
         assert losses[0] == pytest.approx(ref[0], rel=1e-5, abs=1e-5), (zero_stage, losses[0], ref[0])
 

@@ -212,6 +212,10 @@ class DeepSpeedMoE(Strategy):
         norm = self.engine.get_global_grad_norm()
         return torch.tensor(float(norm) if norm is not None else float("nan"))
 
+    def step_metrics(self, comm: dict[str, int], per_rank: dict[str, torch.Tensor]) -> dict[str, float]:
+        """`a2a_MB`: DeepSpeed's token all-to-all bytes (summed over ranks), as EP logs its own."""
+        return {"a2a_MB": comm.get("all_to_all", 0) / 2**20, **super().step_metrics(comm, per_rank)}
+
     def describe(self) -> dict[str, Any]:
         e = self.cfg.moe
         return {"strategy": self.name, "ep_size": self.ep_size, "zero_stage": self.cfg.parallel.deepspeed.zero_stage,
