@@ -143,7 +143,8 @@ def rss_high_water_mib() -> float:
 # batch_isend_irecv, which is counted with the bytes of every op it carries).
 _KINDS = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single",
           "broadcast", "barrier", "send", "recv", "batch_isend_irecv", "all_to_all",
-          "reduce_scatter", "_reduce_scatter_base", "_all_gather_base", "all_gather_object")
+          "reduce_scatter", "_reduce_scatter_base", "_all_gather_base", "all_gather_object",
+          "all_gather_single", "reduce_scatter_single", "all_gather_coalesced")  # *_single: FSDP2's, torch 2.13
 
 
 def _nbytes(args: Sequence[Any]) -> int:

@@ -57,6 +57,7 @@ def _clock_and_counter_body(rank: int, world: int) -> dict:
     out = torch.empty(1000)
     dist.all_to_all_single(output=out, input=x)
     dist.all_to_all_single(out, x)
+    dist.all_gather_single(torch.empty(2000), x)  # FSDP2's all-gather in torch 2.13
     counter.enabled = False
     calls, nbytes = counter.pop()
     return {"wall": clock.wall, "cpu": clock.cpu, "calls": calls, "bytes": nbytes}
@@ -68,8 +69,8 @@ def test_step_clock_separates_work_from_waiting_and_counter_sees_keyword_tensors
         assert len(r["wall"]) == len(r["cpu"]) == 2
         assert r["wall"][0] >= 0.3 and r["cpu"][0] < 0.15, r  # a sleeping step costs no CPU
         assert 0.2 <= r["cpu"][1] < 0.3 and r["wall"][1] >= 0.2, r
-        assert r["calls"] == {"all_reduce": 1, "all_to_all_single": 2}, r
-        assert r["bytes"] == {"all_reduce": 4000, "all_to_all_single": 8000}, r
+        assert r["calls"] == {"all_reduce": 1, "all_to_all_single": 2, "all_gather_single": 1}, r
+        assert r["bytes"] == {"all_reduce": 4000, "all_to_all_single": 8000, "all_gather_single": 8000}, r
 
 
 def _run(variant: str, step_ms: list[float], cpu_ms: float, loss: float = 2.5, a2a: float = 1.0) -> dict:
