@@ -68,7 +68,8 @@ class FSSDPConfig:
     planner: str = "hecate"  # placement planner registry key
     slots_per_rank: int = 2  # extra expert copies a rank may hold per layer (m)
     overlap_budget: int = -1  # chunks gatherable during attention (t); -1 = from the cost model, fixed at set-up
-    cost_gate: bool = True  # a layer keeps copies only when the compute they save beats the bytes they move
+    cost_gate: bool = True  # a layer keeps copies only when the compute they save beats the bytes they move;
+    # a re-shard happens only when the compute it saves until the next one beats the bytes it moves
     link_GBps: float = 0.0  # spAG/spRS bandwidth per rank for the cost model; 0 = device default, -1 = measure
     # once at set-up (kept in checkpoints; placement then depends on that measurement)
     expert_TFLOPs: float = 0.0  # expert GEMM throughput per rank for the cost model; 0 = device default

@@ -11,12 +11,18 @@ where n is the busiest rank's chunk transfers (copies it receives, or sends as a
 larger), t the overlap budget (forward gathers hidden under attention) and `passes` the transfers per
 copy per step. When gain_s <= cost_s the layer keeps P1 = P0: no spAG, no spRS, EP's work.
 
+Re-sharding ownership (`fssdp.reshard_every`) is gated the same way (`reshard_pays`): the expert time the
+new owners save per step (each layer's busiest-rank load plus its copies' transfers, under the placement the
+planner then produces) times the steps until the next re-shard must beat the seconds its moves take (per
+layer, the busiest rank's moved experts, params + Adam state, over the same link).
+
 The machine numbers are fixed per run (config, or a device default, or one measurement at set-up), never
 re-timed during training, so the placement is a deterministic function of the seed and config.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +32,8 @@ from sparsetrain.parallel.routing import rank_loads
 from sparsetrain.parallel.topology import Topology
 
 __all__ = ["DEVICE_DEFAULTS", "CopyCost", "attention_flops_per_token", "copies_can_pay", "expert_flops_per_slot",
-           "gate_copies", "overlap_budget_from_model"]
+           "gate_copies", "overlap_budget_from_model", "placement_time_s", "reshard_cost_s", "reshard_net_s",
+           "reshard_pays"]
 
 # (link GB/s per rank within a node, across nodes, expert TFLOP/s per rank). CPU: measured on the 2-core
 # dev machine (gloo loopback between two ranks, one thread each; benchmarks/RESULTS.md "copy cost gate").
@@ -102,3 +109,41 @@ def gate_copies(loads: torch.Tensor, p1: LayerPlacement, topo: Topology, cost: C
         return p1
     p0 = LayerPlacement.from_owners(p1.owners)
     return p1 if cost.gain_s(loads, p0, p1, topo) > cost.cost_s(p1, topo.world) else p0
+
+
+def placement_time_s(loads: torch.Tensor, p: LayerPlacement, topo: Topology, cost: CopyCost) -> float:
+    """Predicted seconds of one layer's expert work per step under `p`: the busiest rank's compute plus the
+    exposed transfers of its copies (0 without copies)."""
+    return float(rank_loads(loads, p, topo).max()) * cost.flops_per_slot / cost.flops_per_s + cost.cost_s(p, topo.world)
+
+
+def reshard_cost_s(old_owners: Sequence[Sequence[int]], new_owners: Sequence[Sequence[int]], world: int,
+                   move_bytes: int, bytes_per_s: float) -> float:
+    """Seconds a re-shard's transfers take: one transfer per layer, each as long as its busiest rank's moved
+    experts (sent or received, whichever is more) x `move_bytes` (one expert's params + optimizer state)."""
+    moves = 0
+    for old, new in zip(old_owners, new_owners):
+        send, recv = [0] * world, [0] * world
+        for a, b in zip(old, new):
+            if a != b:
+                send[a] += 1
+                recv[b] += 1
+        moves += max(max(s, r) for s, r in zip(send, recv))
+    return moves * move_bytes / bytes_per_s
+
+
+def reshard_net_s(loads: torch.Tensor, before: Sequence[LayerPlacement], after: Sequence[LayerPlacement],
+                  topo: Topology, cost: CopyCost, move_bytes: int, every: int) -> float:
+    """Seconds a re-shard saves net of its moves: the expert time `after` saves over `before` (per layer, the
+    placements planned on the old and new owners from predicted loads [L, E]) in each of the `every` steps
+    until the next re-shard, less the time its moves take."""
+    gain = every * sum(placement_time_s(loads[li], b, topo, cost) - placement_time_s(loads[li], a, topo, cost)
+                       for li, (b, a) in enumerate(zip(before, after)))
+    return gain - reshard_cost_s([b.owners for b in before], [a.owners for a in after], topo.world, move_bytes,
+                                 cost.bytes_per_s)
+
+
+def reshard_pays(loads: torch.Tensor, before: Sequence[LayerPlacement], after: Sequence[LayerPlacement],
+                 topo: Topology, cost: CopyCost, move_bytes: int, every: int) -> bool:
+    """Whether the re-shard from `before` to `after` saves more expert time until the next one than its moves take."""
+    return reshard_net_s(loads, before, after, topo, cost, move_bytes, every) > 0

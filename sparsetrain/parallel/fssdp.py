@@ -7,8 +7,10 @@ go to a copy on their own rank, else their node, else remote; spRS (spAG's backw
 gradients into the owner. Placement is re-planned every step from all-reduced loads, and a layer keeps
 copies only when the cost model says they save more compute than they cost (`copy_cost.py`); a layer
 without copies runs exactly EP's path. Ownership is re-sharded every `fssdp.reshard_every` steps with
-params and Adam state moving together. The machine numbers behind the overlap budget and the gate are
-fixed at set-up, so the placement is a deterministic function of the seed and config.
+params and Adam state moving together, when it balances the owned load and (gate on) the expert time it
+saves until the next re-shard beats the bytes it moves (`copy_cost.reshard_pays`). The machine numbers
+behind the overlap budget and both gates are fixed at set-up, so the placement is a deterministic function
+of the seed and config.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from sparsetrain.parallel.copy_cost import (
     expert_flops_per_slot,
     gate_copies,
     overlap_budget_from_model,
+    reshard_net_s,
 )
 from sparsetrain.parallel.dense import DTYPES, compute_dtype
 from sparsetrain.parallel.ep import keep_expert_rows
@@ -41,11 +44,10 @@ from sparsetrain.parallel.placement import (
     LayerPlacement,
     LoadTracker,
     initial_owners,
-    owned_load,
     reshard_owners_min_moves,
 )
 from sparsetrain.parallel.planners import get_planner
-from sparsetrain.parallel.reshard import move_ownership
+from sparsetrain.parallel.reshard import move_ownership, moved_bytes_per_expert, reshard_balances
 from sparsetrain.parallel.sparse_collectives import SpAGHandle, SpRSHandle, spag, spag_start, sprs_start
 from sparsetrain.parallel.strategy import Strategy
 from sparsetrain.parallel.topology import Topology
@@ -53,15 +55,6 @@ from sparsetrain.telemetry.comm import COMM
 from sparsetrain.telemetry.timers import span
 
 REPLICATE_EVERYWHERE = ("hecate", "eplb")
-RESHARD_GAIN = 0.02  # re-shard only when owned-load max/mean improves by at least this fraction
-
-
-def _imbalance(loads: torch.Tensor, owners: list[list[int]], world: int, replicas: list | None) -> float:
-    """Mean over layers of max/mean owned load per rank (each layer's expert compute is synchronous)."""
-    per_layer = [owned_load(loads[li:li + 1], owners[li:li + 1], world, replicas[li:li + 1] if replicas else None)
-                 for li in range(len(owners))]
-    return sum(float(r.max() / r.mean().clamp_min(1e-12)) for r in per_layer) / max(len(per_layer), 1)
-
 
 def _lists(p: LayerPlacement) -> tuple[list[int], list[list[int]]]:
     return list(p.owners), [list(c) for c in p.copies]
@@ -101,6 +94,7 @@ class FSSDP(Strategy):
         self.owner_index: list[torch.Tensor] = []  # per layer: expert -> owner rank [E] (dispatch without copies)
         self.reshards = 0
         self.reshard_moves = 0  # expert chunks whose owner changed, summed over re-shards
+        self.reshards_gated = 0  # re-shards that balanced the owned load but would not pay for their moves
         self.group: dist.ProcessGroup | None = None
         self.codec: NMChunkCodec | None = None  # set per step when expert copies can travel compressed
 
@@ -297,19 +291,40 @@ class FSSDP(Strategy):
         loads = self.tracker.predicted()  # [L, E]
         placements = list(restored or [])
         for li in range(self.num_layers if restored is None else 0):
-            if self.cost is not None and not copies_can_pay(loads[li], tuple(self.owners[li]), self.topo, self.cost):
-                placements.append(LayerPlacement.from_owners(self.owners[li]))  # balanced enough: no planning
-                continue
-            p = self.planner(loads[li], self.owners[li], self.topo, self.fcfg.slots_per_rank, self.overlap_budget)
-            if self.cost is not None:
-                gated = gate_copies(loads[li], p, self.topo, self.cost)
-                self.copies_gated += gated is not p
-                p = gated
+            p, gated = self._plan(loads[li], self.owners[li])
+            self.copies_gated += gated
             placements.append(p)
         if [p.owners for p in placements] != [p.owners for p in self.placements]:
             self.owner_index = [torch.tensor(p.owners, dtype=torch.long, device=self.info.device) for p in placements]
         self.placements = placements
         self.is_replicated = [any(len(c) > 1 for c in p.copies) for p in placements]
+
+    def _plan(self, loads: torch.Tensor, owners: list[int]) -> tuple[LayerPlacement, bool]:
+        """One layer's placement for predicted loads [E] and owners: the planner's, less copies that do not
+        pay (gate on); and whether the gate dropped proposed copies."""
+        if self.cost is not None and not copies_can_pay(loads, tuple(owners), self.topo, self.cost):
+            return LayerPlacement.from_owners(owners), False  # balanced enough: no planning
+        p = self.planner(loads, owners, self.topo, self.fcfg.slots_per_rank, self.overlap_budget)
+        gated = gate_copies(loads, p, self.topo, self.cost) if self.cost is not None else p
+        return gated, gated is not p
+
+    def _reshard_target(self, loads: torch.Tensor, experts: GroupedExperts) -> list[list[int]] | None:
+        """New owners at a re-shard opportunity, or None. Candidates: the few-moves re-shard counting copies
+        (planners that copy hot experts everywhere spread their load whatever the owner) and, gate on, the one
+        balancing the owners alone; each must balance the owned load by RESHARD_GAIN. Gate off: the first.
+        Gate on: the one saving the most expert time net of its moves (`reshard_net_s`), if that is > 0."""
+        replicas = self.placements if self.fcfg.planner in REPLICATE_EVERYWHERE else None
+        ways = [replicas] if self.cost is None or replicas is None else [replicas, None]
+        cands = [c for r, c in ((r, reshard_owners_min_moves(loads, self.owners, self.topo, r)) for r in ways)
+                 if reshard_balances(loads, self.owners, c, self.info.world, r)]  # memory = EP
+        if self.cost is None or not cands:
+            return cands[0] if cands else None
+        plans = [[self._plan(loads[li], o[li])[0] for li in range(self.num_layers)] for o in [self.owners, *cands]]
+        nets = [reshard_net_s(loads, plans[0], p, self.topo, self.cost, moved_bytes_per_expert(experts),
+                              self.fcfg.reshard_every) for p in plans[1:]]
+        best = max(range(len(nets)), key=lambda i: (nets[i], -i))
+        self.reshards_gated += nets[best] <= 0
+        return cands[best] if nets[best] > 0 else None
 
     def after_step(self, step: int, model: GPT, optimizer: torch.optim.Optimizer,
                    counts: torch.Tensor | None) -> torch.optim.Optimizer | None:
@@ -320,13 +335,8 @@ class FSSDP(Strategy):
         new_opt = None
         every = self.fcfg.reshard_every
         if every and (step + 1) % every == 0:
-            loads = self.tracker.predicted()
-            # planners that copy hot experts to every rank spread their load regardless of the owner;
-            # planners that replicate only on overload need the owners themselves balanced
-            replicas = self.placements if self.fcfg.planner in REPLICATE_EVERYWHERE else None
-            new_owners = reshard_owners_min_moves(loads, self.owners, self.topo, replicas)  # memory = EP
-            if new_owners != self.owners and _imbalance(loads, new_owners, self.info.world, replicas) < \
-                    (1 - RESHARD_GAIN) * _imbalance(loads, self.owners, self.info.world, replicas):
+            new_owners = self._reshard_target(self.tracker.predicted(), model.moe_layers()[0].experts)
+            if new_owners is not None:
                 new_opt, self._expert_params = move_ownership([m.experts for m in model.moe_layers()], optimizer,
                                                               self.owners, new_owners, self.info.rank, self.group)
                 self.reshard_moves += sum(a != b for old, new in zip(self.owners, new_owners)
@@ -362,7 +372,7 @@ class FSSDP(Strategy):
         return {"strategy": self.name, "planner": self.fcfg.planner, "nodes": self.topo.num_nodes,
                 "overlap_budget": self.overlap_budget,
                 "link_GBps": round(self.bandwidth / 1e9, 3) if self.bandwidth else None,
-                "copies_gated": self.copies_gated,
+                "copies_gated": self.copies_gated, "reshards_gated": self.reshards_gated,
                 "reshards": self.reshards, "reshard_moves": self.reshard_moves,
                 "compressed_chunks": self.codec is not None,
                 "hottest_placement": self.hottest()}

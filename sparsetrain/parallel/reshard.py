@@ -1,4 +1,7 @@
-"""Re-sharding FSSDP ownership: whole expert chunks move with their Adam state; the optimizer is rebuilt."""
+"""Re-sharding FSSDP ownership: whole expert chunks move with their Adam state; the optimizer is rebuilt.
+
+A re-shard is proposed when new owners balance the owned load (`reshard_balances`); with the cost gate on it
+also has to pay for its moves (`copy_cost.reshard_pays`, bytes per moved expert from `moved_bytes_per_expert`)."""
 from __future__ import annotations
 
 import torch
@@ -7,8 +10,25 @@ from torch import nn
 
 from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts, expert_shapes
 from sparsetrain.parallel.optim_state import OPT_KEYS, ensure_optimizer_state, rebuild_optimizer
-from sparsetrain.parallel.placement import LayerPlacement
+from sparsetrain.parallel.placement import LayerPlacement, owned_load
 from sparsetrain.parallel.sparse_collectives import spag
+
+RESHARD_GAIN = 0.02  # re-shard only when owned-load max/mean improves by at least this fraction
+
+
+def _imbalance(loads: torch.Tensor, owners: list[list[int]], world: int, replicas: list | None) -> float:
+    """Mean over layers of max/mean owned load per rank (each layer's expert compute is synchronous)."""
+    per_layer = [owned_load(loads[li:li + 1], owners[li:li + 1], world, replicas[li:li + 1] if replicas else None)
+                 for li in range(len(owners))]
+    return sum(float(r.max() / r.mean().clamp_min(1e-12)) for r in per_layer) / max(len(per_layer), 1)
+
+
+def reshard_balances(loads: torch.Tensor, old: list[list[int]], new: list[list[int]], world: int,
+                     replicas: list | None) -> bool:
+    """Whether new owners lower the owned-load imbalance (loads [L, E]; replicated experts count load / copies)
+    by at least RESHARD_GAIN."""
+    return new != old and _imbalance(loads, new, world, replicas) < (1 - RESHARD_GAIN) * _imbalance(
+        loads, old, world, replicas)
 
 
 def _pack_rows(mod: GroupedExperts, optimizer: torch.optim.Optimizer) -> torch.Tensor:
@@ -18,6 +38,11 @@ def _pack_rows(mod: GroupedExperts, optimizer: torch.optim.Optimizer) -> torch.T
     for k in OPT_KEYS:
         cols += [optimizer.state[getattr(mod, w)][k].reshape(n, per) for w in EXPERT_WEIGHTS]
     return torch.cat(cols, dim=1)
+
+
+def moved_bytes_per_expert(mod: GroupedExperts) -> int:
+    """Bytes `move_ownership` sends per moved expert: its params and each Adam moment (`_pack_rows`' width)."""
+    return (1 + len(OPT_KEYS)) * len(EXPERT_WEIGHTS) * mod.d_model * mod.d_ffn * mod.w1.element_size()
 
 
 def move_ownership(experts: list[GroupedExperts], optimizer: torch.optim.Optimizer, old_owners: list[list[int]],

@@ -11,6 +11,10 @@ from sparsetrain.parallel.copy_cost import (
     expert_flops_per_slot,
     gate_copies,
     overlap_budget_from_model,
+    placement_time_s,
+    reshard_cost_s,
+    reshard_net_s,
+    reshard_pays,
 )
 from sparsetrain.parallel.placement import LayerPlacement, initial_owners
 from sparsetrain.parallel.planners import plan_hecate, plan_lpt_spill
@@ -72,3 +76,68 @@ def test_overlap_budget_from_model():
     assert overlap_budget_from_model(1e12, 1e12, 1e9, 1_000_000, 64) == 64  # capped at the expert count
     with pytest.raises(ValueError, match="must be > 0"):
         overlap_budget_from_model(1e9, 0.0, 1e9, 1, 8)
+
+
+# ------------------------------------------------------------------ re-shard gate
+def test_reshard_cost_counts_each_layers_busiest_rank():
+    old = [[0, 0, 1, 1], [0, 0, 1, 1]]
+    new = [[1, 0, 0, 1], [0, 0, 1, 1]]  # layer 0 swaps experts 0 and 2 (each rank sends 1, receives 1); layer 1 stays
+    assert reshard_cost_s(old, new, 2, 1000, 1e6) == pytest.approx(1e-3)
+    new = [[1, 1, 1, 1], [0, 1, 1, 1]]  # rank 1 receives 2 + 1: one transfer per layer, each its busiest rank's
+    assert reshard_cost_s(old, new, 2, 1000, 1e6) == pytest.approx(3e-3)
+    assert reshard_cost_s(old, old, 2, 1000, 1e6) == 0.0
+
+
+def _hand_cost() -> CopyCost:
+    """1 slot = 1 ms of expert compute; 1 MB/s link; chunks of 1 kB (copies are not part of these cases)."""
+    return CopyCost(chunk_bytes=1000, flops_per_slot=1e6, flops_per_s=1e9, bytes_per_s=1e6, passes=3)
+
+
+def test_reshard_pays_when_the_saved_compute_beats_the_moves():
+    topo = Topology(2, 2)
+    loads = torch.tensor([[300.0, 100.0, 100.0, 100.0]])  # owners [0, 0, 1, 1]: rank loads 400 / 200
+    before = [LayerPlacement.from_owners([0, 0, 1, 1])]
+    after = [LayerPlacement.from_owners([0, 1, 0, 1])]  # swap experts 1 and 2: 400 / 200 -> 400 / 200: no gain
+    assert reshard_net_s(loads, before, after, topo, _hand_cost(), 10_000, 5) == pytest.approx(-0.01)
+    after = [LayerPlacement.from_owners([0, 1, 1, 1])]  # expert 1 to rank 1: 300 / 300, busiest rank -100 slots
+    cost = _hand_cost()
+    # gain 100 slots x 1 ms x 5 steps = 0.5 s; cost 1 moved expert x 10 kB / 1 MB/s = 0.01 s
+    assert placement_time_s(loads[0], after[0], topo, cost) == pytest.approx(0.3)
+    assert reshard_net_s(loads, before, after, topo, cost, 10_000, 5) == pytest.approx(0.49)
+    assert reshard_pays(loads, before, after, topo, cost, 10_000, 5)
+    # the same move of 1 MB per expert: 1 s of transfer for 0.5 s of compute saved until the next re-shard
+    assert reshard_net_s(loads, before, after, topo, cost, 1_000_000, 5) == pytest.approx(-0.5)
+    assert not reshard_pays(loads, before, after, topo, cost, 1_000_000, 5)
+    # ... which pays again when the next re-shard is 20 steps away: 2 s saved
+    assert reshard_pays(loads, before, after, topo, cost, 1_000_000, 20)
+
+
+def test_reshard_refused_when_loads_are_already_balanced():
+    """Routing noise (a few slots) does not pay for moving experts with their Adam state (tiny preset, CPU numbers)."""
+    topo, owners = Topology(2, 2), initial_owners(E, 2)  # [0, 0, 0, 0, 1, 1, 1, 1]
+    loads = torch.full((1, E), 4096.0 / E)
+    loads[0, 0] += 6.0
+    loads[0, E - 1] -= 6.0  # rank loads 2054 / 2042
+    cost = _cost()
+    before = [LayerPlacement.from_owners(owners)]
+    swapped = list(owners)
+    swapped[0], swapped[E - 2] = 1, 0  # swap the hot expert with a rank-1 expert at the mean: 2048 / 2048
+    after = [LayerPlacement.from_owners(swapped)]
+    move = 3 * 3 * D * F * 4  # params + exp_avg + exp_avg_sq, fp32
+    gain = 5 * 6 * cost.flops_per_slot / cost.flops_per_s  # 6 slots off the busiest rank for 5 steps: 0.88 ms
+    assert reshard_net_s(loads, before, after, topo, cost, move, 5) == pytest.approx(gain - move / cost.bytes_per_s)
+    assert not reshard_pays(loads, before, after, topo, cost, move, 5)  # one expert each way: 1.18 ms
+    assert reshard_pays(loads, before, after, topo, cost, move, 10)
+
+
+def test_reshard_net_counts_the_copies_each_placement_keeps():
+    """Old owners that needed a copy (its transfers cost every step) vs new owners without: the re-shard pays
+    although it leaves more compute on the busiest rank."""
+    topo = Topology(2, 2)
+    loads = torch.tensor([[300.0, 100.0, 50.0, 50.0]])
+    cost = CopyCost(chunk_bytes=20_000, flops_per_slot=1e6, flops_per_s=1e9, bytes_per_s=1e6, passes=3)
+    before = [LayerPlacement.from_lists([0, 0, 1, 1], [[0, 1], [0], [1], [1]])]  # expert 0 copied: 250 / 250
+    after = [LayerPlacement.from_owners([0, 1, 1, 1])]  # expert 1 moved, no copies: 300 / 200
+    assert placement_time_s(loads[0], before[0], topo, cost) == pytest.approx(0.25 + 3 * 0.02)
+    assert placement_time_s(loads[0], after[0], topo, cost) == pytest.approx(0.3)
+    assert reshard_net_s(loads, before, after, topo, cost, 1000, 5) == pytest.approx(5 * 0.01 - 1e-3)

@@ -51,7 +51,8 @@ def _steps_body(rank: int, world: int, cfg_dict: dict, out: str, steps: int) -> 
     state = full_model_state(tr.model)  # collective: every rank takes part
     return {"losses": losses, "calls": per_step, "spag": spag, "placements": placements,
             "state": state if rank == 0 else None,
-            "gated": getattr(s, "copies_gated", 0), "budget": getattr(s, "overlap_budget", None)}
+            "gated": getattr(s, "copies_gated", 0), "budget": getattr(s, "overlap_budget", None),
+            "reshard": [getattr(s, "reshards", 0), getattr(s, "reshards_gated", 0), getattr(s, "owners", None)]}
 
 
 def test_fssdp_without_copies_issues_eps_collectives(tmp_path):
@@ -84,3 +85,22 @@ def test_fssdp_default_config_is_deterministic(tmp_path, extra):
         assert torch.equal(v, b[0]["state"][k]), k
     if extra:  # the skewed case makes copies that pay, so determinism covers the copy path too
         assert a[0]["spag"] > 0
+
+
+@pytest.mark.parametrize("sets,pays", [(["parallel.fssdp.cost_gate=true", "parallel.fssdp.link_GBps=0"], True),
+                                       (["parallel.fssdp.cost_gate=true", "parallel.fssdp.link_GBps=1e-6"], False),
+                                       (["parallel.fssdp.link_GBps=1e-6", "parallel.fssdp.cost_gate=false"], True)],
+                         ids=["pays", "refused", "gate_off"])
+def test_reshard_only_when_it_pays(tmp_path, sets, pays):
+    """Skewed routing, a re-shard opportunity every 3 steps: the device-default link pays for the moves; a link
+    so slow that moving one expert takes minutes does not (counted in reshards_gated); without the gate the
+    imbalance test alone decides, as before. Every rank takes the same decision."""
+    cfg = small_config("parallel.strategy=fssdp", "parallel.fssdp.reshard_every=3", "moe.router_skew=1.2", *sets,
+                       steps=6)
+    got = run_distributed(_steps_body, 2, cfg, str(tmp_path), 6, timeout=600)
+    assert got[0]["reshard"] == got[1]["reshard"]
+    reshards, gated, _ = got[0]["reshard"]
+    if pays:
+        assert reshards >= 1 and gated == 0, got[0]["reshard"]
+    else:
+        assert reshards == 0 and gated == 2, got[0]["reshard"]  # both opportunities (steps 2 and 5) refused
