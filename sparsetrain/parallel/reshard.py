@@ -10,7 +10,7 @@ from torch import nn
 
 from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts, expert_shapes
 from sparsetrain.parallel.optim_state import OPT_KEYS, ensure_optimizer_state, rebuild_optimizer
-from sparsetrain.parallel.placement import LayerPlacement, owned_load
+from sparsetrain.parallel.placement import owned_load
 from sparsetrain.parallel.sparse_collectives import spag
 
 RESHARD_GAIN = 0.02  # re-shard only when owned-load max/mean improves by at least this fraction
@@ -31,12 +31,13 @@ def reshard_balances(loads: torch.Tensor, old: list[list[int]], new: list[list[i
         loads, old, world, replicas)
 
 
-def _pack_rows(mod: GroupedExperts, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """[n_owned, 3C]: each owned expert's params, exp_avg and exp_avg_sq, flattened side by side."""
-    n, per = mod.w1.shape[0], mod.d_model * mod.d_ffn
-    cols = [getattr(mod, w).detach().reshape(n, per) for w in EXPERT_WEIGHTS]
+def _pack_rows(mod: GroupedExperts, optimizer: torch.optim.Optimizer, rows: list[int]) -> torch.Tensor:
+    """[len(rows), 3C]: the given local rows' params, exp_avg and exp_avg_sq, flattened side by side."""
+    idx = torch.tensor(rows, dtype=torch.long, device=mod.w1.device)
+    n, per = len(rows), mod.d_model * mod.d_ffn
+    cols = [getattr(mod, w).detach().index_select(0, idx).reshape(n, per) for w in EXPERT_WEIGHTS]
     for k in OPT_KEYS:
-        cols += [optimizer.state[getattr(mod, w)][k].reshape(n, per) for w in EXPERT_WEIGHTS]
+        cols += [optimizer.state[getattr(mod, w)][k].index_select(0, idx).reshape(n, per) for w in EXPERT_WEIGHTS]
     return torch.cat(cols, dim=1)
 
 
@@ -49,29 +50,39 @@ def move_ownership(experts: list[GroupedExperts], optimizer: torch.optim.Optimiz
                    new_owners: list[list[int]], rank: int, group: dist.ProcessGroup | None
                    ) -> tuple[torch.optim.Optimizer, set[nn.Parameter]]:
     """Send every chunk whose owner changes (params + optimizer state) from its old to its new owner, one
-    spAG per layer; returns the rebuilt optimizer (same class and settings) and the new expert params."""
+    spAG per layer with moves; returns the rebuilt optimizer (same class and settings) and the expert params.
+
+    Only the moving chunks are packed and sent (the spAG runs on the moving experts alone); each new stacked
+    tensor is one concatenation of the rows that stay and the rows received. A layer without moves keeps its
+    Parameters and their state."""
     ensure_optimizer_state(optimizer)
     step = next(iter(optimizer.state.values()))["step"].clone()
     replace: dict[nn.Parameter, nn.Parameter] = {}
     moved: dict[nn.Parameter, dict[str, torch.Tensor]] = {}
     for mod, old, new in zip(experts, old_owners, new_owners):
-        transfer = LayerPlacement.from_lists(old, [[o, n] for o, n in zip(old, new)])
-        owners, copies = list(transfer.owners), [list(c) for c in transfer.copies]
-        with torch.no_grad():
-            rows, ids = spag(_pack_rows(mod, optimizer), mod.expert_ids, owners, copies, group)  # [n_mat, 3C]
+        moving = [e for e in range(len(old)) if old[e] != new[e]]
+        if not moving:
+            continue
+        local = {e: i for i, e in enumerate(mod.expert_ids)}  # expert -> its row here
+        leaving = [i for i, e in enumerate(moving) if old[e] == rank]  # indices into `moving`
+        with torch.no_grad():  # experts re-indexed 0..len(moving)-1: only moving chunks take part
+            rows, ids = spag(_pack_rows(mod, optimizer, [local[moving[i]] for i in leaving]), leaving,
+                             [old[e] for e in moving], [sorted({old[e], new[e]}) for e in moving], group)
+        received = {moving[i]: j for j, i in enumerate(ids) if new[moving[i]] == rank}  # expert -> row of `rows`
         keep = [e for e in range(len(new)) if new[e] == rank]
-        sel = torch.tensor([ids.index(e) for e in keep], dtype=torch.long, device=rows.device)
-        rows = rows.index_select(0, sel)  # [n_new, 3C]
-        n, width = len(keep), rows.shape[1] // 3
-        parts = rows.split(width, dim=1)  # params, exp_avg, exp_avg_sq: each [n_new, C]
-        sizes = [mod.d_ffn * mod.d_model] * len(EXPERT_WEIGHTS)
-        shapes = expert_shapes(mod.d_model, mod.d_ffn)
-        splits = [p.split(sizes, dim=1) for p in parts]
+        parts = rows.split(rows.shape[1] // (1 + len(OPT_KEYS)), dim=1)  # params, exp_avg, exp_avg_sq: [n, C]
+        per, shapes = mod.d_model * mod.d_ffn, expert_shapes(mod.d_model, mod.d_ffn)
         for wi, w in enumerate(EXPERT_WEIGHTS):
-            param = nn.Parameter(splits[0][wi].reshape(n, *shapes[w]).clone())
+            olds = [getattr(mod, w).detach()] + [optimizer.state[getattr(mod, w)][k] for k in OPT_KEYS]
+            fresh = []
+            for t, part in zip(olds, parts):  # [n_new, out, in]: rows that stay, rows received, in expert order
+                segs = [t[local[e]:local[e] + 1] if e not in received else
+                        part[received[e]:received[e] + 1, wi * per:(wi + 1) * per].reshape(1, *shapes[w]) for e in keep]
+                fresh.append(torch.cat(segs) if segs else t.new_empty(0, *shapes[w]))
+            param = nn.Parameter(fresh[0])
             replace[getattr(mod, w)] = param
             setattr(mod, w, param)
-            moved[param] = {"step": step.clone(), **{k: splits[1 + ki][wi].reshape(n, *shapes[w]).clone()
-                                                      for ki, k in enumerate(OPT_KEYS)}}
+            moved[param] = {"step": step.clone(), **dict(zip(OPT_KEYS, fresh[1:]))}
         mod.expert_ids = keep
-    return rebuild_optimizer(optimizer, replace, moved), set(moved)
+    params = {getattr(mod, w) for mod in experts for w in EXPERT_WEIGHTS}
+    return rebuild_optimizer(optimizer, replace, moved), params
