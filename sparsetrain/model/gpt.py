@@ -141,12 +141,17 @@ class GPT(nn.Module):
 
     def _deferred_aux(self, moes: list[MoELayer], routes: list, local: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Every layer's aux loss from ONE reduction of the [L_moe, E] counts (instead of one per layer);
+        """Every layer's aux loss from ONE reduction of the [L_moe, E] counts (instead of one per layer), or from
+        none when every layer's dispatcher already summed its counts over the ranks (`global_tokens_per_expert`);
         returns (summed aux loss, the global counts or None when no router needed them)."""
         aux = sum(r.aux_loss for r in routes)  # routers that are not deferred (peer layers) computed theirs
         if not any(getattr(m.router, "defer_aux", False) and m.router.needs_global_counts() for m in moes):
             return aux, None
-        global_counts = self.reduce_counts(local.detach().float())  # [L_moe, E]
+        summed = [r.global_tokens_per_expert for r in routes]
+        if all(g is not None for g in summed):  # the dispatchers' count exchanges already summed them
+            global_counts = torch.stack(summed).to(local.device).float()  # [L_moe, E]
+        else:
+            global_counts = self.reduce_counts(local.detach().float())  # [L_moe, E]
         for m, r, g in zip(moes, routes, global_counts):
             if getattr(m.router, "defer_aux", False):
                 m.router.note_global_counts(g)

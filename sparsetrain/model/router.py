@@ -25,6 +25,9 @@ class RouterOutput:
     z_loss: torch.Tensor  # scalar router z-loss (already times its coefficient)
     scores: torch.Tensor | None = None  # [T, k] gate probabilities of the chosen experts (before top-k renorm)
     probs_mean: torch.Tensor | None = None  # [E] mean gate probability over T (deferred aux loss; has grad)
+    # [E] tokens_per_expert summed over every data-parallel rank, when the dispatcher's own count exchange
+    # already summed them (EP/FSSDP over the whole world): the model then reduces nothing for the aux loss
+    global_tokens_per_expert: torch.Tensor | None = None
 
     def gate_scores(self) -> torch.Tensor:
         """[T, k] gate scores that order slots for capacity drops (the raw probabilities when known)."""

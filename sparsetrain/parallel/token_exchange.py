@@ -15,12 +15,26 @@ from sparsetrain.telemetry.timers import span
 ExpertFn = Callable[[torch.Tensor, list[int]], torch.Tensor]
 
 
-def _exchange_count_matrix(c: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """c [world, E] slots this rank sends per (dest, expert) -> [world, E] slots received per (src, expert)."""
-    send = to_comm(c, group).contiguous()
+def _exchange_count_matrix(c: torch.Tensor, group: dist.ProcessGroup | None,
+                           route_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """c [world, E] slots this rank sends per (dest, expert) -> ([world, E] slots received per (src, expert),
+    `route_counts` [E] summed over the group or None). The route counts ride in the same all_to_all (every peer
+    gets this rank's [E]), as Megatron-Core's dispatcher all-gathers its per-expert counts: the sum over the
+    group is then known everywhere without a separate count reduction."""
+    world, e = c.shape
+    send = c if route_counts is None else torch.cat([c, route_counts.to(c).expand(world, e)], 1)  # [world, E|2E]
+    send = to_comm(send, group).contiguous()
     out = torch.empty_like(send)
-    dist.all_to_all_single(out.view(-1), send.view(-1), group=group)  # E numbers per peer
-    return out.to(c.device)
+    dist.all_to_all_single(out.view(-1), send.view(-1), group=group)  # E (or 2E) numbers per peer
+    out = out.to(c.device)
+    return out[:, :e], (out[:, e:].sum(0) if route_counts is not None else None)
+
+
+def _chunks_in_order(x: torch.Tensor, sizes: list[int], order: list[int]) -> torch.Tensor:
+    """Rows of x [N, d] cut into consecutive chunks of `sizes`, re-concatenated in chunk `order` (autograd: the
+    backward is the same cut and re-concatenation; memcpy of whole chunks, no per-row gather or scatter-add)."""
+    parts = torch.split(x, sizes)
+    return torch.cat([parts[i] for i in order]) if order else x[:0]
 
 
 def _wire_dtype(x: torch.Tensor) -> torch.dtype:
@@ -33,12 +47,17 @@ def exchange_and_compute(x: torch.Tensor, route: RouterOutput, slot_rank: torch.
                          local_ids: list[int], expert_fn: ExpertFn, group: dist.ProcessGroup | None,
                          capacity_factor: float = 0.0,
                          capacity_renorm: bool = True,
-                         capacity_priority: str = "score") -> tuple[torch.Tensor, int, torch.Tensor]:
+                         capacity_priority: str = "score",
+                         sum_route_counts: bool = False) -> tuple[torch.Tensor, int, torch.Tensor]:
     """Send each slot to `slot_rank`, run local experts grouped by expert, return combined [T, d].
 
     Capacity mode (capacity_factor > 0) drops over-capacity slots before they leave this rank, in GShard
     priority order over this rank's tokens (`capacity_keep`; `capacity_priority` score or token order within
     a choice rank), and renormalizes the survivors' weights.
+
+    `sum_route_counts`: the router's counts (`route.tokens_per_expert`) travel in the count exchange, and their
+    sum over `group` lands in `route.global_tokens_per_expert` (callers whose group spans every data-parallel
+    rank: the model then skips its own count reduction).
 
     Returns (output [T, d], dropped slots, tokens computed per local expert [len(local_ids)]).
     """
@@ -51,6 +70,7 @@ def exchange_and_compute(x: torch.Tensor, route: RouterOutput, slot_rank: torch.
     with span("dispatch"):
         key = slot_rank * num_experts + flat_e  # [T*k] grouped by destination rank, then expert
         order = torch.argsort(key, stable=True)
+        kept_key = key
         if capacity_factor > 0:  # GShard-style local capacity per expert on this rank's tokens
             cap = expert_capacity(capacity_factor, t, k, num_experts)
             scores = route.gate_scores() if capacity_priority == "score" else None
@@ -58,29 +78,37 @@ def exchange_and_compute(x: torch.Tensor, route: RouterOutput, slot_rank: torch.
             dropped = int((~keep).sum())
             weights = capacity_weights(weights, keep, capacity_renorm)
             order = order[keep[order]]
-        sent = torch.bincount(key[order], minlength=world * num_experts).view(world, num_experts)  # [world, E]
-        recv = _exchange_count_matrix(sent, group)  # [world(src), E]
-        x_send = x[order // k].to(_wire_dtype(x))  # [S, d]: bf16 on the wire under bf16 autocast
-        x_recv = all_to_all_uneven(x_send, sent.sum(1).tolist(), recv.sum(1).tolist(), group)  # [R, d]
-        src_label = torch.repeat_interleave(torch.arange(world), recv.sum(1).cpu())  # [R]
-        e_label = torch.repeat_interleave(torch.arange(num_experts).repeat(world), recv.cpu().reshape(-1))  # [R]
-        perm = torch.argsort(e_label * world + src_label, stable=True).to(x.device)  # [src][e] -> [e][src]
-        per_expert = recv.sum(0).cpu()  # [E]
+            kept_key = key[order]
+        sent = torch.bincount(kept_key, minlength=world * num_experts).view(world, num_experts)  # [world, E]
+        recv, summed = _exchange_count_matrix(sent, group, route.tokens_per_expert if sum_route_counts else None)
+        if summed is not None:
+            route.global_tokens_per_expert = summed  # [E] the group's routed slots per expert (before drops)
+        recv_host = recv.cpu()  # [world(src), E]: the one host copy the splits need
+        send_splits, recv_splits = sent.sum(1).tolist(), recv_host.sum(1).tolist()
+        per_expert = recv_host.sum(0)  # [E]
         stray = per_expert.clone()
         stray[local_ids] = 0
         if int(stray.sum()):
             raise RuntimeError(f"received tokens for experts {stray.nonzero().flatten().tolist()} "
                                f"not held on this rank (holds {local_ids})")
-        counts_local = per_expert[local_ids]  # [L]
-        x_grouped = x_recv[perm]  # [R, d] grouped by expert
+        counts_local = per_expert[local_ids].tolist()  # [L] in local_ids order
+        x_send = x[order // k].to(_wire_dtype(x))  # [S, d]: bf16 on the wire under bf16 autocast
+        x_recv = all_to_all_uneven(x_send, send_splits, recv_splits, group)  # [R, d] in (src, expert) chunks
+        # (src, e) chunks -> (e, src) chunks: rows grouped by local expert, in local_ids order
+        chunk_rows = recv_host.reshape(-1).tolist()  # [world * E] chunk sizes, src-major
+        by_expert = [src * num_experts + e for e in local_ids for src in range(world)]
+        x_grouped = _chunks_in_order(x_recv, chunk_rows, by_expert)  # [R, d]
     with span("experts"):
-        y_grouped = expert_fn(x_grouped, counts_local.tolist())  # [R, d]
+        y_grouped = expert_fn(x_grouped, counts_local)  # [R, d]
         if x_grouped.requires_grad and not y_grouped.requires_grad:
             # no expert rows here (R = 0): keep the combine all-to-all in the graph so its backward
             # collective runs on this rank too, like on every other rank
             y_grouped = y_grouped + x_grouped * 0
     with span("combine"):
-        y_recv = torch.empty_like(y_grouped).index_copy(0, perm, y_grouped)  # back to [src][e] layout
-        y_sorted = all_to_all_uneven(y_recv, recv.sum(1).tolist(), sent.sum(1).tolist(), group)  # [S, d]
-        y_slots = y_sorted.new_zeros(t * k, d).index_copy(0, order, y_sorted)  # [T*k, d]
-        return combine_slots(y_slots, weights), dropped, counts_local
+        grouped_rows = [chunk_rows[i] for i in by_expert]  # chunk sizes in (e, src) order
+        back = sorted(range(len(by_expert)), key=by_expert.__getitem__)  # (e, src) chunks -> (src, e)
+        y_recv = _chunks_in_order(y_grouped, grouped_rows, back)  # [R, d] back to the received layout
+        y_sorted = all_to_all_uneven(y_recv, recv_splits, send_splits, group)  # [S, d]
+        full = y_sorted.shape[0] == t * k  # nothing dropped: every slot row is written below
+        y_slots = (y_sorted.new_empty if full else y_sorted.new_zeros)(t * k, d).index_copy(0, order, y_sorted)
+        return combine_slots(y_slots, weights), dropped, torch.tensor(counts_local, dtype=torch.long)
