@@ -46,6 +46,7 @@ class ExpertParallel(Strategy):
     """Experts partitioned over contiguous EP groups; replicas across groups average expert grads."""
 
     name = "ep"
+    fuses_step_reduction = True
 
     def __init__(self, cfg, info: DistInfo) -> None:
         super().__init__(cfg, info)
@@ -108,10 +109,16 @@ class ExpertParallel(Strategy):
         """Expert grads hold the sum over the EP group's tokens; sum over replicas, divide by world."""
         if self.info.world == 1:
             return
+        self.finish_own_grads(model)
+        self.all_reduce_dense_grads(model, skip=self._expert_params)
+
+    def own_grads(self) -> set[nn.Parameter]:
+        return self._expert_params
+
+    def finish_own_grads(self, model: GPT) -> None:
         from sparsetrain.parallel.dense import all_reduce_grads
 
         all_reduce_grads(self._expert_list, self.info.world, group=self.replica_group)
-        self.all_reduce_dense_grads(model, skip=self._expert_params)
 
     def step_metrics(self, comm: dict[str, int], per_rank: dict[str, torch.Tensor]) -> dict[str, float]:
         return {"a2a_MB": comm.get("all_to_all", 0) / 2**20, **super().step_metrics(comm, per_rank)}

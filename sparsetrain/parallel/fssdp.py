@@ -64,6 +64,7 @@ class FSSDP(Strategy):
     """The product strategy; see the module docstring and docs/fssdp.md."""
 
     name = "fssdp"
+    fuses_step_reduction = True  # dense=ddp: the trainer fuses the dense all-reduce with its step reduction
 
     def __init__(self, cfg, info: DistInfo) -> None:
         super().__init__(cfg, info)
@@ -267,6 +268,14 @@ class FSSDP(Strategy):
         """Owner grads already hold the sum over all ranks' tokens (spRS): divide by world."""
         if self.info.world == 1:
             return
+        self.finish_own_grads(model)
+        self.all_reduce_dense_grads(model, skip=self._expert_params)
+
+    def own_grads(self) -> set[torch.nn.Parameter]:
+        return self._expert_params
+
+    def finish_own_grads(self, model: GPT) -> None:
+        """spRS still to finish, then owner expert grads / world (everything before the dense all-reduce)."""
         self.pending.clear()
         self.regathered.clear()
         with span("sprs"):  # spRS still to finish after backward (posted ones may be done)
@@ -275,7 +284,6 @@ class FSSDP(Strategy):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             p.grad /= self.info.world
-        self.all_reduce_dense_grads(model, skip=self._expert_params)
 
     def replication(self, name: str, p: torch.Tensor) -> int:
         if hasattr(p, "to_local") or p in getattr(self, "_expert_params", set()):

@@ -84,6 +84,42 @@ class Strategy:
     def finish_backward(self, model: GPT) -> None:
         """Synchronise gradients not handled by module wrappers (e.g. expert grads)."""
 
+    fuses_step_reduction = False  # True: reduce_step_fused below applies (own_grads + finish_own_grads say how)
+
+    def own_grads(self) -> set[torch.nn.Parameter]:
+        """Parameters whose gradients the strategy syncs itself (expert grads), outside the dense all-reduce."""
+        return set()
+
+    def finish_own_grads(self, model: GPT) -> None:
+        """The part of finish_backward that syncs `own_grads` (everything before the dense gradient all-reduce)."""
+
+    def reduce_step_fused(self, model: GPT, stats: torch.Tensor, counts: torch.Tensor | None) -> Any:
+        """finish_backward and the trainer's step reduction (`reduce_step`: stats, squared grad norm, counts) in
+        ONE collective: with parallel.dense=ddp the step's numbers ride at the end of the flat fp32 dense gradient
+        all-reduce (as in a minimal DDP loop, plus a few floats). Returns the StepReduction, or None having done
+        nothing (the trainer then runs finish_backward and reduce_step)."""
+        if not self.fuses_step_reduction or self.info.world == 1 or not is_dist() or self.cfg.parallel.dense != "ddp":
+            return None
+        own = self.own_grads()
+        params = [p for p in model.parameters() if p not in own]
+        dense = [p.grad for p in params if p.grad is not None]
+        if not dense or any(hasattr(p, "to_local") for p in params) or any(g.dtype != torch.float32 for g in dense):
+            return None
+        from sparsetrain.train.step_collectives import fused_reduce_step, grad_sq
+
+        self.finish_own_grads(model)
+        share = None  # this rank's share of the own grads' squared norm: / the ranks holding a copy
+        if own:
+            by_copies: dict[int, list[torch.Tensor]] = {}
+            for p in model.parameters():  # model order: the same sum on every rank and run
+                if p in own and p.grad is not None:
+                    by_copies.setdefault(self.replication("", p), []).append(p.grad)
+            share = sum((grad_sq(g) / r for r, g in by_copies.items()), torch.zeros((), dtype=torch.float64))
+        red = fused_reduce_step(dense, self.info.world, stats, share, counts)
+        dense_sq = grad_sq(dense)  # averaged: the same on every rank, so its global norm is the local one
+        red.grad_sq = dense_sq if red.grad_sq is None else red.grad_sq + dense_sq
+        return red
+
     def local_grad_sq(self, model: GPT) -> torch.Tensor:
         """This rank's share of the squared global gradient norm (fp64 scalar): each local gradient's
         squared norm divided by how many ranks hold an identical copy; summed over ranks it is the square
@@ -140,6 +176,7 @@ class DataParallel(Strategy):
     """Experts replicated on every rank; dense params by FSDP2 or an averaged all-reduce."""
 
     name = "dp"
+    fuses_step_reduction = True
 
     def apply(self, model: GPT) -> GPT:
         self.install_count_reducer(model)

@@ -194,14 +194,19 @@ class Trainer:
         if maybe_inject(self.info.rank, step, self.out_dir, self.ckpt_dir):  # test fault hooks (train/faults.py)
             poison_(self.model.parameters(), stats)  # fault "nan": this rank's loss and gradients become NaN
         beat(self.out_dir, self.info.rank, step, "sync")
-        self.strategy.finish_backward(self.model)
-        if self.sparsifier is not None:
-            self.sparsifier.add_decay_grads()
         stats[4] = stop_flag()
-        # ONE collective for this step's numbers: losses/flags (mean), squared grad norm and counts (sums)
         own_norm = self.strategy.owns_optimizer_step
-        red = reduce_step(stats, None if own_norm else self.strategy.local_grad_sq(self.model),
-                          counts if global_counts is None else None, self.info.world)
+        want_counts = counts if global_counts is None else None
+        # dense=ddp: the gradient all-reduce also carries the step's numbers (ONE collective, like a minimal loop)
+        red = None if own_norm or self.sparsifier is not None else \
+            self.strategy.reduce_step_fused(self.model, stats, want_counts)
+        if red is None:
+            self.strategy.finish_backward(self.model)
+            if self.sparsifier is not None:
+                self.sparsifier.add_decay_grads()
+            # ONE collective for this step's numbers: losses/flags (mean), squared grad norm and counts (sums)
+            red = reduce_step(stats, None if own_norm else self.strategy.local_grad_sq(self.model), want_counts,
+                              self.info.world)
         stats = red.stats
         if red.counts is not None:
             global_counts = red.counts

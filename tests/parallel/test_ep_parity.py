@@ -9,6 +9,7 @@ pytestmark = [pytest.mark.distributed]
 
 
 @pytest.mark.parametrize("world,extra", [(2, []), (4, []), (4, ["parallel.ep_size=2"]), (2, ["parallel.dense=ddp"]),
+                                         (4, ["parallel.ep_size=2", "parallel.dense=ddp"]),
                                          (2, ["train.grad_accum=2"]),
                                          (4, ["parallel.ep_placement=balanced", "moe.router_skew=1.2"])])
 def test_ep_matches_single_process(tmp_path, world, extra):
