@@ -54,8 +54,10 @@ WORKLOADS = {  # name -> overrides; see sparsetrain/model/workloads.py
     "trace-noaux": [f"moe.routing_trace={TRACES / 'aux_off.jsonl'}"],
     "trace-auxfree": [f"moe.routing_trace={TRACES / 'aux_free.jsonl'}"],
 }
-FSSDP = ["parallel.strategy=fssdp", "parallel.fssdp.slots_per_rank=2", "parallel.fssdp.overlap_budget=2",
-         "parallel.fssdp.load_window=3", "parallel.fssdp.reshard_every=5"]  # fixed budget: deterministic
+# the overlap budget and the copy cost gate use the device's machine numbers (parallel.fssdp.link_GBps /
+# expert_TFLOPs = 0): fixed per run, so placement is deterministic; pin them with --set for another machine
+FSSDP = ["parallel.strategy=fssdp", "parallel.fssdp.slots_per_rank=2", "parallel.fssdp.load_window=3",
+         "parallel.fssdp.reshard_every=5"]
 VARIANTS = {  # name -> overrides
     "ep": ["parallel.strategy=ep"],  # contiguous expert blocks, dense parameters FSDP2-sharded
     "ep-ddp": ["parallel.strategy=ep", "parallel.dense=ddp"],  # dense replicated: DeepSpeed ZeRO-0's handling

@@ -34,7 +34,7 @@ VARIANTS = {
     "dp-fsdp2-never": ["parallel.strategy=dp", "parallel.dense=fsdp2", "parallel.fsdp_reshard_after_forward=never"],
     "ep": ["parallel.strategy=ep", "parallel.dense=ddp"],
     "ep-fsdp2": ["parallel.strategy=ep", "parallel.dense=fsdp2"],
-    "fssdp": ["parallel.strategy=fssdp", "parallel.fssdp.overlap_budget=2"],
+    "fssdp": ["parallel.strategy=fssdp"],
 }
 
 

@@ -72,7 +72,8 @@ class FSSDPConfig:
     # a re-shard happens only when the compute it saves until the next one beats the bytes it moves
     link_GBps: float = 0.0  # spAG/spRS bandwidth per rank for the cost model; 0 = device default, -1 = measure
     # once at set-up (kept in checkpoints; placement then depends on that measurement)
-    expert_TFLOPs: float = 0.0  # expert GEMM throughput per rank for the cost model; 0 = device default
+    expert_TFLOPs: float = 0.0  # expert GEMM throughput per rank for the cost model; 0 = device default, -1 =
+    # measure once at set-up (fwd + bwd of the rank's experts; slowest rank; kept in checkpoints)
     load_window: int = 5  # steps averaged for the predicted load
     reshard_every: int = 0  # re-shard ownership every K steps (0 = never)
     replan_every: int = 1  # re-plan the copies (P1) from the predicted load every k steps (> 1: EPLB-style periodic)

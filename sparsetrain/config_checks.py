@@ -95,7 +95,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _one_of("parallel.fssdp.sprs_post", p.fssdp.sprs_post, ("auto", "backward", "after"))
     _check(p.fssdp.link_GBps >= 0 or p.fssdp.link_GBps == -1,
            f"parallel.fssdp.link_GBps={p.fssdp.link_GBps}; allowed: > 0, 0 (device default) or -1 (measure)")
-    _check(p.fssdp.expert_TFLOPs >= 0, f"parallel.fssdp.expert_TFLOPs must be >= 0, got {p.fssdp.expert_TFLOPs}")
+    _check(p.fssdp.expert_TFLOPs >= 0 or p.fssdp.expert_TFLOPs == -1,
+           f"parallel.fssdp.expert_TFLOPs={p.fssdp.expert_TFLOPs}; allowed: > 0, 0 (device default) or -1 (measure)")
     _check(p.fssdp.replan_every >= 1, f"parallel.fssdp.replan_every must be >= 1, got {p.fssdp.replan_every}")
     _check(cfg.launch.workers >= 1, f"launch.workers must be >= 1, got {cfg.launch.workers}")
     _one_of("launch.backend", cfg.launch.backend, ("ray", "torchrun", "inline"))

@@ -4,12 +4,15 @@ A planner proposes P1 from predicted loads; copies balance the expert compute bu
 gather (spAG), a backward re-gather (unless `keep_materialized`) and a gradient reduce-scatter (spRS).
 Per layer, with rank loads predicted by the dispatch rule (`routing.rank_loads`):
 
-    gain_s = (max_r load_P0[r] - max_r load_P1[r]) * flops_per_slot / flops_per_s
+    gain_s = mean_t (max_r load_P0[t, r] - max_r load_P1[t, r]) * flops_per_slot / flops_per_s
     cost_s = (max(0, n - t) + (passes - 1) * n) * chunk_bytes / bytes_per_s
 
 where n is the busiest rank's chunk transfers (copies it receives, or sends as an owner, whichever is
 larger), t the overlap budget (forward gathers hidden under attention) and `passes` the transfers per
-copy per step. When gain_s <= cost_s the layer keeps P1 = P0: no spAG, no spRS, EP's work.
+copy per step. When gain_s <= cost_s the layer keeps P1 = P0: no spAG, no spRS, EP's work. The gain is
+judged on each of the tracker's recent steps (t), not on their mean: every step waits for its own busiest
+rank, so loads that move from step to step around a balanced mean (aux loss on) gain far less from copies
+than their mean's imbalance promises.
 
 Re-sharding ownership (`fssdp.reshard_every`) is gated the same way (`reshard_pays`): the expert time the
 new owners save per step (each layer's busiest-rank load plus its copies' transfers, under the placement the
@@ -22,24 +25,29 @@ re-timed during training, so the placement is a deterministic function of the se
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts
 from sparsetrain.parallel.placement import LayerPlacement
 from sparsetrain.parallel.routing import rank_loads
 from sparsetrain.parallel.topology import Topology
 
 __all__ = ["DEVICE_DEFAULTS", "CopyCost", "attention_flops_per_token", "copies_can_pay", "expert_flops_per_slot",
-           "gate_copies", "overlap_budget_from_model", "placement_time_s", "reshard_cost_s", "reshard_net_s",
-           "reshard_pays"]
+           "gate_copies", "measure_expert_flops", "overlap_budget_from_model", "placement_time_s", "reshard_cost_s",
+           "reshard_net_s", "reshard_pays"]
 
-# (link GB/s per rank within a node, across nodes, expert TFLOP/s per rank). CPU: measured on the 2-core
-# dev machine (gloo loopback between two ranks, one thread each; benchmarks/RESULTS.md "copy cost gate").
-# CUDA: an H100-class node (NVLink within, 400 Gb/s NICs across), as in sparsetrain.sim.costmodel.
+# (link GB/s per rank within a node, across nodes, expert TFLOP/s per rank). CPU: what a training step sees
+# on the 2-core dev machine (gloo loopback, one thread per rank), fitted from measured runs by the simulator's
+# calibration (benchmarks/RESULTS.md "Simulator validation, quiet": 0.137 GB/s, 0.049 TFLOP/s); an idle
+# probe (benchmarks/calibrate_copy_cost.py) reads 0.54 GB/s and 0.059 TFLOP/s, but in a step the transfers
+# compete with compute for the rank's core. CUDA: an H100-class node (NVLink within, 400 Gb/s NICs across),
+# as in sparsetrain.sim.costmodel.
 DEVICE_DEFAULTS: dict[str, tuple[float, float, float]] = {
-    "cpu": (1.0, 1.0, 0.02),
+    "cpu": (0.137, 0.137, 0.049),
     "cuda": (300.0, 50.0, 400.0),
 }
 
@@ -47,6 +55,30 @@ DEVICE_DEFAULTS: dict[str, tuple[float, float, float]] = {
 def expert_flops_per_slot(d_model: int, d_ffn: int) -> float:
     """Training FLOPs (forward + backward = 3x forward) of one routed slot in one SwiGLU expert."""
     return 3.0 * 2.0 * 3 * d_model * d_ffn
+
+
+def measure_expert_flops(experts: GroupedExperts, slots: int, dtype: torch.dtype, reps: int = 3) -> float:
+    """This rank's expert training throughput (FLOP/s): the best of `reps` timed forward + backward passes of
+    its own experts (compute path and weight transform included) over `slots` routed slots split evenly.
+    Runs on constant-filled copies of the weights: draws no random numbers and leaves the parameters alone."""
+    n = max(1, experts.w1.shape[0])
+    device = experts.w1.device
+    ws = {w: torch.full((n, *getattr(experts, w).shape[1:]), 0.02, dtype=dtype, device=device, requires_grad=True)
+          for w in EXPERT_WEIGHTS}  # [n, out, in] each
+    x = torch.full((slots, experts.d_model), 0.1, dtype=dtype, device=device, requires_grad=True)  # [N, d]
+    counts = [slots // n + (i < slots % n) for i in range(n)]
+    ids = list(range(n))
+    best = math.inf
+    for i in range(reps + 1):  # the first pass warms up the allocator and kernels
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        experts(x, counts, ids, stacked=ws).sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return slots * expert_flops_per_slot(experts.d_model, experts.d_ffn) / max(best, 1e-9)
 
 
 def attention_flops_per_token(d_model: int, seq_len: int) -> float:
@@ -75,10 +107,12 @@ class CopyCost:
     overlap_chunks: int = 0  # forward gathers hidden under attention (the overlap budget t)
 
     def gain_s(self, loads: torch.Tensor, p0: LayerPlacement, p1: LayerPlacement, topo: Topology) -> float:
-        """Seconds of expert compute the copies take off the busiest rank."""
-        before = float(rank_loads(loads, p0, topo).max())
-        after = float(rank_loads(loads, p1, topo).max())
-        return (before - after) * self.flops_per_slot / self.flops_per_s
+        """Seconds of expert compute the copies take off the busiest rank. `loads` [E] (one predicted load),
+        or [n, E]: the mean of each step's gain, since every step waits for that step's busiest rank (loads
+        that move from step to step around a balanced mean gain far less than their mean's imbalance)."""
+        before = rank_loads(loads, p0, topo).amax(dim=-1)  # [n] or scalar: busiest rank per step
+        after = rank_loads(loads, p1, topo).amax(dim=-1)
+        return float((before - after).mean()) * self.flops_per_slot / self.flops_per_s
 
     def cost_s(self, p1: LayerPlacement, world: int) -> float:
         """Seconds the busiest rank spends moving the copies' chunks (exposed part of the forward gather)."""
@@ -97,8 +131,8 @@ def copies_can_pay(loads: torch.Tensor, owners: tuple[int, ...], topo: Topology,
     """Cheap bound before planning: copies can at best bring the busiest rank down to the mean, and any
     copy moves at least one chunk `passes` times (less what the overlap hides)."""
     p0 = LayerPlacement.from_owners(owners)
-    here = rank_loads(loads, p0, topo)
-    best_gain = float(here.max() - here.mean()) * cost.flops_per_slot / cost.flops_per_s
+    here = rank_loads(loads, p0, topo)  # [world], or [n, world] for n steps' loads
+    best_gain = float((here.amax(dim=-1) - here.mean(dim=-1)).mean()) * cost.flops_per_slot / cost.flops_per_s
     least_cost = (max(0, 1 - cost.overlap_chunks) + cost.passes - 1) * cost.chunk_bytes / cost.bytes_per_s
     return best_gain > least_cost
 

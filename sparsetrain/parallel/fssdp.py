@@ -33,6 +33,7 @@ from sparsetrain.parallel.copy_cost import (
     copies_can_pay,
     expert_flops_per_slot,
     gate_copies,
+    measure_expert_flops,
     overlap_budget_from_model,
     reshard_net_s,
 )
@@ -88,6 +89,7 @@ class FSSDP(Strategy):
         self.mat_ids: dict[int, list[int]] = {}
         self.anchor = torch.zeros((), requires_grad=True)  # lets gathered chunks join the autograd graph
         self.bandwidth: float | None = None  # spAG bytes/s per rank: config, device default, or measured once
+        self.expert_flops: float | None = None  # expert FLOP/s per rank: config, device default, or measured once
         self.overlap_budget = self.fcfg.overlap_budget
         self.cost: CopyCost | None = None  # the copy cost gate's numbers (None: gate off)
         self.copies_gated = 0  # layer-steps whose proposed copies the gate dropped
@@ -145,25 +147,31 @@ class FSSDP(Strategy):
             return topo
         return Topology(topo.world, int(low))
 
-    def _set_machine_numbers(self, experts: GroupedExperts, measured_Bps: float | None = None) -> None:
+    def _set_machine_numbers(self, experts: GroupedExperts, measured: dict[str, float] | None = None) -> None:
         """Fix, once, the bandwidth, expert throughput, overlap budget and copy cost for the whole run
-        (`measured_Bps`: a bandwidth measured by an earlier run of this job, restored from its checkpoint)."""
-        f, cfg = self.fcfg, self.cfg
+        (`measured`: numbers an earlier run of this job measured, restored from its checkpoint)."""
+        f, cfg, measured = self.fcfg, self.cfg, measured or {}
         intra, inter, tflops = DEVICE_DEFAULTS["cuda" if self.info.device.type == "cuda" else "cpu"]
         if f.link_GBps < 0:
-            self.bandwidth = measured_Bps or self._measure_bandwidth(experts)
+            self.bandwidth = measured.get("bandwidth") or self._measure_bandwidth(experts)
         else:
             self.bandwidth = 1e9 * (f.link_GBps or (inter if self.topo.num_nodes > 1 else intra))
-        flops_per_s = 1e12 * (f.expert_TFLOPs or tflops)
+        m = cfg.model
+        tokens = cfg.data.batch_size * m.seq_len // (self.info.world * cfg.train.grad_accum)  # per micro-batch
+        if f.expert_TFLOPs < 0:  # the slowest rank's, so every rank gates with the same number
+            self.expert_flops = measured.get("expert_flops") or float(all_reduce_host(
+                [measure_expert_flops(experts, tokens * cfg.moe.top_k, self.wire_dtype(experts))], self.group,
+                op=dist.ReduceOp.MIN)[0])
+        else:
+            self.expert_flops = 1e12 * (f.expert_TFLOPs or tflops)
         if f.overlap_budget < 0:  # attention time of one block x bandwidth / chunk bytes
-            m = cfg.model
-            tokens = cfg.data.batch_size * m.seq_len // (self.info.world * cfg.train.grad_accum)
             self.overlap_budget = overlap_budget_from_model(
-                tokens * attention_flops_per_token(m.d_model, m.seq_len), flops_per_s, self.bandwidth,
+                tokens * attention_flops_per_token(m.d_model, m.seq_len), self.expert_flops, self.bandwidth,
                 self.chunk_bytes, cfg.moe.num_experts)
         if f.cost_gate:
             self.cost = CopyCost(self.chunk_bytes, expert_flops_per_slot(experts.d_model, experts.d_ffn),
-                                 flops_per_s, self.bandwidth, 2 if f.keep_materialized else 3, self.overlap_budget)
+                                 self.expert_flops, self.bandwidth, 2 if f.keep_materialized else 3,
+                                 self.overlap_budget)
 
     def _measure_bandwidth(self, experts: GroupedExperts) -> float:
         """Time one spAG in a ring (each rank's first owned chunk to the next rank: one extra chunk per rank,
@@ -296,10 +304,11 @@ class FSSDP(Strategy):
         e = self.model_ref.moe_layers()[0].experts
         self.codec = chunk_codec_for(self.model_ref, self.fcfg.compress_chunks, e.d_model, e.d_ffn,
                                      self.wire_dtype(e))
-        loads = self.tracker.predicted()  # [L, E]
+        recent = self.tracker.recent()  # [n, L, E]: the gate judges copies on each recent step
+        loads = self.tracker.predicted()  # [L, E]: the planners balance the mean
         placements = list(restored or [])
         for li in range(self.num_layers if restored is None else 0):
-            p, gated = self._plan(loads[li], self.owners[li])
+            p, gated = self._plan(loads[li], self.owners[li], recent[:, li])
             self.copies_gated += gated
             placements.append(p)
         if [p.owners for p in placements] != [p.owners for p in self.placements]:
@@ -307,13 +316,13 @@ class FSSDP(Strategy):
         self.placements = placements
         self.is_replicated = [any(len(c) > 1 for c in p.copies) for p in placements]
 
-    def _plan(self, loads: torch.Tensor, owners: list[int]) -> tuple[LayerPlacement, bool]:
+    def _plan(self, loads: torch.Tensor, owners: list[int], recent: torch.Tensor) -> tuple[LayerPlacement, bool]:
         """One layer's placement for predicted loads [E] and owners: the planner's, less copies that do not
-        pay (gate on); and whether the gate dropped proposed copies."""
-        if self.cost is not None and not copies_can_pay(loads, tuple(owners), self.topo, self.cost):
+        pay on the recent steps' loads [n, E] (gate on); and whether the gate dropped proposed copies."""
+        if self.cost is not None and not copies_can_pay(recent, tuple(owners), self.topo, self.cost):
             return LayerPlacement.from_owners(owners), False  # balanced enough: no planning
         p = self.planner(loads, owners, self.topo, self.fcfg.slots_per_rank, self.overlap_budget)
-        gated = gate_copies(loads, p, self.topo, self.cost) if self.cost is not None else p
+        gated = gate_copies(recent, p, self.topo, self.cost) if self.cost is not None else p
         return gated, gated is not p
 
     def _reshard_target(self, loads: torch.Tensor, experts: GroupedExperts) -> list[list[int]] | None:
@@ -327,7 +336,9 @@ class FSSDP(Strategy):
                  if reshard_balances(loads, self.owners, c, self.info.world, r)]  # memory = EP
         if self.cost is None or not cands:
             return cands[0] if cands else None
-        plans = [[self._plan(loads[li], o[li])[0] for li in range(self.num_layers)] for o in [self.owners, *cands]]
+        recent = self.tracker.recent()  # [n, L, E]
+        plans = [[self._plan(loads[li], o[li], recent[:, li])[0] for li in range(self.num_layers)]
+                 for o in [self.owners, *cands]]
         nets = [reshard_net_s(loads, plans[0], p, self.topo, self.cost, moved_bytes_per_expert(experts),
                               self.fcfg.reshard_every) for p in plans[1:]]
         best = max(range(len(nets)), key=lambda i: (nets[i], -i))
@@ -380,6 +391,7 @@ class FSSDP(Strategy):
         return {"strategy": self.name, "planner": self.fcfg.planner, "nodes": self.topo.num_nodes,
                 "overlap_budget": self.overlap_budget,
                 "link_GBps": round(self.bandwidth / 1e9, 3) if self.bandwidth else None,
+                "expert_TFLOPs": round(self.expert_flops / 1e12, 4) if self.expert_flops else None,
                 "copies_gated": self.copies_gated, "reshards_gated": self.reshards_gated,
                 "reshards": self.reshards, "reshard_moves": self.reshard_moves,
                 "compressed_chunks": self.codec is not None,

@@ -30,7 +30,7 @@ def extra_state(s: FSSDPStrategy) -> dict[str, Any]:
             "reshards": s.reshards, "reshard_moves": s.reshard_moves, "reshards_gated": s.reshards_gated,
             "world": s.info.world, "nodes": s.topo.num_nodes,
             "owners": [list(o) for o in s.owners], "copies": [[list(c) for c in p.copies] for p in s.placements],
-            "overlap_budget": s.overlap_budget, "bandwidth": s.bandwidth}
+            "overlap_budget": s.overlap_budget, "bandwidth": s.bandwidth, "expert_flops": s.expert_flops}
 
 
 def _valid_layout(s: FSSDPStrategy, state: dict[str, Any]) -> bool:
@@ -72,8 +72,9 @@ def load_extra_state(s: FSSDPStrategy, state: dict[str, Any], model: GPT) -> Non
     if not _valid_layout(s, state):
         s._replan()
         return
-    if s.fcfg.link_GBps < 0 and state.get("bandwidth"):  # measured once per job, not again on every restart
-        s._set_machine_numbers(model.moe_layers()[0].experts, float(state["bandwidth"]))
+    if s.fcfg.link_GBps < 0 or s.fcfg.expert_TFLOPs < 0:  # measured once per job, not again on every restart
+        s._set_machine_numbers(model.moe_layers()[0].experts,
+                               {k: float(state[k]) for k in ("bandwidth", "expert_flops") if state.get(k)})
     owners = [[int(o) for o in layer] for layer in state["owners"]]
     if owners != s.owners:
         reown(s, model, owners)

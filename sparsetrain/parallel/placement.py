@@ -157,14 +157,19 @@ class LoadTracker:
         """Number of updates recorded."""
         return self._seen
 
-    def predicted(self) -> torch.Tensor:
-        """Predicted load [num_layers, num_experts] float64: mean of the last `window` steps (ones before data)."""
+    def recent(self) -> torch.Tensor:
+        """The last min(steps seen, window) steps' loads [n, num_layers, num_experts] float64, oldest first
+        (one row of ones before data)."""
         if self._seen == 0:
-            return torch.ones(self.num_layers, self.num_experts, dtype=torch.float64)
+            return torch.ones(1, self.num_layers, self.num_experts, dtype=torch.float64)
         n = min(self._seen, self.window)
         # oldest -> newest so the summation order is fixed regardless of the ring position
-        order = [(self._seen - n + i) % self.window for i in range(n)]
-        return self._buf[order].sum(dim=0) / n  # [n, L, E] -> [L, E]
+        return self._buf[[(self._seen - n + i) % self.window for i in range(n)]]
+
+    def predicted(self) -> torch.Tensor:
+        """Predicted load [num_layers, num_experts] float64: mean of the last `window` steps (ones before data)."""
+        recent = self.recent()
+        return recent.sum(dim=0) / recent.shape[0]  # [n, L, E] -> [L, E]
 
     def state_dict(self) -> dict[str, Any]:
         """State for checkpoints (exact resume)."""

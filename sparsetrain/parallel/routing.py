@@ -99,9 +99,10 @@ def _share_matrix(placement: LayerPlacement, topo: Topology) -> torch.Tensor:
 
 
 def rank_loads(counts_per_expert: torch.Tensor, placement: LayerPlacement, topo: Topology) -> torch.Tensor:
-    """Predicted tokens per rank [world] (float64) if each source holds 1/world of every expert's tokens."""
-    if counts_per_expert.dim() != 1 or counts_per_expert.numel() != placement.num_experts:
-        raise ValueError(f"counts_per_expert must have shape [{placement.num_experts}], "
-                         f"got {tuple(counts_per_expert.shape)}")
+    """Predicted tokens per rank [world] (float64) if each source holds 1/world of every expert's tokens;
+    counts [n, E] (n steps' loads) give [n, world]."""
+    if counts_per_expert.dim() not in (1, 2) or counts_per_expert.shape[-1] != placement.num_experts:
+        raise ValueError(f"counts_per_expert must have shape [{placement.num_experts}] or "
+                         f"[steps, {placement.num_experts}], got {tuple(counts_per_expert.shape)}")
     c = counts_per_expert.detach().to(device="cpu", dtype=torch.float64)
-    return c @ _share_matrix(placement, topo)  # [E] @ [E, world] -> [world]
+    return c @ _share_matrix(placement, topo)  # [..., E] @ [E, world] -> [..., world]

@@ -96,8 +96,8 @@ def placements(s: SimSetup, world: int, topo: Topology, loads: torch.Tensor, bud
 
 def gate_numbers(s: SimSetup, c: Cluster, topo: Topology) -> tuple[float, float]:
     """(bytes/s, FLOP/s) FSSDP's overlap budget and copy cost gate hold at set-up, as `FSSDP._set_machine_numbers`
-    picks them: the configured numbers, the device defaults when 0, what it would measure (this cluster's link)
-    when link_GBps is -1; the placement then follows the runtime's decision, right or wrong for the cluster."""
+    picks them: the configured numbers, the device defaults when 0, what it would measure (this cluster's link
+    when link_GBps is -1, its achievable FLOP/s when expert_TFLOPs is -1); the placement then follows the runtime's decision, right or wrong for the cluster."""
     from sparsetrain.parallel.copy_cost import DEVICE_DEFAULTS
 
     intra, inter, tflops = DEVICE_DEFAULTS[c.device]
@@ -105,7 +105,8 @@ def gate_numbers(s: SimSetup, c: Cluster, topo: Topology) -> tuple[float, float]
         bw = c.inter_node_Bps if topo.num_nodes > 1 else c.intra_node_Bps
     else:
         bw = 1e9 * (s.link_GBps or (inter if topo.num_nodes > 1 else intra))
-    return bw, 1e12 * (s.expert_TFLOPs or tflops)
+    flops = c.achievable_flops if s.expert_TFLOPs < 0 else 1e12 * (s.expert_TFLOPs or tflops)
+    return bw, flops
 
 
 def predict(s: SimSetup, c: Cluster, world: int, shares: torch.Tensor) -> Prediction:

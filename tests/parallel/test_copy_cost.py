@@ -4,12 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparsetrain.model.experts import GroupedExperts
 from sparsetrain.parallel.copy_cost import (
     DEVICE_DEFAULTS,
     CopyCost,
     copies_can_pay,
     expert_flops_per_slot,
     gate_copies,
+    measure_expert_flops,
     overlap_budget_from_model,
     placement_time_s,
     reshard_cost_s,
@@ -23,10 +25,14 @@ from sparsetrain.parallel.topology import Topology
 D, F, E = 128, 256, 8  # the tiny preset's expert shape
 
 
-def _cost(gbps: float | None = None, tflops: float | None = None, t: int = 0) -> CopyCost:
-    intra, _, tf = DEVICE_DEFAULTS["cpu"]
-    return CopyCost(3 * D * F * 4, expert_flops_per_slot(D, F), 1e12 * (tflops or tf), 1e9 * (gbps or intra),
-                    3, t)
+def _cost(gbps: float = 1.0, tflops: float = 0.02, t: int = 0) -> CopyCost:
+    """The gate's logic under pinned machine numbers (not the device defaults, which are measurements)."""
+    return CopyCost(3 * D * F * 4, expert_flops_per_slot(D, F), 1e12 * tflops, 1e9 * gbps, 3, t)
+
+
+def _default_cost() -> CopyCost:
+    intra, _, tflops = DEVICE_DEFAULTS["cpu"]
+    return _cost(intra, tflops)
 
 
 def _zipf(s: float, slots: int = 4096) -> torch.Tensor:
@@ -41,9 +47,9 @@ def test_uniform_loads_keep_zero_copies(world, planner):
     loads = torch.full((E,), 4096.0 / E)
     loads[0] += 3.0  # routing noise: a few slots
     proposed = planner(loads, owners, topo, 2, E)
-    gated = gate_copies(loads, proposed, topo, _cost())
-    assert gated == LayerPlacement.from_owners(owners)
-    assert not copies_can_pay(loads, tuple(owners), topo, _cost())
+    for cost in (_cost(), _default_cost()):
+        assert gate_copies(loads, proposed, topo, cost) == LayerPlacement.from_owners(owners)
+        assert not copies_can_pay(loads, tuple(owners), topo, cost)
 
 
 def test_skewed_loads_keep_the_copies_that_pay():
@@ -57,7 +63,7 @@ def test_skewed_loads_keep_the_copies_that_pay():
     assert cost.gain_s(loads, p0, proposed, topo) > cost.cost_s(proposed, 2) > 0
     assert gate_copies(loads, proposed, topo, cost) is proposed
     # the same copies over a link 1000x slower cost more than they save
-    slow = _cost(gbps=DEVICE_DEFAULTS["cpu"][0] / 1000)
+    slow = _cost(gbps=1e-3)
     assert gate_copies(loads, proposed, topo, slow) == p0
 
 
@@ -141,3 +147,31 @@ def test_reshard_net_counts_the_copies_each_placement_keeps():
     assert placement_time_s(loads[0], before[0], topo, cost) == pytest.approx(0.25 + 3 * 0.02)
     assert placement_time_s(loads[0], after[0], topo, cost) == pytest.approx(0.3)
     assert reshard_net_s(loads, before, after, topo, cost, 1000, 5) == pytest.approx(5 * 0.01 - 1e-3)
+
+
+def test_gain_is_judged_on_each_steps_loads():
+    """Every step waits for its own busiest rank: the gain over n steps' loads is the mean of each step's
+    gain, not the gain on their mean (hand-computed: expert 0 copied to rank 1, the hot expert alternates)."""
+    topo, owners = Topology(2, 2), [0, 0, 1, 1]
+    p0 = LayerPlacement.from_owners(owners)
+    p1 = LayerPlacement.from_lists(owners, [[0, 1], [0], [1], [1]])
+    steps = torch.tensor([[1000.0, 100, 100, 100], [100, 100, 1000, 100]], dtype=torch.float64)
+    cost = _cost()
+    per_slot = cost.flops_per_slot / cost.flops_per_s
+    # step 0: max 1100 -> 700 (ranks 600 / 700); step 1: max 1100 -> 1150 (the copy draws rank 1's own half)
+    assert cost.gain_s(steps, p0, p1, topo) == pytest.approx((400 - 50) / 2 * per_slot)
+    assert cost.gain_s(steps.mean(0), p0, p1, topo) == pytest.approx((650 - 925) * per_slot)
+    assert cost.gain_s(steps, p0, p1, topo) == pytest.approx(
+        sum(cost.gain_s(row, p0, p1, topo) for row in steps) / 2)
+
+
+def test_measure_expert_flops_draws_no_randomness_and_leaves_weights():
+    experts = GroupedExperts(4, D, F)
+    experts.reset_parameters(0.02, 0.02)
+    before = {k: v.clone() for k, v in experts.state_dict().items()}
+    rng = torch.get_rng_state()
+    flops = measure_expert_flops(experts, 256, torch.float32, reps=1)
+    assert 1e6 < flops < 1e15  # a CPU core: GFLOP/s, never 0 or inf
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, before[k]) for k, v in experts.state_dict().items())
+    assert all(p.grad is None for p in experts.parameters())

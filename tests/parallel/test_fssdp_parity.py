@@ -31,6 +31,8 @@ def test_fssdp_matches_single_process(tmp_path, case):
     world, extra = CASES[case]
     if not any(o.startswith("parallel.fssdp.sprs_post=") for o in extra):
         extra = [*extra, "parallel.fssdp.sprs_post=backward"]  # auto posts after backward on CPU
+    # machine numbers under which copies pay at these tiny shapes (the gate stays on): the copy path is checked
+    extra = ["parallel.fssdp.link_GBps=1", "parallel.fssdp.expert_TFLOPs=0.02", *extra]
     # Zipf workloads route by quota over gate-score margins: fp64 (see check_parity)
     fp64 = any(o.startswith("moe.router_skew=") for o in extra)
     res = check_parity(world, small_config("parallel.strategy=fssdp", *extra, steps=10), tmp_path, fp64=fp64)

@@ -15,8 +15,10 @@ MODEL = ["model.d_model=256", "model.n_heads=4", "moe.d_ffn=512", "moe.num_exper
          "launch.torch_threads=1", "train.cpu_exact_memory=true"]  # RSS follows live tensors (no allocator slack)
 CASES = {
     "none-1": (1, ["parallel.strategy=none", "data.batch_size=4"]),
-    # copies on (no cost gate): every rank gathers, stashes copy gradients and runs spRS
-    "fssdp-2": (2, ["parallel.strategy=fssdp", "parallel.fssdp.cost_gate=false", "data.batch_size=4"]),
+    # copies on (no cost gate; hecate copies the t = 2 hottest experts everywhere): every rank gathers,
+    # stashes copy gradients and runs spRS
+    "fssdp-2": (2, ["parallel.strategy=fssdp", "parallel.fssdp.cost_gate=false", "parallel.fssdp.overlap_budget=2",
+                    "data.batch_size=4"]),
     "ep-2-accum": (2, ["parallel.strategy=ep", "train.grad_accum=2", "data.batch_size=8"]),
 }
 

@@ -10,7 +10,8 @@ pytestmark = [pytest.mark.unit]
 
 
 def test_plan_report_lists_every_rank_and_expert():
-    cfg = load_config("tiny", ["launch.workers=4", "moe.router_skew=1.2"])
+    # t = 2 chunks hidden under attention (a GPU-like budget; this CPU's own numbers give t = 0: no copies)
+    cfg = load_config("tiny", ["launch.workers=4", "moe.router_skew=1.2", "parallel.fssdp.overlap_budget=2"])
     text = plan_report(cfg)
     assert "4 ranks (2 nodes x 2)" in text
     rank_rows = [ln for ln in text.splitlines() if ln[:4].strip().isdigit() and "  " in ln and ln.count(".") >= 4]

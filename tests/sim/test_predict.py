@@ -204,7 +204,7 @@ def test_scale_rows_carry_the_runtime_memory_plan(tmp_path):
 
 
 def test_gate_holds_the_numbers_the_runtime_would():
-    """Device defaults for link_GBps=0, the cluster's link when measured (-1), else the configured value."""
+    """Device defaults for 0, the cluster's link / FLOP/s when measured (-1), else the configured value."""
     from sparsetrain.parallel.copy_cost import DEVICE_DEFAULTS
     from sparsetrain.sim.predict import gate_numbers
 
@@ -212,6 +212,7 @@ def test_gate_holds_the_numbers_the_runtime_would():
     assert gate_numbers(S, C, topo) == (1e9 * DEVICE_DEFAULTS["cuda"][1], 1e12 * DEVICE_DEFAULTS["cuda"][2])
     assert gate_numbers(S.with_(link_GBps=-1, expert_TFLOPs=0.5), C, topo) == (C.inter_node_Bps, 0.5e12)
     assert gate_numbers(S.with_(link_GBps=7.0), _cpuish(device="cpu"), Topology(2, 2))[0] == 7e9
+    assert gate_numbers(S.with_(expert_TFLOPs=-1), C, topo)[1] == C.achievable_flops  # measured: the cluster's
 
 
 def test_more_local_ranks_than_cores_split_them():

@@ -152,3 +152,39 @@ def test_fssdp_crash_resume_bit_exact(tmp_path):
         assert r["full"].keys() == r["resumed"].keys()
         for k, v in r["full"].items():
             assert torch.equal(v, r["resumed"][k]), k
+
+
+def _measured_numbers_body(rank: int, world: int, cfg: dict, tmp: str) -> dict:
+    from unittest import mock
+
+    from sparsetrain.config import config_from_dict
+    from sparsetrain.parallel import fssdp
+    from sparsetrain.parallel.mesh import init_distributed
+    from sparsetrain.train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    first = Trainer(config_from_dict(cfg), info)
+    first.fit()
+    measured = (first.strategy.bandwidth, first.strategy.expert_flops)
+    d = json.loads(json.dumps(cfg))
+    d["checkpoint"]["resume"], d["train"]["steps"] = True, 4
+    with mock.patch.object(fssdp, "measure_expert_flops", return_value=1.0), \
+            mock.patch.object(fssdp.FSSDP, "_measure_bandwidth", return_value=1.0):
+        second = Trainer(config_from_dict(d), info)  # a restart on a machine that would now measure 1.0
+        second.fit()
+    return {"measured": measured, "resumed": (second.strategy.bandwidth, second.strategy.expert_flops),
+            "start": second.start_step}
+
+
+@pytest.mark.distributed
+def test_fssdp_measured_machine_numbers_restored_on_resume(tmp_path):
+    """link_GBps / expert_TFLOPs = -1 are measured once per job: a resumed run plans with the numbers saved
+    in the checkpoint, not with a fresh (different) measurement."""
+    cfg = small_config("parallel.strategy=fssdp", "parallel.fssdp.link_GBps=-1", "parallel.fssdp.expert_TFLOPs=-1",
+                       "checkpoint.every=2", steps=2)
+    cfg["train"]["out_dir"] = str(tmp_path / "run")
+    for r in run_distributed(_measured_numbers_body, 2, cfg, str(tmp_path), timeout=600):
+        bw, flops = r["measured"]
+        assert bw > 1.0 and flops > 1.0 and r["start"] == 2
+        assert r["resumed"] == (bw, flops)
