@@ -71,12 +71,16 @@ def test_fssdp_without_copies_issues_eps_collectives(tmp_path):
     assert got[0]["losses"] == pytest.approx(ref[0]["losses"], rel=1e-6, abs=1e-6)
 
 
+# fixed machine numbers (as the device defaults are) under which copies and re-shards pay at these tiny shapes
+MACHINE = ["parallel.fssdp.link_GBps=1", "parallel.fssdp.expert_TFLOPs=0.02"]
+
+
 @pytest.mark.parametrize("extra", [[], ["moe.router_skew=1.2"]], ids=["learned", "skewed"])
 def test_fssdp_default_config_is_deterministic(tmp_path, extra):
-    """Two runs, one seed, the default FSSDP settings (gate on, budget from the cost model): the same
+    """Two runs, one seed, FSSDP's default settings (gate on, budget from the cost model, fixed machine numbers): the same
     placements, losses and parameters, bit for bit."""
     cfg = small_config("parallel.strategy=fssdp", "parallel.fssdp.cost_gate=true", "parallel.fssdp.reshard_every=3",
-                       "parallel.fssdp.link_GBps=0", "parallel.fssdp.expert_TFLOPs=0", *extra, steps=6)
+                       *MACHINE, *extra, steps=6)
     a = run_distributed(_steps_body, 2, cfg, str(tmp_path / "a"), 6, timeout=600)
     b = run_distributed(_steps_body, 2, cfg, str(tmp_path / "b"), 6, timeout=600)
     assert a[0]["losses"] == b[0]["losses"]
@@ -87,12 +91,12 @@ def test_fssdp_default_config_is_deterministic(tmp_path, extra):
         assert a[0]["spag"] > 0
 
 
-@pytest.mark.parametrize("sets,pays", [(["parallel.fssdp.cost_gate=true", "parallel.fssdp.link_GBps=0"], True),
+@pytest.mark.parametrize("sets,pays", [(["parallel.fssdp.cost_gate=true", *MACHINE], True),
                                        (["parallel.fssdp.cost_gate=true", "parallel.fssdp.link_GBps=1e-6"], False),
                                        (["parallel.fssdp.link_GBps=1e-6", "parallel.fssdp.cost_gate=false"], True)],
                          ids=["pays", "refused", "gate_off"])
 def test_reshard_only_when_it_pays(tmp_path, sets, pays):
-    """Skewed routing, a re-shard opportunity every 3 steps: the device-default link pays for the moves; a link
+    """Skewed routing, a re-shard opportunity every 3 steps: a 1 GB/s link pays for the moves; a link
     so slow that moving one expert takes minutes does not (counted in reshards_gated); without the gate the
     imbalance test alone decides, as before. Every rank takes the same decision."""
     cfg = small_config("parallel.strategy=fssdp", "parallel.fssdp.reshard_every=3", "moe.router_skew=1.2", *sets,
