@@ -122,7 +122,7 @@ def _rank_body(rank: int, world: int, overrides: list[str], steps: int, warmup: 
     return {"times": clock.wall, "cpu": clock.cpu, "busy_fwd": sum(f for f, _ in fwd_bwd) / n, "busy_bwd": sum(b for _, b in fwd_bwd) / n,
             "slots": sum(slots) / n, "loads": loads, "loss": loss, "dropped": dropped,
             "reshard_steps": reshard_steps,
-            "bytes": {k: sum(c.get(k, 0) for c in comm) / n for k in ("spag", "sprs", "all_to_all")},
+            "bytes": {k: sum(c.get(k, 0) for c in comm) / n for k in ("spag", "sprs", "all_to_all", "reshard")},
             "peak_tensor_mib": peak / 2**20, "rss_mib": rss_high_water_mib()}
 
 
@@ -156,6 +156,7 @@ def summarize(world: int, workload: str, variant: str, per_rank: list[dict], tok
             "slots_max_mean": max(slots) / max(statistics.mean(slots), 1e-12) if any(slots) else nan,
             "load_max_mean": load_mm, "top1_share": top1,
             "spag_mib": sum(r["bytes"]["spag"] for r in per_rank) / 2**20,
+            "reshard_mib": sum(r["bytes"]["reshard"] for r in per_rank) / 2**20,
             "a2a_mib": sum(r["bytes"]["all_to_all"] for r in per_rank) / 2**20,
             "peak_tensor_mib": max(r["peak_tensor_mib"] for r in per_rank),
             "rss_mib": max(r["rss_mib"] for r in per_rank), "loss": per_rank[0]["loss"],
@@ -163,7 +164,7 @@ def summarize(world: int, workload: str, variant: str, per_rank: list[dict], tok
 
 
 _MEDIAN_OVER_RUNS = ("step_ms", "cpu_ms", "tok_s", "busy_max_mean", "busy_max_ms", "slots_max_mean", "load_max_mean",
-                     "top1_share", "spag_mib", "a2a_mib")
+                     "top1_share", "spag_mib", "reshard_mib", "a2a_mib")
 
 
 def combine(runs: list[dict]) -> dict:
@@ -186,8 +187,8 @@ def combine(runs: list[dict]) -> dict:
 
 HEADER = ("| ranks | workload | variant | step ms median | p90 | max | vs ep | per-run vs ep | CPU ms/step/rank "
           "| CPU vs ep | tokens/s | expert busy fwd+bwd max/mean | busy max ms | expert slots max/mean | load max/mean "
-          "| top-1 share | spAG MiB/step | a2a MiB/step | peak tensor MiB/rank | RSS high-water MiB | loss | dropped "
-          "| re-shard steps |")
+          "| top-1 share | spAG MiB/step | re-shard MiB/step | a2a MiB/step | peak tensor MiB/rank "
+          "| RSS high-water MiB | loss | dropped | re-shard steps |")
 
 
 def row(r: dict, ref: dict) -> str:
@@ -201,7 +202,7 @@ def row(r: dict, ref: dict) -> str:
             f"{r['max_ms']:.1f} | {r['step_ms'] / ref['step_ms']:.2f} | {runs} | {r['cpu_ms']:.1f} | "
             f"{r['cpu_ms'] / ref['cpu_ms']:.2f} | {r['tok_s']:.0f} | {r['busy_max_mean']:.2f} | "
             f"{r['busy_max_ms']:.1f} | {r['slots_max_mean']:.2f} | {r['load_max_mean']:.2f} | "
-            f"{r['top1_share']:.3f} | {r['spag_mib']:.2f} | {a2a} | {r['peak_tensor_mib']:.1f} | "
+            f"{r['top1_share']:.3f} | {r['spag_mib']:.2f} | {r['reshard_mib']:.2f} | {a2a} | {r['peak_tensor_mib']:.1f} | "
             f"{r['rss_mib']:.0f} | {r['loss']:.4f} | {r['dropped']} | {r['reshard_steps'] or '-'} |")
 
 

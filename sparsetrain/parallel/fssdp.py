@@ -369,6 +369,7 @@ class FSSDP(Strategy):
     # ------------------------------------------------------------------ reporting
     def step_metrics(self, comm: dict[str, int], per_rank: dict[str, torch.Tensor]) -> dict[str, float]:
         out = {"spag_MB": comm.get("spag", 0) / 2**20, "sprs_MB": comm.get("sprs", 0) / 2**20,
+               "reshard_MB": comm.get("reshard", 0) / 2**20,
                "a2a_MB": comm.get("all_to_all", 0) / 2**20, **super().step_metrics(comm, per_rank)}
         if self.info.world > 1:
             out["overlap_budget"] = self.overlap_budget

@@ -12,6 +12,7 @@ from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts, expert_sha
 from sparsetrain.parallel.optim_state import OPT_KEYS, ensure_optimizer_state, rebuild_optimizer
 from sparsetrain.parallel.placement import owned_load
 from sparsetrain.parallel.sparse_collectives import spag
+from sparsetrain.telemetry.comm import COMM
 
 RESHARD_GAIN = 0.02  # re-shard only when owned-load max/mean improves by at least this fraction
 
@@ -65,7 +66,7 @@ def move_ownership(experts: list[GroupedExperts], optimizer: torch.optim.Optimiz
             continue
         local = {e: i for i, e in enumerate(mod.expert_ids)}  # expert -> its row here
         leaving = [i for i, e in enumerate(moving) if old[e] == rank]  # indices into `moving`
-        with torch.no_grad():  # experts re-indexed 0..len(moving)-1: only moving chunks take part
+        with torch.no_grad(), COMM.relabel("spag", "reshard"):  # only moving chunks, re-indexed 0..n-1
             rows, ids = spag(_pack_rows(mod, optimizer, [local[moving[i]] for i in leaving]), leaving,
                              [old[e] for e in moving], [sorted({old[e], new[e]}) for e in moving], group)
         received = {moving[i]: j for j, i in enumerate(ids) if new[moving[i]] == rank}  # expert -> row of `rows`

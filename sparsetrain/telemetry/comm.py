@@ -1,6 +1,7 @@
 """Byte counters for collectives: one process-global `COMM` that every collective adds to.
 
 Names in use: 'spag', 'sprs' (sparse all-gather / reduce-scatter of expert chunks),
+'reshard' (FSSDP ownership moves: params + optimizer state, sent by spAG under `COMM.relabel`),
 'all_to_all' (expert-parallel token exchange), 'fsdp_allgather', 'fsdp_reduce_scatter'.
 Counts are bytes *sent by this rank* to other ranks; summing over ranks gives the traffic.
 """
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 __all__ = ["COMM", "CommStats"]
 
@@ -20,12 +23,25 @@ class CommStats:
         self._total: dict[str, int] = defaultdict(int)
         self._step: dict[str, int] = defaultdict(int)
         self._calls: dict[str, int] = defaultdict(int)
+        self._alias = threading.local()  # per thread: name -> name counted instead (relabel)
+
+    @contextmanager
+    def relabel(self, name: str, as_name: str) -> Iterator[None]:
+        """Within the block, this thread's adds under `name` count under `as_name` (e.g. spAG used to move
+        ownership counts as 'reshard', not as expert-copy traffic)."""
+        aliases = getattr(self._alias, "map", {})
+        self._alias.map = {**aliases, name: as_name}
+        try:
+            yield
+        finally:
+            self._alias.map = aliases
 
     def add(self, name: str, nbytes: int) -> None:
         """Count `nbytes` sent under `name` (one call)."""
         nbytes = int(nbytes)
         if nbytes < 0:
             raise ValueError(f"CommStats.add({name!r}, {nbytes}): byte count must be >= 0")
+        name = getattr(self._alias, "map", {}).get(name, name)
         with self._lock:
             self._total[name] += nbytes
             self._step[name] += nbytes

@@ -44,7 +44,7 @@ def run_summary(tr: Any, elapsed: float, val_loss: float | None) -> dict[str, An
         "peak_memory_mib": [round(p, 1) for p in peaks],
         **tr.strategy.describe(),
     } | ({"stopped_at_step": tr.stopped_at} if tr.stopped_at is not None else {})
-    for k in ("expert_load_max_mean", "expert_busy_max_mean", "spag_MB", "sprs_MB", "a2a_MB",
+    for k in ("expert_load_max_mean", "expert_busy_max_mean", "spag_MB", "sprs_MB", "reshard_MB", "a2a_MB",
               "rank_tokens_max_mean", "dropped_slots", "offload_MB", "offload_pool_MB", "offload_pool_peak_MB",
               "offload_pool_full_tensors"):
         if k in last:

@@ -77,7 +77,8 @@ def _run(variant: str, step_ms: list[float], cpu_ms: float, loss: float = 2.5, a
     return {"world": 2, "workload": "balanced", "variant": variant, "step_ms": step_ms[len(step_ms) // 2],
             "p90_ms": max(step_ms), "max_ms": max(step_ms), "cpu_ms": cpu_ms, "steps_ms": step_ms, "tok_s": 1000.0,
             "busy_max_mean": 1.1, "busy_max_ms": 50.0, "slots_max_mean": 1.0, "load_max_mean": 1.2, "top1_share": 0.1,
-            "spag_mib": 0.0, "a2a_mib": a2a, "peak_tensor_mib": 100.0, "rss_mib": 900.0, "loss": loss, "dropped": 0,
+            "spag_mib": 0.0, "reshard_mib": 0.0, "a2a_mib": a2a, "peak_tensor_mib": 100.0, "rss_mib": 900.0,
+            "loss": loss, "dropped": 0,
             "reshard_steps": []}
 
 

@@ -30,7 +30,8 @@ def _body(rank: int, world: int) -> dict:
     opt.step()
     COMM.reset()
     move_ownership(layers, opt, OLD, NEW, rank, dist.group.WORLD)
-    return {"sent": COMM.snapshot().get("spag", 0), "per_expert": moved_bytes_per_expert(layers[0]),
+    sent = COMM.snapshot()
+    return {"sent": sent.get("reshard", 0), "as_copies": sent.get("spag", 0), "per_expert": moved_bytes_per_expert(layers[0]),
             "ids": [m.expert_ids for m in layers]}
 
 
@@ -41,6 +42,7 @@ def test_moved_bytes_equal_what_move_ownership_sends():
     per = got[0]["per_expert"]
     assert per == 3 * 3 * 8 * 16 * 4  # (w1, w2, w3) x (param, exp_avg, exp_avg_sq) x d x f x fp32
     assert [r["sent"] for r in got] == [3 * per, 3 * per]  # rank 0 sends expert 0, then 1 and 2; rank 1 likewise
+    assert [r["as_copies"] for r in got] == [0, 0]  # counted as 'reshard', not as expert-copy spAG traffic
     assert got[0]["ids"] == [[1, 2, 3], [0, 4, 5]] and got[1]["ids"] == [[0, 4, 5], [1, 2, 3]]
     # the gate's cost: one transfer per layer, as long as its busiest rank's moves (1, then 2)
     assert reshard_cost_s(OLD, NEW, 2, per, 1e6) == pytest.approx(3 * per / 1e6)
