@@ -15,8 +15,8 @@ rank, so loads that move from step to step around a balanced mean (aux loss on) 
 than their mean's imbalance promises.
 
 Re-sharding ownership (`fssdp.reshard_every`) is gated the same way (`reshard_pays`): the expert time the
-new owners save per step (each layer's busiest-rank load plus its copies' transfers, under the placement the
-planner then produces) times the steps until the next re-shard must beat the seconds its moves take (per
+new owners save per step (each layer's busiest-rank load on each recent step, plus its copies' transfers,
+under the placement the planner then produces) times the steps until the next re-shard must beat the seconds its moves take (per
 layer, the busiest rank's moved experts, params + Adam state, over the same link).
 
 The machine numbers are fixed per run (config, or a device default, or one measurement at set-up), never
@@ -146,9 +146,10 @@ def gate_copies(loads: torch.Tensor, p1: LayerPlacement, topo: Topology, cost: C
 
 
 def placement_time_s(loads: torch.Tensor, p: LayerPlacement, topo: Topology, cost: CopyCost) -> float:
-    """Predicted seconds of one layer's expert work per step under `p`: the busiest rank's compute plus the
-    exposed transfers of its copies (0 without copies)."""
-    return float(rank_loads(loads, p, topo).max()) * cost.flops_per_slot / cost.flops_per_s + cost.cost_s(p, topo.world)
+    """Predicted seconds of one layer's expert work per step under `p`: the busiest rank's compute (loads [E],
+    or [n, E]: the mean over steps of each step's busiest rank) plus the exposed transfers of its copies."""
+    busiest = float(rank_loads(loads, p, topo).amax(dim=-1).mean())
+    return busiest * cost.flops_per_slot / cost.flops_per_s + cost.cost_s(p, topo.world)
 
 
 def reshard_cost_s(old_owners: Sequence[Sequence[int]], new_owners: Sequence[Sequence[int]], world: int,
@@ -169,10 +170,11 @@ def reshard_cost_s(old_owners: Sequence[Sequence[int]], new_owners: Sequence[Seq
 def reshard_net_s(loads: torch.Tensor, before: Sequence[LayerPlacement], after: Sequence[LayerPlacement],
                   topo: Topology, cost: CopyCost, move_bytes: int, every: int) -> float:
     """Seconds a re-shard saves net of its moves: the expert time `after` saves over `before` (per layer, the
-    placements planned on the old and new owners from predicted loads [L, E]) in each of the `every` steps
-    until the next re-shard, less the time its moves take."""
-    gain = every * sum(placement_time_s(loads[li], b, topo, cost) - placement_time_s(loads[li], a, topo, cost)
-                       for li, (b, a) in enumerate(zip(before, after)))
+    placements planned on the old and new owners) in each of the `every` steps until the next re-shard, less
+    the time its moves take. `loads`: [L, E], or the recent steps' [n, L, E] (judged step by step, as the
+    copy gate: each step waits for its own busiest rank)."""
+    gain = every * sum(placement_time_s(loads[..., li, :], b, topo, cost) -
+                       placement_time_s(loads[..., li, :], a, topo, cost) for li, (b, a) in enumerate(zip(before, after)))
     return gain - reshard_cost_s([b.owners for b in before], [a.owners for a in after], topo.world, move_bytes,
                                  cost.bytes_per_s)
 

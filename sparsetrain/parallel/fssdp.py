@@ -339,7 +339,7 @@ class FSSDP(Strategy):
         recent = self.tracker.recent()  # [n, L, E]
         plans = [[self._plan(loads[li], o[li], recent[:, li])[0] for li in range(self.num_layers)]
                  for o in [self.owners, *cands]]
-        nets = [reshard_net_s(loads, plans[0], p, self.topo, self.cost, moved_bytes_per_expert(experts),
+        nets = [reshard_net_s(recent, plans[0], p, self.topo, self.cost, moved_bytes_per_expert(experts),
                               self.fcfg.reshard_every) for p in plans[1:]]
         best = max(range(len(nets)), key=lambda i: (nets[i], -i))
         self.reshards_gated += nets[best] <= 0

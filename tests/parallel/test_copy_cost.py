@@ -175,3 +175,16 @@ def test_measure_expert_flops_draws_no_randomness_and_leaves_weights():
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(v, before[k]) for k, v in experts.state_dict().items())
     assert all(p.grad is None for p in experts.parameters())
+
+
+def test_reshard_judged_on_each_recent_step():
+    """Loads that move from step to step: their mean promises a gain no single step sees (each step waits for
+    its own busiest rank), so the re-shard is refused on the recent steps and would pass on their mean."""
+    topo, cost = Topology(2, 2), _hand_cost()
+    recent = torch.tensor([[[300.0, 100.0, 100.0, 100.0]], [[100.0, 300.0, 100.0, 100.0]]])  # [n=2, L=1, E=4]
+    before = [LayerPlacement.from_owners([0, 0, 1, 1])]  # 400 / 200 on both steps (mean 400 / 200)
+    after = [LayerPlacement.from_owners([0, 1, 0, 1])]  # swap experts 1 and 2: 400 / 200, 200 / 400 (mean 300 / 300)
+    assert placement_time_s(recent[:, 0], after[0], topo, cost) == pytest.approx(0.4)
+    assert reshard_net_s(recent.mean(0), before, after, topo, cost, 10_000, 5) == pytest.approx(0.49)
+    assert reshard_net_s(recent, before, after, topo, cost, 10_000, 5) == pytest.approx(-0.01)
+    assert not reshard_pays(recent, before, after, topo, cost, 10_000, 5)
