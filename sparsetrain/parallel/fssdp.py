@@ -14,7 +14,6 @@ of the seed and config.
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -23,18 +22,13 @@ from torch import nn
 
 from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts
 from sparsetrain.model.gpt import GPT
-from sparsetrain.parallel import fssdp_state
+from sparsetrain.parallel import fssdp_machine, fssdp_state
 from sparsetrain.parallel.chunk_codec import NMChunkCodec, chunk_codec_for
 from sparsetrain.parallel.comm import all_reduce_host
 from sparsetrain.parallel.copy_cost import (
-    DEVICE_DEFAULTS,
     CopyCost,
-    attention_flops_per_token,
     copies_can_pay,
-    expert_flops_per_slot,
     gate_copies,
-    measure_expert_flops,
-    overlap_budget_from_model,
     reshard_net_s,
 )
 from sparsetrain.parallel.dense import DTYPES, compute_dtype
@@ -52,7 +46,6 @@ from sparsetrain.parallel.reshard import move_ownership, moved_bytes_per_expert,
 from sparsetrain.parallel.sparse_collectives import SpAGHandle, SpRSHandle, spag, spag_start, sprs_start
 from sparsetrain.parallel.strategy import Strategy
 from sparsetrain.parallel.topology import Topology
-from sparsetrain.telemetry.comm import COMM
 from sparsetrain.telemetry.timers import span
 
 REPLICATE_EVERYWHERE = ("hecate", "eplb")
@@ -125,7 +118,7 @@ class FSSDP(Strategy):
                                  reshard=self.cfg.parallel.fsdp_reshard_after_forward)
         self.chunk_numel = owned_flat(moes[0].experts).shape[1]  # C: numbers per expert chunk
         self.chunk_bytes = self.chunk_numel * self.wire_dtype(moes[0].experts).itemsize  # as spAG sends it
-        self._set_machine_numbers(moes[0].experts)
+        fssdp_machine.set_machine_numbers(self, moes[0].experts)
         self._replan()
         if self.fcfg.prefetch:
             for block in model.layers:
@@ -146,53 +139,6 @@ class FSSDP(Strategy):
         if low != -neg_high or low >= topo.ranks_per_node:
             return topo
         return Topology(topo.world, int(low))
-
-    def _set_machine_numbers(self, experts: GroupedExperts, measured: dict[str, float] | None = None) -> None:
-        """Fix, once, the bandwidth, expert throughput, overlap budget and copy cost for the whole run
-        (`measured`: numbers an earlier run of this job measured, restored from its checkpoint)."""
-        f, cfg, measured = self.fcfg, self.cfg, measured or {}
-        intra, inter, tflops = DEVICE_DEFAULTS["cuda" if self.info.device.type == "cuda" else "cpu"]
-        if f.link_GBps < 0:
-            self.bandwidth = measured.get("bandwidth") or self._measure_bandwidth(experts)
-        else:
-            self.bandwidth = 1e9 * (f.link_GBps or (inter if self.topo.num_nodes > 1 else intra))
-        m = cfg.model
-        tokens = cfg.data.batch_size * m.seq_len // (self.info.world * cfg.train.grad_accum)  # per micro-batch
-        if f.expert_TFLOPs < 0:  # the slowest rank's, so every rank gates with the same number
-            self.expert_flops = measured.get("expert_flops") or float(all_reduce_host(
-                [measure_expert_flops(experts, tokens * cfg.moe.top_k, self.wire_dtype(experts))], self.group,
-                op=dist.ReduceOp.MIN)[0])
-        else:
-            self.expert_flops = 1e12 * (f.expert_TFLOPs or tflops)
-        if f.overlap_budget < 0:  # attention time of one block x bandwidth / chunk bytes
-            self.overlap_budget = overlap_budget_from_model(
-                tokens * attention_flops_per_token(m.d_model, m.seq_len), self.expert_flops, self.bandwidth,
-                self.chunk_bytes, cfg.moe.num_experts)
-        if f.cost_gate:
-            self.cost = CopyCost(self.chunk_bytes, expert_flops_per_slot(experts.d_model, experts.d_ffn),
-                                 self.expert_flops, self.bandwidth, 2 if f.keep_materialized else 3,
-                                 self.overlap_budget)
-
-    def _measure_bandwidth(self, experts: GroupedExperts) -> float:
-        """Time one spAG in a ring (each rank's first owned chunk to the next rank: one extra chunk per rank,
-        never a whole layer); all ranks agree on the slowest."""
-        e, world = experts.num_experts, self.info.world
-        owners = initial_owners(e, world)
-        firsts = {owners.index(r): r for r in range(world) if r in owners}  # expert -> its owner
-        copies = [sorted({o, (o + 1) % world}) if x in firsts else [o] for x, o in enumerate(owners)]
-        probe = LayerPlacement.from_lists(owners, copies)
-        owners, copies = _lists(probe)
-        with torch.no_grad():
-            rows = torch.zeros(len(probe.owned_by(self.info.rank)), self.chunk_numel, device=self.info.device,
-                               dtype=self.wire_dtype(experts))
-            dist.barrier(self.group)
-            t0 = time.perf_counter()
-            spag(rows, probe.owned_by(self.info.rank), owners, copies, self.group)
-            if rows.is_cuda:
-                torch.cuda.synchronize(rows.device)
-            dt = all_reduce_host([time.perf_counter() - t0], self.group, op=dist.ReduceOp.MAX)
-        COMM.reset()
-        return probe.spag_bytes(self.chunk_bytes) / self.info.world / max(float(dt[0]), 1e-9)
 
     # ------------------------------------------------------------------ gathers
     def start_gather(self, li: int, experts: GroupedExperts) -> SpAGHandle:

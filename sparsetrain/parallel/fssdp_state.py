@@ -18,6 +18,7 @@ from torch import nn
 
 from sparsetrain.model.experts import EXPERT_WEIGHTS
 from sparsetrain.model.gpt import GPT
+from sparsetrain.parallel import fssdp_machine
 from sparsetrain.parallel.placement import LayerPlacement
 
 FSSDPStrategy = Any  # sparsetrain.parallel.fssdp.FSSDP, not imported: it imports this module
@@ -73,7 +74,7 @@ def load_extra_state(s: FSSDPStrategy, state: dict[str, Any], model: GPT) -> Non
         s._replan()
         return
     if s.fcfg.link_GBps < 0 or s.fcfg.expert_TFLOPs < 0:  # measured once per job, not again on every restart
-        s._set_machine_numbers(model.moe_layers()[0].experts,
+        fssdp_machine.set_machine_numbers(s, model.moe_layers()[0].experts,
                                {k: float(state[k]) for k in ("bandwidth", "expert_flops") if state.get(k)})
     owners = [[int(o) for o in layer] for layer in state["owners"]]
     if owners != s.owners:

@@ -95,7 +95,7 @@ def placements(s: SimSetup, world: int, topo: Topology, loads: torch.Tensor, bud
 
 
 def gate_numbers(s: SimSetup, c: Cluster, topo: Topology) -> tuple[float, float]:
-    """(bytes/s, FLOP/s) FSSDP's overlap budget and copy cost gate hold at set-up, as `FSSDP._set_machine_numbers`
+    """(bytes/s, FLOP/s) FSSDP's overlap budget and copy cost gate hold at set-up, as `fssdp_machine.set_machine_numbers`
     picks them: the configured numbers, the device defaults when 0, what it would measure (this cluster's link
     when link_GBps is -1, its achievable FLOP/s when expert_TFLOPs is -1); the placement then follows the runtime's decision, right or wrong for the cluster."""
     from sparsetrain.parallel.copy_cost import DEVICE_DEFAULTS

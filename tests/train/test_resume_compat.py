@@ -158,7 +158,7 @@ def _measured_numbers_body(rank: int, world: int, cfg: dict, tmp: str) -> dict:
     from unittest import mock
 
     from sparsetrain.config import config_from_dict
-    from sparsetrain.parallel import fssdp
+    from sparsetrain.parallel import fssdp_machine
     from sparsetrain.parallel.mesh import init_distributed
     from sparsetrain.train.trainer import Trainer
 
@@ -169,8 +169,8 @@ def _measured_numbers_body(rank: int, world: int, cfg: dict, tmp: str) -> dict:
     measured = (first.strategy.bandwidth, first.strategy.expert_flops)
     d = json.loads(json.dumps(cfg))
     d["checkpoint"]["resume"], d["train"]["steps"] = True, 4
-    with mock.patch.object(fssdp, "measure_expert_flops", return_value=1.0), \
-            mock.patch.object(fssdp.FSSDP, "_measure_bandwidth", return_value=1.0):
+    with mock.patch.object(fssdp_machine, "measure_expert_flops", return_value=1.0), \
+            mock.patch.object(fssdp_machine, "measure_bandwidth", return_value=1.0):
         second = Trainer(config_from_dict(d), info)  # a restart on a machine that would now measure 1.0
         second.fit()
     return {"measured": measured, "resumed": (second.strategy.bandwidth, second.strategy.expert_flops),
