@@ -19,7 +19,10 @@ routed slot (+ index bytes and fp32 router logits / probs), dense MLP block 2*d 
 
 Peak = the largest of: end of forward (state + activations + gathered weights), start of backward
 (+ a layer's activation gradients and the logits gradient), end of backward (state + gradients +
-copy-gradient stash + communication buffers) and the optimizer step; on CPU plus the corpus. CUDA
+copy-gradient stash + communication buffers) and the optimizer step (state + gradients + AdamW's
+temporaries: up to 2x the largest parameter tensor + the second largest, `adamw_transient_bytes`); on CPU
+plus the corpus. The flat all-reduce buffer of expert grads exists only where experts have replicas (dp;
+EP with parallel.ep_size < world); FSSDP layers without copies and EP over the whole world have none. CUDA
 measures live bytes (`torch.cuda.max_memory_allocated`); CPU measures the RSS high-water, which follows
 live bytes when the trainer has glibc return freed blocks (`train.cpu_exact_memory`, see
 `telemetry.memory.return_freed_memory`); without it the RSS also holds the allocator's free blocks.
@@ -37,15 +40,17 @@ from sparsetrain.parallel.planners import get_planner
 from sparsetrain.parallel.topology import Topology
 from sparsetrain.telemetry.flops import is_moe_layer, model_size
 
-__all__ = ["MemoryPlan", "RankMemory", "initial_placement", "memory_plan", "overlap_budget"]
+__all__ = ["MemoryPlan", "RankMemory", "adamw_transient_bytes", "initial_placement", "memory_plan", "overlap_budget"]
 
 MIB = 2**20
 FP32 = 4
 # What a trainer process holds beyond its tensors. CPU: interpreter objects, thread stacks, glibc heap of
-# small blocks, gloo buffers; measured as the peak of 3-step runs of a near-empty model (d_model 16):
-# 22.5 MiB on 1 rank, 27 MiB on 2 ranks. CUDA: cuBLAS / cuBLASLt workspaces taken from the caching allocator
+# small blocks; measured (2026-12-02) as the peak of 3-step runs of a near-empty model (d_model 16, corpus and
+# tensors subtracted): 28.5 MiB on 1 rank; with a gloo process group (buffers, threads) 33-35 MiB on 2 and 4
+# ranks, for fssdp, ep and dp alike. CUDA: cuBLAS / cuBLASLt workspaces taken from the caching allocator
 # (up to 32 MiB each on sm90 for the main and one side stream; an estimate, not measured here).
-RUNTIME_BYTES = {"cpu": 25 * MIB, "cuda": 64 * MIB}
+RUNTIME_BYTES = {"cpu": 28 * MIB, "cuda": 64 * MIB}
+PROCESS_GROUP_BYTES = {"cpu": 6 * MIB}  # added when world > 1
 # static expert partitions over parallel.ep_size ranks (the peers' layers are planned like ours)
 EXPERT_PARALLEL = ("ep", "deepspeed_moe", "megatron_moe")
 
@@ -266,7 +271,7 @@ def memory_plan(cfg: Config, world: int | None = None, device: str | None = None
         live_layers = n_moe if cfg.parallel.fssdp.keep_materialized else min(2, n_moe)
         gathered_experts = rows * chunk_b * live_layers if strategy == "fssdp" else 0
         copy_grads = rows * per_expert * FP32 * n_moe if strategy == "fssdp" else 0
-        if strategy == "dp" or (strategy in EXPERT_PARALLEL and world > 1):
+        if strategy == "dp" or (strategy in EXPERT_PARALLEL and world > 1 and _expert_replicas(cfg, strategy, world) > 1):
             comm = expert_params * FP32  # one flat all-reduce buffer of the expert grads (dense.all_reduce_grads)
         elif strategy == "fssdp" and extra[r]:
             comm = owned[r] * per_expert * FP32  # spRS receive rows of one layer
@@ -279,21 +284,40 @@ def memory_plan(cfg: Config, world: int | None = None, device: str | None = None
         forward = p + opt + compute + accum_grads + gathered_dense + gathered_experts + activations
         backward_start = p + opt + compute + gathered_dense + gathered_experts + activations + bwd_transient
         backward_end = p + opt + grads + copy_grads + comm + gathered_dense + gathered_experts // live_layers
-        optimizer = p + opt + grads + max_param_bytes(cfg, owned[r])
+        optimizer = p + opt + grads + adamw_transient_bytes(cfg, owned[r], world if fsdp else 1)
         phases = {"forward": forward, "backward_start": backward_start, "backward_end": backward_end,
                   "optimizer": optimizer}
-        peak = max(phases.values()) + host_data + RUNTIME_BYTES.get(dev, 0)
+        runtime = RUNTIME_BYTES.get(dev, 0) + (PROCESS_GROUP_BYTES.get(dev, 0) if world > 1 else 0)
+        peak = max(phases.values()) + host_data + runtime
         ranks.append(RankMemory(r, owned[r] * n_moe, extra[r] * n_moe, p, grads, opt, compute, gathered_dense,
                                 gathered_experts, copy_grads, activations, bwd_transient, comm, host_data,
                                 offloaded, phases, int(peak)))
     return MemoryPlan(world, dev, t.precision, strategy, tokens, ranks)
 
 
-def max_param_bytes(cfg: Config, owned_per_layer: int) -> int:
-    """The largest single parameter tensor (AdamW's per-parameter temporary), fp32 bytes."""
-    m = cfg.model
-    expert = owned_per_layer * m.d_model * cfg.moe.d_ffn
-    return max(expert, m.vocab_size * m.d_model, m.d_model * m.d_model) * FP32
+def _expert_replicas(cfg: Config, strategy: str, world: int) -> int:
+    """Ranks holding each expert under a static expert partition: its grads are all-reduced in one flat buffer
+    over them (`dense.all_reduce_grads`); with one EP group over the world there is no such buffer, only the
+    in-place mean. DeepSpeed's engine reduces in its own buckets: counted as one flat buffer."""
+    if strategy == "deepspeed_moe":
+        return world
+    return world // (cfg.parallel.ep_size or world)
+
+
+def adamw_transient_bytes(cfg: Config, owned_per_layer: int, dense_shards: int = 1) -> int:
+    """AdamW's (single-tensor path, `foreach=False`) temporaries at their largest, fp32 bytes: for a parameter,
+    `denom = (exp_avg_sq.sqrt() / c).add_(eps)` holds the sqrt and the quotient at once, while the previous
+    parameter's `denom` is still bound: at most 2 x the largest tensor + the second largest (measured on CPU:
+    11.9 MiB for stacked experts w1/w2/w3 of 4 MiB each). `dense_shards`: FSDP2 shards the dense tensors."""
+    m, e = cfg.model, cfg.moe
+    expert = owned_per_layer * m.d_model * e.d_ffn
+    numels = [expert] * 3 if owned_per_layer and e.num_experts else []
+    numels += [m.vocab_size * m.d_model // dense_shards] * (1 if m.tie_embeddings else 2)
+    numels += [m.d_model * m.d_model // dense_shards] * 4
+    if any(not is_moe_layer(cfg, i) for i in range(m.n_layers)):
+        numels += [m.d_model * (m.d_ffn_dense or 4 * m.d_model) // dense_shards] * 3
+    second, largest = sorted(numels)[-2:]
+    return (2 * largest + second) * FP32
 
 
 def _corpus_bytes(cfg: Config) -> int:

@@ -41,6 +41,16 @@ def grads_of_kind(grads: list[torch.Tensor], dtensor: bool) -> list[torch.Tensor
     return [g for g in grads if hasattr(g, "to_local") == dtensor]
 
 
+def clip_grads_(model: torch.nn.Module, clip: float) -> None:
+    """Scale every gradient by `clip` (< 1). A function of its own: its lists of gradients die with it, not at
+    the end of the step (they kept every gradient alive past `zero_grad` through `after_step`'s re-shard)."""
+    if clip >= 1.0:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    for same_kind in (g for g in (grads_of_kind(grads, True), grads_of_kind(grads, False)) if g):
+        torch._foreach_mul_(same_kind, clip)  # DTensor and plain grads never mix in one call
+
+
 class Trainer:
     """Builds model + strategy + optimizer + data from a Config and runs train / eval."""
 
@@ -230,11 +240,7 @@ class Trainer:
             else:
                 gnorm = red.grad_sq.sqrt().float()
                 if cfg.grad_clip > 0:
-                    clip = min(1.0, cfg.grad_clip / (float(gnorm) + 1e-6))
-                    if clip < 1.0:
-                        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-                        for same_kind in (g for g in (grads_of_kind(grads, True), grads_of_kind(grads, False)) if g):
-                            torch._foreach_mul_(same_kind, clip)  # DTensor and plain grads never mix in one call
+                    clip_grads_(self.model, min(1.0, cfg.grad_clip / (float(gnorm) + 1e-6)))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             for moe in self.model.moe_layers():
