@@ -240,6 +240,11 @@ def memory_plan(cfg: Config, world: int | None = None, device: str | None = None
     fsdp = world > 1 and cfg.parallel.dense == "fsdp2" and strategy != "none"
     dense_local = size.dense // world if fsdp else size.dense
     block_dense = 4 * m.d_model * m.d_model + 2 * m.d_model + m.d_model * e.num_experts
+    # dp under FSDP2 shards the (replicated) experts with the dense blocks: each rank keeps 1/world of them and
+    # a MoE block is gathered whole, its experts included (dp.apply: apply_dense_sharding, nothing ignored)
+    expert_shards = world if fsdp and strategy == "dp" else 1
+    if expert_shards > 1:
+        block_dense += e.num_experts * per_expert
     root_dense = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.d_model
     if strategy == "fssdp":
         owned, first = _placement_counts(cfg, world)
@@ -258,7 +263,7 @@ def memory_plan(cfg: Config, world: int | None = None, device: str | None = None
     host_data = _corpus_bytes(cfg) if dev == "cpu" else 0
     ranks = []
     for r in range(world):
-        expert_params = owned[r] * per_expert * n_moe
+        expert_params = owned[r] * per_expert * n_moe // expert_shards
         p = (dense_local + expert_params) * FP32
         grads, opt = p, 2 * p
         compute = (dense_local + expert_params) * 2 if bf16 else 0
@@ -271,7 +276,9 @@ def memory_plan(cfg: Config, world: int | None = None, device: str | None = None
         live_layers = n_moe if cfg.parallel.fssdp.keep_materialized else min(2, n_moe)
         gathered_experts = rows * chunk_b * live_layers if strategy == "fssdp" else 0
         copy_grads = rows * per_expert * FP32 * n_moe if strategy == "fssdp" else 0
-        if strategy == "dp" or (strategy in EXPERT_PARALLEL and world > 1 and _expert_replicas(cfg, strategy, world) > 1):
+        if strategy == "dp" and not fsdp:  # one flat all-reduce buffer of every grad (dense.all_reduce_grads)
+            comm = (dense_local + expert_params) * FP32
+        elif strategy in EXPERT_PARALLEL and world > 1 and _expert_replicas(cfg, strategy, world) > 1:
             comm = expert_params * FP32  # one flat all-reduce buffer of the expert grads (dense.all_reduce_grads)
         elif strategy == "fssdp" and extra[r]:
             comm = owned[r] * per_expert * FP32  # spRS receive rows of one layer
@@ -284,7 +291,7 @@ def memory_plan(cfg: Config, world: int | None = None, device: str | None = None
         forward = p + opt + compute + accum_grads + gathered_dense + gathered_experts + activations
         backward_start = p + opt + compute + gathered_dense + gathered_experts + activations + bwd_transient
         backward_end = p + opt + grads + copy_grads + comm + gathered_dense + gathered_experts // live_layers
-        optimizer = p + opt + grads + adamw_transient_bytes(cfg, owned[r], world if fsdp else 1)
+        optimizer = p + opt + grads + adamw_transient_bytes(cfg, owned[r] // expert_shards, world if fsdp else 1)
         phases = {"forward": forward, "backward_start": backward_start, "backward_end": backward_end,
                   "optimizer": optimizer}
         runtime = RUNTIME_BYTES.get(dev, 0) + (PROCESS_GROUP_BYTES.get(dev, 0) if world > 1 else 0)

@@ -49,7 +49,13 @@ def test_strategies_hold_what_they_own():
     # hecate copies the t hottest experts everywhere; on a GPU the model-derived t of this tiny attention is 0
     assert sum(r.expert_copies for r in memory_plan(load_config("tiny", base + ["parallel.strategy=fssdp"])).ranks) == 0
     per_expert = 3 * 256 * 1024 * 4 * 4  # fp32 bytes of one expert in all 4 layers
-    assert dp.ranks[0].params - ep.ranks[0].params == pytest.approx(12 * per_expert, rel=1e-6)  # 16 vs 4 experts
+    # dp under FSDP2 (default) shards the replicated experts with the blocks: 1/4 of them per rank, like EP,
+    # and gathers a whole MoE block, its 16 experts included; under ddp every rank holds all 16
+    assert dp.ranks[0].params == ep.ranks[0].params and dp.ranks[0].gathered_dense > ep.ranks[0].gathered_dense
+    ddp = ["parallel.dense=ddp"]
+    dp_ddp = memory_plan(load_config("tiny", base + ddp + ["parallel.strategy=dp"]))
+    ep_ddp = memory_plan(load_config("tiny", base + ddp + ["parallel.strategy=ep"]))
+    assert dp_ddp.ranks[0].params - ep_ddp.ranks[0].params == pytest.approx(12 * per_expert, rel=1e-6)  # 16 vs 4
     assert fs.ranks[0].params == ep.ranks[0].params  # FSSDP owns like EP; copies are extra
     assert sum(r.expert_copies for r in fs.ranks) > 0 and fs.max_mib > ep.max_mib
     keep = memory_plan(load_config("tiny", base + ["parallel.strategy=fssdp", "parallel.fssdp.overlap_budget=2",

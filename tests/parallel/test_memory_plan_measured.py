@@ -23,6 +23,8 @@ CASES = {
     # step's AdamW temporaries (2 x the largest tensor + the next) make the peak
     "fssdp-2-nocopy": (2, ["parallel.strategy=fssdp", "parallel.fssdp.overlap_budget=0", "data.batch_size=4"]),
     "ep-2-accum": (2, ["parallel.strategy=ep", "train.grad_accum=2", "data.batch_size=8"]),
+    # FSDP2 shards dp's replicated experts with the blocks and gathers a whole MoE block, experts included
+    "dp-2": (2, ["parallel.strategy=dp", "data.batch_size=4"]),
 }
 
 
