@@ -28,7 +28,7 @@ CASES = {
 }
 
 
-def _peak_body(rank: int, world: int, cfg: dict, out: str) -> list[float]:
+def _peak_body(rank: int, world: int, cfg: dict, out: str) -> tuple[list[float], float | None]:
     from sparsetrain.parallel.mesh import DistInfo
     from sparsetrain.train.trainer import Trainer
 
