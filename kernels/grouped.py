@@ -11,8 +11,11 @@ _logged: set[str] = set()
 
 def grouped_linear_reference(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """y[rows of expert e] = x[rows of e] @ weight[e].T; x [N, in] sorted by expert, weight [E, out, in]."""
-    # experts without rows are skipped: in decoding (one token) most of them are empty
-    outs = [xe @ weight[e].t() for e, xe in enumerate(torch.split(x, counts, dim=0)) if counts[e]]
+    # experts without rows are skipped: in decoding (one token) most of them are empty. unbind, not weight[e]:
+    # each select's backward zero-fills a full [E, out, in] grad to add into the buffer (E full-size fills per
+    # call); unbind's stacks the expert grads once (same values; CPU, 8 experts 512x256: backward 28 -> 7 ms)
+    ws = weight.unbind(0)
+    outs = [xe @ ws[e].t() for e, xe in enumerate(torch.split(x, counts, dim=0)) if counts[e]]
     return torch.cat(outs, dim=0) if outs else x.new_zeros(0, weight.shape[1])  # [N, out]
 
 
