@@ -105,7 +105,7 @@ class Strategy:
         dense = [p.grad for p in params if p.grad is not None]
         if not dense or any(hasattr(p, "to_local") for p in params) or any(g.dtype != torch.float32 for g in dense):
             return None
-        from sparsetrain.train.step_collectives import fused_reduce_step, grad_sq
+        from sparsetrain.parallel.step_reduce import fused_reduce_step, grad_sq
 
         self.finish_own_grads(model)
         share = None  # this rank's share of the own grads' squared norm: / the ranks holding a copy
