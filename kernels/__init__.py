@@ -2,7 +2,12 @@
 
 Triton is imported lazily by the 'triton' N:M path only, never at import time.
 """
-from sparsetrain.kernels.grouped import grouped_linear, grouped_linear_reference
+from sparsetrain.kernels.grouped import (
+    grouped_linear,
+    grouped_linear_reference,
+    grouped_mm_eligible,
+    swiglu_experts_reference,
+)
 from sparsetrain.kernels.nm_dispatch import (
     choose_path,
     grouped_nm_linear,
@@ -24,10 +29,12 @@ __all__ = [
     "get_path",
     "grouped_linear",
     "grouped_linear_reference",
+    "grouped_mm_eligible",
     "grouped_nm_linear",
     "grouped_nm_linear_reference",
     "is_nm_sparse",
     "nm_linear",
     "set_benchmark_table",
+    "swiglu_experts_reference",
     "table_key",
 ]

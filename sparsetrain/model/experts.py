@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsetrain.kernels import grouped_linear
+from sparsetrain.kernels import grouped_linear, grouped_mm_eligible, swiglu_experts_reference
 
 WeightTransform = Callable[[str, torch.Tensor, list[int]], torch.Tensor]
 # (x [N, in] sorted by expert, weight [E, out, in] to compute with, counts, the stack it came from) -> [N, out]
@@ -22,7 +22,10 @@ def expert_shapes(d_model: int, d_ffn: int) -> dict[str, tuple[int, int]]:
 
 def swiglu_experts(x: torch.Tensor, counts: list[int], w1: torch.Tensor, w2: torch.Tensor,
                    w3: torch.Tensor) -> torch.Tensor:
-    """x [N, d] sorted by expert, counts per expert (len E_here) -> [N, d]."""
+    """x [N, d] sorted by expert, counts per expert (len E_here) -> [N, d]: one grouped GEMM per weight where
+    torch._grouped_mm runs (CUDA bf16 sm90+), else each expert's whole SwiGLU in turn (intermediates in cache)."""
+    if not (x.is_cuda and grouped_mm_eligible(x, w1, counts)[0]):
+        return swiglu_experts_reference(x, counts, w1, w2, w3)
     h = F.silu(grouped_linear(x, w1, counts)) * grouped_linear(x, w3, counts)  # [N, d_ffn]
     return grouped_linear(h, w2, counts)  # [N, d]
 
