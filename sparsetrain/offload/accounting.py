@@ -38,7 +38,9 @@ def block_activation_bytes(cfg: Config, world: int, moe: bool, mode: str = "none
     if mode == "selective":
         return (attn + ffn_in) * elt
     if moe:
-        ffn = 4 * t * e.top_k * d + 4 * t * e.top_k * e.d_ffn + 2 * t * e.num_experts + 8 * t * e.top_k
+        # the per-expert SwiGLU (CPU; CUDA without torch._grouped_mm) saves 3 [slots, d] tensors (measured by
+        # ActivationMeter); the grouped-GEMM formulation it replaced saved 4 (the grouped_mm path: not measured)
+        ffn = 3 * t * e.top_k * d + 4 * t * e.top_k * e.d_ffn + 2 * t * e.num_experts + 8 * t * e.top_k
     else:
         ffn = 4 * t * (m.d_ffn_dense or 4 * d) + t * d
     return (attn + ffn_in + ffn) * elt
