@@ -108,25 +108,20 @@ class Strategy:
         from sparsetrain.parallel.step_reduce import fused_reduce_step, grad_sq
 
         self.finish_own_grads(model)
-        share = None  # this rank's share of the own grads' squared norm: / the ranks holding a copy
-        if own:
-            by_copies: dict[int, list[torch.Tensor]] = {}
-            for p in model.parameters():  # model order: the same sum on every rank and run
-                if p in own and p.grad is not None:
-                    by_copies.setdefault(self.replication("", p), []).append(p.grad)
-            share = sum((grad_sq(g) / r for r, g in by_copies.items()), torch.zeros((), dtype=torch.float64))
+        share = self.local_grad_sq(model, only=own).cpu() if own else None  # the own grads' share, summed
         red = fused_reduce_step(dense, self.info.world, stats, share, counts)
         dense_sq = grad_sq(dense)  # averaged: the same on every rank, so its global norm is the local one
         red.grad_sq = dense_sq if red.grad_sq is None else red.grad_sq + dense_sq
         return red
 
-    def local_grad_sq(self, model: GPT) -> torch.Tensor:
+    def local_grad_sq(self, model: GPT, only: set[nn.Parameter] | None = None) -> torch.Tensor:
         """This rank's share of the squared global gradient norm (fp64 scalar): each local gradient's
         squared norm divided by how many ranks hold an identical copy; summed over ranks it is the square
-        of the global norm (the trainer fuses that sum into its one per-step collective)."""
+        of the global norm (the trainer fuses that sum into its one per-step collective). `only`: of
+        these parameters' gradients alone."""
         groups: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}  # (replication, dtype) -> grads
         for name, p in model.named_parameters():
-            if p.grad is not None:
+            if p.grad is not None and (only is None or p in only):
                 g = local_tensor(p.grad).detach()
                 groups.setdefault((self.replication(name, p), g.dtype), []).append(g)
         sq = torch.zeros((), dtype=torch.float64, device=self.info.device)
