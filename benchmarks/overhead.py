@@ -10,6 +10,7 @@ wrapping torch.distributed). `--profile PREFIX` writes a cProfile of rank 0's ti
 
     python benchmarks/overhead.py                        # 1 and 4 ranks, every variant
     python benchmarks/overhead.py --worlds 4 --steps 30 --variants minimal ep dp-ddp
+    python benchmarks/overhead.py --worlds 4 --steps 40 --repeats 3 --routing balanced   # medians of 3
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ VARIANTS = {
     "dp-fsdp2-always": ["parallel.strategy=dp", "parallel.dense=fsdp2", "parallel.fsdp_reshard_after_forward=always"],
     "dp-fsdp2-never": ["parallel.strategy=dp", "parallel.dense=fsdp2", "parallel.fsdp_reshard_after_forward=never"],
     "ep": ["parallel.strategy=ep", "parallel.dense=ddp"],
+    "ep-serial": ["parallel.strategy=ep", "parallel.dense=ddp", "parallel.a2a_overlap=false"],  # no a2a overlap
     "ep-fsdp2": ["parallel.strategy=ep", "parallel.dense=fsdp2"],
     "fssdp": ["parallel.strategy=fssdp"],
 }
@@ -56,7 +58,15 @@ def _minimal_step(model, opt, x, y, world: int) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def _rank_body(rank: int, world: int, variant: str, steps: int, warmup: int, profile: str = "") -> dict:
+ROUTING = {  # --routing: the router's own (learned) top-k, or a workload that fixes each expert's share
+    "learned": [],
+    "balanced": ["moe.router_skew=1e-6"],  # equal shares: EP's ranks get equal expert work
+    "trace": ["moe.routing_trace=benchmarks/traces/aux_on.jsonl"],
+}
+
+
+def _rank_body(rank: int, world: int, variant: str, steps: int, warmup: int, profile: str = "",
+               routing: str = "learned") -> dict:
     import cProfile
 
     import torch
@@ -75,7 +85,8 @@ def _rank_body(rank: int, world: int, variant: str, steps: int, warmup: int, pro
 
     torch.set_num_threads(1)
     cfg = load_config("tiny", SHAPE + [f"launch.workers={world}", f"train.steps={steps}",
-                                       f"train.out_dir=/tmp/st-overhead-{os.getpid()}", *VARIANTS[variant]])
+                                       f"train.out_dir=/tmp/st-overhead-{os.getpid()}", *ROUTING[routing],
+                                       *VARIANTS[variant]])
     if variant == "minimal":
         model = build_model(cfg)
         opt = build_optimizer(list(model.named_parameters()), cfg.train)
@@ -121,33 +132,55 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--routing", default="learned", choices=list(ROUTING),
+                    help="learned: the router's top-k (EP's ranks then carry unequal expert work); balanced: equal "
+                         "shares per expert, so the ratio measures the runtime, not the routing; trace: aux_on.jsonl")
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved repetitions per variant (medians)")
     ap.add_argument("--profile", default="", metavar="PREFIX",
                     help="cProfile (main-thread CPU time) rank 0 over the timed steps into PREFIX.<variant>.w<ranks>.prof")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats {args.repeats}: must be >= 1")
+    from statistics import median
+
+    from benchmarks.measure import per_run_ratios, run_interleaved
     from tests.dist_utils import run_distributed
 
     tokens = 32 * 128
     print(f"# overhead: tiny model, global batch 32 x 128 tokens, {args.steps} steps ({args.warmup} not timed), "
-          f"fresh gloo processes per variant")
-    print("| ranks | variant | tokens/s | vs minimal | CPU ms/step, all ranks (main threads) | CPU vs minimal | "
+          f"routing {args.routing}, {args.repeats} interleaved repetition(s), fresh gloo processes per run")
+    print("| ranks | variant | tokens/s | vs minimal (runs) | CPU ms/step, all ranks (main threads) | CPU vs minimal | "
           "collectives per step (calls, MiB; rank 0) |\n|---|---|---|---|---|---|---|")
     for world in args.worlds:
-        ref = ref_cpu = None
-        for v in args.variants:
-            if v == "none" and world > 1:
-                continue
-            res = run_distributed(_rank_body, world, v, args.steps, args.warmup, args.profile, timeout=3000)
-            wall = max(r["wall"] for r in res)
-            tps = tokens * res[0]["steps"] / wall
-            cpu = 1000 * sum(r["cpu"] for r in res) / res[0]["steps"]  # process CPU time (gloo threads too)
-            main_cpu = 1000 * sum(r["main_cpu"] for r in res) / res[0]["steps"]
-            ref = tps if v == "minimal" else ref
-            ref_cpu = cpu if v == "minimal" else ref_cpu
-            kinds = ", ".join(f"{k} {c:g}x {res[0]['mib'].get(k, 0):.2f}" for k, c in sorted(res[0]["calls"].items()))
-            ratio = f"{tps / ref:.2f}" if ref else "-"
-            cpu_ratio = f"{ref_cpu / cpu:.2f}" if ref_cpu else "-"  # like tokens/s: minimal's CPU / this CPU
-            print(f"| {world} | {v} | {tps:,.0f} | {ratio} | {cpu:,.0f} ({main_cpu:,.0f}) | {cpu_ratio} | {kinds or 'none'} |",
-                  flush=True)
+        variants = [v for v in args.variants if not (v == "none" and world > 1)]
+
+        def run(v: str, world: int = world) -> dict:
+            res = run_distributed(_rank_body, world, v, args.steps, args.warmup, args.profile, args.routing,
+                                  timeout=3000)
+            return {"tps": tokens * res[0]["steps"] / max(r["wall"] for r in res),
+                    "cpu": 1000 * sum(r["cpu"] for r in res) / res[0]["steps"],  # process CPU (gloo threads too)
+                    "main_cpu": 1000 * sum(r["main_cpu"] for r in res) / res[0]["steps"],
+                    "calls": res[0]["calls"], "mib": res[0]["mib"]}
+
+        def log(rep: int, v: str, r: dict, world: int = world) -> None:
+            print(f"# rep {rep + 1}/{args.repeats} {world} ranks {v}: {r['tps']:,.0f} tokens/s, "
+                  f"CPU {r['cpu']:,.0f} ms/step", flush=True)
+
+        out = run_interleaved(variants, args.repeats, run, log)
+        ref = out.get("minimal")
+        for v in variants:
+            rs = out[v]
+            tps, cpu = [r["tps"] for r in rs], [r["cpu"] for r in rs]
+            kinds = ", ".join(f"{k} {c:g}x {rs[0]['mib'].get(k, 0):.2f}" for k, c in sorted(rs[0]["calls"].items()))
+            if ref:  # paired: each run against the minimal loop's run of the same repetition
+                ratios = per_run_ratios(tps, [r["tps"] for r in ref])
+                cpu_ratios = [1 / x for x in per_run_ratios(cpu, [r["cpu"] for r in ref])]  # minimal's CPU / this
+                ratio = f"{median(ratios):.2f}" + (f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(rs) > 1 else "")
+                cpu_ratio = f"{median(cpu_ratios):.2f}"
+            else:
+                ratio = cpu_ratio = "-"
+            print(f"| {world} | {v} | {median(tps):,.0f} | {ratio} | {median(cpu):,.0f} "
+                  f"({median(r['main_cpu'] for r in rs):,.0f}) | {cpu_ratio} | {kinds or 'none'} |", flush=True)
 
 
 if __name__ == "__main__":

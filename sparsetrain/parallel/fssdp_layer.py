@@ -76,7 +76,8 @@ class FSSDPDispatcher:
             out, dropped, counts = exchange_and_compute(
                 x, route, slot_rank, experts.num_experts, experts.expert_ids,
                 lambda xs, c: experts(xs, c, ids=experts.expert_ids), None, s.cfg.moe.capacity_factor,
-                s.cfg.moe.capacity_renorm, s.cfg.moe.capacity_priority, sum_route_counts=True)
+                s.cfg.moe.capacity_renorm, s.cfg.moe.capacity_priority, sum_route_counts=True,
+                overlap=s.cfg.parallel.a2a_overlap)
             s.rank_tokens[li] = float(counts.sum())
             return out, dropped
         slot_rank = choose_replicas(route.expert_ids.reshape(-1), s.info.rank, s.placements[li], s.topo)  # [T*k]
@@ -102,7 +103,8 @@ class FSSDPDispatcher:
             out, dropped, counts = exchange_and_compute(x, route, slot_rank, experts.num_experts, mat_ids, expert_fn,
                                                         None, s.cfg.moe.capacity_factor,
                                                         s.cfg.moe.capacity_renorm, s.cfg.moe.capacity_priority,
-                                                        sum_route_counts=True)  # the world group: global counts
+                                                        sum_route_counts=True,  # the world group: global counts
+                                                        overlap=s.cfg.parallel.a2a_overlap)
         if active and not keep and out.requires_grad:
             # the layer's output grad arrives at the same point of backward on every rank: re-gather there
             out.register_hook(lambda g: s.regather(li, experts))

@@ -286,10 +286,16 @@ def memory_plan(cfg: Config, world: int | None = None, device: str | None = None
             comm = 0
         if fsdp:
             comm = max(comm, block_dense * FP32)  # unsharded grads of one block before reduce-scatter
-        bwd_transient = max(blocks) + logits_grad
+        # a2a_overlap: a layer's own slots and its received slots run as two expert calls; autograd sums their
+        # weight gradients in its input buffer, so the first call's full-size grads wait for the second's
+        overlap_grads = ((owned[r] + extra[r]) * per_expert * FP32
+                         if cfg.parallel.a2a_overlap and strategy in ("ep", "fssdp") and world > 1 else 0)
+        bwd_transient = max(blocks) + logits_grad + overlap_grads
         accum_grads = grads if t.grad_accum > 1 else 0
         forward = p + opt + compute + accum_grads + gathered_dense + gathered_experts + activations
-        backward_start = p + opt + compute + gathered_dense + gathered_experts + activations + bwd_transient
+        # from the second micro-batch on, backward runs with the accumulated grads alive
+        backward_start = (p + opt + compute + accum_grads + gathered_dense + gathered_experts + activations
+                          + bwd_transient)
         backward_end = p + opt + grads + copy_grads + comm + gathered_dense + gathered_experts // live_layers
         optimizer = p + opt + grads + adamw_transient_bytes(cfg, owned[r] // expert_shards, world if fsdp else 1)
         phases = {"forward": forward, "backward_start": backward_start, "backward_end": backward_end,
