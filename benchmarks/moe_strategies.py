@@ -61,6 +61,7 @@ FSSDP = ["parallel.strategy=fssdp", "parallel.fssdp.slots_per_rank=2", "parallel
 VARIANTS = {  # name -> overrides
     "ep": ["parallel.strategy=ep"],  # contiguous expert blocks, dense parameters FSDP2-sharded
     "ep-ddp": ["parallel.strategy=ep", "parallel.dense=ddp"],  # dense replicated: DeepSpeed ZeRO-0's handling
+    "ep-ddp-serial": ["parallel.strategy=ep", "parallel.dense=ddp", "parallel.a2a_overlap=false"],  # no overlap
     "ep-balanced": ["parallel.strategy=ep", "parallel.ep_placement=balanced"],  # best static for the mean load
     "eplb": [*FSSDP, "parallel.fssdp.planner=eplb", "parallel.fssdp.replan_every=10",
              "parallel.fssdp.reshard_every=0"],  # EPLB-style: redundant hot experts, re-planned periodically

@@ -37,6 +37,7 @@ VARIANTS = {
     "ep-serial": ["parallel.strategy=ep", "parallel.dense=ddp", "parallel.a2a_overlap=false"],  # no a2a overlap
     "ep-fsdp2": ["parallel.strategy=ep", "parallel.dense=fsdp2"],
     "fssdp": ["parallel.strategy=fssdp"],
+    "fssdp-ddp": ["parallel.strategy=fssdp", "parallel.dense=ddp"],
 }
 
 
