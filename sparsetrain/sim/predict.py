@@ -158,9 +158,13 @@ def predict(s: SimSetup, c: Cluster, world: int, shares: torch.Tensor) -> Predic
             key = (places[li], tuple(shares[li].tolist()))
             if key not in cache:  # layers with the same loads and placement route the same way
                 flow = dispatch_matrix(slots_rank, shares[li], places[li], gtopo)
-                cache[key] = flow.sum(0), Traffic.from_matrix(flow * slot_bytes, gtopo)
-            rank_slots, tr = cache[key]  # [group] slots computed per rank; the exchange
-            t_a2a = 4 * tr.time(c)  # dispatch + combine, forward + backward
+                cache[key] = flow.sum(0), Traffic.from_matrix(flow * slot_bytes, gtopo), float(flow.diagonal().min())
+            rank_slots, tr, own = cache[key]  # [group] slots computed per rank; the exchange; fewest own slots
+            t_one = tr.time(c)
+            t_a2a = 4 * t_one  # dispatch + combine, forward + backward
+            if s.a2a_overlap:  # own slots run while the dispatch travels, their backward while its reverse does
+                own_fwd = own * s.expert_fwd_flops() / flops_rate
+                t_a2a -= min(t_one, own_fwd) + min(t_one, bwd * own_fwd)
             counts_lat = (gtopo.ranks_per_node - 1) * c.intra_node_latency_s + \
                 (group - gtopo.ranks_per_node) * c.inter_node_latency_s  # the count exchange (E numbers per peer)
             t_a2a += counts_lat

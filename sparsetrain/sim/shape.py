@@ -35,6 +35,7 @@ class SimSetup:
     ep_size: int = 0  # 0: the largest divisor of the world that divides num_experts
     dense: str = "fsdp2"  # fsdp2 | ddp
     bf16: bool = False  # autocast: activations and spAG chunks in bf16 (params fp32)
+    a2a_overlap: bool = True  # parallel.a2a_overlap: own slots computed while the dispatch (and its reverse) travel
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -92,4 +93,5 @@ def setup_from_config(cfg: Config) -> SimSetup:
                     slots_per_rank=f.slots_per_rank, overlap_budget=f.overlap_budget,
                     keep_materialized=f.keep_materialized, cost_gate=f.cost_gate, sprs_post=f.sprs_post,
                     link_GBps=f.link_GBps, expert_TFLOPs=f.expert_TFLOPs, ep_size=cfg.parallel.ep_size,
-                    dense=cfg.parallel.dense, bf16=cfg.train.precision == "bf16")
+                    dense=cfg.parallel.dense, bf16=cfg.train.precision == "bf16",
+                    a2a_overlap=cfg.parallel.a2a_overlap)

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.unit
 C = Cluster(name="hand", gpus_per_node=2, intra_node_Bps=1e9, intra_node_latency_s=1e-4, inter_node_Bps=1e8,
             inter_node_latency_s=1e-3, peak_flops=2e10, achievable_flops=1e10, layer_overhead_s=0.0)
 S = SimSetup(d_model=64, n_layers=1, n_moe=1, seq_len=32, vocab_size=256, num_experts=2, top_k=1, d_ffn=128,
-             d_ffn_dense=256, batch_size=4, dense_params=0, strategy="ep", dense="fsdp2")
+             d_ffn_dense=256, batch_size=4, dense_params=0, strategy="ep", dense="fsdp2", a2a_overlap=False)
 
 
 def test_ep_two_ranks_by_hand():
@@ -39,6 +39,17 @@ def test_ep_two_ranks_by_hand():
     assert p.intra_bytes_per_rank == pytest.approx(4 * one_way) and p.inter_bytes_per_rank == 0
     assert p.step_time_s == pytest.approx(p.compute_s + p.a2a_s + p.exposed_comm_s + p.optimizer_s)
     assert p.tokens_per_s == pytest.approx(128 / p.step_time_s)
+
+
+def test_a2a_overlap_hides_the_dispatch_behind_own_slots_by_hand():
+    """parallel.a2a_overlap: each rank's own slots run while the dispatch travels (forward) and while its reverse
+    does (backward): up to one exchange each is hidden, by at most the own slots' expert time."""
+    shares = torch.full((1, 2), 0.5, dtype=torch.float64)
+    serial, over = predict(S, C, 2, shares), predict(dataclasses.replace(S, a2a_overlap=True), C, 2, shares)
+    one = 1e-4 + 4 * 32 / 2 / 2 * 64 * 4 / 1e9  # one exchange (as in test_ep_two_ranks_by_hand)
+    own_fwd = 32 * 2 * 3 * 64 * 128 / 1e10  # half of each rank's 64 slots are its own
+    assert over.a2a_s == pytest.approx(serial.a2a_s - min(one, own_fwd) - min(one, 2 * own_fwd))
+    assert over.compute_s == pytest.approx(serial.compute_s) and over.step_time_s < serial.step_time_s
 
 
 def test_traffic_two_nodes_by_hand():
