@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from sparsetrain.kernels import grouped_linear_reference, swiglu_experts_reference
+
 from sparsetrain.model.experts import swiglu_experts
 
 pytestmark = [pytest.mark.unit]
