@@ -98,8 +98,8 @@ class ParallelConfig:
     ep_size: int = 0  # expert-parallel group size (0 = world size)
     ep_placement: str = "contiguous"  # ep: contiguous expert blocks | balanced (best static placement for
     # the routing workload's mean load; needs moe.router_skew or moe.routing_trace)
-    a2a_overlap: bool = True  # ep/fssdp: compute the slots a rank routes to itself while the dispatch and
-    # combine all-to-alls (and their reverse exchanges in backward) are in flight
+    a2a_overlap: bool = True  # ep/fssdp: compute the slots a rank routes to itself while the dispatch
+    # all-to-all is in flight (their backward while its reverse exchange is)
     pretend_nodes: int = 0  # treat the ranks as this many nodes (topology tests on one machine)
     fssdp: FSSDPConfig = field(default_factory=FSSDPConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

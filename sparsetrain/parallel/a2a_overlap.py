@@ -17,9 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from sparsetrain.parallel.all_to_all import _counted_bytes
-from sparsetrain.parallel.comm import to_comm
-from sparsetrain.telemetry.comm import COMM
+from sparsetrain.parallel.all_to_all import check_splits, post_all_to_all
 
 __all__ = ["A2ATicket", "a2a_start", "a2a_wait"]
 
@@ -37,12 +35,8 @@ class A2ATicket:
         """Post x's rows (split by send) and return the receive buffer [sum(recv), ...] (not yet filled)."""
         if self.work is not None:
             raise RuntimeError("all-to-all ticket already has an exchange in flight")
-        xc = to_comm(x, self.group).contiguous()
-        out = xc.new_empty((sum(recv), *x.shape[1:]))  # [sum(recv), ...]
-        self.work = dist.all_to_all_single(out, xc, recv, send, group=self.group, async_op=True)
-        self.keep, self.out = xc, out
-        COMM.add("all_to_all", _counted_bytes(x, send, self.group))
-        return out
+        self.keep, self.out, self.work = post_all_to_all(x, send, recv, self.group, async_op=True)
+        return self.out
 
     def complete(self) -> Tensor:
         """Wait for the exchange in flight; its rows on the ticket's device."""
@@ -84,14 +78,7 @@ class _Wait(torch.autograd.Function):
 def a2a_start(x: Tensor, send: list[int], recv: list[int],
               group: dist.ProcessGroup | None = None) -> tuple[Tensor, A2ATicket]:
     """Post x [N, d] (rows split by `send`, sum = N) to the group; -> (buffer, ticket) for `a2a_wait`."""
-    send, recv = [int(c) for c in send], [int(c) for c in recv]
-    world = dist.get_world_size(group)
-    if len(send) != world or len(recv) != world:
-        raise ValueError(f"send ({len(send)}) and recv ({len(recv)}) splits need one entry per rank ({world})")
-    if x.dim() == 0 or sum(send) != x.shape[0]:
-        raise ValueError(f"sum(send)={sum(send)} must equal x.shape[0] (x shape {tuple(x.shape)})")
-    if min(send + recv) < 0:
-        raise ValueError(f"negative count in send={send} or recv={recv}")
+    send, recv = check_splits(x, send, recv, group)
     ticket = A2ATicket(send, recv, group, x.device)
     return _Start.apply(x, ticket), ticket
 
