@@ -12,7 +12,6 @@ in the trainer (sparsetrain.train), so Train's fault-tolerance layer is not need
 """
 from __future__ import annotations
 
-import codecs
 import importlib
 import os
 import signal
@@ -23,9 +22,9 @@ import time
 import traceback
 from typing import Any
 
+from sparsetrain.launcher.capture import OutputCapture, RankOutput, console_log_dir
 from sparsetrain.launcher.env import (
     Failure,
-    LinePrefixer,
     RankSlot,
     assign_ranks,
     forwarded_env,
@@ -64,67 +63,11 @@ def load_entry(spec: str) -> Any:
     return getattr(importlib.import_module(mod), fn)
 
 
-class _Capture:
-    """Redirects this process's fds 1 and 2 into pipes; keeps the text for the driver, tees to the old fds."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._text: dict[int, list[str]] = {1: [], 2: []}
-        self._saved: dict[int, int] = {}
-        self._threads: list[threading.Thread] = []
-
-    def start(self) -> None:
-        """Begin capturing (flushes Python's buffers first)."""
-        for f in (sys.stdout, sys.stderr):
-            f.flush()
-        for fd in (1, 2):
-            self._saved[fd] = os.dup(fd)
-            r, w = os.pipe()
-            os.dup2(w, fd)
-            os.close(w)
-            t = threading.Thread(target=self._pump, args=(fd, r), daemon=True)
-            t.start()
-            self._threads.append(t)
-        for f in (sys.stdout, sys.stderr):
-            if hasattr(f, "reconfigure"):
-                f.reconfigure(line_buffering=True)
-
-    def _pump(self, fd: int, r: int) -> None:
-        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        while True:
-            data = os.read(r, 65536)
-            if not data:
-                break
-            os.write(self._saved[fd], data)  # keep Ray's worker log file complete
-            with self._lock:
-                self._text[fd].append(dec.decode(data))
-        os.close(r)
-
-    def stop(self) -> None:
-        """Restore the fds and wait until everything written has been read."""
-        for f in (sys.stdout, sys.stderr):
-            f.flush()
-        for fd, saved in self._saved.items():
-            os.dup2(saved, fd)  # closes the pipe's last writer -> reader sees EOF
-        for t in self._threads:
-            t.join(timeout=5)
-        for saved in self._saved.values():
-            os.close(saved)
-        self._saved.clear()
-
-    def drain(self) -> tuple[str, str]:
-        """Text captured since the last call, as (stdout, stderr)."""
-        with self._lock:
-            out, err = "".join(self._text[1]), "".join(self._text[2])
-            self._text = {1: [], 2: []}
-        return out, err
-
-
 class RankWorker:
     """One rank: a Ray actor (max_concurrency=2 so `drain` runs while `run` trains)."""
 
     def __init__(self) -> None:
-        self._capture = _Capture()
+        self._capture = OutputCapture()
         self._listener: socket.socket | None = None
 
     def info(self) -> dict:
@@ -148,13 +91,15 @@ class RankWorker:
         self._listener = socket.create_server((host, 0), backlog=128)
         return int(self._listener.getsockname()[1])
 
-    def run(self, entry: str, cfg_dict: dict, env: dict[str, str], torch_threads: int) -> dict:
-        """Set the rank env, call the entry; return {'ok', 'result' | 'error', 'time'}."""
+    def run(self, entry: str, cfg_dict: dict, env: dict[str, str], torch_threads: int,
+            log_dir: str | None = None) -> dict:
+        """Set the rank env, call the entry; return {'ok', 'result' | 'error', 'time'}. Console output is
+        captured for the driver and, with log_dir, appended to its rank<R>.out/.err."""
         os.environ.update(env)
         if self._listener is not None:
             os.environ[LISTEN_FD_ENV] = str(self._listener.detach())
             self._listener = None
-        self._capture.start()
+        self._capture.start(log_dir, int(env["RANK"]))
         try:
             fn = load_entry(entry)
             import torch
@@ -170,7 +115,7 @@ class RankWorker:
         finally:
             self._capture.stop()
 
-    def drain(self) -> tuple[str, str]:
+    def drain(self) -> tuple[bytes, bytes]:
         """Output captured since the last drain."""
         return self._capture.drain()
 
@@ -202,7 +147,7 @@ def _start_runtime(workers: int, cpus_per_worker: int, address: str) -> tuple[bo
 
 
 
-def _pump(actors: dict[int, Any], prefixers: dict[int, tuple[LinePrefixer, LinePrefixer]], final: bool) -> None:
+def _pump(actors: dict[int, Any], outputs: dict[int, RankOutput], final: bool) -> None:
     """Print every worker's new output with its rank prefix (final: also unterminated rests)."""
     import ray
 
@@ -211,17 +156,8 @@ def _pump(actors: dict[int, Any], prefixers: dict[int, tuple[LinePrefixer, LineP
         try:
             out, err = ray.get(refs[rank], timeout=10)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            continue  # a dead worker is reported by its run() result
-        p_out, p_err = prefixers[rank]
-        text_out, text_err = p_out.feed(out), p_err.feed(err)
-        if final:
-            text_out, text_err = text_out + p_out.flush(), text_err + p_err.flush()
-        if text_out:
-            sys.stdout.write(text_out)
-            sys.stdout.flush()
-        if text_err:
-            sys.stderr.write(text_err)
-            sys.stderr.flush()
+            continue  # a dead worker is reported by its run() result, its last output read from its console log
+        outputs[rank].show(out, err, final)
 
 
 def _env_for(slots: list[RankSlot], infos: list[dict], port: int, threads: int) -> list[dict[str, str]]:
@@ -238,7 +174,7 @@ def _env_for(slots: list[RankSlot], infos: list[dict], port: int, threads: int) 
     return envs
 
 
-def _wait(runs: dict[Any, int], actors: dict[int, Any], infos: dict[int, dict], prefixers: dict,
+def _wait(runs: dict[Any, int], actors: dict[int, Any], infos: dict[int, dict], outputs: dict[int, RankOutput],
           term: threading.Event, watch: Any = None) -> dict | None:
     """Stream output until every rank returns; raise LaunchError naming the rank that caused a failure.
 
@@ -251,7 +187,7 @@ def _wait(runs: dict[Any, int], actors: dict[int, Any], infos: dict[int, dict], 
     stop_sent = False
     while pending:
         if watch is not None and watch.stalled is not None:  # the heartbeat watcher: the group stopped moving
-            _pump(actors, prefixers, final=True)
+            _pump(actors, outputs, final=True)
             raise watch.stalled
         if term.is_set() and not stop_sent:
             print(f"SIGTERM: asking {len(actors)} worker(s) to checkpoint and stop", file=sys.stderr, flush=True)
@@ -259,7 +195,7 @@ def _wait(runs: dict[Any, int], actors: dict[int, Any], infos: dict[int, dict], 
                 a.request_stop.remote()
             stop_sent = True
         ready, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
-        _pump(actors, prefixers, final=False)
+        _pump(actors, outputs, final=False)
         for ref in ready:
             rank = runs[ref]
             try:
@@ -281,7 +217,10 @@ def _wait(runs: dict[Any, int], actors: dict[int, Any], infos: dict[int, dict], 
             deadline = deadline or time.monotonic() + FAILURE_GRACE_S
             if root_cause(failures).priority()[0] == 0 or time.monotonic() > deadline:
                 break
-    _pump(actors, prefixers, final=True)
+    _pump(actors, outputs, final=True)
+    for f in failures:
+        if f.died:
+            outputs[f.rank].recover()  # the lines it printed after the last drain, often the ones that say why
     if failures:
         cause = root_cause(failures)
         raise LaunchError(cause.message, rank=cause.rank, details=cause.details)
@@ -344,14 +283,16 @@ def run_ray(cfg_dict: dict, entry: str = DEFAULT_ENTRY, pg_timeout_s: float | No
         rank0 = actors[0]
         port = ray.get(rank0.listen.remote(infos[0]["ip"]) if started else rank0.free_port.remote())
         envs = _env_for(slots, info_list, port, int(launch["torch_threads"]))
-        runs = {handles[by_rank[r]].run.remote(entry, cfg_dict, envs[by_rank[r]], int(launch["torch_threads"])): r
-                for r in range(n)}
+        log_dir = str(console_log_dir(str(cfg_dict["train"]["out_dir"])))
         tty = (sys.stdout.isatty(), sys.stderr.isatty())  # progress-bar frames only on terminals
-        prefixers = {r: (LinePrefixer(r, tty[0]), LinePrefixer(r, tty[1])) for r in range(n)}
+        outputs = {r: RankOutput(r, tty, log_dir) for r in range(n)}  # before the runs: where their logs start
+        runs = {handles[by_rank[r]].run.remote(entry, cfg_dict, envs[by_rank[r]], int(launch["torch_threads"]),
+                                               log_dir): r
+                for r in range(n)}
         from sparsetrain.launcher.watchdog import HeartbeatWatch
 
         with HeartbeatWatch(cfg_dict["train"]["out_dir"], float(launch["timeout_s"]), lambda: None) as watch:
-            return _wait(runs, actors, infos, prefixers, term, watch)  # a stall raises; `finally` kills the actors
+            return _wait(runs, actors, infos, outputs, term, watch)  # a stall raises; `finally` kills the actors
     except KeyboardInterrupt:
         print(f"\ninterrupted: stopping {len(handles)} worker(s)", file=sys.stderr, flush=True)
         raise
