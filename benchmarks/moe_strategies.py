@@ -70,6 +70,8 @@ VARIANTS = {  # name -> overrides
     "fssdp-lpt": [*FSSDP, "parallel.fssdp.planner=lpt_spill"],
     "fssdp-eplb": [*FSSDP, "parallel.fssdp.planner=eplb"],
     "fssdp-none": [*FSSDP, "parallel.fssdp.planner=none"],  # re-sharding only, no copies
+    # like-for-like with ep-ddp (the strongest EP row): dense parameters replicated as there
+    "fssdp-lpt-ddp": [*FSSDP, "parallel.fssdp.planner=lpt_spill", "parallel.dense=ddp"],
     # peers (extras .[deepspeed] / .[megatron]); both dropless at moe.capacity_factor=0. DeepSpeed's gate follows
     # every workload's quotas (sparsetrain/parallel/peers/deepspeed_gate.py); ZeRO-0 replicates dense parameters,
     # so its like-for-like sparsetrain row is ep-ddp
@@ -217,6 +219,22 @@ def peer_ratios(rows: list[dict]) -> str:
     return f"<!-- {rows[0]['world']} ranks, {rows[0]['workload']}: step time {'; '.join(parts)} -->" if parts else ""
 
 
+STATIC_EP = ("ep", "ep-ddp", "ep-balanced")
+
+
+def balance_bound(rows: list[dict]) -> str:
+    """A comment line: what a perfect re-placement could save on each static EP row. FSSDP does the same expert
+    work per slot, so at best it brings the busiest rank's expert time (forward + backward) down to the mean:
+    step - (busy max - busy mean). A target below that bound cannot be met by balancing the load."""
+    parts = []
+    for r in rows:
+        if r["variant"] in STATIC_EP and r["busy_max_mean"] == r["busy_max_mean"]:  # not nan
+            saved = r["busy_max_ms"] * (1 - 1 / r["busy_max_mean"])
+            parts.append(f"{r['variant']} {r['step_ms'] - saved:.1f} ms = {1 - saved / r['step_ms']:.2f}x its step")
+    return (f"<!-- {rows[0]['world']} ranks, {rows[0]['workload']}: perfectly balanced expert time would give "
+            f"{'; '.join(parts)} -->") if parts else ""
+
+
 def refusal(world: int, overrides: list[str]) -> str:
     """The config's one-line refusal of this run (e.g. megatron_moe on a CPU machine), or ''."""
     from sparsetrain.config import ConfigError, load_config, validate_world
@@ -311,6 +329,7 @@ def main() -> None:
                     print(f"<!-- {world} ranks, {wl}, {r['variant']}: repetitions disagree on loss / dropped / "
                           f"re-shard steps -->", flush=True)
             print(peer_ratios(rows), flush=True)
+            print(balance_bound(rows), flush=True)
 
 
 if __name__ == "__main__":

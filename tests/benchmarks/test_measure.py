@@ -98,3 +98,14 @@ def test_combine_takes_medians_over_repetitions_and_pools_steps_for_the_tail():
     assert got["vs ep"] == "2.00" and got["per-run vs ep"] == "2.00, 2.00, 1.00"
     assert got["CPU ms/step/rank"] == "110.0" and got["CPU vs ep"] == "2.00"
     assert got["a2a MiB/step"] == "3.25"  # DeepSpeed-MoE's all-to-all is counted, not n/c
+
+
+def test_balance_bound_takes_the_busiest_ranks_excess_expert_time_off_each_static_ep_row():
+    from benchmarks.moe_strategies import balance_bound
+
+    ep = {**_run("ep", [500], 400), "workload": "drift", "step_ms": 500.0, "busy_max_ms": 330.0,
+          "busy_max_mean": 1.1}
+    fssdp = {**ep, "variant": "fssdp-lpt", "busy_max_mean": 1.0}  # not a static EP row: no bound printed
+    line = balance_bound([ep, fssdp])
+    assert line == "<!-- 2 ranks, drift: perfectly balanced expert time would give ep 470.0 ms = 0.94x its step -->"
+    assert balance_bound([fssdp]) == ""
