@@ -106,13 +106,16 @@ class CopyCost:
     passes: int = 3  # transfers per copy per step: spAG, backward re-gather (unless kept), spRS
     overlap_chunks: int = 0  # forward gathers hidden under attention (the overlap budget t)
 
+    def compute_s(self, loads: torch.Tensor, p: LayerPlacement, topo: Topology) -> float:
+        """Seconds of expert compute on the busiest rank under `p`. `loads` [E] (one predicted load), or [n, E]:
+        the mean over steps of each step's busiest rank, since every step waits for its own busiest rank."""
+        busiest = rank_loads(loads, p, topo).amax(dim=-1)  # [n] or scalar: busiest rank per step
+        return float(busiest.mean()) * self.flops_per_slot / self.flops_per_s
+
     def gain_s(self, loads: torch.Tensor, p0: LayerPlacement, p1: LayerPlacement, topo: Topology) -> float:
-        """Seconds of expert compute the copies take off the busiest rank. `loads` [E] (one predicted load),
-        or [n, E]: the mean of each step's gain, since every step waits for that step's busiest rank (loads
-        that move from step to step around a balanced mean gain far less than their mean's imbalance)."""
-        before = rank_loads(loads, p0, topo).amax(dim=-1)  # [n] or scalar: busiest rank per step
-        after = rank_loads(loads, p1, topo).amax(dim=-1)
-        return float((before - after).mean()) * self.flops_per_slot / self.flops_per_s
+        """Seconds of expert compute the copies take off the busiest rank (loads that move from step to step
+        around a balanced mean gain far less than their mean's imbalance)."""
+        return self.compute_s(loads, p0, topo) - self.compute_s(loads, p1, topo)
 
     def cost_s(self, p1: LayerPlacement, world: int) -> float:
         """Seconds the busiest rank spends moving the copies' chunks (exposed part of the forward gather)."""
@@ -148,8 +151,7 @@ def gate_copies(loads: torch.Tensor, p1: LayerPlacement, topo: Topology, cost: C
 def placement_time_s(loads: torch.Tensor, p: LayerPlacement, topo: Topology, cost: CopyCost) -> float:
     """Predicted seconds of one layer's expert work per step under `p`: the busiest rank's compute (loads [E],
     or [n, E]: the mean over steps of each step's busiest rank) plus the exposed transfers of its copies."""
-    busiest = float(rank_loads(loads, p, topo).amax(dim=-1).mean())
-    return busiest * cost.flops_per_slot / cost.flops_per_s + cost.cost_s(p, topo.world)
+    return cost.compute_s(loads, p, topo) + cost.cost_s(p, topo.world)
 
 
 def reshard_cost_s(old_owners: Sequence[Sequence[int]], new_owners: Sequence[Sequence[int]], world: int,

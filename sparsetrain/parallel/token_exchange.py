@@ -119,9 +119,11 @@ def exchange_and_compute(x: torch.Tensor, route: RouterOutput, slot_rank: torch.
             raise RuntimeError(f"received tokens for experts {stray.nonzero().flatten().tolist()} "
                                f"not held on this rank (holds {local_ids})")
         counts_local = per_expert[local_ids].tolist()  # [L] in local_ids order
+        counts_recv = counts_local  # [L] rows that arrive through the exchange, per local expert
         if overlap:
             own_e = recv_host[me].tolist()  # [E] own slots per expert (never sent)
             recv_host[me] = 0
+            counts_recv = [c - own_e[e] for c, e in zip(counts_local, local_ids)]
         recv_splits = recv_host.sum(1).tolist()
         if overlap:
             buf, ticket = a2a_start(x_send, send_splits, recv_splits, group)
@@ -137,7 +139,6 @@ def exchange_and_compute(x: torch.Tensor, route: RouterOutput, slot_rank: torch.
         by_expert = [src * num_experts + e for e in local_ids for src in range(world)]
         x_grouped = _chunks_in_order(x_recv, chunk_rows, by_expert)  # [R, d]
     with span("experts"):
-        counts_recv = recv_host.sum(0)[local_ids].tolist()  # [L] received rows per local expert
         y_grouped = _keep_in_graph(expert_fn(x_grouped, counts_recv), x_grouped)  # [R, d]
     with span("combine"):
         grouped_rows = [chunk_rows[i] for i in by_expert]  # chunk sizes in (e, src) order
