@@ -107,5 +107,5 @@ def test_balance_bound_takes_the_busiest_ranks_excess_expert_time_off_each_stati
           "busy_max_mean": 1.1}
     fssdp = {**ep, "variant": "fssdp-lpt", "busy_max_mean": 1.0}  # not a static EP row: no bound printed
     line = balance_bound([ep, fssdp])
-    assert line == "<!-- 2 ranks, drift: perfectly balanced expert time would give ep 470.0 ms = 0.94x its step -->"
+    assert line == "<!-- 2 ranks, drift: balancing expert compute alone would give ep 470.0 ms = 0.94x its step -->"
     assert balance_bound([fssdp]) == ""
