@@ -1,4 +1,5 @@
-"""Interval means: every logged record carries the mean of each per-step scalar since the previous log."""
+"""Interval means: every logged record carries the mean of each per-step scalar, and of each collective's bytes,
+since the previous log."""
 from __future__ import annotations
 
 import math
@@ -15,7 +16,18 @@ class IntervalMeans:
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
+        self.comm: dict[str, int] = {}
         self.steps = 0
+
+    def add_comm(self, step_bytes: dict[str, int]) -> None:
+        """Count one step's bytes per collective (this rank's; sent to peers)."""
+        for k, v in step_bytes.items():
+            self.comm[k] = self.comm.get(k, 0) + v
+
+    def comm_per_step(self) -> dict[str, float]:
+        """Bytes per collective per step, this rank's mean over the interval (a re-shard's bytes show even when
+        it did not fall on the logged step)."""
+        return {k: v / max(self.steps, 1) for k, v in self.comm.items()}
 
     def add(self, rec: dict[str, Any]) -> None:
         """Count one step's record (skipped steps count for `steps` but not for the means)."""
@@ -36,5 +48,5 @@ class IntervalMeans:
         for k, n in self.counts.items():
             rec[k] = self.sums[k] / n
         rec["interval_steps"] = self.steps
-        self.sums, self.counts, self.steps = {}, {}, 0
+        self.sums, self.counts, self.comm, self.steps = {}, {}, {}, 0
         return rec

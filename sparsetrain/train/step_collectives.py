@@ -16,13 +16,13 @@ from sparsetrain.telemetry.timers import TIMERS
 __all__ = ["StepReduction", "fused_reduce_step", "grad_sq", "log_step_metrics", "reduce_step"]
 
 
-def log_step_metrics(strategy: Any, memory: PeakMemory, comm: dict[str, int], world: int) -> dict[str, Any]:
+def log_step_metrics(strategy: Any, memory: PeakMemory, comm: dict[str, float], world: int) -> dict[str, Any]:
     """Everything the log line needs from other ranks, in ONE collective on log steps only: bytes sent
-    per collective (summed), span times (max), expert busy time (max/mean), peak memory per rank and
+    per collective (`comm`: this rank's per step, summed over ranks; FSSDP's ownership moves as `reshard`), span times (max), expert busy time (max/mean), peak memory per rank and
     the strategy's own per-rank numbers. `ranks` keeps each rank's values (busy CPU ms of attention /
     experts, wall ms of every span, routed slots): what `sparsetrain sim calibrate` fits and
     `sparsetrain report` draws."""
-    byte_names = ("spag", "sprs", "all_to_all")
+    byte_names = ("spag", "sprs", "all_to_all", "reshard")
     span_names = ("attention", "dispatch", "experts", "combine", "optimizer", "spag_wait", "sprs")
     wall, cpu = TIMERS.pop()
     local = {"attention_cpu": cpu.get("attention", 0.0), "experts_cpu": cpu.get("experts", 0.0),

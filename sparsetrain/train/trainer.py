@@ -292,7 +292,7 @@ class Trainer:
             if self.offload is not None:
                 rec.update(self._offload_metrics())
             intervals.add(rec)
-            comm = COMM.snapshot()  # this step's bytes, before any eval traffic
+            intervals.add_comm(COMM.snapshot())  # this step's bytes, before any eval traffic
             interval_s, interval_steps, self.train_s = interval_s + dt, interval_steps + 1, self.train_s + dt
             counts = rec.pop("_counts", None)
             if counts is not None and self.info.is_main:
@@ -307,7 +307,7 @@ class Trainer:
             if (step + 1) % cfg.train.log_every == 0 or last or "val_loss" in rec:
                 rec.update(throughput(self.cfg, self.device, self.info.world, interval_s, interval_steps))
                 interval_s, interval_steps = 0.0, 0
-                rec.update(log_step_metrics(self.strategy, self.memory, comm, self.info.world))
+                rec.update(log_step_metrics(self.strategy, self.memory, intervals.comm_per_step(), self.info.world))
                 rec.update(gpu_metrics())
                 intervals.finish(rec)
                 writer.note_placement(step, getattr(self.strategy, "placements", None))

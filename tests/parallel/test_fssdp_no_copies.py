@@ -108,3 +108,28 @@ def test_reshard_only_when_it_pays(tmp_path, sets, pays):
         assert reshards >= 1 and gated == 0, got[0]["reshard"]
     else:
         assert reshards == 0 and gated == 2, got[0]["reshard"]  # both opportunities (steps 2 and 5) refused
+
+
+def _fit_body(rank: int, world: int, cfg_dict: dict, out: str) -> list[dict]:
+    import json
+    from pathlib import Path
+
+    from sparsetrain.config import config_from_dict
+    from sparsetrain.parallel.mesh import init_distributed
+    from sparsetrain.train.trainer import Trainer
+
+    cfg_dict = {**cfg_dict, "train": {**cfg_dict["train"], "out_dir": out}}
+    tr = Trainer(config_from_dict(cfg_dict), init_distributed("cpu"))
+    tr.fit()
+    return [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()] if rank == 0 else []
+
+
+def test_logged_reshard_bytes_cover_steps_between_log_steps(tmp_path):
+    """A re-shard at step 2 with log steps 3 and 5: the step-3 record carries its bytes as a per-step mean over
+    the interval (a record used to hold the log step's bytes only, and `reshard` never reached it)."""
+    cfg = small_config("parallel.strategy=fssdp", "parallel.fssdp.reshard_every=3", "moe.router_skew=1.2",
+                       "parallel.fssdp.cost_gate=true", *MACHINE, "train.log_every=4", "train.eval_every=0", steps=6)
+    recs = run_distributed(_fit_body, 2, cfg, str(tmp_path), timeout=600)[0]
+    first = next(r for r in recs if r["step"] == 3)
+    assert first["interval_steps"] == 4 and first["reshard_MB"] > 0, first
+    assert first["a2a_MB"] > 0

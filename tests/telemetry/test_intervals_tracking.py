@@ -67,3 +67,13 @@ def test_unknown_or_missing_tracker(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else real(n, *a))
     with pytest.raises(ConfigError, match="wandb package is not installed"):
         load_config("tiny", ["train.trackers=[tensorboard, wandb]"])
+
+
+def test_comm_bytes_are_per_step_means_over_the_interval():
+    iv = IntervalMeans()
+    for step_bytes in ({"all_to_all": 100}, {"all_to_all": 100, "reshard": 600}, {"all_to_all": 100}):
+        iv.add({"loss": 1.0})
+        iv.add_comm(step_bytes)
+    assert iv.comm_per_step() == {"all_to_all": 100.0, "reshard": 200.0}  # the re-shard was not on the log step
+    iv.finish({"loss": 1.0})
+    assert iv.comm_per_step() == {}
