@@ -19,9 +19,9 @@ __all__ = ["StepReduction", "fused_reduce_step", "grad_sq", "log_step_metrics", 
 def log_step_metrics(strategy: Any, memory: PeakMemory, comm: dict[str, float], world: int) -> dict[str, Any]:
     """Everything the log line needs from other ranks, in ONE collective on log steps only: bytes sent
     per collective (`comm`: this rank's per step, summed over ranks; FSSDP's ownership moves as `reshard`),
-    span times (max), expert busy time (max/mean), peak memory per rank and the strategy's own per-rank numbers. `ranks` keeps each rank's values (busy CPU ms of attention /
-    experts, wall ms of every span, routed slots): what `sparsetrain sim calibrate` fits and
-    `sparsetrain report` draws."""
+    span times (max), expert busy time (max/mean), peak memory per rank and the strategy's own per-rank
+    numbers. `ranks` keeps each rank's values (busy CPU ms of attention / experts, wall ms of every span,
+    routed slots): what `sparsetrain sim calibrate` fits and `sparsetrain report` draws."""
     byte_names = ("spag", "sprs", "all_to_all", "reshard")
     span_names = ("attention", "dispatch", "experts", "combine", "optimizer", "spag_wait", "sprs")
     wall, cpu = TIMERS.pop()
