@@ -17,7 +17,9 @@ after the timed ones) and RSS high-water per rank (max over repetitions); the lo
 dropped slots (a comment flags a variant whose repetitions disagree on them). Progress goes to stderr, the
 table to stdout. After each workload a comment line gives sparsetrain EP's step time over DeepSpeed-MoE
 dropless's (`ep-ddp` is the like-for-like row: dense parameters replicated, as under DeepSpeed ZeRO-0), and
-another what balancing the expert compute alone would give each static EP row (`balance_bound`).
+another what balancing the expert compute alone would give each static EP row (`balance_bound`); when
+`balanced` is among the workloads, each variant's step on every other workload over its own on balanced
+routing closes the world (`imbalance_penalty`).
 DeepSpeed's gate follows every workload's quotas; a variant the config refuses (megatron_moe without CUDA)
 prints as an n/a row with the reason.
 
@@ -237,6 +239,29 @@ def balance_bound(rows: list[dict]) -> str:
             f"{'; '.join(parts)} -->") if parts else ""
 
 
+def imbalance_penalty(rows: list[dict]) -> list[str]:
+    """Comment lines after a world's workloads, when `balanced` ran too: each variant's step time on a workload
+    over its own on balanced routing (same tokens, same top-k: the same expert FLOPs; 1.00 = it pays nothing for
+    the imbalance), and the floor of "X / the strongest static EP" for any X that removes all of it: the best
+    static EP row's balanced step over its step on the workload."""
+    base = {r["variant"]: r["step_ms"] for r in rows if r["workload"] == "balanced"}
+    out = []
+    for wl in dict.fromkeys(r["workload"] for r in rows if r["workload"] != "balanced"):
+        mine = [r for r in rows if r["workload"] == wl and r["variant"] in base]
+        if not mine:
+            continue
+        parts = [f"{r['variant']} {r['step_ms'] / base[r['variant']]:.2f}" for r in mine]
+        line = (f"<!-- {mine[0]['world']} ranks, {wl}: step over the same variant's on balanced routing: "
+                f"{', '.join(parts)}")
+        static = [r for r in mine if r["variant"] in STATIC_EP]
+        if static:
+            best = min(static, key=lambda r: r["step_ms"])
+            line += (f"; a variant balancing everything at {best['variant']}'s balanced cost would be "
+                     f"{base[best['variant']] / best['step_ms']:.2f}x {best['variant']} here")
+        out.append(line + " -->")
+    return out
+
+
 def refusal(world: int, overrides: list[str]) -> str:
     """The config's one-line refusal of this run (e.g. megatron_moe on a CPU machine), or ''."""
     from sparsetrain.config import ConfigError, load_config, validate_world
@@ -315,6 +340,7 @@ def main() -> None:
           f"variant, fresh processes per run", flush=True)
     print(HEADER + "\n" + "|---" * (HEADER.count("|") - 1) + "|", flush=True)
     for world in args.worlds:
+        world_rows: list[dict] = []
         for wl in args.workloads:
             variants = _runnable(world, wl, args.variants, args.extra, have)
             res = run_interleaved(variants, args.repeats, partial(_run, world, wl, args),
@@ -332,6 +358,9 @@ def main() -> None:
                           f"re-shard steps -->", flush=True)
             print(peer_ratios(rows), flush=True)
             print(balance_bound(rows), flush=True)
+            world_rows += rows
+        for line in imbalance_penalty(world_rows):
+            print(line, flush=True)
 
 
 if __name__ == "__main__":
