@@ -18,6 +18,7 @@ class IntervalMeans:
         self.counts: dict[str, int] = {}
         self.comm: dict[str, int] = {}
         self.steps = 0
+        self.seconds = 0.0  # training-step wall time over the interval (no eval / checkpoint)
 
     def add_comm(self, step_bytes: dict[str, int]) -> None:
         """Count one step's bytes per collective (this rank's; sent to peers)."""
@@ -29,9 +30,11 @@ class IntervalMeans:
         it did not fall on the logged step)."""
         return {k: v / max(self.steps, 1) for k, v in self.comm.items()}
 
-    def add(self, rec: dict[str, Any]) -> None:
-        """Count one step's record (skipped steps count for `steps` but not for the means)."""
+    def add(self, rec: dict[str, Any], seconds: float = 0.0) -> None:
+        """Count one step's record and its wall time (skipped steps count for `steps` and `seconds` but not for
+        the means)."""
         self.steps += 1
+        self.seconds += seconds
         if rec.get("skipped"):
             return
         for k in MEAN_KEYS:
@@ -48,5 +51,5 @@ class IntervalMeans:
         for k, n in self.counts.items():
             rec[k] = self.sums[k] / n
         rec["interval_steps"] = self.steps
-        self.sums, self.counts, self.comm, self.steps = {}, {}, {}, 0
+        self.sums, self.counts, self.comm, self.steps, self.seconds = {}, {}, {}, 0, 0.0
         return rec

@@ -282,7 +282,6 @@ class Trainer:
         bar = tqdm(total=cfg.train.steps, initial=self.start_step, disable=not self._progress(),
                    dynamic_ncols=True, leave=False)
         t_start, val_loss = time.perf_counter(), None
-        interval_s, interval_steps = 0.0, 0  # training-step wall time (no eval / checkpoint) since the last log
         self.model.train()
         for step in range(self.start_step, cfg.train.steps):
             COMM.reset()
@@ -291,9 +290,9 @@ class Trainer:
             dt = time.perf_counter() - t0  # ends after the loss / grad norm reached the host: device work done
             if self.offload is not None:
                 rec.update(self._offload_metrics())
-            intervals.add(rec)
+            intervals.add(rec, dt)
             intervals.add_comm(COMM.snapshot())  # this step's bytes, before any eval traffic
-            interval_s, interval_steps, self.train_s = interval_s + dt, interval_steps + 1, self.train_s + dt
+            self.train_s += dt
             counts = rec.pop("_counts", None)
             if counts is not None and self.info.is_main:
                 with loads_path.open("a") as f:
@@ -305,8 +304,7 @@ class Trainer:
                 val_loss = self.evaluate()
                 rec["val_loss"] = val_loss
             if (step + 1) % cfg.train.log_every == 0 or last or "val_loss" in rec:
-                rec.update(throughput(self.cfg, self.device, self.info.world, interval_s, interval_steps))
-                interval_s, interval_steps = 0.0, 0
+                rec.update(throughput(self.cfg, self.device, self.info.world, intervals.seconds, intervals.steps))
                 rec.update(log_step_metrics(self.strategy, self.memory, intervals.comm_per_step(), self.info.world))
                 rec.update(gpu_metrics())
                 intervals.finish(rec)

@@ -16,14 +16,15 @@ pytestmark = pytest.mark.unit
 def test_interval_means_and_last_step():
     iv = IntervalMeans()
     for step, loss in enumerate([4.0, 3.0, 2.0]):
-        iv.add({"step": step, "loss": loss, "grad_norm": 1.0 + step})
-    iv.add({"step": 3, "loss": float("nan"), "skipped": True})
+        iv.add({"step": step, "loss": loss, "grad_norm": 1.0 + step}, 0.5)
+    iv.add({"step": 3, "loss": float("nan"), "skipped": True}, 0.25)  # a skipped step still took its time
+    assert iv.seconds == pytest.approx(1.75) and iv.steps == 4
     rec = iv.finish({"step": 3, "loss": 2.5, "grad_norm": 9.0, "lr": 0.1})
     assert rec["loss"] == pytest.approx(3.0) and rec["loss_last"] == 2.5
     assert rec["grad_norm"] == pytest.approx(2.0) and rec["lr"] == 0.1
     assert rec["interval_steps"] == 4
     nxt = iv.finish({"step": 4, "loss": 1.0})  # reset after finish: an empty interval keeps the value
-    assert nxt["loss"] == 1.0 and nxt["interval_steps"] == 0
+    assert nxt["loss"] == 1.0 and nxt["interval_steps"] == 0 and iv.seconds == 0.0
 
 
 def test_scalars_and_load_image():
