@@ -163,6 +163,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     grad_accum: int = 1
+    optimizer_impl: str = "fused"  # AdamW kernel: fused (one pass per tensor, no temporaries) | foreach | for-loop
     precision: str = "fp32"  # fp32 | bf16: fp32 master weights + Adam state; bf16 compute, FSDP2 all-gathers,
     # spAG expert chunks and token all-to-all
     grad_reduce_dtype: str = "fp32"  # bf16 runs: dtype of FSDP2 gradient reduce-scatter and spRS (fp32 | bf16)

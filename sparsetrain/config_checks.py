@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+# train.optimizer_impl -> torch.optim.AdamW keyword arguments (sparsetrain.train.optim.build_optimizer)
+OPTIMIZER_IMPLS: dict[str, dict[str, bool]] = {"fused": {"fused": True}, "foreach": {"foreach": True},
+                                               "for-loop": {"foreach": False}}
+
 if TYPE_CHECKING:  # the schema module imports this one (load_config validates)
     from sparsetrain.config import Config
 
@@ -66,6 +70,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
     _one_of("train.precision", t.precision, ("fp32", "bf16"))
     _one_of("train.grad_reduce_dtype", t.grad_reduce_dtype, ("fp32", "bf16"))
+    _one_of("train.optimizer_impl", t.optimizer_impl, tuple(OPTIMIZER_IMPLS))
     _one_of("train.on_nan", t.on_nan, ("error", "skip", "rollback"))
     from sparsetrain.preflight import check_counters  # the table of minimums lives beside the other pre-start checks
 

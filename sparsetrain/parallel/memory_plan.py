@@ -20,7 +20,8 @@ routed slot (+ index bytes and fp32 router logits / probs), dense MLP block 2*d 
 Peak = the largest of: end of forward (state + activations + gathered weights), start of backward
 (+ a layer's activation gradients and the logits gradient), end of backward (state + gradients +
 copy-gradient stash + communication buffers) and the optimizer step (state + gradients + AdamW's
-temporaries: up to 2x the largest parameter tensor + the second largest, `adamw_transient_bytes`); on CPU
+temporaries: none with the fused kernel, else up to 2x the largest parameter tensor + the second largest,
+`adamw_transient_bytes`); on CPU
 plus the corpus. The flat all-reduce buffer of expert grads exists only where experts have replicas (dp;
 EP with parallel.ep_size < world); FSSDP layers without copies and EP over the whole world have none. CUDA
 measures live bytes (`torch.cuda.max_memory_allocated`); CPU measures the RSS high-water, which follows
@@ -318,10 +319,14 @@ def _expert_replicas(cfg: Config, strategy: str, world: int) -> int:
 
 
 def adamw_transient_bytes(cfg: Config, owned_per_layer: int, dense_shards: int = 1) -> int:
-    """AdamW's (single-tensor path, `foreach=False`) temporaries at their largest, fp32 bytes: for a parameter,
-    `denom = (exp_avg_sq.sqrt() / c).add_(eps)` holds the sqrt and the quotient at once, while the previous
-    parameter's `denom` is still bound: at most 2 x the largest tensor + the second largest (measured on CPU:
-    11.9 MiB for stacked experts w1/w2/w3 of 4 MiB each). `dense_shards`: FSDP2 shards the dense tensors."""
+    """AdamW's temporaries at their largest, fp32 bytes. `train.optimizer_impl=fused`: none (one kernel per
+    tensor, in place; measured 0). for-loop: for a parameter, `denom = (exp_avg_sq.sqrt() / c).add_(eps)` holds
+    the sqrt and the quotient at once, while the previous parameter's `denom` is still bound: at most 2 x the
+    largest tensor + the second largest (measured on CPU: 11.9 MiB for stacked experts w1/w2/w3 of 4 MiB each).
+    foreach: one sqrt per tensor of a group, all alive at once: the parameters' size (measured 48.0 MiB for 6
+    tensors of 8 MiB, `benchmarks/optimizer_step.py`). `dense_shards`: FSDP2 shards the dense tensors."""
+    if cfg.train.optimizer_impl == "fused":
+        return 0
     m, e = cfg.model, cfg.moe
     expert = owned_per_layer * m.d_model * e.d_ffn
     numels = [expert] * 3 if owned_per_layer and e.num_experts else []
@@ -329,6 +334,8 @@ def adamw_transient_bytes(cfg: Config, owned_per_layer: int, dense_shards: int =
     numels += [m.d_model * m.d_model // dense_shards] * 4
     if any(not is_moe_layer(cfg, i) for i in range(m.n_layers)):
         numels += [m.d_model * (m.d_ffn_dense or 4 * m.d_model) // dense_shards] * 3
+    if cfg.train.optimizer_impl == "foreach":
+        return sum(numels) * FP32
     second, largest = sorted(numels)[-2:]
     return (2 * largest + second) * FP32
 

@@ -8,13 +8,18 @@ import torch
 OPT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
+def step_device(group: dict, p: torch.Tensor) -> torch.device:
+    """Where AdamW keeps a param's `step` counter: on its device for fused / capturable kernels, else the host."""
+    return p.device if group.get("fused") or group.get("capturable") else torch.device("cpu")
+
+
 def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Create zero Adam state for every param so a checkpoint or a re-shard can fill it in place."""
     for group in optimizer.param_groups:
         for p in group["params"]:
             st = optimizer.state[p]
             if not st:
-                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["step"] = torch.zeros((), dtype=torch.float32, device=step_device(group, p))
                 for k in OPT_KEYS:
                     st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
 

@@ -90,9 +90,12 @@ def warm_imports() -> None:
     import torch.distributed.fsdp  # FSDP2, imported by the strategies
     import tqdm  # noqa: F401
 
+    from sparsetrain.config_checks import OPTIMIZER_IMPLS
+
     p = torch.nn.Parameter(torch.zeros(1))
     p.grad = torch.zeros(1)
-    torch.optim.AdamW([p], foreach=False).step()
+    for kwargs in OPTIMIZER_IMPLS.values():  # each kernel's own lazy imports
+        torch.optim.AdamW([p], **kwargs).step()
 
 
 def gather_peak_mib(mem: PeakMemory) -> list[float]:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts
-from sparsetrain.parallel.optim_state import OPT_KEYS, ensure_optimizer_state
+from sparsetrain.parallel.optim_state import OPT_KEYS, ensure_optimizer_state, step_device
 
 __all__ = ["OPT_KEYS", "ensure_optimizer_state", "expert_ids_of", "expert_rows", "flat_state", "full_model_state",
            "set_optimizer_step"]
@@ -91,7 +91,8 @@ def set_optimizer_step(optimizer: torch.optim.Optimizer, step: torch.Tensor) -> 
     for group in optimizer.param_groups:
         for p in group["params"]:
             if optimizer.state.get(p):
-                optimizer.state[p]["step"] = step.detach().clone().reshape(()).float()
+                optimizer.state[p]["step"] = step.detach().reshape(()).to(step_device(group, p), torch.float32,
+                                                                           copy=True)
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:

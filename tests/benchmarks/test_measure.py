@@ -120,7 +120,7 @@ def test_imbalance_penalty_divides_each_variants_step_by_its_own_on_balanced_rou
     rows = [r("drift", "ep-ddp", 440.0), r("drift", "fssdp-lpt-ddp", 400.0), r("drift", "deepspeed_moe", 900.0),
             r("balanced", "ep-ddp", 385.0), r("balanced", "fssdp-lpt-ddp", 400.0), r("uniform", "ep", 300.0)]
     lines = imbalance_penalty(rows)
-    assert lines == ["<!-- 2 ranks, drift: step over the same variant's on balanced routing: ep-ddp 1.14, "
-                     "fssdp-lpt-ddp 1.00; a variant balancing everything at ep-ddp's balanced cost would be "
-                     "0.88x ep-ddp here -->"]  # uniform: ep did not run on balanced routing; no line
+    assert lines == [("<!-- 2 ranks, drift: step over the same variant's on balanced routing: ep-ddp 1.14, "
+                      "fssdp-lpt-ddp 1.00; a variant balancing everything at ep-ddp's balanced cost would be "
+                      "0.88x ep-ddp here -->")]  # uniform: ep did not run on balanced routing; no line
     assert imbalance_penalty([r("drift", "ep", 1.0)]) == []  # no balanced rows: nothing to divide by

@@ -1,6 +1,7 @@
 """Small real corpora for the data tests: a few stdlib files copied as text, and a BPE trained on them."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,11 @@ from sparsetrain.data.corpus import stdlib_files
 
 
 def data_cfg(*extra: str):
-    """tiny with a 64-token context and small batches, plus data.* overrides."""
-    return load_config("tiny", ["launch.workers=1", "model.seq_len=32", "data.batch_size=4", *extra])
+    """tiny with a 64-token context and small batches, plus data.* overrides; its own empty out_dir, so a
+    checkpoint of an earlier `make run` (runs/tiny) is never taken for this run's."""
+    out = tempfile.mkdtemp(prefix="st-data-test-")
+    return load_config("tiny", ["launch.workers=1", "model.seq_len=32", "data.batch_size=4",
+                                f"train.out_dir={out}", *extra])
 
 
 @pytest.fixture(scope="session")
