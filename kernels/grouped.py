@@ -20,17 +20,20 @@ def grouped_linear_reference(x: torch.Tensor, weight: torch.Tensor, counts: list
     return torch.cat(outs, dim=0) if outs else x.new_zeros(0, weight.shape[1])  # [N, out]
 
 
-def swiglu_experts_reference(x: torch.Tensor, counts: list[int], w1: torch.Tensor, w2: torch.Tensor,
-                             w3: torch.Tensor) -> torch.Tensor:
-    """SwiGLU experts one expert at a time: x [N, d] sorted by expert, w1/w3 [E, d_ffn, d], w2 [E, d, d_ffn] ->
-    [N, d]. Each expert's [rows, d_ffn] intermediates are made and used while in cache; grouping each weight's
-    GEMM over all experts first made silu and the gating product (forward and backward) stream [N, d_ffn]
-    tensors through memory: 5x the time per element on CPU (benchmarks/RESULTS.md). Same math; silu's vector
-    loop may round a chunk's tail elements an ulp differently."""
-    w1s, w2s, w3s = w1.unbind(0), w2.unbind(0), w3.unbind(0)  # not w[e]: see grouped_linear_reference
+def swiglu_experts_reference(x: torch.Tensor, counts: list[int], w1: torch.Tensor | tuple[torch.Tensor, ...],
+                             w2: torch.Tensor | tuple[torch.Tensor, ...],
+                             w3: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """SwiGLU experts one expert at a time: x [N, d] sorted by expert, w1/w3 [E, d_ffn, d], w2 [E, d, d_ffn] (or
+    each already unbound into E rows: `GroupedExperts.bind` unbinds once for several calls) -> [N, d]. Each
+    expert's [rows, d_ffn] intermediates are made and used while in cache; grouping each weight's GEMM over all
+    experts first made silu and the gating product (forward and backward) stream [N, d_ffn] tensors through
+    memory: 5x the time per element on CPU (benchmarks/RESULTS.md). Same math; silu's vector loop may round a
+    chunk's tail elements an ulp differently."""
+    # unbind, not w[e]: see grouped_linear_reference
+    w1s, w2s, w3s = (w if isinstance(w, tuple) else w.unbind(0) for w in (w1, w2, w3))
     outs = [(F.silu(xe @ w1s[e].t()) * (xe @ w3s[e].t())) @ w2s[e].t()  # [rows, d_ffn] -> [rows, d]
             for e, xe in enumerate(torch.split(x, counts, dim=0)) if counts[e]]
-    return torch.cat(outs, dim=0) if outs else x.new_zeros(0, w2.shape[1])  # [N, d]
+    return torch.cat(outs, dim=0) if outs else x.new_zeros(0, w2s[0].shape[0] if w2s else x.shape[1])  # [N, d]
 
 
 def grouped_mm_eligible(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> tuple[bool, str]:

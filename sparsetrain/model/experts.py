@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -60,11 +61,28 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: list[int], ids: list[int] | None = None,
                 stacked: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """x [N, d] sorted by expert (counts per expert in `ids` order) -> [N, d]."""
+        return self.bind(ids, stacked)(x, counts)
+
+    def bind(self, ids: list[int] | None = None,
+             stacked: dict[str, torch.Tensor] | None = None) -> Callable[[torch.Tensor, list[int]], torch.Tensor]:
+        """The experts as a function of (x [N, d] sorted by expert, counts) -> [N, d], its weights prepared once:
+        the weight transform applied, and on the per-expert path unbound into rows. A layer calling it several
+        times (its own slots while the exchange travels, then the received ones) builds one autograd view per
+        expert and weight, so backward stacks each weight's gradient once instead of once per call and adds the
+        calls' gradients per expert, not as full [E, out, in] tensors."""
         ws = self.weights(ids, stacked)
         if self.grouped_linear_fn is not None:
             sources = stacked if stacked is not None else {n: getattr(self, n) for n in EXPERT_WEIGHTS}
-            return swiglu_experts_with(self.grouped_linear_fn, x, counts, ws, sources)
-        return swiglu_experts(x, counts, ws["w1"], ws["w2"], ws["w3"])
+            return partial(swiglu_experts_with, self.grouped_linear_fn, ws=ws, sources=sources)
+        rows: list[tuple[torch.Tensor, ...]] = []  # unbound on the first per-expert call
+
+        def run(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+            if x.is_cuda and grouped_mm_eligible(x, ws["w1"], counts)[0]:
+                return swiglu_experts(x, counts, ws["w1"], ws["w2"], ws["w3"])
+            if not rows:
+                rows.extend(ws[n].unbind(0) for n in ("w1", "w2", "w3"))
+            return swiglu_experts_reference(x, counts, *rows)
+        return run
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w1, std=std)

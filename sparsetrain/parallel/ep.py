@@ -36,7 +36,7 @@ class EPDispatcher:
         slot_rank = owner[route.expert_ids.reshape(-1)]  # [T*k]
         out, dropped, counts = exchange_and_compute(
             x, route, slot_rank, experts.num_experts, experts.expert_ids,
-            lambda xs, c: experts(xs, c, ids=experts.expert_ids), s.ep_group, s.cfg.moe.capacity_factor,
+            experts.bind(ids=experts.expert_ids), s.ep_group, s.cfg.moe.capacity_factor,
             s.cfg.moe.capacity_renorm, s.cfg.moe.capacity_priority, sum_route_counts=s.ep_size == s.info.world,
             overlap=s.cfg.parallel.a2a_overlap)
         s.rank_tokens[self.layer] = float(counts.sum())

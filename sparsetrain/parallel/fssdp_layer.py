@@ -75,7 +75,7 @@ class FSSDPDispatcher:
             s.mat_ids[li] = list(experts.expert_ids)
             out, dropped, counts = exchange_and_compute(
                 x, route, slot_rank, experts.num_experts, experts.expert_ids,
-                lambda xs, c: experts(xs, c, ids=experts.expert_ids), None, s.cfg.moe.capacity_factor,
+                experts.bind(ids=experts.expert_ids), None, s.cfg.moe.capacity_factor,
                 s.cfg.moe.capacity_renorm, s.cfg.moe.capacity_priority, sum_route_counts=True,
                 overlap=s.cfg.parallel.a2a_overlap)
             s.rank_tokens[li] = float(counts.sum())
@@ -89,17 +89,14 @@ class FSSDPDispatcher:
         s.mat_ids[li] = mat_ids
         if torch.is_grad_enabled():
             mat = _Materialized.apply(s.anchor, mat, s, li)
-        ws = split_chunks(mat, experts.d_model, experts.d_ffn)
-
-        def expert_fn(xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
-            return experts(xs, counts, ids=mat_ids, stacked=ws)
-
         keep = s.fcfg.keep_materialized
         layer = ChunkLayer(s, li, mat, release=not keep)
         # one layer of the saved-tensor stack (offload.saved): chunk views are released (re-gathered in
         # backward) or kept, never offloaded; every other saved tensor goes on to offload's layer, if any
         ctx = saved_layer(layer) if torch.is_grad_enabled() else contextlib.nullcontext(False)
         with ctx as active:  # not active inside a checkpointed region: its replay gathers again by spAG
+            # bound inside the layer: what the weight transform saves (views of `mat`) is claimed here too
+            expert_fn = experts.bind(ids=mat_ids, stacked=split_chunks(mat, experts.d_model, experts.d_ffn))
             out, dropped, counts = exchange_and_compute(x, route, slot_rank, experts.num_experts, mat_ids, expert_fn,
                                                         None, s.cfg.moe.capacity_factor,
                                                         s.cfg.moe.capacity_renorm, s.cfg.moe.capacity_priority,

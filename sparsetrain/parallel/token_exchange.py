@@ -73,8 +73,9 @@ def exchange_and_compute(x: torch.Tensor, route: RouterOutput, slot_rank: torch.
 
     `overlap` (parallel.a2a_overlap): the slots this rank routes to itself never travel; they are computed
     while the dispatch all-to-all is in flight, and their backward while the dispatch's reverse exchange is,
-    as FasterMoE and Tutel overlap local experts with the exchange. (One extra expert call per layer: each
-    call makes its own weight-gradient tensors, so the own slots are not split further.)
+    as FasterMoE and Tutel overlap local experts with the exchange. (One extra expert call per layer; with
+    `GroupedExperts.bind` both calls share the weights' per-expert views, so backward still builds each weight's
+    gradient once.)
 
     Returns (output [T, d], dropped slots, tokens computed per local expert [len(local_ids)]).
     """

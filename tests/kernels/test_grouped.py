@@ -44,3 +44,38 @@ def test_per_expert_swiglu_equals_grouped_gemms(counts, autocast):
             assert a.dtype == b.dtype and a.shape == b.shape
             torch.testing.assert_close(a.float(), b.float(), rtol=1e-2 if autocast else 1e-6,
                                        atol=1e-2 if autocast else 1e-6)
+
+
+def _nodes(y: torch.Tensor, name: str) -> int:
+    """Autograd nodes called `name` in y's graph."""
+    seen, todo, n = set(), [y.grad_fn], 0
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        n += type(fn).__name__ == name
+        todo += [nxt for nxt, _ in fn.next_functions]
+    return n
+
+
+def test_bound_experts_called_twice_stack_each_weight_gradient_once():
+    """`GroupedExperts.bind`: a layer's two calls (own slots, then received ones) share the per-expert views,
+    so backward stacks each of w1/w2/w3's gradients once; the gradients equal those of two separate calls."""
+    from sparsetrain.model.experts import GroupedExperts
+
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 8, 24)
+    experts.reset_parameters(0.3, 0.3)
+    c1, c2 = [3, 0, 2, 1], [1, 4, 0, 2]
+    x1, x2 = torch.randn(sum(c1), 8), torch.randn(sum(c2), 8)
+    grads = {}
+    for way in ("bound", "separate"):
+        experts.zero_grad(set_to_none=True)
+        fn = experts.bind() if way == "bound" else experts
+        y = torch.cat([fn(x1, c1), fn(x2, c2)])
+        assert _nodes(y, "UnbindBackward0") == (3 if way == "bound" else 6)
+        (y * torch.arange(y.numel()).view_as(y).cos()).sum().backward()
+        grads[way] = [p.grad.clone() for p in (experts.w1, experts.w2, experts.w3)]
+    for a, b in zip(grads["bound"], grads["separate"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
