@@ -60,3 +60,22 @@ def test_memory_plan_counts_no_optimizer_temporaries_for_the_fused_kernel(tmp_pa
     foreach = adamw_transient_bytes(tiny_cfg(tmp_path, "train.optimizer_impl=foreach"), owned_per_layer=4)
     assert fused == 0 and loop >= 3 * 4 * 32 * 32 * 4  # >= 3 x the stacked experts' [4, 32, 32] fp32
     assert foreach > loop  # every tensor's sqrt at once (measured: 48 vs 24 MiB, benchmarks/optimizer_step.py)
+
+
+@pytest.mark.parametrize("flags,where", [({"fused": True}, "meta"), ({"capturable": True}, "meta"),
+                                         ({"foreach": False}, "cpu")])
+def test_created_and_restored_step_counters_live_where_the_kernel_reads_them(flags, where):
+    """Fused / capturable AdamW read `step` on the parameter's device (CUDA on a GPU: a host counter there is an
+    error); the for-loop reads it on the host. `meta` stands in for the accelerator."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from sparsetrain.parallel.optim_state import ensure_optimizer_state
+    from sparsetrain.train.state import set_optimizer_step
+
+    p = nn.Parameter(torch.empty(2, 2, device="meta"))
+    opt = SimpleNamespace(param_groups=[{"params": [p], **flags}], state=defaultdict(dict))
+    ensure_optimizer_state(opt)
+    assert opt.state[p]["step"].device.type == where
+    set_optimizer_step(opt, torch.tensor(7.0))
+    assert opt.state[p]["step"].device.type == where and opt.state[p]["step"].dtype == torch.float32
