@@ -20,6 +20,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -49,11 +50,18 @@ class ExpertBusy:
         self._t0: list[float] = []
 
     def install(self, deepspeed: bool = False) -> None:
-        """Time every `GroupedExperts.forward` (and DeepSpeed's `Experts.forward` when `deepspeed`: its padded
-        [ep, local experts, capacity, d] buffer, the rows DeepSpeed really computes)."""
+        """Time every call of a function `GroupedExperts.bind` returns (what EP and FSSDP call, and what
+        `GroupedExperts.forward` runs), and DeepSpeed's `Experts.forward` when `deepspeed`: its padded
+        [ep, local experts, capacity, d] buffer, the rows DeepSpeed really computes."""
         from sparsetrain.model.experts import GroupedExperts
 
-        GroupedExperts.forward = self._timed(GroupedExperts.forward)
+        bind = GroupedExperts.bind
+
+        def timed_bind(mod, *args, **kw):
+            fn = bind(mod, *args, **kw)
+            return partial(self._timed(lambda _, x, counts: fn(x, counts)), None)
+
+        GroupedExperts.bind = timed_bind
         if deepspeed:
             from sparsetrain.parallel.peers.deepspeed_moe import import_deepspeed
 

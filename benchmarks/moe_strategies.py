@@ -232,7 +232,7 @@ def balance_bound(rows: list[dict]) -> str:
     a re-placement can beat it somewhat (measured: drift, 2 ranks, fssdp-lpt-ddp 0.90x ep-ddp vs 0.95x)."""
     parts = []
     for r in rows:
-        if r["variant"] in STATIC_EP and r["busy_max_mean"] == r["busy_max_mean"]:  # not nan
+        if r["variant"] in STATIC_EP and r["busy_max_mean"] > 0:  # measured (not nan, not 0)
             saved = r["busy_max_ms"] * (1 - 1 / r["busy_max_mean"])
             parts.append(f"{r['variant']} {r['step_ms'] - saved:.1f} ms = {1 - saved / r['step_ms']:.2f}x its step")
     return (f"<!-- {rows[0]['world']} ranks, {rows[0]['workload']}: balancing expert compute alone would give "

@@ -124,3 +124,28 @@ def test_imbalance_penalty_divides_each_variants_step_by_its_own_on_balanced_rou
                       "fssdp-lpt-ddp 1.00; a variant balancing everything at ep-ddp's balanced cost would be "
                       "0.88x ep-ddp here -->")]  # uniform: ep did not run on balanced routing; no line
     assert imbalance_penalty([r("drift", "ep", 1.0)]) == []  # no balanced rows: nothing to divide by
+
+
+def test_expert_busy_times_the_bound_expert_calls_forward_and_backward(monkeypatch):
+    """EP and FSSDP call what `GroupedExperts.bind` returns (twice per layer under the exchange overlap):
+    those calls, and plain `forward`, are what "expert busy" times."""
+    from benchmarks.measure import ExpertBusy
+    from sparsetrain.model.experts import GroupedExperts
+
+    monkeypatch.setattr(GroupedExperts, "bind", GroupedExperts.bind)  # restored after the test
+    busy = ExpertBusy()
+    busy.install()
+    experts = GroupedExperts(4, 16, 64)
+    experts.reset_parameters(0.1, 0.1)
+    x = torch.randn(64, 16, requires_grad=True)
+    for call in ("bound", "forward"):
+        if call == "bound":
+            fn = experts.bind()
+            y = torch.cat([fn(x[:32], [8] * 4), fn(x[32:], [8] * 4)])
+        else:
+            y = experts(x, [16] * 4)
+        fwd, bwd = busy.pop()
+        assert fwd > 0 and bwd == 0, call
+        y.sum().backward()
+        fwd, bwd = busy.pop()
+        assert fwd == 0 and bwd > 0, call
