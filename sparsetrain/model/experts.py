@@ -80,7 +80,7 @@ class GroupedExperts(nn.Module):
             if x.is_cuda and grouped_mm_eligible(x, ws["w1"], counts)[0]:
                 return swiglu_experts(x, counts, ws["w1"], ws["w2"], ws["w3"])
             if not rows:
-                rows.extend(ws[n].unbind(0) for n in ("w1", "w2", "w3"))
+                rows.extend(ws[n].unbind(0) for n in EXPERT_WEIGHTS)  # w1, w2, w3
             return swiglu_experts_reference(x, counts, *rows)
         return run
 
