@@ -22,10 +22,11 @@ Peak = the largest of: end of forward (state + activations + gathered weights), 
 copy-gradient stash + communication buffers) and the optimizer step (state + gradients + AdamW's
 temporaries: none with the fused kernel, else up to 2x the largest parameter tensor + the second largest,
 `adamw_transient_bytes`); on CPU plus the corpus. The flat all-reduce buffer of expert grads exists only
-where experts have replicas (dp; EP with parallel.ep_size < world); FSSDP layers without copies and EP over the whole world have none. CUDA
-measures live bytes (`torch.cuda.max_memory_allocated`); CPU measures the RSS high-water, which follows
-live bytes when the trainer has glibc return freed blocks (`train.cpu_exact_memory`, see
-`telemetry.memory.return_freed_memory`); without it the RSS also holds the allocator's free blocks.
+where experts have replicas (dp; EP with parallel.ep_size < world); FSSDP layers without copies and EP over
+the whole world have none. CUDA measures live bytes (`torch.cuda.max_memory_allocated`); CPU measures the
+RSS high-water, which follows live bytes when the trainer has glibc return freed blocks
+(`train.cpu_exact_memory`, see `telemetry.memory.return_freed_memory`); without it the RSS also holds the
+allocator's free blocks.
 """
 from __future__ import annotations
 
