@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +21,13 @@ def expert_shapes(d_model: int, d_ffn: int) -> dict[str, tuple[int, int]]:
     return {"w1": (d_ffn, d_model), "w2": (d_model, d_ffn), "w3": (d_ffn, d_model)}
 
 
-def swiglu_experts(x: torch.Tensor, counts: list[int], w1: torch.Tensor, w2: torch.Tensor,
-                   w3: torch.Tensor) -> torch.Tensor:
+def swiglu_experts(x: torch.Tensor, counts: list[int], w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                   rows: Callable[[], tuple[tuple[torch.Tensor, ...], ...]] | None = None) -> torch.Tensor:
     """x [N, d] sorted by expert, counts per expert (len E_here) -> [N, d]: one grouped GEMM per weight where
-    torch._grouped_mm runs (CUDA bf16 sm90+), else each expert's whole SwiGLU in turn (intermediates in cache)."""
+    torch._grouped_mm runs (CUDA bf16 sm90+), else each expert's whole SwiGLU in turn (intermediates in cache).
+    `rows`: the per-expert path's weights already unbound, (w1, w2, w3) each as E rows (`GroupedExperts.bind`)."""
     if not (x.is_cuda and grouped_mm_eligible(x, w1, counts)[0]):
-        return swiglu_experts_reference(x, counts, w1, w2, w3)
+        return swiglu_experts_reference(x, counts, *(rows() if rows is not None else (w1, w2, w3)))
     h = F.silu(grouped_linear(x, w1, counts)) * grouped_linear(x, w3, counts)  # [N, d_ffn]
     return grouped_linear(h, w2, counts)  # [N, d]
 
@@ -74,15 +75,8 @@ class GroupedExperts(nn.Module):
         if self.grouped_linear_fn is not None:
             sources = stacked if stacked is not None else {n: getattr(self, n) for n in EXPERT_WEIGHTS}
             return partial(swiglu_experts_with, self.grouped_linear_fn, ws=ws, sources=sources)
-        rows: list[tuple[torch.Tensor, ...]] = []  # unbound on the first per-expert call
-
-        def run(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-            if x.is_cuda and grouped_mm_eligible(x, ws["w1"], counts)[0]:
-                return swiglu_experts(x, counts, ws["w1"], ws["w2"], ws["w3"])
-            if not rows:
-                rows.extend(ws[n].unbind(0) for n in EXPERT_WEIGHTS)  # w1, w2, w3
-            return swiglu_experts_reference(x, counts, *rows)
-        return run
+        rows = cache(lambda: tuple(ws[n].unbind(0) for n in EXPERT_WEIGHTS))  # on the first per-expert call
+        return partial(swiglu_experts, w1=ws["w1"], w2=ws["w2"], w3=ws["w3"], rows=rows)
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w1, std=std)
