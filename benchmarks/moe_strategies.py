@@ -75,6 +75,9 @@ VARIANTS = {  # name -> overrides
     "fssdp-none": [*FSSDP, "parallel.fssdp.planner=none"],  # re-sharding only, no copies
     # like-for-like with ep-ddp (the strongest EP row): dense parameters replicated as there
     "fssdp-lpt-ddp": [*FSSDP, "parallel.fssdp.planner=lpt_spill", "parallel.dense=ddp"],
+    # the same, also re-sharding between scheduled steps when a one-step fit pays on the next step (opt-in)
+    "fssdp-lpt-ddp-early": [*FSSDP, "parallel.fssdp.planner=lpt_spill", "parallel.dense=ddp",
+                            "parallel.fssdp.reshard_early=true"],
     # peers (extras .[deepspeed] / .[megatron]); both dropless at moe.capacity_factor=0. DeepSpeed's gate follows
     # every workload's quotas (sparsetrain/parallel/peers/deepspeed_gate.py); ZeRO-0 replicates dense parameters,
     # so its like-for-like sparsetrain row is ep-ddp

@@ -76,6 +76,9 @@ class FSSDPConfig:
     # measure once at set-up (fwd + bwd of the rank's experts; slowest rank; kept in checkpoints)
     load_window: int = 5  # steps averaged for the predicted load
     reshard_every: int = 0  # re-shard ownership every K steps (0 = never)
+    reshard_early: bool = False  # with reshard_every and the cost gate: also re-shard between scheduled steps
+    # when owners fitted to one step would have paid on the next (held out): follows a moved hot set within 2
+    # steps; on noisy routing (recorded traces) it re-shards more often than it pays (benchmarks/RESULTS.md)
     replan_every: int = 1  # re-plan the copies (P1) from the predicted load every k steps (> 1: EPLB-style periodic)
     prefetch: bool = True  # issue the next layer's spAG early (async)
     compress_chunks: bool = True  # N:M-masked experts travel compressed in spAG (when copies can use it)

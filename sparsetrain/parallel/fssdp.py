@@ -25,30 +25,20 @@ from sparsetrain.model.gpt import GPT
 from sparsetrain.parallel import fssdp_machine, fssdp_state
 from sparsetrain.parallel.chunk_codec import NMChunkCodec, chunk_codec_for
 from sparsetrain.parallel.comm import all_reduce_host
-from sparsetrain.parallel.copy_cost import (
-    CopyCost,
-    copies_can_pay,
-    gate_copies,
-    reshard_net_s,
-)
+from sparsetrain.parallel.copy_cost import CopyCost, copies_can_pay, gate_copies
 from sparsetrain.parallel.dense import DTYPES, compute_dtype
 from sparsetrain.parallel.ep import keep_expert_rows
 from sparsetrain.parallel.fssdp_layer import FSSDPDispatcher, owned_flat
+from sparsetrain.parallel.fssdp_reshard import early_target, scheduled_target
 from sparsetrain.parallel.mesh import DistInfo
-from sparsetrain.parallel.placement import (
-    LayerPlacement,
-    LoadTracker,
-    initial_owners,
-    reshard_owners_min_moves,
-)
+from sparsetrain.parallel.placement import LayerPlacement, LoadTracker, initial_owners
 from sparsetrain.parallel.planners import get_planner
-from sparsetrain.parallel.reshard import move_ownership, moved_bytes_per_expert, reshard_balances
+from sparsetrain.parallel.reshard import move_ownership
 from sparsetrain.parallel.sparse_collectives import SpAGHandle, SpRSHandle, spag, spag_start, sprs_start
 from sparsetrain.parallel.strategy import Strategy
 from sparsetrain.parallel.topology import Topology
 from sparsetrain.telemetry.timers import span
 
-REPLICATE_EVERYWHERE = ("hecate", "eplb")
 
 def _lists(p: LayerPlacement) -> tuple[list[int], list[list[int]]]:
     return list(p.owners), [list(c) for c in p.copies]
@@ -90,7 +80,8 @@ class FSSDP(Strategy):
         self.owner_index: list[torch.Tensor] = []  # per layer: expert -> owner rank [E] (dispatch without copies)
         self.reshards = 0
         self.reshard_moves = 0  # expert chunks whose owner changed, summed over re-shards
-        self.reshards_gated = 0  # re-shards that balanced the owned load but would not pay for their moves
+        self.reshards_gated = 0  # scheduled re-shards that balanced the owned load but would not pay for their moves
+        self.early_reshards = 0  # re-shards between scheduled ones (`fssdp_reshard.early_target`)
         self.group: dist.ProcessGroup | None = None
         self.codec: NMChunkCodec | None = None  # set per step when expert copies can travel compressed
 
@@ -271,43 +262,25 @@ class FSSDP(Strategy):
         gated = gate_copies(recent, p, self.topo, self.cost) if self.cost is not None else p
         return gated, gated is not p
 
-    def _reshard_target(self, loads: torch.Tensor, experts: GroupedExperts) -> list[list[int]] | None:
-        """New owners at a re-shard opportunity, or None. Candidates: the few-moves re-shard counting copies
-        (planners that copy hot experts everywhere spread their load whatever the owner) and, gate on, the one
-        balancing the owners alone; each must balance the owned load by RESHARD_GAIN. Gate off: the first.
-        Gate on: the one saving the most expert time net of its moves (`reshard_net_s`), if that is > 0."""
-        replicas = self.placements if self.fcfg.planner in REPLICATE_EVERYWHERE else None
-        ways = [replicas] if self.cost is None or replicas is None else [replicas, None]
-        cands = [c for r, c in ((r, reshard_owners_min_moves(loads, self.owners, self.topo, r)) for r in ways)
-                 if reshard_balances(loads, self.owners, c, self.info.world, r)]  # memory = EP
-        if self.cost is None or not cands:
-            return cands[0] if cands else None
-        recent = self.tracker.recent()  # [n, L, E]
-        plans = [[self._plan(loads[li], o[li], recent[:, li])[0] for li in range(self.num_layers)]
-                 for o in [self.owners, *cands]]
-        nets = [reshard_net_s(recent, plans[0], p, self.topo, self.cost, moved_bytes_per_expert(experts),
-                              self.fcfg.reshard_every) for p in plans[1:]]
-        best = max(range(len(nets)), key=lambda i: (nets[i], -i))
-        self.reshards_gated += nets[best] <= 0
-        return cands[best] if nets[best] > 0 else None
-
     def after_step(self, step: int, model: GPT, optimizer: torch.optim.Optimizer,
                    counts: torch.Tensor | None) -> torch.optim.Optimizer | None:
         if self.info.world == 1:
             return None
         if counts is not None:
             self.tracker.update(counts.detach().cpu())
-        new_opt = None
-        every = self.fcfg.reshard_every
+        new_opt, new_owners = None, None
+        every, experts = self.fcfg.reshard_every, model.moe_layers()[0].experts
         if every and (step + 1) % every == 0:
-            new_owners = self._reshard_target(self.tracker.predicted(), model.moe_layers()[0].experts)
-            if new_owners is not None:
-                new_opt, self._expert_params = move_ownership([m.experts for m in model.moe_layers()], optimizer,
-                                                              self.owners, new_owners, self.info.rank, self.group)
-                self.reshard_moves += sum(a != b for old, new in zip(self.owners, new_owners)
-                                          for a, b in zip(old, new))
-                self.owners = new_owners
-                self.reshards += 1
+            new_owners = scheduled_target(self, experts)
+        elif every and self.fcfg.reshard_early:
+            new_owners = early_target(self, experts)
+            self.early_reshards += new_owners is not None
+        if new_owners is not None:
+            new_opt, self._expert_params = move_ownership([m.experts for m in model.moe_layers()], optimizer,
+                                                          self.owners, new_owners, self.info.rank, self.group)
+            self.reshard_moves += sum(a != b for old, new in zip(self.owners, new_owners) for a, b in zip(old, new))
+            self.owners = new_owners
+            self.reshards += 1
         if new_opt is not None or (step + 1) % self.fcfg.replan_every == 0:
             self._replan()
         return new_opt
@@ -340,6 +313,7 @@ class FSSDP(Strategy):
                 "link_GBps": round(self.bandwidth / 1e9, 3) if self.bandwidth else None,
                 "expert_TFLOPs": round(self.expert_flops / 1e12, 4) if self.expert_flops else None,
                 "copies_gated": self.copies_gated, "reshards_gated": self.reshards_gated,
+                "early_reshards": self.early_reshards,
                 "reshards": self.reshards, "reshard_moves": self.reshard_moves,
                 "compressed_chunks": self.codec is not None,
                 "hottest_placement": self.hottest()}

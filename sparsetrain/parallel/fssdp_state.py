@@ -29,6 +29,7 @@ def extra_state(s: FSSDPStrategy) -> dict[str, Any]:
     st = s.tracker.state_dict()
     return {"tracker": {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in st.items()},
             "reshards": s.reshards, "reshard_moves": s.reshard_moves, "reshards_gated": s.reshards_gated,
+            "early_reshards": s.early_reshards,
             "world": s.info.world, "nodes": s.topo.num_nodes,
             "owners": [list(o) for o in s.owners], "copies": [[list(c) for c in p.copies] for p in s.placements],
             "overlap_budget": s.overlap_budget, "bandwidth": s.bandwidth, "expert_flops": s.expert_flops}
@@ -70,6 +71,7 @@ def load_extra_state(s: FSSDPStrategy, state: dict[str, Any], model: GPT) -> Non
     s.reshards = int(state.get("reshards", 0))
     s.reshard_moves = int(state.get("reshard_moves", 0))
     s.reshards_gated = int(state.get("reshards_gated", 0))
+    s.early_reshards = int(state.get("early_reshards", 0))
     if not _valid_layout(s, state):
         s._replan()
         return

@@ -17,6 +17,9 @@ CASES = {
     "2r_skew_ddp": (2, ["moe.router_skew=1.2", "parallel.dense=ddp", "parallel.fssdp.reshard_every=5"]),
     "4r_2experts": (4, ["moe.num_experts=2", "moe.router_skew=1.6", "parallel.fssdp.reshard_every=2"]),
     "4r_2experts_lpt": (4, ["moe.num_experts=2", "parallel.fssdp.planner=lpt_spill", "moe.router_skew=1.6"]),
+    # the hot set moves every 4 steps; no scheduled re-shard within the run: only early ones move ownership
+    "2r_drift_early_reshard": (2, ["parallel.fssdp.planner=none", "moe.router_skew=1.2", "moe.skew_drift_every=4",
+                                   "parallel.fssdp.reshard_every=50", "parallel.fssdp.reshard_early=true"]),
     "2r_none_reshard": (2, ["parallel.fssdp.planner=none", "moe.router_skew=1.2", "parallel.fssdp.reshard_every=3"]),
     "4r_nopf_t1": (4, ["parallel.fssdp.prefetch=false", "parallel.fssdp.overlap_budget=1", "moe.router_skew=1.2"]),
     "4r_sprs_after_backward": (4, ["parallel.fssdp.sprs_post=after", "moe.router_skew=1.2"]),
@@ -38,6 +41,8 @@ def test_fssdp_matches_single_process(tmp_path, case):
     res = check_parity(world, small_config("parallel.strategy=fssdp", *extra, steps=10), tmp_path, fp64=fp64)
     if "reshard" in case:
         assert res["reshards"] >= 1 and res["reshard_moves"] >= 1, "the case must actually move expert ownership"
+    if "early" in case:
+        assert res["early_reshards"] == res["reshards"], res
     posted = res["sprs_posted"]
     if "parallel.fssdp.planner=none" in extra:  # owners compute on their own Parameters: no copies, no spRS
         assert sum(posted.values()) == 0, posted
