@@ -5,6 +5,11 @@ contiguous expert blocks, or an LPT placement recomputed every `--every` steps f
 w steps. Prints the rank-level load max/mean averaged over the steps in each range and over the layers. No
 training and no processes: it shows whether a window predicts the loads that follow.
 
+A second table replays the runtime's own re-shard decisions (`sparsetrain.parallel.fssdp_reshard`: scheduled
+every `--every` steps, with and without `reshard_early`) on a stand-in strategy without copies, with the
+CPU device defaults as machine numbers and the benchmark's expert shape (d_model 128, d_ffn 2048): the same
+imbalance, and how many re-shards each made.
+
     python benchmarks/trace_placement.py
     python benchmarks/trace_placement.py --trace aux_off --ranks 4 --windows 1 5 20
 """
@@ -13,8 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+
+from sparsetrain.parallel import fssdp_reshard
+from sparsetrain.parallel.copy_cost import DEVICE_DEFAULTS, CopyCost, expert_flops_per_slot
+from sparsetrain.parallel.placement import LayerPlacement, LoadTracker, initial_owners
+from sparsetrain.parallel.topology import Topology
 
 TRACES = Path(__file__).resolve().parent / "traces"
 
@@ -48,6 +59,53 @@ def replay(loads: torch.Tensor, ranks: int, every: int, window: int | None, lo: 
     return sum(vals) / len(vals)
 
 
+class ExpertShape:
+    """What `reshard.moved_bytes_per_expert` reads of a GroupedExperts: the benchmark's shape, fp32."""
+
+    def __init__(self, d_model: int = 128, d_ffn: int = 2048) -> None:
+        self.d_model, self.d_ffn, self.w1 = d_model, d_ffn, torch.zeros(1)
+
+
+def stand_in_strategy(num_layers: int, num_experts: int, ranks: int, every: int, window: int, gate: bool = True,
+                      shape: ExpertShape | None = None) -> SimpleNamespace:
+    """What `fssdp_reshard` reads of an FSSDP strategy: contiguous owners, no copies (planner lpt_spill with its
+    copies refused), CPU device-default machine numbers (gate on) or none (gate off)."""
+    shape = shape or ExpertShape()
+    gbps, _, tflops = DEVICE_DEFAULTS["cpu"]
+    cost = CopyCost(chunk_bytes=3 * shape.d_model * shape.d_ffn * 4, bytes_per_s=gbps * 1e9, flops_per_s=tflops * 1e12,
+                    flops_per_slot=expert_flops_per_slot(shape.d_model, shape.d_ffn)) if gate else None
+    s = SimpleNamespace(fcfg=SimpleNamespace(planner="lpt_spill", reshard_every=every), cost=cost,
+                        topo=Topology(ranks, ranks), info=SimpleNamespace(world=ranks), num_layers=num_layers,
+                        tracker=LoadTracker(num_layers, num_experts, window), reshards_gated=0)
+    s._plan = lambda fit, owners, judge: (LayerPlacement.from_owners(owners), False)
+    set_owners(s, [initial_owners(num_experts, ranks) for _ in range(num_layers)])
+    return s
+
+
+def set_owners(s: SimpleNamespace, owners: list[list[int]]) -> None:
+    """Move the stand-in's ownership (placements without copies follow)."""
+    s.owners, s.placements = owners, [LayerPlacement.from_owners(o) for o in owners]
+
+
+def replay_runtime(loads: torch.Tensor, ranks: int, every: int, window: int, early: bool, lo: int, hi: int
+                   ) -> tuple[float, int]:
+    """The runtime's re-shard decisions replayed: mean imbalance over layers and steps lo..hi-1, re-shards made."""
+    _, layers, experts = loads.shape  # [steps, L, E]
+    s, shape = stand_in_strategy(layers, experts, ranks, every, window), ExpertShape()
+    vals, moves = [], 0
+    for t in range(hi):
+        if t >= lo:
+            vals += [imbalance(loads[t, li], s.owners[li], ranks) for li in range(layers)]
+        s.tracker.update(loads[t])
+        scheduled = (t + 1) % every == 0
+        new = fssdp_reshard.scheduled_target(s, shape) if scheduled else \
+            fssdp_reshard.early_target(s, shape) if early else None
+        if new is not None:
+            set_owners(s, new)
+            moves += 1
+    return sum(vals) / len(vals), moves
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trace", default="aux_on", help="a name under benchmarks/traces")
@@ -67,6 +125,16 @@ def main() -> None:
         hi = min(hi + 1, loads.shape[0])
         vals = [replay(loads, args.ranks, args.every, w, lo, hi) for w in [None, *args.windows]]
         print(f"| {lo}-{hi - 1} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    print(f"\n# the runtime's re-shard decisions (fssdp_reshard), every {args.every} steps, CPU machine numbers: "
+          "imbalance over the range (re-shards from step 0 to its end)")
+    print("| steps | " + " | ".join(f"w={w} | w={w} + early" for w in args.windows) + " |")
+    print("|---|" + "---|---|" * len(args.windows))
+    for rng in args.ranges:
+        lo, hi = (int(x) for x in rng.split("-"))
+        hi = min(hi + 1, loads.shape[0])
+        cells = [replay_runtime(loads, args.ranks, args.every, w, early, lo, hi)
+                 for w in args.windows for early in (False, True)]
+        print(f"| {lo}-{hi - 1} | " + " | ".join(f"{m:.3f} ({n})" for m, n in cells) + " |")
 
 
 if __name__ == "__main__":

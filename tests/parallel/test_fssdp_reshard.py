@@ -1,35 +1,20 @@
 """FSSDP's re-shard decisions (`fssdp_reshard`): scheduled and early, on a stand-in strategy (no processes)."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 
+from benchmarks.trace_placement import ExpertShape, set_owners, stand_in_strategy
 from sparsetrain.parallel import fssdp_reshard
-from sparsetrain.parallel.copy_cost import CopyCost, expert_flops_per_slot
-from sparsetrain.parallel.placement import LayerPlacement, LoadTracker, initial_owners, reshard_owners_min_moves
-from sparsetrain.parallel.topology import Topology
+from sparsetrain.parallel.copy_cost import CopyCost
+from sparsetrain.parallel.placement import reshard_owners_min_moves
 
 E, L, WORLD, SLOTS = 16, 2, 2, 4096
-D_MODEL, D_FFN = 128, 2048
+_Experts = ExpertShape()  # the benchmark's d_model 128, d_ffn 2048
 
 
-class _Experts:  # what moved_bytes_per_expert reads
-    d_model, d_ffn = D_MODEL, D_FFN
-    w1 = torch.zeros(1)
-
-
-def _strategy(every: int = 5, window: int = 3, gate: bool = True, owners=None) -> SimpleNamespace:
-    """The attributes fssdp_reshard reads, with the CPU device defaults as machine numbers; no copies."""
-    cost = CopyCost(chunk_bytes=3 * D_MODEL * D_FFN * 4, flops_per_slot=expert_flops_per_slot(D_MODEL, D_FFN),
-                    flops_per_s=0.049e12, bytes_per_s=0.137e9) if gate else None
-    s = SimpleNamespace(fcfg=SimpleNamespace(planner="lpt_spill", reshard_every=every, reshard_early=True),
-                        cost=cost, topo=Topology(WORLD, WORLD), info=SimpleNamespace(world=WORLD), num_layers=L,
-                        owners=owners or [initial_owners(E, WORLD) for _ in range(L)],
-                        tracker=LoadTracker(L, E, window), reshards_gated=0)
-    s.placements = [LayerPlacement.from_owners(o) for o in s.owners]
-    s._plan = lambda fit, owners, judge: (LayerPlacement.from_owners(owners), False)
-    return s
+def _strategy(every: int = 5, window: int = 3, gate: bool = True):
+    """A stand-in strategy: CPU device-default machine numbers (gate on), no copies, contiguous owners."""
+    return stand_in_strategy(L, E, WORLD, every, window, gate=gate)
 
 
 def _zipf(perm_seed: int) -> torch.Tensor:
@@ -46,16 +31,12 @@ def _imbalance(loads: torch.Tensor, owners: list[list[int]]) -> float:
     return max(float(p.max() / p.mean()) for p in per)
 
 
-def _move_to(s: SimpleNamespace, owners: list[list[int]]) -> None:
-    s.owners, s.placements = owners, [LayerPlacement.from_owners(o) for o in owners]
-
-
 def test_early_reshard_follows_a_moved_hot_set_on_the_second_step():
     """Owners balanced for hot set A; the routing moves to B. After B's first step nothing moves (owners fitted to
     the step before were A's, and they do not pay on B); after its second the owners are fitted to B."""
     a, b = _zipf(1), _zipf(2)
     s = _strategy()
-    _move_to(s, reshard_owners_min_moves(a, s.owners, s.topo))
+    set_owners(s, reshard_owners_min_moves(a, s.owners, s.topo))
     for _ in range(3):
         s.tracker.update(a)
         assert fssdp_reshard.early_target(s, _Experts) is None  # stationary: nothing to do
@@ -73,7 +54,7 @@ def test_sampling_noise_alone_never_triggers_an_early_reshard():
     its mean: 40 steps, no early re-shard."""
     mean = _zipf(3)
     s = _strategy()
-    _move_to(s, reshard_owners_min_moves(mean, s.owners, s.topo))
+    set_owners(s, reshard_owners_min_moves(mean, s.owners, s.topo))
     g = torch.Generator().manual_seed(0)
     fired = 0
     for _ in range(40):
@@ -88,7 +69,7 @@ def test_early_reshard_needs_two_steps_of_history():
     """With one step of history (window 1) there is nothing held out: no early re-shard."""
     a, b = _zipf(1), _zipf(2)
     s = _strategy(window=1)
-    _move_to(s, reshard_owners_min_moves(a, s.owners, s.topo))
+    set_owners(s, reshard_owners_min_moves(a, s.owners, s.topo))
     for loads in (a, b, b, b):
         s.tracker.update(loads)
         assert fssdp_reshard.early_target(s, _Experts) is None
@@ -99,7 +80,7 @@ def test_early_reshard_without_the_gate_uses_the_held_out_imbalance():
     re-shards on its second step; a step that looks like the one before does not."""
     a, b = _zipf(1), _zipf(2)
     s = _strategy(gate=False)
-    _move_to(s, reshard_owners_min_moves(a, s.owners, s.topo))
+    set_owners(s, reshard_owners_min_moves(a, s.owners, s.topo))
     fired = []
     for loads in (a, a, b, b):
         s.tracker.update(loads)
