@@ -103,6 +103,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(p.fssdp.expert_TFLOPs >= 0 or p.fssdp.expert_TFLOPs == -1,
            f"parallel.fssdp.expert_TFLOPs={p.fssdp.expert_TFLOPs}; allowed: > 0, 0 (device default) or -1 (measure)")
     _check(p.fssdp.replan_every >= 1, f"parallel.fssdp.replan_every must be >= 1, got {p.fssdp.replan_every}")
+    _check(not p.fssdp.reshard_early or (p.fssdp.reshard_every > 0 and p.fssdp.load_window >= 2),
+           "parallel.fssdp.reshard_early=true needs parallel.fssdp.reshard_every > 0 (its horizon) and "
+           f"parallel.fssdp.load_window >= 2 (a held-out step), got {p.fssdp.reshard_every} and {p.fssdp.load_window}")
     _check(cfg.launch.workers >= 1, f"launch.workers must be >= 1, got {cfg.launch.workers}")
     _one_of("launch.backend", cfg.launch.backend, ("ray", "torchrun", "inline"))
     _check(cfg.launch.max_failures >= 0, f"launch.max_failures must be >= 0, got {cfg.launch.max_failures}")

@@ -169,6 +169,9 @@ ONE = ["launch.workers=1"]
     (["train.precision=fp8"], "train.precision"),
     (["moe.balance=magic"], "moe.balance"),
     (["parallel.fssdp.sprs_post=early"], "parallel.fssdp.sprs_post"),
+    (["parallel.fssdp.reshard_early=true", "parallel.fssdp.reshard_every=0"], "parallel.fssdp.reshard_early"),
+    (["parallel.fssdp.reshard_early=true", "parallel.fssdp.reshard_every=5", "parallel.fssdp.load_window=1"],
+     "parallel.fssdp.load_window >= 2"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_validation_rules(overrides, needle):
     ov = overrides if any(o.startswith("launch.workers") for o in overrides) else ONE + overrides

@@ -8,7 +8,8 @@ gradients into the owner. Placement is re-planned every step from all-reduced lo
 copies only when the cost model says they save more compute than they cost (`copy_cost.py`); a layer
 without copies runs exactly EP's path. Ownership is re-sharded every `fssdp.reshard_every` steps with
 params and Adam state moving together, when it balances the owned load and (gate on) the expert time it
-saves until the next re-shard beats the bytes it moves (`copy_cost.reshard_pays`). The machine numbers
+saves until the next re-shard beats the bytes it moves (`copy_cost.reshard_pays`); `fssdp.reshard_early` also
+re-shards between scheduled steps (`fssdp_reshard.py`). The machine numbers
 behind the overlap budget and both gates are fixed at set-up, so the placement is a deterministic function
 of the seed and config.
 """
