@@ -5,14 +5,16 @@ Scheduled (`fssdp.reshard_every` K): every K steps, owners fitted to the tracker
 on, the expert time they save over the next K steps beats the bytes their moves take (`copy_cost.reshard_net_s`,
 judged step by step on the window).
 
-Early (`fssdp.reshard_early`): between scheduled re-shards the routing may move to a new hot set; a
-window still averaging the old one keeps the old owners for up to K steps. So after every step, owners fitted
-to the step before the last alone are judged on the last step, which they have not seen. When that re-shard
-would have paid (held out; gate off: would have balanced it), one step predicts the next: ownership moves now, to owners fitted to the last
-step (which must pay on it too). On routing that moves from step to step around its mean (recorded traces:
-step-to-step total variation 0.38-0.62), a one-step fit rarely beats the current owners on the next step, so
-this does not chase noise; a re-shard triggered by the size of the shift alone would. A cheap bound first
-skips the check when even a perfect balance of the last step could not pay for moving one expert.
+Early (`fssdp.reshard_early`, off by default): between scheduled re-shards the routing may move to a new hot
+set, and a window still averaging the old one keeps the old owners for up to K steps. So after every step,
+owners fitted to the step before the last alone are judged on the last step, which they have not seen.
+When that re-shard would have paid (held out; gate off: would have balanced it by RESHARD_GAIN), ownership
+moves now, to owners fitted to the last step (which must pay on it too). A moved hot set is followed on
+its second step. A cheap bound first skips the check when even a perfect balance of the last step could
+not pay for moving one expert, and sampling noise around a fixed mean does not trigger it. Routing that
+moves from step to step (recorded traces: step-to-step total variation 0.38-0.62) often does: replayed on
+the recorded traces it re-shards 1.2-3x as often as the schedule alone for -0.6 to 3.4 points of balance,
+about what the extra moves cost on a CPU machine (benchmarks/RESULTS.md, "Early re-shards").
 """
 from __future__ import annotations
 
@@ -37,18 +39,16 @@ def reshard_target(s: FSSDPStrategy, fit: torch.Tensor, judge: torch.Tensor, exp
     """New owners fitted to loads `fit` [L, E] and judged on loads `judge` [n, L, E], or None; and whether the
     gate refused the best candidate. Candidates: the few-moves re-shard counting copies (planners that copy hot
     experts everywhere spread their load whatever the owner) and, gate on, the one balancing the owners alone;
-    each must balance the owned load of `fit` by RESHARD_GAIN. Gate off: the first. Gate on: the one saving the
+    each must balance the owned load of `fit` by RESHARD_GAIN. Gate off: the first that also balances the mean
+    of `judge`. Gate on: the one saving the
     most expert time net of its moves over `reshard_every` steps, if that is > 0."""
     replicas = s.placements if s.fcfg.planner in REPLICATE_EVERYWHERE else None
     ways = [replicas] if s.cost is None or replicas is None else [replicas, None]
-    fitted = [(reshard_owners_min_moves(fit, s.owners, s.topo, r), r) for r in ways]
-    cands = [c for c, r in fitted if reshard_balances(fit, s.owners, c, s.info.world, r)]  # memory = EP
-    if s.cost is None:  # the imbalance test alone, on the loads it is judged on too
-        cands = [c for c, r in fitted if reshard_balances(fit, s.owners, c, s.info.world, r)
-                 and reshard_balances(judge.mean(0), s.owners, c, s.info.world, r)]
+    fitted = [(reshard_owners_min_moves(fit, s.owners, s.topo, r), r) for r in ways]  # memory = EP
+    cands = [c for c, r in fitted if reshard_balances(fit, s.owners, c, s.info.world, r) and
+             (s.cost is not None or reshard_balances(judge.mean(0), s.owners, c, s.info.world, r))]
+    if s.cost is None or not cands:  # gate off: the imbalance test alone, on the judged loads too
         return (cands[0] if cands else None), False
-    if not cands:
-        return None, False
     horizon = max(1, s.fcfg.reshard_every)
     plans = [[s._plan(fit[li], o[li], judge[:, li])[0] for li in range(s.num_layers)] for o in [s.owners, *cands]]
     nets = [reshard_net_s(judge, plans[0], p, s.topo, s.cost, moved_bytes_per_expert(experts), horizon)
