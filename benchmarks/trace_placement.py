@@ -12,11 +12,13 @@ imbalance, and how many re-shards each made.
 
     python benchmarks/trace_placement.py
     python benchmarks/trace_placement.py --trace aux_off --ranks 4 --windows 1 5 20
+    python benchmarks/trace_placement.py --check-cost    # host time of the early re-shard check, by scale
 """
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -106,6 +108,25 @@ def replay_runtime(loads: torch.Tensor, ranks: int, every: int, window: int, ear
     return sum(vals) / len(vals), moves
 
 
+def early_check_ms(experts: int, ranks: int, layers: int, nodes: int, moved: bool) -> tuple[float, bool]:
+    """Host time of one `early_target` call at a scale (Zipf(1.2) over a random expert order, 8192 slots per
+    layer, contiguous owners): the hot set unchanged for two steps (`moved` False: the check runs to the end
+    and re-shards) or moved between them (the held-out judgement refuses). Returns (ms, re-sharded)."""
+    s = stand_in_strategy(layers, experts, ranks, every=5, window=5)
+    s.topo = Topology(ranks, nodes)
+    share = 1.0 / torch.arange(1, experts + 1, dtype=torch.float64) ** 1.2
+
+    def step(seed: int) -> torch.Tensor:  # [L, E]
+        g = torch.Generator().manual_seed(seed)
+        return torch.stack([(8192 * share / share.sum())[torch.randperm(experts, generator=g)] for _ in range(layers)])
+
+    s.tracker.update(step(1))
+    s.tracker.update(step(2 if moved else 1))
+    t0 = time.perf_counter()
+    new = fssdp_reshard.early_target(s, ExpertShape())
+    return 1000 * (time.perf_counter() - t0), new is not None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trace", default="aux_on", help="a name under benchmarks/traces")
@@ -113,7 +134,15 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=5, help="steps between re-placements (reshard_every)")
     ap.add_argument("--windows", type=int, nargs="+", default=[1, 3, 5, 10])
     ap.add_argument("--ranges", nargs="+", default=["5-19", "5-99"], help="step ranges, inclusive")
+    ap.add_argument("--check-cost", action="store_true", help="time the early re-shard check at larger scales")
     args = ap.parse_args()
+    if args.check_cost:
+        print("| experts | ranks | nodes | MoE layers | check ms, hot set kept (re-shards) | check ms, hot set moved |")
+        print("|---|---|---|---|---|---|")
+        for e, r, layers in ((16, 2, 2), (64, 8, 8), (128, 32, 16), (256, 64, 16)):
+            (kept, fired), (moved, _) = (early_check_ms(e, r, layers, max(1, r // 8), m) for m in (False, True))
+            print(f"| {e} | {r} | {max(1, r // 8)} | {layers} | {kept:.1f} ({fired}) | {moved:.1f} |")
+        return
     rows = [json.loads(line)["counts"] for line in (TRACES / f"{args.trace}.jsonl").read_text().splitlines() if line]
     loads = torch.tensor(rows, dtype=torch.float64)  # [steps, L, E]
     print(f"# {args.trace}: {loads.shape[0]} steps, {loads.shape[1]} layers, {loads.shape[2]} experts; "

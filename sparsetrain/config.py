@@ -78,7 +78,7 @@ class FSSDPConfig:
     reshard_every: int = 0  # re-shard ownership every K steps (0 = never)
     reshard_early: bool = False  # with reshard_every and the cost gate: also re-shard between scheduled steps
     # when owners fitted to one step would have paid on the next (held out): follows a moved hot set within 2
-    # steps; on noisy routing (recorded traces) it re-shards more often than it pays (benchmarks/RESULTS.md)
+    # steps; neutral on recorded traces, and host time after every step (docs/fssdp.md "Early re-shards")
     replan_every: int = 1  # re-plan the copies (P1) from the predicted load every k steps (> 1: EPLB-style periodic)
     prefetch: bool = True  # issue the next layer's spAG early (async)
     compress_chunks: bool = True  # N:M-masked experts travel compressed in spAG (when copies can use it)
