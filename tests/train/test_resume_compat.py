@@ -131,23 +131,32 @@ def _crash_resume_body(rank: int, world: int, cfg: dict, tmp: str) -> dict:
             "losses": ([r["loss"] for r in full.history][5:], [r["loss"] for r in second.history]),
             "start": second.start_step, "saved_owners": saved["owners"], "reshards": (full.strategy.reshards,
                                                                                       second.strategy.reshards),
-            "owners": (full.strategy.owners, second.strategy.owners), "budget": saved["overlap_budget"]}
+            "owners": (full.strategy.owners, second.strategy.owners), "budget": saved["overlap_budget"],
+            "early": (full.strategy.early_reshards, second.strategy.early_reshards)}
+
+
+# the hot set moves every 3 steps, scheduled re-shards every 4: early re-shards happen between them
+FSSDP_EARLY = ["parallel.strategy=fssdp", "parallel.fssdp.reshard_every=4", "parallel.fssdp.reshard_early=true",
+               "moe.router_skew=1.6", "moe.skew_drift_every=3", "checkpoint.every=5"]
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_fssdp_crash_resume_bit_exact(tmp_path):
+@pytest.mark.parametrize("overrides", [FSSDP, FSSDP_EARLY], ids=["every_step", "early"])
+def test_fssdp_crash_resume_bit_exact(tmp_path, overrides):
     """FSSDP with re-sharding: 8 steps straight == 7 steps, crash, resume from step 4's checkpoint to 8.
 
     The default overlap budget (-1) comes from the cost model, fixed at set-up (no timing), so runs are
-    deterministic; the budget and bandwidth are saved and restored all the same (fssdp_state).
+    deterministic; the budget and bandwidth are saved and restored all the same (fssdp_state). Early
+    re-shards depend only on the tracked loads, which the checkpoint carries.
     """
-    cfg = small_config(*FSSDP, steps=8)
+    cfg = small_config(*overrides, steps=8)
     res = run_distributed(_crash_resume_body, 2, cfg, str(tmp_path), timeout=600)
     for r in res:
         assert r["start"] == 5
         assert r["saved_owners"] != [initial_owners(8, 2)] * 2, "no re-shard before the checkpoint: test is moot"
         assert r["reshards"][0] == r["reshards"][1] and r["owners"][0] == r["owners"][1]
+        assert r["early"][0] == r["early"][1] and (r["early"][0] >= 1) == ("reshard_early=true" in str(overrides))
         assert r["losses"][0] == r["losses"][1], r["losses"]
         assert r["full"].keys() == r["resumed"].keys()
         for k, v in r["full"].items():
