@@ -108,12 +108,12 @@ def replay_runtime(loads: torch.Tensor, ranks: int, every: int, window: int, ear
     return sum(vals) / len(vals), moves
 
 
-def early_check_ms(experts: int, ranks: int, layers: int, nodes: int, moved: bool) -> tuple[float, bool]:
+def early_check_ms(experts: int, ranks: int, layers: int, ranks_per_node: int, moved: bool) -> tuple[float, bool]:
     """Host time of one `early_target` call at a scale (Zipf(1.2) over a random expert order, 8192 slots per
     layer, contiguous owners): the hot set unchanged for two steps (`moved` False: the check runs to the end
     and re-shards) or moved between them (the held-out judgement refuses). Returns (ms, re-sharded)."""
     s = stand_in_strategy(layers, experts, ranks, every=5, window=5)
-    s.topo = Topology(ranks, nodes)
+    s.topo = Topology(ranks, ranks_per_node)
     share = 1.0 / torch.arange(1, experts + 1, dtype=torch.float64) ** 1.2
 
     def step(seed: int) -> torch.Tensor:  # [L, E]
@@ -140,8 +140,9 @@ def main() -> None:
         print("| experts | ranks | nodes | MoE layers | check ms, hot set kept (re-shards) | check ms, hot set moved |")
         print("|---|---|---|---|---|---|")
         for e, r, layers in ((16, 2, 2), (64, 8, 8), (128, 32, 16), (256, 64, 16)):
-            (kept, fired), (moved, _) = (early_check_ms(e, r, layers, max(1, r // 8), m) for m in (False, True))
-            print(f"| {e} | {r} | {max(1, r // 8)} | {layers} | {kept:.1f} ({fired}) | {moved:.1f} |")
+            per_node = min(r, 8)
+            (kept, fired), (moved, _) = (early_check_ms(e, r, layers, per_node, m) for m in (False, True))
+            print(f"| {e} | {r} | {r // per_node} | {layers} | {kept:.1f} ({fired}) | {moved:.1f} |")
         return
     rows = [json.loads(line)["counts"] for line in (TRACES / f"{args.trace}.jsonl").read_text().splitlines() if line]
     loads = torch.tensor(rows, dtype=torch.float64)  # [steps, L, E]
