@@ -69,14 +69,14 @@ class ExpertShape:
 
 
 def stand_in_strategy(num_layers: int, num_experts: int, ranks: int, every: int, window: int, gate: bool = True,
-                      shape: ExpertShape | None = None) -> SimpleNamespace:
+                      shape: ExpertShape | None = None, early: bool = False) -> SimpleNamespace:
     """What `fssdp_reshard` reads of an FSSDP strategy: contiguous owners, no copies (planner lpt_spill with its
     copies refused), CPU device-default machine numbers (gate on) or none (gate off)."""
     shape = shape or ExpertShape()
     gbps, _, tflops = DEVICE_DEFAULTS["cpu"]
     cost = CopyCost(chunk_bytes=3 * shape.d_model * shape.d_ffn * 4, bytes_per_s=gbps * 1e9, flops_per_s=tflops * 1e12,
                     flops_per_slot=expert_flops_per_slot(shape.d_model, shape.d_ffn)) if gate else None
-    s = SimpleNamespace(fcfg=SimpleNamespace(planner="lpt_spill", reshard_every=every), cost=cost,
+    s = SimpleNamespace(fcfg=SimpleNamespace(planner="lpt_spill", reshard_every=every, reshard_early=early), cost=cost,
                         topo=Topology(ranks, ranks), info=SimpleNamespace(world=ranks), num_layers=num_layers,
                         tracker=LoadTracker(num_layers, num_experts, window), reshards_gated=0)
     s._plan = lambda fit, owners, judge: (LayerPlacement.from_owners(owners), False)
@@ -93,15 +93,13 @@ def replay_runtime(loads: torch.Tensor, ranks: int, every: int, window: int, ear
                    ) -> tuple[float, int]:
     """The runtime's re-shard decisions replayed: mean imbalance over layers and steps lo..hi-1, re-shards made."""
     _, layers, experts = loads.shape  # [steps, L, E]
-    s, shape = stand_in_strategy(layers, experts, ranks, every, window), ExpertShape()
+    s, shape = stand_in_strategy(layers, experts, ranks, every, window, early=early), ExpertShape()
     vals, moves = [], 0
     for t in range(hi):
         if t >= lo:
             vals += [imbalance(loads[t, li], s.owners[li], ranks) for li in range(layers)]
         s.tracker.update(loads[t])
-        scheduled = (t + 1) % every == 0
-        new = fssdp_reshard.scheduled_target(s, shape) if scheduled else \
-            fssdp_reshard.early_target(s, shape) if early else None
+        new, _ = fssdp_reshard.target_after_step(s, t, shape)  # as FSSDP.after_step decides
         if new is not None:
             set_owners(s, new)
             moves += 1

@@ -30,7 +30,7 @@ from sparsetrain.parallel.copy_cost import CopyCost, copies_can_pay, gate_copies
 from sparsetrain.parallel.dense import DTYPES, compute_dtype
 from sparsetrain.parallel.ep import keep_expert_rows
 from sparsetrain.parallel.fssdp_layer import FSSDPDispatcher, owned_flat
-from sparsetrain.parallel.fssdp_reshard import early_target, scheduled_target
+from sparsetrain.parallel.fssdp_reshard import target_after_step
 from sparsetrain.parallel.mesh import DistInfo
 from sparsetrain.parallel.placement import LayerPlacement, LoadTracker, initial_owners
 from sparsetrain.parallel.planners import get_planner
@@ -269,13 +269,9 @@ class FSSDP(Strategy):
             return None
         if counts is not None:
             self.tracker.update(counts.detach().cpu())
-        new_opt, new_owners = None, None
-        every, experts = self.fcfg.reshard_every, model.moe_layers()[0].experts
-        if every and (step + 1) % every == 0:
-            new_owners = scheduled_target(self, experts)
-        elif every and self.fcfg.reshard_early:
-            new_owners = early_target(self, experts)
-            self.early_reshards += new_owners is not None
+        new_opt = None
+        new_owners, early = target_after_step(self, step, model.moe_layers()[0].experts)
+        self.early_reshards += early
         if new_owners is not None:
             new_opt, self._expert_params = move_ownership([m.experts for m in model.moe_layers()], optimizer,
                                                           self.owners, new_owners, self.info.rank, self.group)

@@ -28,7 +28,7 @@ from sparsetrain.parallel.placement import reshard_owners_min_moves
 from sparsetrain.parallel.reshard import moved_bytes_per_expert, reshard_balances
 from sparsetrain.parallel.routing import rank_loads
 
-__all__ = ["REPLICATE_EVERYWHERE", "early_target", "reshard_target", "scheduled_target"]
+__all__ = ["REPLICATE_EVERYWHERE", "early_target", "reshard_target", "scheduled_target", "target_after_step"]
 
 REPLICATE_EVERYWHERE = ("hecate", "eplb")
 FSSDPStrategy = Any  # sparsetrain.parallel.fssdp.FSSDP, not imported: it imports this module
@@ -76,8 +76,8 @@ def _could_pay(s: FSSDPStrategy, held: torch.Tensor, experts: GroupedExperts) ->
 def early_target(s: FSSDPStrategy, experts: GroupedExperts) -> list[list[int]] | None:
     """The early re-shard (module docstring): owners fitted to the last step, when owners fitted to the step
     before would have paid on it (gate off: would have balanced it by RESHARD_GAIN); None otherwise."""
-    recent = s.tracker.recent()  # [n, L, E], oldest first
-    if s.tracker.steps_seen < 2 or recent.shape[0] < 2:
+    recent = s.tracker.recent()  # [n, L, E], oldest first; n < 2 before two steps or with a window of 1
+    if recent.shape[0] < 2:
         return None
     held = recent[-1:]  # [1, L, E]
     if s.cost is not None and not _could_pay(s, held, experts):
@@ -85,3 +85,15 @@ def early_target(s: FSSDPStrategy, experts: GroupedExperts) -> list[list[int]] |
     if reshard_target(s, recent[-2], held, experts)[0] is None:
         return None
     return reshard_target(s, recent[-1], held, experts)[0]
+
+
+def target_after_step(s: FSSDPStrategy, step: int, experts: GroupedExperts) -> tuple[list[list[int]] | None, bool]:
+    """After `step` (its loads tracked): new owners or None, and whether they come from an early re-shard.
+    Scheduled on every `reshard_every`-th step, early (when on) on the steps between; never when it is 0."""
+    every = s.fcfg.reshard_every
+    if not every:
+        return None, False
+    if (step + 1) % every == 0:
+        return scheduled_target(s, experts), False
+    new = early_target(s, experts) if s.fcfg.reshard_early else None
+    return new, new is not None
