@@ -16,8 +16,8 @@ than their mean's imbalance promises.
 
 Re-sharding ownership (`fssdp.reshard_every`) is gated the same way (`reshard_pays`): the expert time the
 new owners save per step (each layer's busiest-rank load on each recent step, plus its copies' transfers,
-under the placement the planner then produces) times the steps until the next re-shard must beat the seconds its moves take (per
-layer, the busiest rank's moved experts, params + Adam state, over the same link).
+under the placement the planner then produces) times the steps until the next re-shard must beat the seconds its moves take (the
+busiest rank's moved experts over all layers, params + Adam state, over the same link).
 
 The machine numbers are fixed per run (config, or a device default, or one measurement at set-up), never
 re-timed during training, so the placement is a deterministic function of the seed and config.
@@ -156,16 +156,16 @@ def placement_time_s(loads: torch.Tensor, p: LayerPlacement, topo: Topology, cos
 
 def reshard_cost_s(old_owners: Sequence[Sequence[int]], new_owners: Sequence[Sequence[int]], world: int,
                    move_bytes: int, bytes_per_s: float) -> float:
-    """Seconds a re-shard's transfers take: one transfer per layer, each as long as its busiest rank's moved
-    experts (sent or received, whichever is more) x `move_bytes` (one expert's params + optimizer state)."""
-    moves = 0
+    """Seconds a re-shard's transfers take: `reshard.move_ownership` posts every layer's moves in one batch, so
+    it lasts as long as its busiest rank's moved experts over all layers (sent or received, whichever is more)
+    x `move_bytes` (one expert's params + optimizer state)."""
+    send, recv = [0] * world, [0] * world
     for old, new in zip(old_owners, new_owners):
-        send, recv = [0] * world, [0] * world
         for a, b in zip(old, new):
             if a != b:
                 send[a] += 1
                 recv[b] += 1
-        moves += max(max(s, r) for s, r in zip(send, recv))
+    moves = max((max(s, r) for s, r in zip(send, recv)), default=0)
     return moves * move_bytes / bytes_per_s
 
 

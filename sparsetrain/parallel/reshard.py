@@ -8,10 +8,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts, expert_shapes
+from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts
+from sparsetrain.parallel.comm import comm_device
 from sparsetrain.parallel.optim_state import OPT_KEYS, ensure_optimizer_state, rebuild_optimizer
 from sparsetrain.parallel.placement import owned_load
-from sparsetrain.parallel.sparse_collectives import spag
+from sparsetrain.parallel.sparse_collectives import ensure_p2p_ready, global_peer
 from sparsetrain.telemetry.comm import COMM
 
 RESHARD_GAIN = 0.02  # re-shard only when owned-load max/mean improves by at least this fraction
@@ -32,58 +33,84 @@ def reshard_balances(loads: torch.Tensor, old: list[list[int]], new: list[list[i
         loads, old, world, replicas)
 
 
-def _pack_rows(mod: GroupedExperts, optimizer: torch.optim.Optimizer, rows: list[int]) -> torch.Tensor:
-    """[len(rows), 3C]: the given local rows' params, exp_avg and exp_avg_sq, flattened side by side."""
-    idx = torch.tensor(rows, dtype=torch.long, device=mod.w1.device)
-    n, per = len(rows), mod.d_model * mod.d_ffn
-    cols = [getattr(mod, w).detach().index_select(0, idx).reshape(n, per) for w in EXPERT_WEIGHTS]
-    for k in OPT_KEYS:
-        cols += [optimizer.state[getattr(mod, w)][k].index_select(0, idx).reshape(n, per) for w in EXPERT_WEIGHTS]
-    return torch.cat(cols, dim=1)
-
-
 def moved_bytes_per_expert(mod: GroupedExperts) -> int:
-    """Bytes `move_ownership` sends per moved expert: its params and each Adam moment (`_pack_rows`' width)."""
+    """Bytes `move_ownership` sends per moved expert: its params and each Adam moment."""
     return (1 + len(OPT_KEYS)) * len(EXPERT_WEIGHTS) * mod.d_model * mod.d_ffn * mod.w1.element_size()
+
+
+def _post_moves(experts: list[GroupedExperts], optimizer: torch.optim.Optimizer, old_owners: list[list[int]],
+                new_owners: list[list[int]], rank: int, group: dist.ProcessGroup | None
+                ) -> tuple[dict[tuple[int, str], list[torch.Tensor]], list[dist.Work], list[tuple[torch.Tensor, ...]]]:
+    """Allocate each moving layer's new stacked tensors, post one send / receive per (moving expert, weight,
+    tensor) straight from and into their rows, and copy the staying rows while they travel.
+
+    -> ((layer, weight) -> [param, exp_avg, exp_avg_sq] new [n_new, out, in], works, (staged recv, dst) pairs
+    to copy once the works finish: only when the group communicates on another device than the experts')."""
+    dev = comm_device(group)
+    fresh: dict[tuple[int, str], list[torch.Tensor]] = {}
+    ops: list[dist.P2POp] = []
+    staged: list[tuple[torch.Tensor, ...]] = []
+    tag = 0  # the same running index on every rank: a (sender, receiver) pair matches its messages in order
+    for li, (mod, old, new) in enumerate(zip(experts, old_owners, new_owners)):
+        moving = [e for e in range(len(old)) if old[e] != new[e]]
+        if not moving:
+            continue
+        local = {e: i for i, e in enumerate(mod.expert_ids)}  # expert -> its row here
+        keep = [e for e in range(len(new)) if new[e] == rank]
+        pos = {e: j for j, e in enumerate(keep)}  # expert -> its row in the new tensors
+        for w in EXPERT_WEIGHTS:
+            p = getattr(mod, w)
+            olds = [p.detach()] + [optimizer.state[p][k] for k in OPT_KEYS]
+            fresh[(li, w)] = news = [t.new_empty((len(keep), *t.shape[1:])) for t in olds]  # [n_new, out, in]
+            for e in moving:
+                for t_old, t_new in zip(olds, news):
+                    if old[e] == rank:  # rows are contiguous views: sent without packing
+                        ops.append(dist.P2POp(dist.isend, t_old[local[e]].to(dev), global_peer(group, new[e]), group, tag))
+                    elif new[e] == rank:
+                        dst = t_new[pos[e]]
+                        buf = dst if dst.device == dev else torch.empty_like(dst, device=dev)
+                        ops.append(dist.P2POp(dist.irecv, buf, global_peer(group, old[e]), group, tag))
+                        if buf is not dst:
+                            staged.append((buf, dst))
+                    tag += 1
+            for t_old, t_new in zip(olds, news):  # rows that stay, copied while the moves travel
+                for e in keep:
+                    if old[e] == rank:
+                        t_new[pos[e]].copy_(t_old[local[e]])
+    if not ops:
+        return fresh, [], staged
+    ensure_p2p_ready(group)
+    return fresh, list(dist.batch_isend_irecv(ops)), staged
 
 
 def move_ownership(experts: list[GroupedExperts], optimizer: torch.optim.Optimizer, old_owners: list[list[int]],
                    new_owners: list[list[int]], rank: int, group: dist.ProcessGroup | None
                    ) -> tuple[torch.optim.Optimizer, set[nn.Parameter]]:
-    """Send every chunk whose owner changes (params + optimizer state) from its old to its new owner, one
-    spAG per layer with moves; returns the rebuilt optimizer (same class and settings) and the expert params.
+    """Send every chunk whose owner changes (params + optimizer state) from its old to its new owner; returns
+    the rebuilt optimizer (same class and settings) and the expert params.
 
-    Only the moving chunks are packed and sent (the spAG runs on the moving experts alone); each new stacked
-    tensor is one concatenation of the rows that stay and the rows received. A layer without moves keeps its
-    Parameters and their state."""
+    One batch of point-to-point messages for all layers, each a row of a stacked tensor sent as it lies and
+    received into its row of the new tensor: no packing, no staging buffer, no re-assembly (a packed
+    all-to-all of the same bytes measured 5-10x slower on gloo, benchmarks/RESULTS.md). A layer without moves
+    keeps its Parameters and their state."""
     ensure_optimizer_state(optimizer)
     step = next(iter(optimizer.state.values()))["step"].clone()
+    per = moved_bytes_per_expert(experts[0]) if experts else 0
+    sent = sum(per for old, new in zip(old_owners, new_owners) for a, b in zip(old, new) if a != b and a == rank)
+    fresh, works, staged = _post_moves(experts, optimizer, old_owners, new_owners, rank, group)
+    for work in works:
+        work.wait()
+    for buf, dst in staged:
+        dst.copy_(buf)
+    COMM.add("reshard", sent)
     replace: dict[nn.Parameter, nn.Parameter] = {}
     moved: dict[nn.Parameter, dict[str, torch.Tensor]] = {}
-    for mod, old, new in zip(experts, old_owners, new_owners):
-        moving = [e for e in range(len(old)) if old[e] != new[e]]
-        if not moving:
-            continue
-        local = {e: i for i, e in enumerate(mod.expert_ids)}  # expert -> its row here
-        leaving = [i for i, e in enumerate(moving) if old[e] == rank]  # indices into `moving`
-        with torch.no_grad(), COMM.relabel("spag", "reshard"):  # only moving chunks, re-indexed 0..n-1
-            rows, ids = spag(_pack_rows(mod, optimizer, [local[moving[i]] for i in leaving]), leaving,
-                             [old[e] for e in moving], [sorted({old[e], new[e]}) for e in moving], group)
-        received = {moving[i]: j for j, i in enumerate(ids) if new[moving[i]] == rank}  # expert -> row of `rows`
-        keep = [e for e in range(len(new)) if new[e] == rank]
-        parts = rows.split(rows.shape[1] // (1 + len(OPT_KEYS)), dim=1)  # params, exp_avg, exp_avg_sq: [n, C]
-        per, shapes = mod.d_model * mod.d_ffn, expert_shapes(mod.d_model, mod.d_ffn)
-        for wi, w in enumerate(EXPERT_WEIGHTS):
-            olds = [getattr(mod, w).detach()] + [optimizer.state[getattr(mod, w)][k] for k in OPT_KEYS]
-            fresh = []
-            for t, part in zip(olds, parts):  # [n_new, out, in]: rows that stay, rows received, in expert order
-                segs = [t[local[e]:local[e] + 1] if e not in received else
-                        part[received[e]:received[e] + 1, wi * per:(wi + 1) * per].reshape(1, *shapes[w]) for e in keep]
-                fresh.append(torch.cat(segs) if segs else t.new_empty(0, *shapes[w]))
-            param = nn.Parameter(fresh[0])
-            replace[getattr(mod, w)] = param
-            setattr(mod, w, param)
-            moved[param] = {"step": step.clone(), **dict(zip(OPT_KEYS, fresh[1:]))}
-        mod.expert_ids = keep
+    for (li, w), news in fresh.items():
+        mod = experts[li]
+        param = nn.Parameter(news[0])
+        replace[getattr(mod, w)] = param
+        setattr(mod, w, param)
+        moved[param] = {"step": step.clone(), **dict(zip(OPT_KEYS, news[1:]))}
+        mod.expert_ids = [e for e, o in enumerate(new_owners[li]) if o == rank]
     params = {getattr(mod, w) for mod in experts for w in EXPERT_WEIGHTS}
     return rebuild_optimizer(optimizer, replace, moved), params

@@ -37,7 +37,8 @@ from torch import Tensor
 from sparsetrain.parallel.comm import to_comm
 from sparsetrain.telemetry.comm import COMM
 
-__all__ = ["DEFAULT_TRANSPORT", "TRANSPORTS", "SpAGHandle", "SpRSHandle", "SparsePlan", "plan_sparse", "spag",
+__all__ = ["DEFAULT_TRANSPORT", "TRANSPORTS", "SpAGHandle", "SpRSHandle", "SparsePlan", "ensure_p2p_ready", "global_peer",
+           "plan_sparse", "spag",
            "spag_start", "sprs", "sprs_start"]
 
 TRANSPORTS = ("auto", "p2p", "a2a")
@@ -122,7 +123,7 @@ def _group_info(group: dist.ProcessGroup | None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _global(group: dist.ProcessGroup | None, peer: int) -> int:
+def global_peer(group: dist.ProcessGroup | None, peer: int) -> int:
     return peer if group is None or group is dist.group.WORLD else dist.get_global_rank(group, peer)
 
 
@@ -130,7 +131,7 @@ _NCCL_READY: set[int] = set()
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
-def _ensure_p2p_ready(group: dist.ProcessGroup | None) -> None:
+def ensure_p2p_ready(group: dist.ProcessGroup | None) -> None:
     """NCCL needs every rank in the first P2P call on a group: warm it once with a barrier."""
     if dist.get_backend(group) != "nccl":
         return
@@ -172,13 +173,13 @@ def _post_exchange(
     ops = []
     for p, chunk in zip(range(world), send.split(send_counts)):
         if send_counts[p]:
-            ops.append(dist.P2POp(dist.isend, chunk, _global(group, p), group))
+            ops.append(dist.P2POp(dist.isend, chunk, global_peer(group, p), group))
     for q, chunk in zip(range(world), recv.split(recv_counts)):
         if recv_counts[q]:
-            ops.append(dist.P2POp(dist.irecv, chunk, _global(group, q), group))
+            ops.append(dist.P2POp(dist.irecv, chunk, global_peer(group, q), group))
     if not ops:
         return [], recv
-    _ensure_p2p_ready(group)
+    ensure_p2p_ready(group)
     return list(dist.batch_isend_irecv(ops)), recv
 
 

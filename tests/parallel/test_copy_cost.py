@@ -85,12 +85,16 @@ def test_overlap_budget_from_model():
 
 
 # ------------------------------------------------------------------ re-shard gate
-def test_reshard_cost_counts_each_layers_busiest_rank():
+def test_reshard_cost_counts_the_busiest_rank_over_all_layers():
     old = [[0, 0, 1, 1], [0, 0, 1, 1]]
     new = [[1, 0, 0, 1], [0, 0, 1, 1]]  # layer 0 swaps experts 0 and 2 (each rank sends 1, receives 1); layer 1 stays
     assert reshard_cost_s(old, new, 2, 1000, 1e6) == pytest.approx(1e-3)
-    new = [[1, 1, 1, 1], [0, 1, 1, 1]]  # rank 1 receives 2 + 1: one transfer per layer, each its busiest rank's
+    new = [[1, 1, 1, 1], [0, 1, 1, 1]]  # rank 1 receives 2 + 1
     assert reshard_cost_s(old, new, 2, 1000, 1e6) == pytest.approx(3e-3)
+    new = [[0, 0, 0, 1], [0, 0, 1, 0]]  # rank 1 -> 0 in each layer: one batch, rank 1 sends 2
+    assert reshard_cost_s(old, new, 2, 1000, 1e6) == pytest.approx(2e-3)
+    new = [[1, 0, 1, 1], [0, 0, 1, 0]]  # layer 0: rank 0 -> 1; layer 1: rank 1 -> 0: both in flight at once
+    assert reshard_cost_s(old, new, 2, 1000, 1e6) == pytest.approx(1e-3)
     assert reshard_cost_s(old, old, 2, 1000, 1e6) == 0.0
 
 
