@@ -15,6 +15,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,11 +44,10 @@ def _timed(fn, repeats: int) -> list[float]:
 
 def _body(rank: int, world: int, args: argparse.Namespace) -> dict[int, tuple[list[float], list[float], int]]:
     import torch
-    import torch.distributed as dist
 
     from sparsetrain.model.experts import GroupedExperts
     from sparsetrain.parallel.ep import keep_expert_rows
-    from sparsetrain.parallel.reshard import move_ownership, moved_bytes_per_expert
+    from sparsetrain.parallel.reshard import moved_bytes_per_expert
 
     torch.set_num_threads(1)
     out = {}
@@ -60,22 +60,30 @@ def _body(rank: int, world: int, args: argparse.Namespace) -> dict[int, tuple[li
         sum(p.sum() for m in layers for p in m.parameters()).backward()
         opt.step()
         state = {"owners": [base] * args.layers, "opt": opt}
-
-        def move() -> None:
-            new = [_swap(o, moves) for o in state["owners"]]
-            state["opt"], _ = move_ownership(layers, state["opt"], state["owners"], new, rank, dist.group.WORLD)
-            state["owners"] = new
-
         nbytes = moves * args.layers * moved_bytes_per_expert(layers[0])  # each way
         send, recv = torch.randn(nbytes // 4), torch.empty(nbytes // 4)
-
-        def wire() -> None:
-            ops = [dist.P2POp(dist.isend, send, 1 - rank), dist.P2POp(dist.irecv, recv, 1 - rank)]
-            for w in dist.batch_isend_irecv(ops):
-                w.wait()
-
-        out[moves] = (_timed(move, args.repeats), _timed(wire, args.repeats), nbytes)
+        out[moves] = (_timed(partial(_move, state, layers, moves, rank), args.repeats),
+                      _timed(partial(_wire, send, recv, rank), args.repeats), nbytes)
     return out
+
+
+def _move(state: dict, layers: list, moves: int, rank: int) -> None:
+    """One re-shard: swap `moves` experts per layer each way (params + Adam state)."""
+    import torch.distributed as dist
+
+    from sparsetrain.parallel.reshard import move_ownership
+
+    new = [_swap(o, moves) for o in state["owners"]]
+    state["opt"], _ = move_ownership(layers, state["opt"], state["owners"], new, rank, dist.group.WORLD)
+    state["owners"] = new
+
+
+def _wire(send, recv, rank: int) -> None:
+    """The same bytes as one message each way."""
+    import torch.distributed as dist
+
+    for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, send, 1 - rank), dist.P2POp(dist.irecv, recv, 1 - rank)]):
+        w.wait()
 
 
 def main(argv: list[str] | None = None) -> None:
