@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         wire = [max(r[moves][1][i] for r in per_rank) for i in range(args.repeats)]
         nbytes = per_rank[0][moves][2]
         mm, wm = statistics.median(move), statistics.median(wire)
-        print(f"| {moves} | {nbytes / 2**20:.0f} | {mm:.1f} | {max(move):.1f} | {wm:.1f} | {mm / wm:.2f} | "
+        print(f"| {moves} | {nbytes / 2**20:.3g} | {mm:.1f} | {max(move):.1f} | {wm:.1f} | {mm / wm:.2f} | "
               f"{nbytes / mm / 1e6:.2f} |")
 
 
