@@ -77,10 +77,8 @@ def _post_moves(experts: list[GroupedExperts], optimizer: torch.optim.Optimizer,
                 for e in keep:
                     if old[e] == rank:
                         t_new[pos[e]].copy_(t_old[local[e]])
-    if not ops:
-        return fresh, [], staged
-    ensure_p2p_ready(group)
-    return fresh, list(dist.batch_isend_irecv(ops)), staged
+    ensure_p2p_ready(group)  # every rank, also one without moves: on NCCL it may be the group's first P2P
+    return fresh, (list(dist.batch_isend_irecv(ops)) if ops else []), staged
 
 
 def move_ownership(experts: list[GroupedExperts], optimizer: torch.optim.Optimizer, old_owners: list[list[int]],

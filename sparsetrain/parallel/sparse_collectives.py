@@ -132,7 +132,8 @@ _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
 def ensure_p2p_ready(group: dist.ProcessGroup | None) -> None:
-    """NCCL needs every rank in the first P2P call on a group: warm it once with a barrier."""
+    """NCCL needs every rank in the first P2P call on a group: warm it once with a barrier. Every rank of the
+    group calls it before its P2P exchange, including ranks that post nothing in it."""
     if dist.get_backend(group) != "nccl":
         return
     key = id(group or dist.group.WORLD)
@@ -170,6 +171,7 @@ def _post_exchange(
         return [work], recv
     if transport != "p2p":
         raise ValueError(f"transport={transport!r}: expected 'p2p' or 'a2a' here ('auto' is resolved by the plan)")
+    ensure_p2p_ready(group)  # every rank, also one without traffic here: on NCCL it may be the group's first P2P
     ops = []
     for p, chunk in zip(range(world), send.split(send_counts)):
         if send_counts[p]:
@@ -179,7 +181,6 @@ def _post_exchange(
             ops.append(dist.P2POp(dist.irecv, chunk, global_peer(group, q), group))
     if not ops:
         return [], recv
-    ensure_p2p_ready(group)
     return list(dist.batch_isend_irecv(ops)), recv
 
 

@@ -278,3 +278,29 @@ def test_comm_stats() -> None:
     assert s.snapshot() == {} and s.step_totals() == {}
     with pytest.raises(ValueError):
         s.add("x", -1)
+
+
+def _p2p_warmers(rank: int, world: int) -> list[str]:
+    """Which exchanges called `ensure_p2p_ready` on this rank: a p2p spAG and a re-shard in which rank 2 sends
+    and receives nothing (on NCCL every rank must join the group's first P2P call)."""
+    from unittest import mock
+
+    from sparsetrain.model.experts import GroupedExperts
+    from sparsetrain.parallel import reshard, sparse_collectives
+    from sparsetrain.parallel.ep import keep_expert_rows
+
+    calls: list[str] = []
+    owners, copies = [0, 1, 2], [[0, 1], [1], [2]]  # rank 0 -> rank 1 only
+    rows = torch.ones(1, 4) * rank
+    with mock.patch.object(sparse_collectives, "ensure_p2p_ready", lambda g: calls.append("spag")):
+        spag(rows, [rank], owners, copies, transport="p2p")
+    mod = GroupedExperts(3, 2, 4)
+    keep_expert_rows(mod, [rank])
+    opt = torch.optim.AdamW(mod.parameters())
+    with mock.patch.object(reshard, "ensure_p2p_ready", lambda g: calls.append("reshard")):
+        reshard.move_ownership([mod], opt, [owners], [[1, 0, 2]], rank, dist.group.WORLD)  # 0 <-> 1; 2 stays
+    return calls
+
+
+def test_every_rank_warms_p2p_even_without_traffic() -> None:
+    assert run_distributed(_p2p_warmers, 3) == [["spag", "reshard"]] * 3
