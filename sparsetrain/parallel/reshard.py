@@ -88,9 +88,11 @@ def move_ownership(experts: list[GroupedExperts], optimizer: torch.optim.Optimiz
     the rebuilt optimizer (same class and settings) and the expert params.
 
     One batch of point-to-point messages for all layers, each a row of a stacked tensor sent as it lies and
-    received into its row of the new tensor: no packing, no staging buffer, no re-assembly (a packed
-    all-to-all of the same bytes measured 5-10x slower on gloo, benchmarks/RESULTS.md). A layer without moves
-    keeps its Parameters and their state."""
+    received into its row of the new tensor: no packing and no re-assembly; a staging buffer only where the
+    group communicates on another device than the experts' (gloo with CUDA experts). The packed
+    spAG it replaces measured 3.6-7.2x slower moving 4-8 experts per layer each way on gloo,
+    `benchmarks/reshard_move.py` in benchmarks/RESULTS.md. A layer without moves keeps its Parameters and
+    their state."""
     ensure_optimizer_state(optimizer)
     step = next(iter(optimizer.state.values()))["step"].clone()
     per = moved_bytes_per_expert(experts[0]) if experts else 0

@@ -37,9 +37,8 @@ from torch import Tensor
 from sparsetrain.parallel.comm import to_comm
 from sparsetrain.telemetry.comm import COMM
 
-__all__ = ["DEFAULT_TRANSPORT", "TRANSPORTS", "SpAGHandle", "SpRSHandle", "SparsePlan", "ensure_p2p_ready", "global_peer",
-           "plan_sparse", "spag",
-           "spag_start", "sprs", "sprs_start"]
+__all__ = ["DEFAULT_TRANSPORT", "TRANSPORTS", "SpAGHandle", "SpRSHandle", "SparsePlan", "ensure_p2p_ready",
+           "global_peer", "plan_sparse", "spag", "spag_start", "sprs", "sprs_start"]
 
 TRANSPORTS = ("auto", "p2p", "a2a")
 DEFAULT_TRANSPORT = "auto"  # chosen by measurement, see module docstring
@@ -124,6 +123,7 @@ def _group_info(group: dist.ProcessGroup | None) -> tuple[int, int]:
 
 
 def global_peer(group: dist.ProcessGroup | None, peer: int) -> int:
+    """The global rank of `peer` (a rank of `group`), as point-to-point ops take it."""
     return peer if group is None or group is dist.group.WORLD else dist.get_global_rank(group, peer)
 
 
