@@ -40,15 +40,18 @@ def moved_bytes_per_expert(mod: GroupedExperts) -> int:
 
 def _post_moves(experts: list[GroupedExperts], optimizer: torch.optim.Optimizer, old_owners: list[list[int]],
                 new_owners: list[list[int]], rank: int, group: dist.ProcessGroup | None
-                ) -> tuple[dict[tuple[int, str], list[torch.Tensor]], list[dist.Work], list[tuple[torch.Tensor, ...]]]:
+                ) -> tuple[dict[int, tuple[list[int], dict[str, list[torch.Tensor]]]], list[dist.Work],
+                           list[tuple[torch.Tensor, ...]], int]:
     """Allocate each moving layer's new stacked tensors, post one send / receive per (moving expert, weight,
     tensor) straight from and into their rows, and copy the staying rows while they travel.
 
-    -> ((layer, weight) -> [param, exp_avg, exp_avg_sq] new [n_new, out, in], works, (staged recv, dst) pairs
-    to copy once the works finish: only when the group communicates on another device than the experts')."""
+    -> (layer -> (its experts here after the move, weight -> [param, exp_avg, exp_avg_sq] new [n_new, out, in]),
+    works, (staged recv, dst) pairs to copy once the works finish: only when the group communicates on another
+    device than the experts', bytes this rank posted to send)."""
     dev = comm_device(group)
-    fresh: dict[tuple[int, str], list[torch.Tensor]] = {}
+    fresh: dict[int, tuple[list[int], dict[str, list[torch.Tensor]]]] = {}
     ops: list[dist.P2POp] = []
+    sent = 0
     staged: list[tuple[torch.Tensor, ...]] = []
     tag = 0  # the same running index on every rank: a (sender, receiver) pair matches its messages in order
     for li, (mod, old, new) in enumerate(zip(experts, old_owners, new_owners)):
@@ -58,14 +61,17 @@ def _post_moves(experts: list[GroupedExperts], optimizer: torch.optim.Optimizer,
         local = {e: i for i, e in enumerate(mod.expert_ids)}  # expert -> its row here
         keep = [e for e in range(len(new)) if new[e] == rank]
         pos = {e: j for j, e in enumerate(keep)}  # expert -> its row in the new tensors
+        fresh[li] = (keep, {})
         for w in EXPERT_WEIGHTS:
             p = getattr(mod, w)
             olds = [p.detach()] + [optimizer.state[p][k] for k in OPT_KEYS]
-            fresh[(li, w)] = news = [t.new_empty((len(keep), *t.shape[1:])) for t in olds]  # [n_new, out, in]
+            fresh[li][1][w] = news = [t.new_empty((len(keep), *t.shape[1:])) for t in olds]  # [n_new, out, in]
             for e in moving:
                 for t_old, t_new in zip(olds, news):
                     if old[e] == rank:  # rows are contiguous views: sent without packing
-                        ops.append(dist.P2POp(dist.isend, t_old[local[e]].to(dev), global_peer(group, new[e]), group, tag))
+                        row = t_old[local[e]].to(dev)
+                        ops.append(dist.P2POp(dist.isend, row, global_peer(group, new[e]), group, tag))
+                        sent += row.numel() * row.element_size()
                     elif new[e] == rank:
                         dst = t_new[pos[e]]
                         buf = dst if dst.device == dev else torch.empty_like(dst, device=dev)
@@ -78,7 +84,7 @@ def _post_moves(experts: list[GroupedExperts], optimizer: torch.optim.Optimizer,
                     if old[e] == rank:
                         t_new[pos[e]].copy_(t_old[local[e]])
     ensure_p2p_ready(group)  # every rank, also one without moves: on NCCL it may be the group's first P2P
-    return fresh, (list(dist.batch_isend_irecv(ops)) if ops else []), staged
+    return fresh, (list(dist.batch_isend_irecv(ops)) if ops else []), staged, sent
 
 
 def move_ownership(experts: list[GroupedExperts], optimizer: torch.optim.Optimizer, old_owners: list[list[int]],
@@ -95,9 +101,7 @@ def move_ownership(experts: list[GroupedExperts], optimizer: torch.optim.Optimiz
     their state."""
     ensure_optimizer_state(optimizer)
     step = next(iter(optimizer.state.values()))["step"].clone()
-    per = moved_bytes_per_expert(experts[0]) if experts else 0
-    sent = sum(per for old, new in zip(old_owners, new_owners) for a, b in zip(old, new) if a != b and a == rank)
-    fresh, works, staged = _post_moves(experts, optimizer, old_owners, new_owners, rank, group)
+    fresh, works, staged, sent = _post_moves(experts, optimizer, old_owners, new_owners, rank, group)
     for work in works:
         work.wait()
     for buf, dst in staged:
@@ -105,12 +109,13 @@ def move_ownership(experts: list[GroupedExperts], optimizer: torch.optim.Optimiz
     COMM.add("reshard", sent)
     replace: dict[nn.Parameter, nn.Parameter] = {}
     moved: dict[nn.Parameter, dict[str, torch.Tensor]] = {}
-    for (li, w), news in fresh.items():
+    for li, (keep, weights) in fresh.items():
         mod = experts[li]
-        param = nn.Parameter(news[0])
-        replace[getattr(mod, w)] = param
-        setattr(mod, w, param)
-        moved[param] = {"step": step.clone(), **dict(zip(OPT_KEYS, news[1:]))}
-        mod.expert_ids = [e for e, o in enumerate(new_owners[li]) if o == rank]
+        for w, news in weights.items():
+            param = nn.Parameter(news[0])
+            replace[getattr(mod, w)] = param
+            setattr(mod, w, param)
+            moved[param] = {"step": step.clone(), **dict(zip(OPT_KEYS, news[1:]))}
+        mod.expert_ids = keep
     params = {getattr(mod, w) for mod in experts for w in EXPERT_WEIGHTS}
     return rebuild_optimizer(optimizer, replace, moved), params
