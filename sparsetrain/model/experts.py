@@ -21,15 +21,24 @@ def expert_shapes(d_model: int, d_ffn: int) -> dict[str, tuple[int, int]]:
     return {"w1": (d_ffn, d_model), "w2": (d_model, d_ffn), "w3": (d_ffn, d_model)}
 
 
-def swiglu_experts(x: torch.Tensor, counts: list[int], w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-                   rows: Callable[[], tuple[tuple[torch.Tensor, ...], ...]] | None = None) -> torch.Tensor:
+def swiglu_experts(x: torch.Tensor, counts: list[int], w1: torch.Tensor | None = None, w2: torch.Tensor | None = None,
+                   w3: torch.Tensor | None = None,
+                   rows: Callable[[], tuple[tuple[torch.Tensor, ...], ...]] | None = None,
+                   stacks: Callable[[], tuple[torch.Tensor, ...]] | None = None) -> torch.Tensor:
     """x [N, d] sorted by expert, counts per expert (len E_here) -> [N, d]: one grouped GEMM per weight where
     torch._grouped_mm runs (CUDA bf16 sm90+), else each expert's whole SwiGLU in turn (intermediates in cache).
-    `rows`: the per-expert path's weights already unbound, (w1, w2, w3) each as E rows (`GroupedExperts.bind`)."""
-    if not (x.is_cuda and grouped_mm_eligible(x, w1, counts)[0]):
-        return swiglu_experts_reference(x, counts, *(rows() if rows is not None else (w1, w2, w3)))
-    h = F.silu(grouped_linear(x, w1, counts)) * grouped_linear(x, w3, counts)  # [N, d_ffn]
-    return grouped_linear(h, w2, counts)  # [N, d]
+    `rows`: the per-expert path's weights already unbound, (w1, w2, w3) each as E rows (`GroupedExperts.bind`);
+    `stacks`: builds (w1, w2, w3) stacked when they are not given (weights from two sources, joined only for
+    the grouped GEMM)."""
+    if x.is_cuda:
+        if w1 is None and stacks is not None:
+            w1, w2, w3 = stacks()
+        if w1 is not None and grouped_mm_eligible(x, w1, counts)[0]:
+            h = F.silu(grouped_linear(x, w1, counts)) * grouped_linear(x, w3, counts)  # [N, d_ffn]
+            return grouped_linear(h, w2, counts)  # [N, d]
+    if rows is None and w1 is None:
+        raise ValueError("swiglu_experts: pass the weights (w1, w2, w3) or their rows")
+    return swiglu_experts_reference(x, counts, *(rows() if rows is not None else (w1, w2, w3)))
 
 
 def swiglu_experts_with(linear: GroupedLinear, x: torch.Tensor, counts: list[int], ws: dict[str, torch.Tensor],
@@ -64,21 +73,41 @@ class GroupedExperts(nn.Module):
         """x [N, d] sorted by expert (counts per expert in `ids` order) -> [N, d]."""
         return self.bind(ids, stacked)(x, counts)
 
-    def bind(self, ids: list[int] | None = None,
-             stacked: dict[str, torch.Tensor] | None = None) -> Callable[[torch.Tensor, list[int]], torch.Tensor]:
+    def bind(self, ids: list[int] | None = None, stacked: dict[str, torch.Tensor] | None = None,
+             copies: tuple[list[int], dict[str, torch.Tensor]] | None = None,
+             ) -> Callable[[torch.Tensor, list[int]], torch.Tensor]:
         """The experts as a function of (x [N, d] sorted by expert, counts) -> [N, d], its weights prepared once:
         the weight transform applied, and on the per-expert path unbound into rows. A layer calling it several
         times (its own slots while the exchange travels, then the received ones) builds one autograd view per
         expert and weight, so backward stacks each weight's gradient once instead of once per call and adds the
-        calls' gradients per expert, not as full [E, out, in] tensors."""
+        calls' gradients per expert, not as full [E, out, in] tensors.
+
+        `copies`: (copy ids, their stacked weights) of experts held as gathered copies (FSSDP), computed after
+        `ids`: the function's experts are `ids` then the copy ids. The own experts compute on their own weights
+        (their gradients land in them directly); the two sources are joined into one stack only where a grouped
+        GEMM or an N:M kernel needs one."""
         ws = self.weights(ids, stacked)
+        parts = [ws] + ([self.weights(*copies)] if copies is not None and copies[0] else [])
         if self.grouped_linear_fn is not None:
-            sources = stacked if stacked is not None else {n: getattr(self, n) for n in EXPERT_WEIGHTS}
-            return partial(swiglu_experts_with, self.grouped_linear_fn, ws=ws, sources=sources)
-        rows = cache(lambda: tuple(ws[n].unbind(0) for n in EXPERT_WEIGHTS))  # on the first per-expert call
-        return partial(swiglu_experts, w1=ws["w1"], w2=ws["w2"], w3=ws["w3"], rows=rows)
+            sources = [stacked if stacked is not None else {n: getattr(self, n) for n in EXPERT_WEIGHTS}]
+            sources += [copies[1]] if len(parts) > 1 else []
+            return partial(swiglu_experts_with, self.grouped_linear_fn, ws=_joined(parts), sources=_joined(sources))
+        # unbound on the first per-expert call: E_own (+ E_copies) rows per weight
+        rows = cache(lambda: tuple(sum((p[n].unbind(0) for p in parts), ()) for n in EXPERT_WEIGHTS))
+        if len(parts) == 1:
+            return partial(swiglu_experts, w1=ws["w1"], w2=ws["w2"], w3=ws["w3"], rows=rows)
+        stacks = cache(lambda: tuple(_joined(parts)[n] for n in EXPERT_WEIGHTS))  # built only for a grouped GEMM
+        return partial(swiglu_experts, rows=rows, stacks=stacks)
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w1, std=std)
         nn.init.normal_(self.w3, std=std)
         nn.init.normal_(self.w2, std=out_std)
+
+
+def _joined(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stacks from several sources joined along the expert dim, in the last source's dtype (a gathered copy's
+    compute dtype; own fp32 master weights are cast to it, as autocast would for each GEMM)."""
+    if len(parts) == 1:
+        return parts[0]
+    return {n: torch.cat([p[n].to(parts[-1][n].dtype) for p in parts]) for n in parts[0]}  # [E_a + E_b, out, in]

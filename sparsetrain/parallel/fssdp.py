@@ -27,15 +27,21 @@ from sparsetrain.parallel import fssdp_machine, fssdp_state
 from sparsetrain.parallel.chunk_codec import NMChunkCodec, chunk_codec_for
 from sparsetrain.parallel.comm import all_reduce_host
 from sparsetrain.parallel.copy_cost import CopyCost, copies_can_pay, gate_copies
+from sparsetrain.parallel.copy_exchange import (
+    CopiesHandle,
+    CopyGradsHandle,
+    gather_copies_start,
+    return_copy_grads_start,
+)
 from sparsetrain.parallel.dense import DTYPES, compute_dtype
 from sparsetrain.parallel.ep import keep_expert_rows
-from sparsetrain.parallel.fssdp_layer import FSSDPDispatcher, owned_flat
+from sparsetrain.parallel.fssdp_layer import FSSDPDispatcher
 from sparsetrain.parallel.fssdp_reshard import target_after_step
 from sparsetrain.parallel.mesh import DistInfo
 from sparsetrain.parallel.placement import LayerPlacement, LoadTracker, initial_owners
 from sparsetrain.parallel.planners import get_planner
 from sparsetrain.parallel.reshard import move_ownership
-from sparsetrain.parallel.sparse_collectives import SpAGHandle, SpRSHandle, spag, spag_start, sprs_start
+from sparsetrain.parallel.sparse_collectives import row_index
 from sparsetrain.parallel.strategy import Strategy
 from sparsetrain.parallel.topology import Topology
 from sparsetrain.telemetry.timers import span
@@ -59,18 +65,18 @@ class FSSDP(Strategy):
         self.num_layers = 0
         self.owners: list[list[int]] = []
         self.placements: list[LayerPlacement] = []
-        self.pending: dict[int, SpAGHandle] = {}
+        self.pending: dict[int, CopiesHandle] = {}
         self.rank_tokens: dict[int, float] = {}
         self.regathered: dict[int, torch.Tensor] = {}
-        self.grad_stash: dict[int, torch.Tensor] = {}  # layer -> grad of its gathered chunks [n_mat, C]
-        self.sprs_pending: dict[int, SpRSHandle] = {}  # layer -> spRS posted during backward
+        self.grad_stash: dict[int, torch.Tensor] = {}  # layer -> grad of its gathered copies [n_copies, C]
+        self.sprs_pending: dict[int, CopyGradsHandle] = {}  # layer -> spRS posted during backward
         self.sprs_posted = {"backward": 0, "after": 0}  # spRS calls posted during backward vs after it
         # CPU/gloo (benchmarks/RESULTS.md): posting during backward measured 0.96-1.03x the step time of
         # posting after it (2 cores, nothing idle to overlap with); on CUDA it runs on a side stream
         post = self.fcfg.sprs_post
         self.sprs_in_backward = post == "backward" or (post == "auto" and info.device.type == "cuda")
         self.last_micro = True
-        self.mat_ids: dict[int, list[int]] = {}
+        self.copy_ids: dict[int, list[int]] = {}  # layer -> its gathered copies' experts, in arrival order
         self.anchor = torch.zeros((), requires_grad=True)  # lets gathered chunks join the autograd graph
         self.bandwidth: float | None = None  # spAG bytes/s per rank: config, device default, or measured once
         self.expert_flops: float | None = None  # expert FLOP/s per rank: config, device default, or measured once
@@ -108,7 +114,7 @@ class FSSDP(Strategy):
 
             apply_dense_sharding(model, self.info, ignored=self._expert_params, mp_policy=self.mp_policy(),
                                  reshard=self.cfg.parallel.fsdp_reshard_after_forward)
-        self.chunk_numel = owned_flat(moes[0].experts).shape[1]  # C: numbers per expert chunk
+        self.chunk_numel = len(EXPERT_WEIGHTS) * self.cfg.model.d_model * self.cfg.moe.d_ffn  # C: numbers per chunk
         self.chunk_bytes = self.chunk_numel * self.wire_dtype(moes[0].experts).itemsize  # as spAG sends it
         fssdp_machine.set_machine_numbers(self, moes[0].experts)
         self._replan()
@@ -133,9 +139,12 @@ class FSSDP(Strategy):
         return Topology(topo.world, int(low))
 
     # ------------------------------------------------------------------ gathers
-    def start_gather(self, li: int, experts: GroupedExperts) -> SpAGHandle:
+    def start_gather(self, li: int, experts: GroupedExperts) -> CopiesHandle:
+        """Post layer li's spAG of the copies this rank holds for other owners (and of its own chunks to
+        their copy holders)."""
         owners, copies = _lists(self.placements[li])
-        return spag_start(self._send_rows(experts), experts.expert_ids, owners, copies, self.group)
+        return gather_copies_start(lambda rows: self._send_rows(experts, rows), experts.expert_ids, owners, copies,
+                                   self.group)
 
     def wire_dtype(self, experts: GroupedExperts) -> torch.dtype:
         """Dtype expert chunks travel and compute in: bf16 under train.precision=bf16 (the owner keeps fp32
@@ -148,11 +157,17 @@ class FSSDP(Strategy):
             return experts.w1.dtype
         return DTYPES[self.cfg.train.grad_reduce_dtype]
 
-    def _send_rows(self, experts: GroupedExperts) -> torch.Tensor:
-        """Owned chunks as sent by spAG: dense rows [n_owned, C] in the wire dtype, or N:M-compressed bytes
-        [n_owned, B]."""
-        rows = owned_flat(experts).detach().to(self.wire_dtype(experts))
-        return self.codec.encode(rows) if self.codec is not None else rows
+    def _send_rows(self, experts: GroupedExperts, rows: tuple[int, ...]) -> torch.Tensor:
+        """Owned chunks `rows` (of the owned stack) as spAG sends them: dense [n, C] in the wire dtype (w1 | w2 |
+        w3 flattened, written straight from the Parameters), or N:M-compressed bytes [n, B]."""
+        out = torch.empty(len(rows), self.chunk_numel, dtype=self.wire_dtype(experts), device=experts.w1.device)
+        per = experts.d_model * experts.d_ffn
+        with torch.no_grad():
+            for i, w in enumerate(EXPERT_WEIGHTS):
+                p = getattr(experts, w)
+                for j, r in enumerate(rows):
+                    out[j, i * per:(i + 1) * per].view(p.shape[1:]).copy_(p[r])  # casts to the wire dtype
+        return self.codec.encode(out) if self.codec is not None else out
 
     def _prefetch(self, li: int) -> None:
         """Block pre-forward hook: post this layer's spAG so it overlaps attention."""
@@ -164,24 +179,22 @@ class FSSDP(Strategy):
         return self.is_replicated[li]
 
     def regather(self, li: int, experts: GroupedExperts) -> None:
-        """Backward re-gather of layer li's chunks (data only), at its output-grad hook."""
-        owners, copies = _lists(self.placements[li])
+        """Backward re-gather of layer li's copies (data only), at its output-grad hook."""
         with torch.no_grad():
-            buf, _ = spag(self._send_rows(experts), experts.expert_ids, owners, copies, self.group)
+            buf, _ = self.start_gather(li, experts).wait()
         self.regathered[li] = self.codec.decode(buf) if self.codec is not None else buf
 
     def before_backward(self, last_micro: bool) -> None:
         self.last_micro = last_micro
 
-    def _start_sprs(self, li: int, mod: GroupedExperts) -> SpRSHandle:
-        """Post layer li's spRS of its stashed chunk grads [n_mat, C] (zeros when this rank's copies got
-        no gradient)."""
+    def _start_sprs(self, li: int, mod: GroupedExperts) -> CopyGradsHandle:
+        """Post layer li's spRS of its copies' stashed grads [n_copies, C] (zeros when they got no gradient)."""
         grad = self.grad_stash.pop(li, None)
+        ids = self.copy_ids.get(li, [])
         if grad is None:
-            grad = torch.zeros(len(self.mat_ids.get(li, [])), self.chunk_numel, device=mod.w1.device,
-                               dtype=self.grad_dtype(mod))
+            grad = torch.zeros(len(ids), self.chunk_numel, device=mod.w1.device, dtype=self.grad_dtype(mod))
         owners, copies = _lists(self.placements[li])
-        return sprs_start(grad, self.mat_ids.get(li, []), owners, copies, self.group)
+        return return_copy_grads_start(grad, ids, owners, copies, self.group)
 
     def post_sprs(self, li: int, experts: GroupedExperts) -> None:
         """Input-grad hook of layer li: post its spRS (async) once the step's last backward reaches it."""
@@ -191,8 +204,8 @@ class FSSDP(Strategy):
         self.sprs_pending[li] = self._start_sprs(li, experts)
 
     def reduce_scatter_grads(self, model: GPT) -> None:
-        """spRS for every replicated layer, last layer first (the order backward posts them in):
-        copies' grads summed into the owner's param grads."""
+        """spRS for every replicated layer, last layer first (the order backward posts them in): copies' grads
+        added into the owner's param grads (which hold its own tokens' share), peer by peer in rank order."""
         moes = model.moe_layers()
         for li in reversed(range(len(moes))):
             if not self.replicated(li):
@@ -202,12 +215,14 @@ class FSSDP(Strategy):
             if handle is None:
                 self.sprs_posted["after"] += 1
                 handle = self._start_sprs(li, mod)
-            owned, _ = handle.wait()  # [n_owned, C]
             per = mod.d_model * mod.d_ffn
-            for i, w in enumerate(EXPERT_WEIGHTS):
-                p = getattr(mod, w)
-                part = owned[:, i * per:(i + 1) * per].reshape(p.shape).to(p.dtype)
-                p.grad = part.clone() if p.grad is None else p.grad + part
+            for rows, got in handle.wait():  # got [n, C]: one peer's copies of `rows` of the owned stack
+                idx = row_index(rows, mod.w1.device)
+                for i, w in enumerate(EXPERT_WEIGHTS):
+                    p = getattr(mod, w)
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad.index_add_(0, idx, got[:, i * per:(i + 1) * per].view(len(rows), *p.shape[1:]).to(p.dtype))
 
     # ------------------------------------------------------------------ steps
     def finish_backward(self, model: GPT) -> None:

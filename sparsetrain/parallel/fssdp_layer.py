@@ -1,8 +1,9 @@
-"""FSSDP's per-layer path: materialize a layer's chunks (spAG), dispatch tokens to copies, compute.
+"""FSSDP's per-layer path: gather a layer's copies (spAG), dispatch tokens to copies, compute.
 
-`FSSDPDispatcher` is the MoE layer's `Dispatcher` under FSSDP; `_Materialized` joins the gathered
-chunks to the autograd graph and stashes their gradient for spRS, which the strategy
-(`sparsetrain.parallel.fssdp.FSSDP`) posts at points that are the same on every rank.
+`FSSDPDispatcher` is the MoE layer's `Dispatcher` under FSSDP. A rank computes its own experts on their
+Parameters (their gradients land there through autograd) and the copies it holds for other owners on the
+gathered rows; `_Materialized` joins those rows to the autograd graph and stashes their gradient for spRS,
+which the strategy (`sparsetrain.parallel.fssdp.FSSDP`) posts at points that are the same on every rank.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
-from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts
+from sparsetrain.model.experts import GroupedExperts
 from sparsetrain.model.router import RouterOutput
 from sparsetrain.offload.saved import PASS, saved_layer
 from sparsetrain.parallel.routing import choose_replicas
@@ -29,7 +30,7 @@ class LayerHost(Protocol):
     topo: Any
     placements: list[Any]
     pending: dict[int, Any]
-    mat_ids: dict[int, list[int]]
+    copy_ids: dict[int, list[int]]
     rank_tokens: dict[int, float]
     grad_stash: dict[int, torch.Tensor]
     sprs_pending: dict[int, Any]
@@ -47,12 +48,6 @@ class LayerHost(Protocol):
     def grad_dtype(self, experts: GroupedExperts) -> torch.dtype: ...
 
 
-def owned_flat(experts: GroupedExperts) -> torch.Tensor:
-    """Owned chunks as rows: [n_owned, C] with C = |w1| + |w2| + |w3| per expert (autograd-connected)."""
-    n, per = experts.w1.shape[0], experts.d_model * experts.d_ffn
-    return torch.cat([getattr(experts, w).reshape(n, per) for w in EXPERT_WEIGHTS], dim=1)  # [n, C]
-
-
 def split_chunks(mat: torch.Tensor, d_model: int, d_ffn: int) -> dict[str, torch.Tensor]:
     """[n, C] rows -> stacked views w1/w3 [n, d_ffn, d], w2 [n, d, d_ffn] (no copies)."""
     n, hd = mat.shape[0], d_model * d_ffn
@@ -61,7 +56,7 @@ def split_chunks(mat: torch.Tensor, d_model: int, d_ffn: int) -> dict[str, torch
 
 
 class FSSDPDispatcher:
-    """Per-layer dispatcher: materialize chunks (spAG), topology-aware slot routing, exchange, compute."""
+    """Per-layer dispatcher: gather copies (spAG), topology-aware slot routing, exchange, compute."""
 
     def __init__(self, strategy: LayerHost, layer: int) -> None:
         self.s, self.layer = strategy, layer
@@ -72,7 +67,6 @@ class FSSDPDispatcher:
             # P1 = P0 this step: EP's path. Slots go to their expert's owner, the owners compute on their own
             # Parameters; no spAG, no spRS, no copies
             slot_rank = s.owner_index[li][route.expert_ids.reshape(-1)]  # [T*k]
-            s.mat_ids[li] = list(experts.expert_ids)
             out, dropped, counts = exchange_and_compute(
                 x, route, slot_rank, experts.num_experts, experts.expert_ids,
                 experts.bind(ids=experts.expert_ids), None, s.cfg.moe.capacity_factor,
@@ -83,10 +77,10 @@ class FSSDPDispatcher:
         slot_rank = choose_replicas(route.expert_ids.reshape(-1), s.info.rank, s.placements[li], s.topo)  # [T*k]
         handle = s.pending.pop(li, None) or s.start_gather(li, experts)
         with span("spag_wait"):  # exposed part of the gather (the rest hid behind compute)
-            mat, mat_ids = handle.wait()  # data only; gradients go home in finish_backward (spRS)
+            mat, copy_ids = handle.wait()  # [n_copies, C] data only; gradients go home in finish_backward (spRS)
         if s.codec is not None:
-            mat = s.codec.decode(mat)  # [n_mat, B] bytes -> [n_mat, C] masked weights
-        s.mat_ids[li] = mat_ids
+            mat = s.codec.decode(mat)  # [n_copies, B] bytes -> [n_copies, C] masked weights
+        s.copy_ids[li] = copy_ids
         if torch.is_grad_enabled():
             mat = _Materialized.apply(s.anchor, mat, s, li)
         keep = s.fcfg.keep_materialized
@@ -95,9 +89,12 @@ class FSSDPDispatcher:
         # backward) or kept, never offloaded; every other saved tensor goes on to offload's layer, if any
         ctx = saved_layer(layer) if torch.is_grad_enabled() else contextlib.nullcontext(False)
         with ctx as active:  # not active inside a checkpointed region: its replay gathers again by spAG
-            # bound inside the layer: what the weight transform saves (views of `mat`) is claimed here too
-            expert_fn = experts.bind(ids=mat_ids, stacked=split_chunks(mat, experts.d_model, experts.d_ffn))
-            out, dropped, counts = exchange_and_compute(x, route, slot_rank, experts.num_experts, mat_ids, expert_fn,
+            # bound inside the layer: what the weight transform saves (views of `mat`) is claimed here too.
+            # Local experts: this rank's own (on their Parameters), then its copies (on the gathered rows)
+            expert_fn = experts.bind(ids=experts.expert_ids,
+                                     copies=(copy_ids, split_chunks(mat, experts.d_model, experts.d_ffn)))
+            local_ids = list(experts.expert_ids) + copy_ids
+            out, dropped, counts = exchange_and_compute(x, route, slot_rank, experts.num_experts, local_ids, expert_fn,
                                                         None, s.cfg.moe.capacity_factor,
                                                         s.cfg.moe.capacity_renorm, s.cfg.moe.capacity_priority,
                                                         sum_route_counts=True,  # the world group: global counts
@@ -115,7 +112,7 @@ class FSSDPDispatcher:
 
 
 class ChunkLayer:
-    """Saved-tensor layer for one MoE layer's gathered chunks `mat` [n_mat, C].
+    """Saved-tensor layer for one MoE layer's gathered copies `mat` [n_copies, C].
 
     Views of `mat` saved by the expert GEMMs are claimed here so offload never copies expert weights to
     host: with `release` they become (offset, shape, stride) and backward reads them from the buffer
@@ -146,7 +143,7 @@ class ChunkLayer:
 
 
 class _Materialized(torch.autograd.Function):
-    """Marks gathered chunks as differentiable; backward stashes their grad for spRS (no comm here).
+    """Marks gathered copies as differentiable; backward stashes their grad for spRS (no comm here).
 
     Communication inside autograd callbacks runs in an order that depends on each rank's graph, which
     differs between ranks with different placements (a rank whose copies got no token never runs this

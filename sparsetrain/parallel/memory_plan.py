@@ -68,8 +68,8 @@ class RankMemory:
     optimizer: int  # AdamW exp_avg + exp_avg_sq
     compute_copies: int  # bf16 casts of owned weights used in compute (autocast); 0 in fp32
     gathered_dense: int  # FSDP2 unsharded blocks alive at once (current + prefetched, root)
-    gathered_experts: int  # FSSDP materialized chunk buffers alive at once (forward)
-    copy_grads: int  # FSSDP gradient stash of materialized chunks until spRS
+    gathered_experts: int  # FSSDP gathered copy buffers alive at once (forward)
+    copy_grads: int  # FSSDP gradient stash of gathered copies until spRS
     activations: int  # saved for backward, one micro-batch (what stays on the device)
     backward_transient: int  # activation gradients of one layer + the logits gradient
     comm_buffers: int  # flat all-reduce / spRS receive buffers at their largest
@@ -273,7 +273,7 @@ def memory_plan(cfg: Config, world: int | None = None, device: str | None = None
         held_blocks = m.n_layers if cfg.parallel.fsdp_reshard_after_forward == "never" else 2
         gathered_dense = (held_blocks * block_dense + root_dense) * act if fsdp else 0
         chunk_b = per_expert * act
-        rows = (owned[r] + extra[r]) if extra[r] else 0  # materialized rows per layer (replicated layers only)
+        rows = extra[r]  # gathered copies per layer (own experts compute on their Parameters)
         live_layers = n_moe if cfg.parallel.fssdp.keep_materialized else min(2, n_moe)
         gathered_experts = rows * chunk_b * live_layers if strategy == "fssdp" else 0
         copy_grads = rows * per_expert * FP32 * n_moe if strategy == "fssdp" else 0

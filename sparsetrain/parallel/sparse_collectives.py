@@ -37,8 +37,8 @@ from torch import Tensor
 from sparsetrain.parallel.comm import to_comm
 from sparsetrain.telemetry.comm import COMM
 
-__all__ = ["DEFAULT_TRANSPORT", "TRANSPORTS", "SpAGHandle", "SpRSHandle", "SparsePlan", "ensure_p2p_ready",
-           "global_peer", "plan_sparse", "spag", "spag_start", "sprs", "sprs_start"]
+__all__ = ["DEFAULT_TRANSPORT", "TRANSPORTS", "PostedExchange", "SpAGHandle", "SpRSHandle", "SparsePlan",
+           "ensure_p2p_ready", "global_peer", "plan_sparse", "row_index", "spag", "spag_start", "sprs", "sprs_start"]
 
 TRANSPORTS = ("auto", "p2p", "a2a")
 DEFAULT_TRANSPORT = "auto"  # chosen by measurement, see module docstring
@@ -56,6 +56,8 @@ class SparsePlan:
     recv_rows: tuple[tuple[int, ...], ...]  # [world] rows of `materialized` received from each peer
     owned_in_mat: tuple[int, ...]  # [n_owned] row of each owned chunk inside `materialized`
     n_pairs: int  # (sender, receiver) rank pairs with traffic in the whole placement (same on every rank)
+    recv_ids: tuple[int, ...] = ()  # [n_recv] expert of each received row, in arrival order (by source rank)
+    sent_owned: tuple[int, ...] = ()  # sorted rows of `owned` sent to at least one peer
 
     def transport(self, requested: str) -> str:
         """Resolve 'auto': p2p when fewer rank pairs exchange chunks than there are ranks, else one all-to-all."""
@@ -110,6 +112,8 @@ def _plan_cached(owners: tuple[int, ...], copies: tuple[tuple[int, ...], ...], r
         recv_rows=tuple(tuple(r) for r in recv),
         owned_in_mat=tuple(mat_row[e] for e in owned_ids),
         n_pairs=len(pairs),
+        recv_ids=tuple(mat_ids[i] for r in recv for i in r),
+        sent_owned=tuple(sorted({i for s in send for i in s})),
     )
 
 
@@ -149,7 +153,8 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[idx]
 
 
-def _idx(rows: tuple[int, ...], device: torch.device) -> Tensor:
+def row_index(rows: tuple[int, ...], device: torch.device) -> Tensor:
+    """Row numbers as an index tensor on `device`."""
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
@@ -165,7 +170,11 @@ def _post_exchange(
     recv = src.new_empty((sum(recv_counts), c))  # rows grouped by source rank, ascending
     send_counts = [len(r) for r in send_rows]
     flat = [i for r in send_rows for i in r]
-    send = src.index_select(0, _idx(tuple(flat), src.device)) if flat else src.new_empty((0, c))  # [sum(send), C]
+    if flat == list(range(src.shape[0])):
+        send = src  # rows already in send order
+    else:
+        # [sum(send), C]
+        send = src.index_select(0, row_index(tuple(flat), src.device)) if flat else src.new_empty((0, c))
     if transport == "a2a":
         work = dist.all_to_all_single(recv, send, recv_counts, send_counts, group=group, async_op=True)
         return [work], recv
@@ -184,7 +193,7 @@ def _post_exchange(
     return list(dist.batch_isend_irecv(ops)), recv
 
 
-class _Posted:
+class PostedExchange:
     """One exchange in flight; on CUDA posted on a side stream so it overlaps compute."""
 
     def __init__(self, src: Tensor, send_rows: tuple[tuple[int, ...], ...], recv_counts: list[int],
@@ -222,7 +231,7 @@ class SpAGHandle:
         self.owned, self.plan, self.group, self.transport = owned, plan, group, transport
         with torch.no_grad():
             src = owned.detach()
-            self._posted = _Posted(src, plan.send_rows, [len(r) for r in plan.recv_rows], group, transport)
+            self._posted = PostedExchange(src, plan.send_rows, [len(r) for r in plan.recv_rows], group, transport)
         COMM.add("spag", plan.n_send * src.shape[1] * src.element_size())
         self._done = False
 
@@ -253,8 +262,8 @@ class SpRSHandle:
         self.plan = plan
         with torch.no_grad():
             mat = mat.detach().contiguous()
-            self._posted = _Posted(mat, plan.recv_rows, [len(r) for r in plan.send_rows], group, transport)
-            self._own = mat.index_select(0, _idx(plan.owned_in_mat, mat.device))  # [n_owned, C]
+            self._posted = PostedExchange(mat, plan.recv_rows, [len(r) for r in plan.send_rows], group, transport)
+            self._own = mat.index_select(0, row_index(plan.owned_in_mat, mat.device))  # [n_owned, C]
         COMM.add("sprs", plan.n_recv * mat.shape[1] * mat.element_size())
         self._done = False
 
@@ -265,7 +274,7 @@ class SpRSHandle:
         out, recv, plan = self._own, self._posted.finish(), self.plan
         for rows, chunk in zip(plan.send_rows, recv.split([len(r) for r in plan.send_rows])):
             if rows:  # peers in ascending rank order: deterministic summation
-                out.index_add_(0, _idx(rows, out.device), chunk)
+                out.index_add_(0, row_index(rows, out.device), chunk)
         self._own = self._posted = None  # type: ignore[assignment]
         return out, list(plan.owned_ids)
 
@@ -274,10 +283,10 @@ def _assemble(owned: Tensor, recv: Tensor, plan: SparsePlan) -> Tensor:
     """Place owned rows and received rows at their sorted positions: -> [n_mat, C]."""
     mat = owned.new_empty((len(plan.mat_ids), owned.shape[1]))
     if plan.owned_in_mat:
-        mat.index_copy_(0, _idx(plan.owned_in_mat, owned.device), owned)
+        mat.index_copy_(0, row_index(plan.owned_in_mat, owned.device), owned)
     flat = tuple(i for r in plan.recv_rows for i in r)
     if flat:
-        mat.index_copy_(0, _idx(flat, owned.device), recv)
+        mat.index_copy_(0, row_index(flat, owned.device), recv)
     return mat
 
 
