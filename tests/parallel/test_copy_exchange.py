@@ -25,7 +25,7 @@ def _check(rank: int, world: int, transport: str) -> int:
         held = [e for e in range(n) if rank in copies[e] and owners[e] != rank]  # copies of other owners' chunks
         asked: list[tuple[int, ...]] = []
 
-        def rows_of(rows: tuple[int, ...]) -> torch.Tensor:
+        def rows_of(rows: tuple[int, ...], w=w, owned_ids=owned_ids, asked=asked) -> torch.Tensor:
             asked.append(rows)
             return w[[owned_ids[r] for r in rows]].reshape(len(rows), c)  # [n_sent, C]
 
