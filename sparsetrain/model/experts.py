@@ -28,17 +28,23 @@ def swiglu_experts(x: torch.Tensor, counts: list[int], w1: torch.Tensor | None =
     """x [N, d] sorted by expert, counts per expert (len E_here) -> [N, d]: one grouped GEMM per weight where
     torch._grouped_mm runs (CUDA bf16 sm90+), else each expert's whole SwiGLU in turn (intermediates in cache).
     `rows`: the per-expert path's weights already unbound, (w1, w2, w3) each as E rows (`GroupedExperts.bind`);
-    `stacks`: builds (w1, w2, w3) stacked when they are not given (weights from two sources, joined only for
-    the grouped GEMM)."""
-    if x.is_cuda:
-        if w1 is None and stacks is not None:
-            w1, w2, w3 = stacks()
-        if w1 is not None and grouped_mm_eligible(x, w1, counts)[0]:
-            h = F.silu(grouped_linear(x, w1, counts)) * grouped_linear(x, w3, counts)  # [N, d_ffn]
-            return grouped_linear(h, w2, counts)  # [N, d]
+    `stacks`: builds (w1, w2, w3) stacked in the compute dtype for the grouped GEMM (fp32 master weights cast to
+    the autocast dtype once, as autocast casts them for every GEMM; weights from two sources joined), instead
+    of the given w1/w2/w3."""
+    if x.is_cuda and _grouped_mm_possible(x):
+        ws = stacks() if stacks is not None else (w1, w2, w3)
+        if ws[0] is not None and grouped_mm_eligible(x, ws[0], counts)[0]:
+            h = F.silu(grouped_linear(x, ws[0], counts)) * grouped_linear(x, ws[2], counts)  # [N, d_ffn]
+            return grouped_linear(h, ws[1], counts)  # [N, d]
     if rows is None and w1 is None:
         raise ValueError("swiglu_experts: pass the weights (w1, w2, w3) or their rows")
     return swiglu_experts_reference(x, counts, *(rows() if rows is not None else (w1, w2, w3)))
+
+
+def _grouped_mm_possible(x: torch.Tensor) -> bool:
+    """The checks of `grouped_mm_eligible` that need no weights: whether building a stack for it can pay."""
+    return (hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
 def swiglu_experts_with(linear: GroupedLinear, x: torch.Tensor, counts: list[int], ws: dict[str, torch.Tensor],
@@ -94,9 +100,7 @@ class GroupedExperts(nn.Module):
             return partial(swiglu_experts_with, self.grouped_linear_fn, ws=_joined(parts), sources=_joined(sources))
         # unbound on the first per-expert call: E_own (+ E_copies) rows per weight
         rows = cache(lambda: tuple(sum((p[n].unbind(0) for p in parts), ()) for n in EXPERT_WEIGHTS))
-        if len(parts) == 1:
-            return partial(swiglu_experts, w1=ws["w1"], w2=ws["w2"], w3=ws["w3"], rows=rows)
-        stacks = cache(lambda: tuple(_joined(parts)[n] for n in EXPERT_WEIGHTS))  # built only for a grouped GEMM
+        stacks = cache(lambda: compute_stacks(parts))  # built only for a grouped GEMM, once per bind
         return partial(swiglu_experts, rows=rows, stacks=stacks)
 
     def reset_parameters(self, std: float, out_std: float) -> None:
@@ -111,3 +115,14 @@ def _joined(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     if len(parts) == 1:
         return parts[0]
     return {n: torch.cat([p[n].to(parts[-1][n].dtype) for p in parts]) for n in parts[0]}  # [E_a + E_b, out, in]
+
+
+def compute_stacks(parts: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    """(w1, w2, w3) stacked for one grouped GEMM: the sources joined, then cast to the autocast dtype when
+    autocast is on for their device (fp32 master weights under train.precision=bf16; autograd casts the
+    gradient back, so it lands in the fp32 Parameters)."""
+    ws = _joined(parts)
+    dev = ws["w1"].device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    return tuple(ws[n].to(dtype) if dtype is not None and ws[n].is_floating_point() else ws[n]
+                 for n in EXPERT_WEIGHTS)

@@ -43,3 +43,32 @@ def test_grouped_mm_matches_reference() -> None:
     assert torch.allclose(y.float(), ref.float(), atol=1e-1, rtol=2e-2)
     y.float().sum().backward()
     assert x.grad is not None and w.grad is not None
+
+
+@pytest.mark.skipif(not _sm(9), reason="torch._grouped_mm path needs sm90+")
+def test_experts_with_fp32_masters_take_grouped_mm_under_autocast(monkeypatch) -> None:
+    """train.precision=bf16 keeps fp32 master expert weights: the expert GEMMs must still run as grouped GEMMs
+    (their stacks cast to bf16 once per layer), not fall back to one matmul per expert."""
+    from sparsetrain.kernels import grouped as grouped_mod
+
+    from sparsetrain.model.experts import GroupedExperts
+
+    calls = []
+    real = grouped_mod.grouped_linear_grouped_mm
+    monkeypatch.setattr(grouped_mod, "grouped_linear_grouped_mm", lambda *a: calls.append(1) or real(*a))
+    experts = GroupedExperts(4, 256, 512).cuda()
+    experts.reset_parameters(0.02, 0.02)
+    counts = [64, 0, 128, 32]
+    x = torch.randn(sum(counts), 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = experts(x, counts)
+    y.float().sum().backward()
+    assert len(calls) == 3 and experts.w1.grad.dtype == torch.float32
+    ref = swiglu_ref(x.detach().float(), counts, experts)
+    assert torch.allclose(y.float(), ref, atol=5e-2, rtol=5e-2)
+
+
+def swiglu_ref(x: torch.Tensor, counts: list[int], experts) -> torch.Tensor:
+    from sparsetrain.kernels import swiglu_experts_reference
+
+    return swiglu_experts_reference(x, counts, experts.w1.detach(), experts.w2.detach(), experts.w3.detach())

@@ -79,3 +79,50 @@ def test_bound_experts_called_twice_stack_each_weight_gradient_once():
         grads[way] = [p.grad.clone() for p in (experts.w1, experts.w2, experts.w3)]
     for a, b in zip(grads["bound"], grads["separate"]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_bound_experts_with_copies_equal_one_joined_stack(autocast):
+    """`bind(copies=...)` (FSSDP: own experts on their Parameters, copies on gathered rows) computes what one
+    stack holding both would, and each source gets its own experts' gradients; under autocast the copies are
+    bf16 (the wire dtype) and the own weights fp32 masters."""
+    from sparsetrain.model.experts import GroupedExperts
+
+    torch.manual_seed(0)
+    experts = GroupedExperts(3, 8, 24)  # own experts 0..2
+    experts.reset_parameters(0.3, 0.3)
+    wire = torch.bfloat16 if autocast else torch.float32
+    gathered = {n: (torch.randn(2, *getattr(experts, n).shape[1:]) * 0.3).to(wire).requires_grad_()
+                for n in ("w1", "w2", "w3")}  # two copies, of experts 7 and 4
+    counts = [3, 0, 5, 2, 4]  # own 0, 1, 2 then copies 7, 4
+    x = torch.randn(sum(counts), 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = experts.bind(ids=[0, 1, 2], copies=([7, 4], gathered))(x, counts)
+    (y.float() * torch.arange(y.numel()).view_as(y).sin()).sum().backward()
+    joined = {n: torch.cat([getattr(experts, n).detach().to(wire), gathered[n].detach()]).float().requires_grad_()
+              for n in ("w1", "w2", "w3")}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ref = swiglu_experts_reference(x, counts, joined["w1"], joined["w2"], joined["w3"])
+    (ref.float() * torch.arange(ref.numel()).view_as(ref).sin()).sum().backward()
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-6, "atol": 1e-6}
+    torch.testing.assert_close(y.float(), ref.float(), **tol)
+    for n in ("w1", "w2", "w3"):
+        own, copy = getattr(experts, n).grad, gathered[n].grad
+        assert own.dtype == torch.float32 and copy.dtype == wire
+        torch.testing.assert_close(own, joined[n].grad[:3], **tol)
+        torch.testing.assert_close(copy.float(), joined[n].grad[3:], **tol)
+
+
+def test_compute_stacks_cast_master_weights_to_the_autocast_dtype():
+    """The grouped GEMM's stacks: fp32 masters cast once to bf16 under autocast (gradients back in fp32),
+    unchanged without it."""
+    from sparsetrain.model.experts import GroupedExperts, compute_stacks
+
+    experts = GroupedExperts(2, 8, 16)
+    experts.reset_parameters(0.3, 0.3)
+    assert [w.dtype for w in compute_stacks([experts.weights()])] == [torch.float32] * 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stacks = compute_stacks([experts.weights()])
+    assert [w.dtype for w in stacks] == [torch.bfloat16] * 3
+    sum(w.float().sum() for w in stacks).backward()
+    assert experts.w1.grad.dtype == torch.float32 and bool((experts.w1.grad == 1).all())
