@@ -40,14 +40,16 @@ __all__ = ["DEVICE_DEFAULTS", "CopyCost", "attention_flops_per_token", "copies_c
            "gate_copies", "measure_expert_flops", "overlap_budget_from_model", "placement_time_s", "reshard_cost_s",
            "reshard_net_s", "reshard_pays"]
 
-# (link GB/s per rank within a node, across nodes, expert TFLOP/s per rank). CPU: what a training step sees
-# on the 2-core dev machine (gloo loopback, one thread per rank), fitted from measured runs by the simulator's
-# calibration (benchmarks/RESULTS.md "Simulator validation, quiet": 0.137 GB/s, 0.049 TFLOP/s); an idle
-# probe (benchmarks/calibrate_copy_cost.py) reads 0.54 GB/s and 0.059 TFLOP/s, but in a step the transfers
-# compete with compute for the rank's core. CUDA: an H100-class node (NVLink within, 400 Gb/s NICs across),
-# as in sparsetrain.sim.costmodel.
+# (link GB/s per rank within a node, across nodes, expert TFLOP/s per rank). CPU: the 2-core dev machine (gloo
+# loopback, one thread per rank) as `benchmarks/calibrate_copy_cost.py` measures it at the benchmark shape
+# (0.417 GB/s spAG, 0.110 TFLOP/s expert forward + backward; benchmarks/RESULTS.md "Copies without the owner's
+# chunks"). In training, copies cost 0.38-0.78 GB/s effective and experts ran at ~0.10 TFLOP/s (same section):
+# the probe sits inside that range. (Before copies left the owner's chunks alone, each copied layer also copied
+# every owned chunk several times, and the fit was the all-to-all link of the simulator's calibration, 0.137
+# GB/s and 0.049 TFLOP/s.) CUDA: an H100-class node (NVLink within, 400 Gb/s NICs across), as in
+# sparsetrain.sim.costmodel.
 DEVICE_DEFAULTS: dict[str, tuple[float, float, float]] = {
-    "cpu": (0.137, 0.137, 0.049),
+    "cpu": (0.42, 0.42, 0.11),
     "cuda": (300.0, 50.0, 400.0),
 }
 
