@@ -6,6 +6,7 @@ from sparsetrain.kernels.grouped import (
     grouped_linear,
     grouped_linear_reference,
     grouped_mm_eligible,
+    grouped_mm_input_eligible,
     swiglu_experts_reference,
 )
 from sparsetrain.kernels.nm_dispatch import (
@@ -30,6 +31,7 @@ __all__ = [
     "grouped_linear",
     "grouped_linear_reference",
     "grouped_mm_eligible",
+    "grouped_mm_input_eligible",
     "grouped_nm_linear",
     "grouped_nm_linear_reference",
     "is_nm_sparse",

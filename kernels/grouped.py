@@ -36,16 +36,29 @@ def swiglu_experts_reference(x: torch.Tensor, counts: list[int], w1: torch.Tenso
     return torch.cat(outs, dim=0) if outs else x.new_zeros(0, w2s[0].shape[0] if w2s else x.shape[1])  # [N, d]
 
 
-def grouped_mm_eligible(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> tuple[bool, str]:
-    """Whether torch._grouped_mm (CUDA, bf16, sm90+, 16-byte aligned strides) can run this call."""
+def grouped_mm_input_eligible(x: torch.Tensor) -> tuple[bool, str]:
+    """The checks of `grouped_mm_eligible` on the input alone (torch._grouped_mm present, x CUDA bf16 on sm90+):
+    whether preparing weights for a grouped GEMM can pay."""
     if not hasattr(torch, "_grouped_mm"):
         return False, "torch._grouped_mm not in this torch"
-    if not (x.is_cuda and weight.is_cuda):
+    if not x.is_cuda:
         return False, "not CUDA tensors"
-    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
-        return False, f"dtype {x.dtype}/{weight.dtype} (needs bfloat16)"
+    if x.dtype != torch.bfloat16:
+        return False, f"dtype {x.dtype} (needs bfloat16)"
     if torch.cuda.get_device_capability(x.device) < (9, 0):
         return False, "GPU older than sm90"
+    return True, "CUDA bf16 sm90+"
+
+
+def grouped_mm_eligible(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> tuple[bool, str]:
+    """Whether torch._grouped_mm (CUDA, bf16, sm90+, 16-byte aligned strides) can run this call."""
+    ok, why = grouped_mm_input_eligible(x)
+    if not ok:
+        return ok, why
+    if not weight.is_cuda:
+        return False, "not CUDA tensors"
+    if weight.dtype != torch.bfloat16:
+        return False, f"dtype {x.dtype}/{weight.dtype} (needs bfloat16)"
     if x.shape[-1] % 8 or weight.shape[1] % 8:
         return False, f"dims in={x.shape[-1]} out={weight.shape[1]} not multiples of 8 (16-byte strides)"
     if len(counts) != weight.shape[0]:

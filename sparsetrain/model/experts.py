@@ -8,7 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsetrain.kernels import grouped_linear, grouped_mm_eligible, swiglu_experts_reference
+from sparsetrain.kernels import (
+    grouped_linear,
+    grouped_mm_eligible,
+    grouped_mm_input_eligible,
+    swiglu_experts_reference,
+)
 
 WeightTransform = Callable[[str, torch.Tensor, list[int]], torch.Tensor]
 # (x [N, in] sorted by expert, weight [E, out, in] to compute with, counts, the stack it came from) -> [N, out]
@@ -31,7 +36,7 @@ def swiglu_experts(x: torch.Tensor, counts: list[int], w1: torch.Tensor | None =
     `stacks`: builds (w1, w2, w3) stacked in the compute dtype for the grouped GEMM (fp32 master weights cast to
     the autocast dtype once, as autocast casts them for every GEMM; weights from two sources joined), instead
     of the given w1/w2/w3."""
-    if x.is_cuda and _grouped_mm_possible(x):
+    if grouped_mm_input_eligible(x)[0]:
         ws = stacks() if stacks is not None else (w1, w2, w3)
         if ws[0] is not None and grouped_mm_eligible(x, ws[0], counts)[0]:
             h = F.silu(grouped_linear(x, ws[0], counts)) * grouped_linear(x, ws[2], counts)  # [N, d_ffn]
@@ -39,12 +44,6 @@ def swiglu_experts(x: torch.Tensor, counts: list[int], w1: torch.Tensor | None =
     if rows is None and w1 is None:
         raise ValueError("swiglu_experts: pass the weights (w1, w2, w3) or their rows")
     return swiglu_experts_reference(x, counts, *(rows() if rows is not None else (w1, w2, w3)))
-
-
-def _grouped_mm_possible(x: torch.Tensor) -> bool:
-    """The checks of `grouped_mm_eligible` that need no weights: whether building a stack for it can pay."""
-    return (hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
 def swiglu_experts_with(linear: GroupedLinear, x: torch.Tensor, counts: list[int], ws: dict[str, torch.Tensor],

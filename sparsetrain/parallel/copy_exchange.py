@@ -32,7 +32,19 @@ def _plan(owners: list[int], copies: list[list[int]], group: dist.ProcessGroup |
     return plan_sparse(owners, copies, dist.get_rank(group), dist.get_world_size(group))
 
 
-class CopiesHandle:
+class _InFlight:
+    """One posted exchange, finished once (`_posted` is None after)."""
+
+    _posted: PostedExchange | None
+
+    def _received(self) -> Tensor:
+        if self._posted is None:
+            raise RuntimeError(f"{type(self).__name__}.wait() called twice")
+        recv, self._posted = self._posted.finish(), None
+        return recv
+
+
+class CopiesHandle(_InFlight):
     """Copies in flight to this rank: `wait()` gives (received rows [n_recv, C], their expert ids)."""
 
     def __init__(self, rows_of: RowsOf, owned_ids: list[int], owners: list[int], copies: list[list[int]],
@@ -47,17 +59,12 @@ class CopiesHandle:
         self._posted = PostedExchange(src, send_rows, [len(r) for r in plan.recv_rows], group,
                                       plan.transport(transport or DEFAULT_TRANSPORT))
         COMM.add("spag", plan.n_send * src.shape[1] * src.element_size())
-        self._done = False
 
     def wait(self) -> tuple[Tensor, list[int]]:
-        if self._done:
-            raise RuntimeError("CopiesHandle.wait() called twice")
-        self._done = True
-        recv, self._posted = self._posted.finish(), None  # type: ignore[assignment]
-        return recv, list(self.plan.recv_ids)
+        return self._received(), list(self.plan.recv_ids)
 
 
-class CopyGradsHandle:
+class CopyGradsHandle(_InFlight):
     """Copies' gradients in flight to their owners: `wait()` gives, per peer that sent any in ascending rank
     order, (rows of this rank's owned stack, their gradient sums [n, C] from that peer)."""
 
@@ -74,13 +81,9 @@ class CopyGradsHandle:
         self._posted = PostedExchange(grads.detach().contiguous(), tuple(back), [len(r) for r in plan.send_rows],
                                       group, plan.transport(transport or DEFAULT_TRANSPORT))
         COMM.add("sprs", plan.n_recv * grads.shape[1] * grads.element_size())
-        self._done = False
 
     def wait(self) -> list[tuple[tuple[int, ...], Tensor]]:
-        if self._done:
-            raise RuntimeError("CopyGradsHandle.wait() called twice")
-        self._done = True
-        recv, self._posted = self._posted.finish(), None  # type: ignore[assignment]
+        recv = self._received()
         counts = [len(r) for r in self.plan.send_rows]
         return [(rows, chunk) for rows, chunk in zip(self.plan.send_rows, recv.split(counts)) if rows]
 

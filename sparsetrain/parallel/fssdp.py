@@ -35,7 +35,7 @@ from sparsetrain.parallel.copy_exchange import (
 )
 from sparsetrain.parallel.dense import DTYPES, compute_dtype
 from sparsetrain.parallel.ep import keep_expert_rows
-from sparsetrain.parallel.fssdp_layer import FSSDPDispatcher
+from sparsetrain.parallel.fssdp_layer import FSSDPDispatcher, split_chunks
 from sparsetrain.parallel.fssdp_reshard import target_after_step
 from sparsetrain.parallel.mesh import DistInfo
 from sparsetrain.parallel.placement import LayerPlacement, LoadTracker, initial_owners
@@ -161,12 +161,10 @@ class FSSDP(Strategy):
         """Owned chunks `rows` (of the owned stack) as spAG sends them: dense [n, C] in the wire dtype (w1 | w2 |
         w3 flattened, written straight from the Parameters), or N:M-compressed bytes [n, B]."""
         out = torch.empty(len(rows), self.chunk_numel, dtype=self.wire_dtype(experts), device=experts.w1.device)
-        per = experts.d_model * experts.d_ffn
         with torch.no_grad():
-            for i, w in enumerate(EXPERT_WEIGHTS):
-                p = getattr(experts, w)
+            for w, view in split_chunks(out, experts.d_model, experts.d_ffn).items():  # [n, out, in] views of out
                 for j, r in enumerate(rows):
-                    out[j, i * per:(i + 1) * per].view(p.shape[1:]).copy_(p[r])  # casts to the wire dtype
+                    view[j].copy_(getattr(experts, w)[r])  # casts to the wire dtype
         return self.codec.encode(out) if self.codec is not None else out
 
     def _prefetch(self, li: int) -> None:
@@ -215,14 +213,13 @@ class FSSDP(Strategy):
             if handle is None:
                 self.sprs_posted["after"] += 1
                 handle = self._start_sprs(li, mod)
-            per = mod.d_model * mod.d_ffn
             for rows, got in handle.wait():  # got [n, C]: one peer's copies of `rows` of the owned stack
                 idx = row_index(rows, mod.w1.device)
-                for i, w in enumerate(EXPERT_WEIGHTS):
+                for w, part in split_chunks(got, mod.d_model, mod.d_ffn).items():  # [n, out, in] views
                     p = getattr(mod, w)
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                    p.grad.index_add_(0, idx, got[:, i * per:(i + 1) * per].view(len(rows), *p.shape[1:]).to(p.dtype))
+                    p.grad.index_add_(0, idx, part.to(p.dtype))
 
     # ------------------------------------------------------------------ steps
     def finish_backward(self, model: GPT) -> None:

@@ -56,8 +56,8 @@ class SparsePlan:
     recv_rows: tuple[tuple[int, ...], ...]  # [world] rows of `materialized` received from each peer
     owned_in_mat: tuple[int, ...]  # [n_owned] row of each owned chunk inside `materialized`
     n_pairs: int  # (sender, receiver) rank pairs with traffic in the whole placement (same on every rank)
-    recv_ids: tuple[int, ...] = ()  # [n_recv] expert of each received row, in arrival order (by source rank)
-    sent_owned: tuple[int, ...] = ()  # sorted rows of `owned` sent to at least one peer
+    recv_ids: tuple[int, ...]  # [n_recv] expert of each received row, in arrival order (by source rank)
+    sent_owned: tuple[int, ...]  # sorted rows of `owned` sent to at least one peer
 
     def transport(self, requested: str) -> str:
         """Resolve 'auto': p2p when fewer rank pairs exchange chunks than there are ranks, else one all-to-all."""
