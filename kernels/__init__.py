@@ -3,6 +3,7 @@
 Triton is imported lazily by the 'triton' N:M path only, never at import time.
 """
 from sparsetrain.kernels.grouped import (
+    compute_dtype,
     grouped_linear,
     grouped_linear_reference,
     grouped_mm_eligible,
@@ -26,6 +27,7 @@ __all__ = [
     "NMPath",
     "choose_path",
     "compress_nm",
+    "compute_dtype",
     "decompress",
     "get_path",
     "grouped_linear",

@@ -10,6 +10,13 @@ log = logging.getLogger("sparsetrain.kernels.grouped")
 _logged: set[str] = set()
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype GEMMs on `t` run in: the autocast dtype where autocast is on for its device (bf16 training
+    keeps fp32 activations and master weights that autocast casts per GEMM), else `t`'s own."""
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and t.is_floating_point() else t.dtype
+
+
 def grouped_linear_reference(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """y[rows of expert e] = x[rows of e] @ weight[e].T; x [N, in] sorted by expert, weight [E, out, in]."""
     # experts without rows are skipped: in decoding (one token) most of them are empty. unbind, not weight[e]:
@@ -67,8 +74,11 @@ def grouped_mm_eligible(x: torch.Tensor, weight: torch.Tensor, counts: list[int]
 
 
 def grouped_linear_grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """One torch._grouped_mm call: offs are cumulative end rows per expert (int32)."""
-    offs = torch.tensor(counts, device=x.device, dtype=torch.int64).cumsum(0).to(torch.int32)
+    """One torch._grouped_mm call: offs are cumulative end rows per expert (int32), built on the host and copied
+    without blocking (a plain copy to the GPU waits for the stream: a host sync per GEMM)."""
+    offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)
+    if x.is_cuda:
+        offs = offs.pin_memory().to(x.device, non_blocking=True)
     return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)  # [N, in] x [E, in, out] -> [N, out]
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from sparsetrain.kernels.grouped import compute_dtype
 from sparsetrain.kernels.nm_format import NMCompressed, compress_nm, decompress
 
 NMWeight = torch.Tensor | NMCompressed
@@ -133,48 +134,69 @@ def _is_2_4(w: torch.Tensor) -> bool:
     return bool((g <= 2).all())
 
 
+def _semi_dtype(t: torch.Tensor) -> torch.dtype:
+    """The 2:4 GEMM's dtype: the autocast dtype under autocast (fp32 master weights, fp32 norm outputs), else
+    `t`'s own. Semi-structured tensors support neither fp32 (cuSPARSELt) nor autocast's casts of them."""
+    return compute_dtype(t)
+
+
 class _Cuda24Linear(torch.autograd.Function):
-    """Forward with a 2:4 semi-structured weight; input-grad sparse when W.T is also 2:4 (transposable)."""
+    """Forward with a 2:4 semi-structured weight; input-grad sparse when W.T is also 2:4 (transposable). Runs in
+    the compute dtype with autocast off (it cannot cast a semi-structured weight); gradients in the inputs'."""
 
     @staticmethod
-    def forward(ctx, x, w):  # type: ignore[override]
-        ctx.save_for_backward(x, w)
-        return F.linear(x, _to_semi_structured(w))
+    def forward(ctx, x, w, dt):  # type: ignore[override]
+        xc = x.to(dt)
+        ctx.save_for_backward(xc, w)
+        ctx.dtypes = (x.dtype, w.dtype, dt)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(xc, _to_semi_structured(w.to(dt)))
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
         x, w = ctx.saved_tensors
+        x_dtype, w_dtype, dt = ctx.dtypes
+        dy = dy.to(dt)
         dx = dw = None
-        if ctx.needs_input_grad[0]:
-            wt = w.t().contiguous()  # [in, out]: 2:4 along out only if the mask is transposable
-            dx = F.linear(dy, _to_semi_structured(wt)) if _is_2_4(wt) else dy @ w
-        if ctx.needs_input_grad[1]:
-            dw = dy.t() @ x  # [out, B] @ [B, in] -> [out, in]
-        return dx, dw
+        with torch.autocast(dy.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                wt = w.t().contiguous().to(dt)  # [in, out]: 2:4 along out only if the mask is transposable
+                dx = (F.linear(dy, _to_semi_structured(wt)) if _is_2_4(wt) else dy @ w.to(dt)).to(x_dtype)
+            if ctx.needs_input_grad[1]:
+                dw = (dy.t() @ x).to(w_dtype)  # [out, B] @ [B, in] -> [out, in]
+        return dx, dw, None
 
 
 class _Cuda24Prepared(torch.autograd.Function):
-    """2:4 forward (and input-grad when W.T is 2:4) from semi-structured forms built once per weight update."""
+    """2:4 forward (and input-grad when W.T is 2:4) from semi-structured forms built once per weight update, in
+    their dtype (the compute dtype they were prepared in) with autocast off; gradients in the inputs' dtypes."""
 
     @staticmethod
     def forward(ctx, x, w, sw, swt):  # type: ignore[override]
-        ctx.save_for_backward(x, w)
-        ctx.swt = swt
-        return F.linear(x, sw)
+        xc = x.to(sw.dtype)
+        ctx.save_for_backward(xc, w)
+        ctx.swt, ctx.x_dtype = swt, x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(xc, sw)
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
         x, w = ctx.saved_tensors
+        dy = dy.to(x.dtype)
         dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = F.linear(dy, ctx.swt) if ctx.swt is not None else dy @ w
-        if ctx.needs_input_grad[1]:
-            dw = dy.t() @ x  # [out, B] @ [B, in] -> [out, in]
+        with torch.autocast(dy.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                dx = (F.linear(dy, ctx.swt) if ctx.swt is not None else dy @ w.to(dy.dtype)).to(ctx.x_dtype)
+            if ctx.needs_input_grad[1]:
+                dw = (dy.t() @ x).to(w.dtype)  # [out, B] @ [B, in] -> [out, in]
         return dx, dw, None, None
 
 
 def _cuda24_prepare(w: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    wt = w.detach().t().contiguous()  # [in, out]: 2:4 along out only if the mask is transposable
+    """Semi-structured forms of W and (when transposable) W.T in the compute dtype (prepared in the forward,
+    under the step's autocast)."""
+    w = w.detach().to(_semi_dtype(w))
+    wt = w.t().contiguous()  # [in, out]: 2:4 along out only if the mask is transposable
     return _to_semi_structured(w), (_to_semi_structured(wt) if _is_2_4(wt) else None)
 
 
@@ -184,7 +206,7 @@ def _cuda24_prepared(x: torch.Tensor, prepared: tuple, w: torch.Tensor) -> torch
 
 def cuda24_linear(x: torch.Tensor, w: NMWeight, bias: torch.Tensor | None, n: int, m: int) -> torch.Tensor:
     """2:4 via torch.sparse.to_sparse_semi_structured (CUTLASS / cuSPARSELt)."""
-    y = _Cuda24Linear.apply(x, dense_of(w))
+    y = _Cuda24Linear.apply(x, dense_of(w), _semi_dtype(x))
     return y + bias if bias is not None else y
 
 
@@ -196,8 +218,9 @@ def _cuda24_eligible(x: torch.Tensor, w: NMWeight, n: int, m: int) -> tuple[bool
         return False, "not a CUDA tensor"
     if torch.cuda.get_device_capability(x.device) < (8, 0):
         return False, "GPU older than sm80"
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        return False, f"dtype {x.dtype} (needs float16/bfloat16)"
+    dt = _semi_dtype(x)
+    if dt not in (torch.float16, torch.bfloat16):
+        return False, f"dtype {dt} (needs float16/bfloat16, or autocast to one)"
     out_f, in_f = (w.shape if isinstance(w, NMCompressed) else tuple(w.shape))[-2:]
     if out_f % 64 or in_f % 64 or out_f < 128 or in_f < 128:
         return False, f"weight {out_f}x{in_f} not a multiple of 64 (>= 128)"

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsetrain.kernels import (
+    compute_dtype,
     grouped_linear,
     grouped_mm_eligible,
     grouped_mm_input_eligible,
@@ -35,7 +36,9 @@ def swiglu_experts(x: torch.Tensor, counts: list[int], w1: torch.Tensor | None =
     `rows`: the per-expert path's weights already unbound, (w1, w2, w3) each as E rows (`GroupedExperts.bind`);
     `stacks`: builds (w1, w2, w3) stacked in the compute dtype for the grouped GEMM (fp32 master weights cast to
     the autocast dtype once, as autocast casts them for every GEMM; weights from two sources joined), instead
-    of the given w1/w2/w3."""
+    of the given w1/w2/w3. Under autocast x is cast to its dtype once here, as autocast would for each GEMM
+    (dispatchers hand fp32 activations to the experts under bf16 autocast: the grouped GEMM takes bf16 only)."""
+    x = x.to(compute_dtype(x))
     if grouped_mm_input_eligible(x)[0]:
         ws = stacks() if stacks is not None else (w1, w2, w3)
         if ws[0] is not None and grouped_mm_eligible(x, ws[0], counts)[0]:
@@ -49,6 +52,7 @@ def swiglu_experts(x: torch.Tensor, counts: list[int], w1: torch.Tensor | None =
 def swiglu_experts_with(linear: GroupedLinear, x: torch.Tensor, counts: list[int], ws: dict[str, torch.Tensor],
                         sources: dict[str, torch.Tensor]) -> torch.Tensor:
     """swiglu_experts through a custom grouped linear (N:M kernels) that also sees each weight's source."""
+    x = x.to(compute_dtype(x))  # [N, d] in the GEMMs' dtype (see swiglu_experts)
     h = F.silu(linear(x, ws["w1"], counts, sources["w1"])) * linear(x, ws["w3"], counts, sources["w3"])  # [N, d_ffn]
     return linear(h, ws["w2"], counts, sources["w2"])  # [N, d]
 
@@ -121,7 +125,4 @@ def compute_stacks(parts: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, 
     autocast is on for their device (fp32 master weights under train.precision=bf16; autograd casts the
     gradient back, so it lands in the fp32 Parameters)."""
     ws = _joined(parts)
-    dev = ws["w1"].device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-    return tuple(ws[n].to(dtype) if dtype is not None and ws[n].is_floating_point() else ws[n]
-                 for n in EXPERT_WEIGHTS)
+    return tuple(ws[n].to(compute_dtype(ws[n])) for n in EXPERT_WEIGHTS)

@@ -59,12 +59,17 @@ def expert_flops_per_slot(d_model: int, d_ffn: int) -> float:
     return 3.0 * 2.0 * 3 * d_model * d_ffn
 
 
-def measure_expert_flops(experts: GroupedExperts, slots: int, dtype: torch.dtype, reps: int = 3) -> float:
+def measure_expert_flops(experts: GroupedExperts, slots: int, dtype: torch.dtype, reps: int = 3,
+                         device: torch.device | None = None) -> float:
     """This rank's expert training throughput (FLOP/s): the best of `reps` timed forward + backward passes of
-    its own experts (compute path and weight transform included) over `slots` routed slots split evenly.
-    Runs on constant-filled copies of the weights: draws no random numbers and leaves the parameters alone."""
+    its own experts (compute path and weight transform included) over `slots` routed slots split evenly, on
+    `device` (default: the experts'; strategies measure before the model leaves the meta device, so they pass
+    the rank's device). Runs on constant-filled copies of the weights: draws no random numbers and leaves the
+    parameters alone."""
     n = max(1, experts.w1.shape[0])
-    device = experts.w1.device
+    device = torch.device(device) if device is not None else experts.w1.device
+    if device.type == "meta":
+        raise ValueError("measure_expert_flops needs a real device: the experts are on meta, pass the rank's device")
     ws = {w: torch.full((n, *getattr(experts, w).shape[1:]), 0.02, dtype=dtype, device=device, requires_grad=True)
           for w in EXPERT_WEIGHTS}  # [n, out, in] each
     x = torch.full((slots, experts.d_model), 0.1, dtype=dtype, device=device, requires_grad=True)  # [N, d]

@@ -45,8 +45,8 @@ def set_machine_numbers(s: FSSDPStrategy, experts: GroupedExperts, measured: dic
     tokens = cfg.data.batch_size * m.seq_len // (s.info.world * cfg.train.grad_accum)  # per micro-batch
     if f.expert_TFLOPs < 0:  # the slowest rank's, so every rank gates with the same number
         s.expert_flops = measured.get("expert_flops") or float(all_reduce_host(
-            [measure_expert_flops(experts, tokens * cfg.moe.top_k, s.wire_dtype(experts))], s.group,
-            op=dist.ReduceOp.MIN)[0])
+            [measure_expert_flops(experts, tokens * cfg.moe.top_k, s.wire_dtype(experts), device=s.info.device)],
+            s.group, op=dist.ReduceOp.MIN)[0])
     else:
         s.expert_flops = 1e12 * (f.expert_TFLOPs or tflops)
     if f.overlap_budget < 0:  # attention time of one block x bandwidth / chunk bytes

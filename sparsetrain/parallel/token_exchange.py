@@ -6,6 +6,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from sparsetrain.kernels import compute_dtype
 from sparsetrain.model.moe import capacity_keep, capacity_weights, combine_slots, expert_capacity
 from sparsetrain.model.router import RouterOutput
 from sparsetrain.parallel.a2a_overlap import a2a_start, a2a_wait
@@ -40,12 +41,6 @@ def _chunks_in_order(x: torch.Tensor, sizes: list[int], order: list[int]) -> tor
     backward is the same cut and re-concatenation; memcpy of whole chunks, no per-row gather or scatter-add)."""
     parts = torch.split(x, sizes)
     return torch.cat([parts[i] for i in order]) if order else x[:0]
-
-
-def _wire_dtype(x: torch.Tensor) -> torch.dtype:
-    """Tokens travel in the autocast dtype when autocast is on (bf16 runs), else in their own."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def _keep_in_graph(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +80,7 @@ def exchange_and_compute(x: torch.Tensor, route: RouterOutput, slot_rank: torch.
     flat_e = route.expert_ids.reshape(-1)  # [T*k]
     dropped = 0
     weights = route.weights
-    wire = _wire_dtype(x)  # bf16 on the wire under bf16 autocast
+    wire = compute_dtype(x)  # tokens travel in the GEMMs' dtype: bf16 on the wire under bf16 autocast
     with span("dispatch"):
         key = slot_rank * num_experts + flat_e  # [T*k] grouped by destination rank, then expert
         order = torch.argsort(key, stable=True)

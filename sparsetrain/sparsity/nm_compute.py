@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsetrain.kernels import grouped_linear
+from sparsetrain.kernels import compute_dtype, grouped_linear
 from sparsetrain.kernels.nm_dispatch import _resolve
 from sparsetrain.kernels.nm_paths import NM_PATHS
 from sparsetrain.sparsity.config import KERNELS
@@ -70,16 +70,17 @@ class NMCompute:
         return forms[(path, expert)]
 
     def grouped(self, x: torch.Tensor, w: torch.Tensor, counts: list[int], source: torch.Tensor) -> torch.Tensor:
-        """Expert GEMM: x [N, in] sorted by expert, masked stack w [E, out, in] -> [N, out]."""
+        """Expert GEMM: x [N, in] sorted by expert, masked stack w [E, out, in] -> [N, out]. The dense paths get
+        the stack in the GEMMs' dtype (fp32 masters under bf16 autocast: the grouped GEMM takes bf16 only)."""
         if not self.active(x) or w.shape[0] == 0:
             self.calls["dense"] += 1
-            return grouped_linear(x, w, counts)
+            return grouped_linear(x, w.to(compute_dtype(w)), counts)
         avg = max(1, sum(counts) // max(1, len(counts)))
         probe = x[:avg] if x.shape[0] >= avg else x.new_zeros(avg, x.shape[-1])  # shape/device for dispatch
         path = self._path(probe, w[0])
         self.calls[path] += 1
         if path == "reference":
-            return grouped_linear(x, w, counts)
+            return grouped_linear(x, w.to(compute_dtype(w)), counts)
         run = NM_PATHS[path].run_prepared
         outs = [run(xe, self.prepared(source, path, w, e), w[e]) for e, xe in enumerate(torch.split(x, counts))]
         return torch.cat(outs, dim=0)  # [N, out]

@@ -278,13 +278,16 @@ class Trainer:
         loads_path = self.out_dir / "expert_loads.jsonl"
         if self.info.is_main and self.start_step == 0 and loads_path.exists():
             loads_path.unlink()
-        TIMERS.enabled, TIMERS.sync_cuda = True, self.device.type == "cuda"
+        TIMERS.cuda_events = self.device.type == "cuda"
         bar = tqdm(total=cfg.train.steps, initial=self.start_step, disable=not self._progress(),
                    dynamic_ncols=True, leave=False)
         t_start, val_loss = time.perf_counter(), None
         self.model.train()
         for step in range(self.start_step, cfg.train.steps):
             COMM.reset()
+            last = step == cfg.train.steps - 1
+            evals = bool(cfg.train.eval_every) and ((step + 1) % cfg.train.eval_every == 0 or last)
+            TIMERS.enabled = (step + 1) % cfg.train.log_every == 0 or last or evals  # spans: log steps only
             t0 = time.perf_counter()
             rec = self._measured_step(step) if step == self.start_step else self.train_step(step)
             dt = time.perf_counter() - t0  # ends after the loss / grad norm reached the host: device work done
@@ -298,8 +301,8 @@ class Trainer:
                 with loads_path.open("a") as f:
                     f.write(json.dumps({"step": step, "counts": counts}) + "\n")
                 writer.note_loads(counts)
-            last = step == cfg.train.steps - 1
-            if cfg.train.eval_every and ((step + 1) % cfg.train.eval_every == 0 or last):
+            if evals:
+                TIMERS.enabled = False  # the log line's spans are the training step's
                 beat(self.out_dir, self.info.rank, step, "eval")
                 val_loss = self.evaluate()
                 rec["val_loss"] = val_loss

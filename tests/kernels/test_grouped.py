@@ -41,6 +41,8 @@ def test_per_expert_swiglu_equals_grouped_gemms(counts, autocast):
         got = _run(fn, x, counts, ws, autocast)
         assert len(got) == len(want)
         for a, b in zip(got, want):
+            if fn is swiglu_experts and not sum(counts):  # the model path casts x once: empty out in bf16 too
+                b = b.to(torch.bfloat16 if autocast else b.dtype)
             assert a.dtype == b.dtype and a.shape == b.shape
             torch.testing.assert_close(a.float(), b.float(), rtol=1e-2 if autocast else 1e-6,
                                        atol=1e-2 if autocast else 1e-6)

@@ -174,3 +174,26 @@ def test_dispatcher_is_swappable():
     layer.dispatcher = Recording()
     torch.testing.assert_close(layer(x), ref, rtol=0, atol=0)
     assert calls == [torch.Size([24, D])]
+
+
+def test_local_experts_get_tokens_in_the_autocast_dtype(monkeypatch):
+    """Under bf16 autocast the router's fp32 activations reach the experts cast once to bf16, as the token
+    exchange sends them: the grouped GEMM (CUDA sm90+) takes bf16 only, so fp32 tokens fell back to one
+    matmul per expert on one GPU and under dp. Gradients still land in the fp32 master weights."""
+    import sparsetrain.model.experts as experts_mod
+
+    seen = []
+    real = experts_mod.grouped_mm_input_eligible
+    monkeypatch.setattr(experts_mod, "grouped_mm_input_eligible", lambda x: (seen.append(x.dtype), real(x))[1])
+    torch.manual_seed(0)
+    layer = MoELayer(16, 4, 2, 32)
+    layer.experts.reset_parameters(0.02, 0.02)
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    assert seen == [torch.bfloat16]
+    assert layer.experts.w1.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    seen.clear()
+    layer(x)  # autocast off: tokens keep their dtype
+    assert seen == [torch.float32]

@@ -73,3 +73,24 @@ def test_auto_stays_dense_on_cpu_bitwise() -> None:
     assert all(torch.equal(losses[0][1][n], losses[1][1][n]) for n in losses[0][1])
     with pytest.raises(ValueError, match="kernel"):
         NMConfig(kernel="fast")
+
+
+def test_dense_expert_gemms_get_stacks_in_the_autocast_dtype(monkeypatch) -> None:
+    """Under bf16 autocast the masked fp32 expert stacks reach the grouped GEMM in bf16 (it takes bf16 only on
+    CUDA sm90+; fp32 stacks fell back to one matmul per expert), and gradients land in the fp32 originals."""
+    from sparsetrain.sparsity import nm_compute
+
+    seen = []
+    real = nm_compute.grouped_linear
+    monkeypatch.setattr(nm_compute, "grouped_linear",
+                        lambda x, w, c: (seen.append((x.dtype, w.dtype)), real(x, w, c))[1])
+    cfg = load_config("tiny", ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.seq_len=16",
+                               "model.vocab_size=64", "moe.num_experts=4", "moe.d_ffn=32"])
+    model = build_model(cfg)
+    sparsify_(model, NMConfig(modules=["experts"], kernel="auto"))
+    x = torch.randint(0, 64, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, x)
+    out.loss.backward()
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
