@@ -54,6 +54,20 @@ def apply_dense_sharding(model: nn.Module, info: DistInfo, ignored: set[nn.Param
     return model
 
 
+def reshard_fsdp(model: nn.Module) -> None:
+    """Free every FSDP2 module's unsharded parameters, so the model's parameters are the sharded ones the
+    optimizer holds. A forward without backward (evaluation) leaves the modules kept after forward (the root and
+    last block under `default`) unsharded: their parameters are then full views the optimizer has no state for,
+    and a checkpoint written then lost their Adam state."""
+    if not any(type(m).__name__.startswith("FSDP") for m in model.modules()):
+        return  # no FSDP2 module: nothing to import or free
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def all_reduce_grads(params: list[nn.Parameter], world: int, group: dist.ProcessGroup | None = None) -> None:
     """Sum the gradients over `group` (default: all ranks) in one flat buffer, then divide by `world`."""
     grads = [p.grad for p in params if p.grad is not None]

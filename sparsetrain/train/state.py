@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts
+from sparsetrain.parallel.dense import reshard_fsdp
 from sparsetrain.parallel.optim_state import OPT_KEYS, ensure_optimizer_state, step_device
 
 __all__ = ["OPT_KEYS", "ensure_optimizer_state", "expert_ids_of", "expert_rows", "flat_state", "full_model_state",
@@ -51,7 +52,10 @@ def _expert_param_names(model: nn.Module) -> dict[str, tuple[str, GroupedExperts
 
 
 def flat_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
-    """{key: tensor view} for params, persistent buffers and Adam state; experts split per expert."""
+    """{key: tensor view} for params, persistent buffers and Adam state; experts split per expert. FSDP2
+    modules are resharded first (their parameters are then the optimizer's); a trainable parameter without
+    optimizer state is refused rather than left out of a checkpoint."""
+    reshard_fsdp(model)
     experts = _expert_param_names(model)
     params = dict(model.named_parameters())
     out: dict[str, torch.Tensor] = {}
@@ -66,6 +70,11 @@ def flat_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dic
     if optimizer is None:
         return out
     ensure_optimizer_state(optimizer)
+    held = {p for g in optimizer.param_groups for p in g["params"]}
+    stateless = [n for n, p in params.items() if p.requires_grad and p not in held]
+    if stateless:
+        raise RuntimeError(f"the optimizer holds no state for {len(stateless)} trainable parameter(s), e.g. "
+                           f"{stateless[0]}: a checkpoint now would lose their Adam state")
     step = None
     for name, p in params.items():
         st = optimizer.state.get(p)

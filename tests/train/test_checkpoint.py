@@ -176,3 +176,43 @@ def test_resume_on_fewer_ranks(tmp_path, strategy):
         assert len(got) == 1, got  # only step 3 ran
         torch.testing.assert_close(torch.tensor(got[0]), torch.tensor(full[3]), rtol=1e-5, atol=1e-6,
                                    msg=f"{strategy} 4 ranks -> {strat} on {workers}: {got[0]} vs {full[3]}")
+
+
+def _eval_then_save_body(rank: int, world: int, cfg: dict, out: str) -> dict:
+    from tests.parity_utils import train_and_collect
+
+    first = train_and_collect(cfg, out)["losses"]
+    again = train_and_collect(cfg, out)  # the same command again: finds the finished run
+    return {"first": first, "again": again["losses"]}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["fssdp", "dp"])
+def test_checkpoint_after_eval_keeps_adam_state_of_fsdp_root_and_last_block(tmp_path, strategy):
+    """An evaluation (forward only) right before a save left FSDP2's root and last block unsharded: their
+    parameters were then full views without optimizer state, and the checkpoint silently lacked their Adam
+    state, so the next run could not resume (every default final checkpoint: eval runs on the last step)."""
+    cfg = small_config(f"parallel.strategy={strategy}", "parallel.dense=fsdp2", "checkpoint.every=2",
+                       "checkpoint.resume=true", "train.eval_every=2", "data.eval_batches=1",
+                       "parallel.pretend_nodes=0", steps=2)
+    res = run_distributed(_eval_then_save_body, 2, cfg, str(tmp_path / "run"))[0]
+    saved = tmp_path / "run" / "checkpoints" / "step_00000001"
+    keys = _keys(saved)
+    last = cfg["model"]["n_layers"] - 1
+    params = [n for n, _ in build_model(config_from_dict(cfg), "meta").named_parameters() if ".experts." not in n]
+    for want in ("tok_emb.weight", f"layers.{last}.attn.wk.weight", "norm.weight"):
+        assert want in params and f"optim.{want}.exp_avg_sq" in keys, want
+    assert [p for p in params if f"optim.{p}.exp_avg" not in keys] == []
+    assert len(res["first"]) == 2 and res["again"][-1:] != []  # resumed: reported, not a "does not match"
+
+
+@pytest.mark.unit
+def test_flat_state_refuses_trainable_params_the_optimizer_does_not_hold():
+    from sparsetrain.train.state import flat_state
+
+    model = build_model(config_from_dict(small_config()))
+    held = [p for n, p in model.named_parameters() if not n.startswith("norm.")]
+    opt = torch.optim.AdamW(held)
+    with pytest.raises(RuntimeError, match="no state for 1 trainable parameter.*norm.weight"):
+        flat_state(model, opt)
+    assert "optim.norm.weight.exp_avg" in flat_state(model, torch.optim.AdamW(model.parameters()))
