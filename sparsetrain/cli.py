@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -163,6 +164,8 @@ def generate(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
         _fail(f"--top-p must be in (0, 1], got {top_p}")
     if tokens < 0 or top_k < 0:
         _fail(f"--tokens and --top-k must be >= 0, got {tokens} and {top_k}")
+    if not math.isfinite(temperature) or temperature < 0:
+        _fail(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
     _preflight(cfg, training=False, data=False)
     try:
         import time
@@ -203,15 +206,17 @@ def plan(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
     """Print per-rank memory, the initial FSSDP placement and the predicted step time, without training."""
     cfg = _load(config, overrides)
     from sparsetrain.parallel.plan_report import plan_json, plan_report
+    from sparsetrain.preflight import check_planner
     from sparsetrain.sim.scale import plan_prediction
 
-    if as_json:
-        typer.echo(plan_json(cfg))
-        return
-    typer.echo(plan_report(cfg))
     try:
+        check_planner(cfg)
+        if as_json:
+            typer.echo(plan_json(cfg))
+            return
+        typer.echo(plan_report(cfg))
         typer.echo(plan_prediction(cfg, cluster))
-    except ValueError as e:
+    except (ConfigError, ValueError) as e:
         _fail(str(e))
 
 
@@ -277,6 +282,8 @@ def sim_predict(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
 
     try:
         counts = [int(g) for g in gpus.split(",") if g.strip()]
+        if not counts or min(counts) < 1:
+            raise ValueError(f"--gpus needs GPU counts >= 1, got {gpus!r}")
         c = load_cluster(cluster)
         per_gpu = batch_per_gpu or max(1, cfg.data.batch_size // cfg.launch.workers)
         rows = scale_rows(setup_from_config(cfg), c, counts, workload or f"zipf:{cfg.moe.router_skew}", per_gpu,

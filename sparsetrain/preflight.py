@@ -50,6 +50,25 @@ def check_data(cfg: Config) -> None:
     open_as_a_rank(cfg)
 
 
+def visible_gpus() -> int:
+    """CUDA GPUs this machine shows, from NVML (no CUDA context in the launcher), else torch's count."""
+    with contextlib.suppress(Exception):
+        import pynvml
+
+        pynvml.nvmlInit()
+        return int(pynvml.nvmlDeviceGetCount())
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def check_device(cfg: Config) -> None:
+    """train.device=cuda needs a CUDA GPU on this machine (else every rank would start, then fail)."""
+    if cfg.train.device == "cuda" and visible_gpus() == 0:
+        raise ConfigError("train.device=cuda but this machine has no CUDA GPU; use train.device=cpu (or auto), "
+                          "or launch.address=... to run on a GPU cluster")
+
+
 def available_bytes(device: str) -> tuple[int, str] | None:
     """(bytes one machine offers, what they are) for the run's device; None when unknown."""
     if device != "cpu":  # NVML, not torch.cuda: the launcher must not create a CUDA context on GPU 0
@@ -98,6 +117,7 @@ def preflight(cfg: Config, training: bool = True, data: bool = True) -> None:
     check_planner(cfg)
     if cfg.launch.address:
         return  # data and memory live on the cluster's nodes; the ranks check them there
+    check_device(cfg)
     check_memory(cfg, training)
     if data:
         check_data(cfg)

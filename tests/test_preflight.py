@@ -88,9 +88,27 @@ def test_non_utf8_config_and_set_value(tmp_path: Path) -> None:
     (["train", "--set", "model.seq_len=100000000"], 1),
     (["eval", "--set", "data.eval_batches=0"], 2),  # config load: 2
     (["train", "--set", "launch.cpus_per_worker=0"], 2),
+    (["plan", "--set", "parallel.fssdp.planner=bogus"], 2),  # plan: the planner registry, as train does
+    (["plan", "--json", "--set", "parallel.strategy=ep", "--set", "parallel.fssdp.planner=bogus"], 2),
+    (["sim", "predict", "-c", "gpt-moe-s", "--gpus", "0"], 2),
+    (["sim", "predict", "-c", "gpt-moe-s", "--gpus", ","], 2),
+    (["generate", "--temperature", "-1"], 2),
+    (["generate", "--temperature", "nan"], 2),
 ])
 def test_cli_one_line_no_traceback(args: list[str], code: int) -> None:
     res = CliRunner().invoke(app, args)
     assert res.exit_code == code, res.output
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.output, res.output
+
+
+def test_cuda_device_without_a_gpu_is_refused_before_start(monkeypatch) -> None:
+    from sparsetrain import preflight as pf
+
+    monkeypatch.setattr(pf, "visible_gpus", lambda: 0)
+    with pytest.raises(ConfigError, match="train.device=cuda but this machine has no CUDA GPU"):
+        pf.preflight(load_config("tiny", ["train.device=cuda"]))
+    res = CliRunner().invoke(app, ["train", "--set", "train.device=cuda", "--set", "train.out_dir=/tmp/never"])
+    assert res.exit_code == 1 and res.output.startswith("error: train.device=cuda"), res.output  # one line, no start
+    monkeypatch.setattr(pf, "visible_gpus", lambda: 8)
+    pf.check_device(load_config("tiny", ["train.device=cuda"]))  # a GPU machine passes

@@ -124,7 +124,7 @@ def exchange_and_compute(x: torch.Tensor, route: RouterOutput, slot_rank: torch.
         if overlap:
             buf, ticket = a2a_start(x_send, send_splits, recv_splits, group)
             by_own = torch.split(order_own, own_e)  # own slots per global expert id
-            slots_own = torch.cat([by_own[e] for e in local_ids])  # [A] grouped by expert in local_ids order
+            slots_own = torch.cat([by_own[e] for e in local_ids] or [order_own[:0]])  # [A] by expert, local_ids order
             with span("experts"):
                 y_own = expert_fn(x[slots_own // k].to(wire), [own_e[e] for e in local_ids])  # [A, d]
             x_recv = a2a_wait(buf, ticket)  # [R, d] in (src, expert) chunks

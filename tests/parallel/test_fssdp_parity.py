@@ -17,6 +17,9 @@ CASES = {
     "2r_skew_ddp": (2, ["moe.router_skew=1.2", "parallel.dense=ddp", "parallel.fssdp.reshard_every=5"]),
     "4r_2experts": (4, ["moe.num_experts=2", "moe.router_skew=1.6", "parallel.fssdp.reshard_every=2"]),
     "4r_2experts_lpt": (4, ["moe.num_experts=2", "parallel.fssdp.planner=lpt_spill", "moe.router_skew=1.6"]),
+    # no copies: ranks 2 and 3 hold no expert at all (their own slots are none; the overlapped exchange runs)
+    "4r_2experts_idle_ranks": (4, ["moe.num_experts=2", "parallel.fssdp.planner=none", "moe.router_skew=1.6",
+                                   "parallel.a2a_overlap=true"]),
     # the hot set moves every 4 steps; no scheduled re-shard within the run: only early ones move ownership
     "2r_drift_early_reshard": (2, ["parallel.fssdp.planner=none", "moe.router_skew=1.2", "moe.skew_drift_every=4",
                                    "parallel.fssdp.reshard_every=50", "parallel.fssdp.reshard_early=true"]),
