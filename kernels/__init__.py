@@ -8,6 +8,7 @@ from sparsetrain.kernels.grouped import (
     grouped_linear_reference,
     grouped_mm_eligible,
     grouped_mm_input_eligible,
+    host_to_device,
     swiglu_experts_reference,
 )
 from sparsetrain.kernels.nm_dispatch import (
@@ -36,6 +37,7 @@ __all__ = [
     "grouped_mm_input_eligible",
     "grouped_nm_linear",
     "grouped_nm_linear_reference",
+    "host_to_device",
     "is_nm_sparse",
     "nm_linear",
     "set_benchmark_table",

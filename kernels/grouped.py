@@ -17,6 +17,14 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and t.is_floating_point() else t.dtype
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor (indices, offsets) on `device` without a host sync: to a GPU through pinned memory
+    with a non-blocking copy (a plain copy of pageable memory waits for the stream); unchanged on CPU."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def grouped_linear_reference(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """y[rows of expert e] = x[rows of e] @ weight[e].T; x [N, in] sorted by expert, weight [E, out, in]."""
     # experts without rows are skipped: in decoding (one token) most of them are empty. unbind, not weight[e]:
@@ -76,9 +84,7 @@ def grouped_mm_eligible(x: torch.Tensor, weight: torch.Tensor, counts: list[int]
 def grouped_linear_grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """One torch._grouped_mm call: offs are cumulative end rows per expert (int32), built on the host and copied
     without blocking (a plain copy to the GPU waits for the stream: a host sync per GEMM)."""
-    offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)
-    if x.is_cuda:
-        offs = offs.pin_memory().to(x.device, non_blocking=True)
+    offs = host_to_device(torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32), x.device)
     return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)  # [N, in] x [E, in, out] -> [N, out]
 
 

@@ -43,7 +43,8 @@ def train_and_collect(cfg_dict: dict, out_dir: str) -> dict[str, Any]:
     reshards = getattr(tr.strategy, "reshards", 0)
     return {"losses": losses, "state": state, "last": extra, "rank": int(os.environ.get("RANK", "0")),
             "reshards": reshards, "reshard_moves": getattr(tr.strategy, "reshard_moves", 0),
-            "early_reshards": getattr(tr.strategy, "early_reshards", 0), "sprs_posted": dict(getattr(tr.strategy, "sprs_posted", {}))}
+            "early_reshards": getattr(tr.strategy, "early_reshards", 0), "sprs_posted": dict(getattr(tr.strategy, "sprs_posted", {})),
+            "regather_skipped": getattr(tr.strategy, "regather_skipped", 0)}
 
 
 def run_reference(cfg_dict: dict, out_dir: str) -> dict[str, Any]:

@@ -106,6 +106,15 @@ class GroupedExperts(nn.Module):
         stacks = cache(lambda: compute_stacks(parts))  # built only for a grouped GEMM, once per bind
         return partial(swiglu_experts, rows=rows, stacks=stacks)
 
+    def uses_grouped_gemm(self, x: torch.Tensor) -> bool:
+        """Whether a call on input `x` runs torch._grouped_mm (CUDA bf16 sm90+, dims multiples of 8, no N:M
+        kernels). It computes on stacks joined from own and copied weights (new storage, saved for backward), so
+        no view of a gathered copies buffer is saved: nothing in backward reads a re-gathered one."""
+        if self.grouped_linear_fn is not None or self.d_model % 8 or self.d_ffn % 8:
+            return False
+        dt = compute_dtype(x)
+        return grouped_mm_input_eligible(x if x.dtype == dt else x[:0].to(dt))[0]
+
     def reset_parameters(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w1, std=std)
         nn.init.normal_(self.w3, std=std)

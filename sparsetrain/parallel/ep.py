@@ -32,7 +32,7 @@ class EPDispatcher:
 
     def __call__(self, experts: GroupedExperts, x: torch.Tensor, route: RouterOutput) -> tuple[torch.Tensor, int]:
         s = self.s
-        owner = s.owner_table[self.layer].to(route.expert_ids.device)  # [E] EP-group rank of each expert
+        owner = s.owner_table[self.layer]  # [E] EP-group rank of each expert, on the rank's device
         slot_rank = owner[route.expert_ids.reshape(-1)]  # [T*k]
         out, dropped, counts = exchange_and_compute(
             x, route, slot_rank, experts.num_experts, experts.expert_ids,
@@ -73,7 +73,7 @@ class ExpertParallel(Strategy):
         ep_rank = dist.get_rank(self.ep_group)
         owners = self.static_owners(len(model.moe_layers()))
         for li, moe in enumerate(model.moe_layers()):
-            self.owner_table.append(torch.tensor(owners[li], dtype=torch.long))
+            self.owner_table.append(torch.tensor(owners[li], dtype=torch.long, device=self.info.device))  # once
             keep_expert_rows(moe.experts, [e for e, o in enumerate(owners[li]) if o == ep_rank])
             moe.dispatcher = EPDispatcher(self, li)
         self._expert_list = [p for _, m in expert_modules(model) for p in m.parameters()]  # same order on all ranks

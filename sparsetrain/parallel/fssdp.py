@@ -71,6 +71,7 @@ class FSSDP(Strategy):
         self.grad_stash: dict[int, torch.Tensor] = {}  # layer -> grad of its gathered copies [n_copies, C]
         self.sprs_pending: dict[int, CopyGradsHandle] = {}  # layer -> spRS posted during backward
         self.sprs_posted = {"backward": 0, "after": 0}  # spRS calls posted during backward vs after it
+        self.regather_skipped = 0  # layer-steps on the grouped GEMM (copies in its joined stacks): no re-gather
         # CPU/gloo (benchmarks/RESULTS.md): posting during backward measured 0.96-1.03x the step time of
         # posting after it (2 cores, nothing idle to overlap with); on CUDA it runs on a side stream
         post = self.fcfg.sprs_post

@@ -38,6 +38,7 @@ class LayerHost(Protocol):
     codec: Any
     anchor: torch.Tensor
     sprs_in_backward: bool
+    regather_skipped: int  # layer-steps on the grouped GEMM: copies kept in its stacks, no re-gather
     model_ref: Any
     owner_index: list[torch.Tensor]
 
@@ -83,7 +84,10 @@ class FSSDPDispatcher:
         s.copy_ids[li] = copy_ids
         if torch.is_grad_enabled():
             mat = _Materialized.apply(s.anchor, mat, s, li)
-        keep = s.fcfg.keep_materialized
+        # the grouped GEMM saves joined stacks, no view of `mat`: a backward re-gather would bring rows nothing
+        # reads (the per-expert rows and the N:M weight transform save views of `mat`: released, re-gathered)
+        keep = s.fcfg.keep_materialized or experts.uses_grouped_gemm(x)
+        s.regather_skipped += keep and not s.fcfg.keep_materialized
         layer = ChunkLayer(s, li, mat, release=not keep)
         # one layer of the saved-tensor stack (offload.saved): chunk views are released (re-gathered in
         # backward) or kept, never offloaded; every other saved tensor goes on to offload's layer, if any

@@ -57,7 +57,9 @@ def choose_replicas(expert_ids: torch.Tensor, src_rank: int, placement: LayerPla
     num_experts = placement.num_experts
     if ids.numel() == 0:
         return torch.empty(0, dtype=torch.long, device=ids.device)
-    if int(ids.min()) < 0 or int(ids.max()) >= num_experts:
+    if ids.is_cuda:  # checked on the device: reading min/max back would cost two host syncs per layer
+        torch._assert_async(((ids >= 0) & (ids < num_experts)).all(), f"expert ids must be in 0..{num_experts - 1}")
+    elif int(ids.min()) < 0 or int(ids.max()) >= num_experts:
         raise ValueError(f"expert ids must be in 0..{num_experts - 1}, got range "
                          f"{int(ids.min())}..{int(ids.max())}")
     table, counts = _candidate_table(placement, topo, src_rank, str(ids.device))

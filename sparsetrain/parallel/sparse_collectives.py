@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from sparsetrain.kernels import host_to_device
 from sparsetrain.parallel.comm import to_comm
 from sparsetrain.telemetry.comm import COMM
 
@@ -154,8 +155,9 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def row_index(rows: tuple[int, ...], device: torch.device) -> Tensor:
-    """Row numbers as an index tensor on `device`."""
-    return torch.tensor(rows, dtype=torch.long, device=device)
+    """Row numbers as an index tensor on `device`, copied without a host sync (posted from the side stream: a
+    blocking copy there would wait for all compute queued so far)."""
+    return host_to_device(torch.tensor(rows, dtype=torch.long), device)
 
 
 def _post_exchange(

@@ -30,11 +30,16 @@ def _nvml() -> Any | None:
 
 
 def _device_index() -> int:
-    """This worker's GPU as NVML numbers it: the first of CUDA_VISIBLE_DEVICES (if numeric) else LOCAL_RANK."""
-    vis = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-    if vis.isdigit():
-        return int(vis)
-    return int(os.environ.get("LOCAL_RANK", "0") or 0)
+    """This worker's GPU as NVML numbers it: the rank computes on cuda:LOCAL_RANK, i.e. entry LOCAL_RANK of
+    CUDA_VISIBLE_DEVICES (the launchers give every worker the node's whole list, ordered by local rank);
+    a single numeric entry is the worker's own GPU; else LOCAL_RANK itself."""
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    vis = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if len(vis) > local and vis[local].isdigit():
+        return int(vis[local])
+    if len(vis) == 1 and vis[0].isdigit():
+        return int(vis[0])
+    return local
 
 
 def read_sample(nvml: Any, handle: Any) -> dict[str, float]:

@@ -194,9 +194,9 @@ class Trainer:
             self.strategy.before_backward(last_micro=mi == cfg.grad_accum - 1)
             self.strategy.backward(loss / cfg.grad_accum)
             t_fwd, t_bwd = t_fwd + t1 - t0, t_bwd + time.perf_counter() - t1
-            stats[:4] += torch.stack([out.loss.detach().float(), out.aux_loss.detach().float(),
-                                      out.z_loss.detach().float(),
-                                      torch.tensor(float(out.dropped), device=self.device)]).to(self.device) / cfg.grad_accum
+            stats[:3] += torch.stack([out.loss.detach().float(), out.aux_loss.detach().float(),
+                                      out.z_loss.detach().float()]).to(self.device) / cfg.grad_accum
+            stats[3] += float(out.dropped) / cfg.grad_accum  # a host number: no host-to-device copy
             if out.tokens_per_expert is not None:
                 c = out.tokens_per_expert.detach().float()
                 counts = c if counts is None else counts + c

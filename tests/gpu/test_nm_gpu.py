@@ -72,3 +72,47 @@ def swiglu_ref(x: torch.Tensor, counts: list[int], experts) -> torch.Tensor:
     from sparsetrain.kernels import swiglu_experts_reference
 
     return swiglu_experts_reference(x, counts, experts.w1.detach(), experts.w2.detach(), experts.w3.detach())
+
+
+@pytest.mark.skipif(not _sm(9), reason="torch._grouped_mm path needs sm90+")
+def test_local_moe_layer_takes_grouped_mm_with_fp32_tokens_under_autocast(monkeypatch) -> None:
+    """One GPU / dp: the router hands fp32 activations to the experts under bf16 autocast; they are cast once
+    and the grouped GEMM runs (it was skipped: fp32 input), and grads reach the fp32 masters."""
+    from sparsetrain.kernels import grouped as grouped_mod
+    from sparsetrain.model.moe import MoELayer
+
+    calls = []
+    real = grouped_mod.grouped_linear_grouped_mm
+    monkeypatch.setattr(grouped_mod, "grouped_linear_grouped_mm", lambda *a: calls.append(1) or real(*a))
+    layer = MoELayer(256, 8, 2, 512).cuda()
+    layer.experts.reset_parameters(0.02, 0.02)
+    x = torch.randn(2, 64, 256, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    assert len(calls) == 3 and layer.experts.w1.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    assert layer.experts.uses_grouped_gemm(x)
+
+
+@pytest.mark.skipif(not _sm(8), reason="needs sm80+")
+def test_cuda_2_4_with_fp32_masters_under_bf16_autocast() -> None:
+    """train.precision=bf16 + sparsity.kernel=cuda_2_4: fp32 master weights, fp32 or bf16 activations; the 2:4
+    GEMM runs in bf16 with autocast off inside, gradients come back in the inputs' dtypes."""
+    from sparsetrain.kernels.nm_paths import NM_PATHS
+
+    torch.manual_seed(0)
+    w = torch.randn(256, 512, device="cuda")
+    w = (w * transposable_nm_mask(w, 2, 4)).requires_grad_(True)  # fp32 master
+    path = NM_PATHS["cuda_2_4"]
+    for x_dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(128, 512, device="cuda", dtype=x_dtype, requires_grad=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert path.eligible(x, w, 2, 4)[0], path.eligible(x, w, 2, 4)
+            y = path.run_prepared(x, path.prepare(w, 2, 4), w)
+            y2 = nm_linear(x, w, n=2, m=4, path="cuda_2_4")
+        assert y.dtype == y2.dtype == torch.bfloat16
+        (y.float().square().sum() + y2.float().square().sum()).backward()
+        ref = torch.nn.functional.linear(x.detach().float(), w.detach())
+        assert torch.allclose(y.float(), ref, atol=0.5, rtol=5e-2)
+        assert x.grad.dtype == x_dtype and w.grad.dtype == torch.float32
+        w.grad = None

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from sparsetrain.kernels import grouped_linear_reference, swiglu_experts_reference
 
-from sparsetrain.model.experts import swiglu_experts
+from sparsetrain.model.experts import GroupedExperts, swiglu_experts
 
 pytestmark = [pytest.mark.unit]
 
@@ -128,3 +128,21 @@ def test_compute_stacks_cast_master_weights_to_the_autocast_dtype():
     assert [w.dtype for w in stacks] == [torch.bfloat16] * 3
     sum(w.float().sum() for w in stacks).backward()
     assert experts.w1.grad.dtype == torch.float32 and bool((experts.w1.grad == 1).all())
+
+
+def test_uses_grouped_gemm_only_where_torch_grouped_mm_would_run(monkeypatch):
+    """FSSDP skips the backward re-gather of a layer's copies exactly when the grouped GEMM runs: it saves the
+    joined stacks, not views of the gathered buffer (the per-expert rows and the N:M transform save views)."""
+    import sparsetrain.model.experts as experts_mod
+
+    ex = GroupedExperts(4, 16, 32)
+    x = torch.randn(6, 16)
+    assert not ex.uses_grouped_gemm(x)  # CPU: per-expert rows
+    seen = []
+    monkeypatch.setattr(experts_mod, "grouped_mm_input_eligible", lambda t: (seen.append(t.dtype), (True, ""))[1])
+    assert ex.uses_grouped_gemm(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ex.uses_grouped_gemm(x) and seen[-1] == torch.bfloat16  # judged in the GEMMs' dtype
+    assert not GroupedExperts(4, 12, 32).uses_grouped_gemm(x[:, :12])  # d_model not a multiple of 8
+    ex.grouped_linear_fn = lambda *a: None  # N:M kernels: their own GEMMs
+    assert not ex.uses_grouped_gemm(x)

@@ -114,3 +114,17 @@ def test_fssdp_node_map_takes_the_nvlink_islands(monkeypatch):
     assert FSSDP._link_topology(stub, Topology(4, 4)) == Topology(4, 4)
     stub.cfg.parallel.pretend_nodes, stub.info.device.type = 0, "cpu"
     assert FSSDP._link_topology(stub, Topology(4, 4)) == Topology(4, 4)
+
+
+@pytest.mark.parametrize(("visible", "local_rank", "want"), [
+    ("4,5,6,7", "2", 6),  # the node's list by local rank (launcher/env.py): local rank 2 computes on cuda:2 = GPU 6
+    ("3", "0", 3),  # one GPU per worker
+    ("", "1", 1),  # no list: NVML numbering = local rank
+    ("GPU-aa,GPU-bb", "1", 1),  # UUIDs: fall back to the local rank
+])
+def test_sampled_gpu_is_the_one_the_rank_computes_on(monkeypatch, visible, local_rank, want):
+    from sparsetrain.telemetry.gpu import _device_index
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert _device_index() == want
