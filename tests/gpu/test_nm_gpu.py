@@ -79,6 +79,7 @@ def test_local_moe_layer_takes_grouped_mm_with_fp32_tokens_under_autocast(monkey
     """One GPU / dp: the router hands fp32 activations to the experts under bf16 autocast; they are cast once
     and the grouped GEMM runs (it was skipped: fp32 input), and grads reach the fp32 masters."""
     from sparsetrain.kernels import grouped as grouped_mod
+
     from sparsetrain.model.moe import MoELayer
 
     calls = []
