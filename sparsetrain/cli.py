@@ -113,6 +113,10 @@ def _single_process_model(cfg: Config, checkpoint: str | None):
     from sparsetrain.train import checkpoint as ckpt
 
     model = build_model(cfg)
+    if cfg.sparsity.enabled:  # the N:M masks the run trained with (its weights are parametrized originals)
+        from sparsetrain.sparsity import NMConfig, sparsify_
+
+        sparsify_(model, NMConfig.from_config(cfg.sparsity))
     root = ckpt.checkpoint_root(cfg.train.out_dir, checkpoint or cfg.checkpoint.dir)
     if ckpt.is_checkpoint_dir(root):  # one checkpoint named: verified, refused if bad
         path, manifest = root, None
@@ -123,6 +127,10 @@ def _single_process_model(cfg: Config, checkpoint: str | None):
         if path is None:
             _fail(f"no committed checkpoint under {root}")
     extra = ckpt.load_checkpoint(path, model, None, manifest, cfg_dict=to_dict(cfg))
+    if cfg.sparsity.enabled:  # schedules (structure / mask decay) where training left them after that step
+        from sparsetrain.sparsity import nm_sparsifier
+
+        nm_sparsifier(model).load_state_dict({"step": int(extra["step"]) + 1})
     model.eval()
     return model, path, extra
 

@@ -81,10 +81,10 @@ def _rank_busy(recs: list[dict[str, Any]], out: Path) -> Path | None:
         return None
     plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    world = len(rows[0]["ranks"]["experts_ms"])
+    world = max(len(r["ranks"]["experts_ms"]) for r in rows)  # a run resumed on another world size changes it
     for rank in range(world):
         busy = [(r["step"] + 1, r["ranks"]["attention_cpu_ms"][rank] + r["ranks"]["experts_cpu_ms"][rank])
-                for r in rows]
+                for r in rows if rank < len(r["ranks"]["experts_cpu_ms"])]
         a.plot(*zip(*busy), marker=".", label=f"rank {rank}")
     a.set_xlabel("step")
     a.set_ylabel("forward busy CPU ms (attention + experts)")
@@ -92,9 +92,9 @@ def _rank_busy(recs: list[dict[str, Any]], out: Path) -> Path | None:
     last = rows[-1]["ranks"]
     spans = [k for k in ("attention_ms", "dispatch_ms", "experts_ms", "combine_ms", "spag_wait_ms", "sprs_ms",
                          "optimizer_ms") if k in last]
-    bottom = [0.0] * world
+    bottom = [0.0] * len(last["experts_ms"])  # the last record's ranks
     for k in spans:
-        b.bar(range(world), last[k], bottom=bottom, label=k[:-3])
+        b.bar(range(len(bottom)), last[k], bottom=bottom, label=k[:-3])
         bottom = [x + y for x, y in zip(bottom, last[k])]
     b.set_xlabel("rank")
     b.set_ylabel(f"wall ms at step {rows[-1]['step'] + 1}")
@@ -110,9 +110,9 @@ def _memory(recs: list[dict[str, Any]], out: Path) -> Path | None:
         return None
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for rank in range(len(per_rank[0]["peak_memory_mib"]) if per_rank else 0):
-        ax.plot([r["step"] + 1 for r in per_rank], [r["peak_memory_mib"][rank] for r in per_rank], marker=".",
-                label=f"peak rank {rank}")
+    for rank in range(max((len(r["peak_memory_mib"]) for r in per_rank), default=0)):  # world may change
+        pts = [(r["step"] + 1, r["peak_memory_mib"][rank]) for r in per_rank if rank < len(r["peak_memory_mib"])]
+        ax.plot(*zip(*pts), marker=".", label=f"peak rank {rank}")
     if keys:
         lines(ax, recs, keys, "memory")
     ax.set_xlabel("step")

@@ -1,6 +1,7 @@
 """Report for a sweep directory: each summary metric against the swept keys, plus the table of points."""
 from __future__ import annotations
 
+import csv
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -44,9 +45,25 @@ def _metric_plot(rows: list[dict[str, Any]], keys: list[str], metric: str, out: 
     return save(fig, out / f"{metric}.png")
 
 
+def current_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+    """The sweep's points as they stand, in point order: sweep.jsonl appends a row per run, so a point re-run
+    (a retried failure, or an edited grid re-using the index and its points/NNN dir) has several; the last one
+    per index is what its directory holds. Points no longer in the grid (sweep.csv, rewritten by the runner
+    for the current grid) are left out."""
+    latest: dict[int, dict[str, Any]] = {}
+    for r in read_jsonl(sweep_dir / "sweep.jsonl"):
+        latest[int(r["point"])] = r
+    csv_path = sweep_dir / "sweep.csv"
+    if csv_path.exists():
+        with csv_path.open(newline="") as f:
+            current = {int(row["point"]) for row in csv.DictReader(f) if row.get("point", "").isdigit()}
+        latest = {i: r for i, r in latest.items() if i in current}
+    return [latest[i] for i in sorted(latest)]
+
+
 def sweep_report(sweep_dir: Path, out: Path) -> Path:
     """Write one PNG per recorded metric and report.md (all points, failed ones with their error)."""
-    rows = read_jsonl(sweep_dir / "sweep.jsonl")
+    rows = current_rows(sweep_dir)
     if not rows:
         raise ValueError(f"{sweep_dir / 'sweep.jsonl'} has no points")
     keys = list(dict.fromkeys(k for r in rows for k in r["keys"]))

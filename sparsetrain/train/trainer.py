@@ -129,6 +129,8 @@ class Trainer:
             self.optimizer = build_optimizer(self.strategy.trainable(self.model), self.cfg.train)
         ckpt.load_checkpoint(path, self.model, self.optimizer, manifest)
         self.start_step = int(extra["step"]) + 1
+        if self.sparsifier is not None:  # N:M schedules follow the global step (masks refresh from the weights)
+            self.sparsifier.load_state_dict({"step": self.start_step})
         if self.info.is_main:
             download_logs(self.cfg.train.out_dir)  # a URL out_dir resumed on a fresh node: its logs so far
             truncate_after(self.out_dir / "metrics.jsonl", int(extra["step"]))

@@ -69,3 +69,36 @@ def test_report_of_nothing_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sparsetrain.cli", "report", str(tmp_path)], check=False,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "neither metrics.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("worlds", [(4, 2), (2, 4)])
+def test_run_report_of_a_run_resumed_on_another_world_size(tmp_path, worlds):
+    """Per-rank lists change length where a run resumed on fewer or more ranks (checkpoints reshard)."""
+    d = tmp_path / "run"
+    d.mkdir()
+    recs = []
+    for step, world in ((1, worlds[0]), (3, worlds[0]), (5, worlds[1]), (7, worlds[1])):
+        recs.append({"step": step, "loss": 5.0 - step / 4, "peak_memory_mib": [100.0 + r for r in range(world)],
+                     "ranks": {k: [1.0 + r for r in range(world)] for k in (
+                         "attention_ms", "experts_ms", "dispatch_ms", "combine_ms", "attention_cpu_ms",
+                         "experts_cpu_ms")}})
+    _jsonl(d / "metrics.jsonl", recs)
+    md = write_report(d)
+    assert {"rank_busy.png", "memory.png"} <= {p.name for p in md.parent.glob("*.png")}
+
+
+def test_sweep_report_shows_each_point_once_as_it_stands(tmp_path):
+    """sweep.jsonl appends a row per run: a retried point, or a point of an edited grid re-using its index
+    (and points/NNN dir), appears several times; the report shows the last row per point of the current grid."""
+    d = tmp_path / "sweep"
+    d.mkdir()
+    rows = [{"point": i, "id": f"old{i}", "keys": {"parallel.strategy": s}, "status": "failed", "error": "timeout"}
+            for i, s in enumerate(("ep", "fssdp", "dp"))]  # the first grid: 3 points, all timed out
+    rows += [{"point": i, "id": f"new{i}", "keys": {"parallel.strategy": s}, "status": "ok", "tokens_per_s": 10.0 + i}
+             for i, s in enumerate(("ep", "fssdp"))]  # the edited grid: 2 points, both ran
+    _jsonl(d / "sweep.jsonl", rows)
+    (d / "sweep.csv").write_text("point,parallel.strategy,status,error,tokens_per_s,dir\n"
+                                 "0,ep,ok,,10.0,points/000\n1,fssdp,ok,,11.0,points/001\n")
+    text = write_report(d).read_text()
+    assert "2 of 2 points finished" in text and "timeout" not in text
+    assert sum(line.startswith("| 0 |") for line in text.splitlines()) == 1

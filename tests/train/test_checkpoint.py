@@ -13,6 +13,7 @@ import torch
 
 from sparsetrain.config import config_from_dict, to_dict
 from sparsetrain.model.gpt import build_model
+from sparsetrain.sparsity import nm_sparsifier
 from sparsetrain.train import checkpoint as ckpt
 from sparsetrain.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from sparsetrain.train.safe_dcp import load_metadata
@@ -216,3 +217,28 @@ def test_flat_state_refuses_trainable_params_the_optimizer_does_not_hold():
     with pytest.raises(RuntimeError, match="no state for 1 trainable parameter.*norm.weight"):
         flat_state(model, opt)
     assert "optim.norm.weight.exp_avg" in flat_state(model, torch.optim.AdamW(model.parameters()))
+
+
+@pytest.mark.unit
+def test_exact_resume_with_nm_schedules(tmp_path):
+    """N:M structure decay (4:8 -> 2:8 at step 3) and mask decay follow the global step: a run resumed after
+    step 2 continues their schedules where they were, bit for bit, and `eval` on its checkpoint gives the
+    val loss training logged (same masks, same schedule position)."""
+    sp = ["sparsity.enabled=true", "sparsity.modules=[experts,attn]", "sparsity.structure_decay=['4:8']",
+          "sparsity.structure_decay_every=3", "sparsity.n=2", "sparsity.m=8", "sparsity.mask_decay_steps=2",
+          "moe.num_experts=4", "train.eval_every=3", "checkpoint.every=3"]
+    full = _run(tiny_cfg(tmp_path / "full", *sp, steps=6))
+    cfg = tiny_cfg(tmp_path / "cut", *sp, "checkpoint.resume=true", steps=6)
+    _run(cfg, stop_after=3)  # checkpoint after step 2, then dies after step 3
+    second = _run(cfg)
+    assert second.start_step == 3
+    assert [r["loss"] for r in second.history] == [r["loss"] for r in full.history][3:]
+    from sparsetrain.cli import _single_process_model
+
+    model, _, extra = _single_process_model(cfg, str(tmp_path / "cut" / "checkpoints" / "step_00000005"))
+    assert extra["step"] == 5 and nm_sparsifier(model).state.step == 6
+    logged = [r["val_loss"] for r in full.history if "val_loss" in r][-1]
+    data = Trainer(cfg).data
+    with torch.no_grad():
+        got = sum(float(model(*data.val_batch(i)).loss) for i in range(cfg.data.eval_batches))
+    assert got / cfg.data.eval_batches == pytest.approx(logged, rel=1e-6)
