@@ -214,11 +214,12 @@ def plan(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
     """Print per-rank memory, the initial FSSDP placement and the predicted step time, without training."""
     cfg = _load(config, overrides)
     from sparsetrain.parallel.plan_report import plan_json, plan_report
-    from sparsetrain.preflight import check_planner
+    from sparsetrain.preflight import check_planner, check_sparsity
     from sparsetrain.sim.scale import plan_prediction
 
     try:
         check_planner(cfg)
+        check_sparsity(cfg)
         if as_json:
             typer.echo(plan_json(cfg))
             return

@@ -247,6 +247,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         raise ConfigError(f"{key}: expected true/false, got {value!r} ({source})")
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({source})")
+    if tp is str and isinstance(value, int) and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected str, got int {value!r} ({source}); quote it: YAML 1.1 reads an unquoted "
+                          "N:M such as 7:8 as a base-60 number (write '7:8')")
     if not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r} ({source})")
     return value

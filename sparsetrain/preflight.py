@@ -43,6 +43,19 @@ def check_planner(cfg: Config) -> None:
         raise ConfigError(f"parallel.fssdp.planner={name!r}; allowed: {', '.join(sorted(PLANNERS))}")
 
 
+def check_sparsity(cfg: Config) -> None:
+    """sparsity.modules selects some weight of the model (built on meta, sparsified as the trainer does)."""
+    if not cfg.sparsity.enabled:
+        return
+    from sparsetrain.model.gpt import build_model
+    from sparsetrain.sparsity import NMConfig, sparsify_
+
+    try:
+        sparsify_(build_model(cfg, "meta"), NMConfig.from_config(cfg.sparsity))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def check_data(cfg: Config) -> None:
     """Open data.corpus as every rank will: shards, dtype, lengths, tokenizer vs vocab (raises DataError)."""
     from sparsetrain.data.check import check_data as open_as_a_rank
@@ -115,6 +128,7 @@ def check_memory(cfg: Config, training: bool = True) -> None:
 def preflight(cfg: Config, training: bool = True, data: bool = True) -> None:
     """All pre-start checks for a run on this machine (remote clusters: counters and planner only)."""
     check_planner(cfg)
+    check_sparsity(cfg)
     if cfg.launch.address:
         return  # data and memory live on the cluster's nodes; the ranks check them there
     check_device(cfg)

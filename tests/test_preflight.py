@@ -94,6 +94,8 @@ def test_non_utf8_config_and_set_value(tmp_path: Path) -> None:
     (["sim", "predict", "-c", "gpt-moe-s", "--gpus", ","], 2),
     (["generate", "--temperature", "-1"], 2),
     (["generate", "--temperature", "nan"], 2),
+    (["train", "--set", "sparsity.enabled=true", "--set", "sparsity.modules=[mlp]"], 1),  # tiny: every FFN is MoE
+    (["plan", "--set", "sparsity.enabled=true", "--set", "sparsity.modules=[mlp]"], 2),
 ])
 def test_cli_one_line_no_traceback(args: list[str], code: int) -> None:
     res = CliRunner().invoke(app, args)
@@ -112,3 +114,9 @@ def test_cuda_device_without_a_gpu_is_refused_before_start(monkeypatch) -> None:
     assert res.exit_code == 1 and res.output.startswith("error: train.device=cuda"), res.output  # one line, no start
     monkeypatch.setattr(pf, "visible_gpus", lambda: 8)
     pf.check_device(load_config("tiny", ["train.device=cuda"]))  # a GPU machine passes
+
+
+def test_unquoted_nm_string_gets_a_quoting_hint() -> None:
+    with pytest.raises(ConfigError, match=r"sparsity.structure_decay\[0\]: expected str, got int 428.*write '7:8'"):
+        load_config("tiny", ["sparsity.structure_decay=[7:8,4:8]"])
+    assert load_config("tiny", ["sparsity.structure_decay=['7:8','4:8']"]).sparsity.structure_decay == ["7:8", "4:8"]

@@ -252,6 +252,10 @@ def sparsify_(model: nn.Module, cfg: NMConfig, filter_fn: FilterFn | None = None
             for w in EXPERT_WEIGHTS:
                 _check_shape(f"{fqn}.{w}", tuple(getattr(mod, w).shape), cfg)
             chosen.append((fqn, mod))
+    if not chosen and not (sp.linears or sp.experts):
+        raise ValueError(f"sparsity.modules={list(cfg.modules)} selects no weight of this model, so nothing would "
+                         "be N:M sparse (experts: the MoE experts, attn: attention projections, mlp: dense FFN "
+                         "blocks only)")
     for fqn, mod in chosen:
         if isinstance(mod, nn.Linear):
             parametrize.register_parametrization(mod, "weight", NMParametrization(sp.state))
