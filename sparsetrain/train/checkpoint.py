@@ -156,7 +156,13 @@ def load_checkpoint(path: str | Location, model: nn.Module, optimizer: torch.opt
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, storage_reader=reader, no_dist=not _is_dist())
     except (Exception, CheckpointException) as e:  # DCP raises many types; CheckpointException is a BaseException
-        raise CheckpointError(f"checkpoint {path} does not match this model: {_first_cause(e)[:300]}") from e
+        cause = _first_cause(e)
+        hint = ""
+        if "Missing key in checkpoint state_dict: optim." in cause and any(k.startswith("model.") for k in state):
+            hint = ("; its optimizer state is incomplete (sparsetrain before 2026-12-03 dropped FSDP2's root and "
+                    "last block's Adam state from saves right after an evaluation): resume from an earlier "
+                    "checkpoint of the run, or use `sparsetrain eval`/`generate`, which read weights only")
+        raise CheckpointError(f"checkpoint {path} does not match this model: {cause[:300]}{hint}") from e
     if optimizer is not None and "optim.step" in state:
         set_optimizer_step(optimizer, state["optim.step"])
     return extra
