@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +93,28 @@ def shrink(cfg_dict: dict, placeable: int, log: Callable[[str], None] | None = N
         f"elastic: {placeable} of launch.workers={n} worker(s) can be placed; continuing on {w} rank(s) with "
         f"train.grad_accum {old_accum} -> {accum} (global batch data.batch_size={cfg.data.batch_size} kept)")
     return to_dict(cfg)
+
+
+ELASTIC_RECHECK_S = 60.0  # Ray marks a lost node dead only after its health checks fail (~30 s): count again
+
+
+def reserve_elastic(cfg_dict: dict, cpus: int, gpus: int, timeout_s: float, reserve_fn: Callable[[int], Any],
+                    placeable_fn: Callable[[], int] | None = None, recheck_s: float = ELASTIC_RECHECK_S
+                    ) -> tuple[dict, Any]:
+    """(config to run, placement group): the largest allowed world the alive nodes hold. The count is taken again
+    every `recheck_s` while the reservation waits: right after a node is lost (a restart) Ray still reports it
+    alive, so the first count asks for the old world size. `reserve_fn(n, timeout_s)` reserves n ranks or
+    raises LaunchError at its timeout; the whole wait ends at `timeout_s`."""
+    placeable_fn = placeable_fn or (lambda: ray_placeable(cpus, gpus))
+    start = time.monotonic()
+    while True:
+        now = shrink(cfg_dict, placeable_fn())
+        left = timeout_s - (time.monotonic() - start)
+        try:
+            return now, reserve_fn(int(now["launch"]["workers"]), max(min(recheck_s, left), 0.01))
+        except LaunchError:
+            if time.monotonic() - start >= timeout_s:
+                raise
 
 
 def ray_placeable(cpus: int, gpus: int, nodes: list[dict[str, Any]] | None = None) -> int:

@@ -90,7 +90,8 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     port = url.port or (443 if url.scheme == "https" else 80)
     if why := tcp_error(url.hostname or "", port, timeout_s):
         raise LaunchError(f"cannot reach the Ray dashboard at {address} ({why}); is the head running "
-                          f"(`ray start --head --dashboard-host 0.0.0.0`) and the port open?")
+                          "(`ray start --head`) and its dashboard reachable from here (an SSH tunnel to the head's "
+                          "127.0.0.1:8265, or a TLS proxy: docs/launching.md)?")
 
 
 def client(address: str | None = None, token: str | None = None, token_file: str | None = None) -> Any:
@@ -110,6 +111,9 @@ def client(address: str | None = None, token: str | None = None, token_file: str
                           "(`ray get-auth-token` on the head) in RAY_AUTH_TOKEN or ~/.ray/auth_token.") from None
     except ConnectionError as e:
         raise LaunchError(f"cannot talk to the Ray Jobs API at {addr}: {e}") from None
+    except RuntimeError as e:  # something answers there, but not a Ray dashboard (e.g. 'Version check returned 404')
+        raise LaunchError(f"{addr} answered, but not as a Ray Jobs API (is it the head's dashboard port, "
+                          f"8265 by default?): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def _package_dir(name: str) -> Path:

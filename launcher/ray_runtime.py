@@ -259,14 +259,16 @@ def run_ray(cfg_dict: dict, entry: str = DEFAULT_ENTRY, pg_timeout_s: float | No
     pg, handles, actors = None, [], {}
     term, undo_term = _on_sigterm()  # replaces the handler ray.init installed (sys.exit, then a C++ abort)
     try:
+        wait_s = pg_timeout_s or (60.0 if started else float(launch.get("resource_timeout_s", 600.0)))
         if int(launch.get("min_workers", 0) or 0):  # elastic: fewer ranks when a node is gone
-            from sparsetrain.launcher.elastic import ray_placeable, shrink
+            from sparsetrain.launcher.elastic import reserve_elastic
 
-            cfg_dict = shrink(cfg_dict, ray_placeable(cpus, gpus))
+            cfg_dict, pg = reserve_elastic(cfg_dict, cpus, gpus, wait_s,
+                                           lambda k, t: reserve(k, cpus, gpus, t, started))
             launch = cfg_dict["launch"]
             n = int(launch["workers"])
-        wait_s = pg_timeout_s or (60.0 if started else float(launch.get("resource_timeout_s", 600.0)))
-        pg = reserve(n, cpus, gpus, wait_s, started)
+        else:
+            pg = reserve(n, cpus, gpus, wait_s, started)
         cls = ray.remote(RankWorker)
         handles = [
             cls.options(

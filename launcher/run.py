@@ -75,6 +75,16 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.kill()
 
 
+def _die_with_parent() -> None:
+    """In the torchrun child before exec (Linux): SIGTERM it when this launcher dies, even by SIGKILL, so torchrun
+    ends its ranks instead of training on, orphaned, in an output directory whose lock looks stale
+    (prctl PR_SET_PDEATHSIG; a no-op where there is no prctl). The Ray backend has its reaper for this."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def run_torchrun(cfg_dict: dict, entry: str = DEFAULT_ENTRY) -> dict | None:
     """Run the job under a local torchrun with launch.workers processes."""
     if int(cfg_dict["launch"].get("min_workers", 0) or 0):  # elastic: fewer ranks when GPUs are gone
@@ -87,7 +97,8 @@ def run_torchrun(cfg_dict: dict, entry: str = DEFAULT_ENTRY) -> dict | None:
         Path(cfg_path).write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
         env = dict(os.environ, OMP_NUM_THREADS=str(launch["torch_threads"]))
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # --standalone: one machine, gloo pairs on loopback only
-        proc = subprocess.Popen(torchrun_command(int(launch["workers"]), cfg_path, summary, entry), env=env)
+        proc = subprocess.Popen(torchrun_command(int(launch["workers"]), cfg_path, summary, entry), env=env,
+                                preexec_fn=_die_with_parent)  # noqa: PLW1509 - only prctl, before exec
         watch = HeartbeatWatch(cfg_dict["train"]["out_dir"], float(launch["timeout_s"]), lambda: _kill_tree(proc))
         try:
             with watch:

@@ -223,7 +223,8 @@ class Config:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+_REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # a checkout / editable install
+CONFIG_DIR = _REPO_CONFIGS if _REPO_CONFIGS.is_dir() else Path(__file__).resolve().parent / "configs"  # a wheel
 
 
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import yaml
 
-CLUSTER_DIR = Path(__file__).resolve().parents[2] / "configs" / "clusters"
+from sparsetrain.config import CONFIG_DIR
+
+CLUSTER_DIR = CONFIG_DIR / "clusters"
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,9 @@ def in_ray_job(environ: Mapping[str, str] | None = None) -> bool:
 def resolve_job_storage(cfg: Config, environ: Mapping[str, str] | None = None) -> list[str]:
     """Make train.out_dir and checkpoint.dir absolute for a cluster job (in place); returns 'key: old -> new'.
 
-    A relative path joins SPARSETRAIN_STORAGE_ROOT; without it, ConfigError naming the key and the fix.
-    """
+    A relative path joins SPARSETRAIN_STORAGE_ROOT; without it, ConfigError naming the key and the fix. A relative
+    data.corpus (not the embedded stdlib corpus) is refused: it is read where the shards were prepared, not
+    stored under the storage root."""
     env = os.environ if environ is None else environ
     root = env.get(STORAGE_ROOT_ENV, "")
     if root and not posixpath.isabs(root) and not is_url(root):
@@ -52,4 +53,9 @@ def resolve_job_storage(cfg: Config, environ: Mapping[str, str] | None = None) -
         new = join(root, path)
         setattr(section, key, new)
         changes.append(f"{name}: {path} -> {new}")
+    corpus = cfg.data.corpus
+    if corpus != "stdlib" and not posixpath.isabs(corpus) and not is_url(corpus):
+        raise ConfigError(f"data.corpus={corpus!r} is relative: a Ray job runs in a temporary directory holding "
+                          f"the code and configs only; give the absolute path where every node sees the prepared "
+                          f"shards (e.g. --set data.corpus=/shared/data/{posixpath.basename(corpus.rstrip('/'))})")
     return changes

@@ -55,3 +55,27 @@ def test_ray_placeable_counts_bundles_on_alive_nodes():
              {"Alive": True, "Resources": {"CPU": 3.0}}]
     assert ray_placeable(2, 0, nodes) == 5
     assert ray_placeable(1, 1, nodes) == 2
+
+
+@pytest.mark.unit
+def test_reserve_counts_again_while_a_lost_node_still_looks_alive(capsys):
+    """Right after a node is lost Ray still reports it alive: the first count asks for all 4 ranks. While that
+    reservation waits, the count is taken again; once the node is marked dead, 2 ranks are reserved."""
+    from sparsetrain.launcher.elastic import reserve_elastic
+
+    cfg = to_dict(load_config("tiny", [*BASE, "launch.workers=4", "launch.min_workers=2"]))
+    counts = iter([4, 4, 2])  # alive-node view: stale twice, then the dead node is gone
+    asked = []
+
+    def reserve(n, timeout_s):
+        asked.append(n)
+        if n > 2:
+            raise LaunchError("gave up waiting for resources")
+        return "pg"
+
+    run_cfg, pg = reserve_elastic(cfg, 1, 0, timeout_s=30.0, reserve_fn=reserve, placeable_fn=lambda: next(counts),
+                                  recheck_s=0.01)
+    assert pg == "pg" and asked == [4, 4, 2] and run_cfg["launch"]["workers"] == 2
+    assert "elastic: 2 of launch.workers=4" in capsys.readouterr().err
+    with pytest.raises(LaunchError, match="gave up"):  # nothing ever fits: the wait still ends at its timeout
+        reserve_elastic(cfg, 1, 0, timeout_s=0.05, reserve_fn=reserve, placeable_fn=lambda: 4, recheck_s=0.01)

@@ -31,6 +31,15 @@ def test_relative_path_without_root_is_refused_naming_the_key():
         resolve_job_storage(load_config("tiny", []), {STORAGE_ROOT_ENV: "shared"})
 
 
+def test_relative_corpus_is_refused_for_a_job():
+    """The job's working directory holds code and configs only: `gpt-moe-s`'s data/openwebtext is not there."""
+    cfg = load_config("gpt-moe-s", ["train.out_dir=/fsx/run"])
+    with pytest.raises(ConfigError, match=r"data.corpus='data/openwebtext' is relative.*data.corpus=/shared/data/"):
+        resolve_job_storage(cfg, {STORAGE_ROOT_ENV: "/fsx"})
+    for corpus in ("/shared/data/openwebtext", "stdlib", "s3://bucket/owt"):
+        resolve_job_storage(load_config("gpt-moe-s", ["train.out_dir=/fsx/run", f"data.corpus={corpus}"]), {})
+
+
 def test_submit_resolves_or_refuses_before_uploading(monkeypatch):
     monkeypatch.delenv(STORAGE_ROOT_ENV, raising=False)
     with pytest.raises(LaunchError, match="train.out_dir='runs/tiny' is relative"):
