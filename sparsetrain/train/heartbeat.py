@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ class Beat:
     steps: int
     phase: str
     time: float
+    pid: int = 0  # the rank's process and host: a stopped process (SIGSTOP) on this host is named as such
+    host: str = ""
 
     def order(self) -> tuple[int, int]:
         """Sort key of progress: later steps, then later phases, are further along."""
@@ -51,7 +54,7 @@ def beat(out_dir: str | Path, rank: int, steps_done: int, phase: str = "done") -
     if not d.is_dir():
         d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".rank{rank}.tmp"
-    tmp.write_text(f"{steps_done} {time.time():.3f} {phase}\n")
+    tmp.write_text(f"{steps_done} {time.time():.3f} {phase} {os.getpid()} {socket.gethostname()}\n")
     os.replace(tmp, d / f"rank{rank}")
 
 
@@ -61,7 +64,8 @@ def beats(out_dir: str | Path) -> dict[int, Beat]:
     for p in _dir(out_dir).glob("rank*"):
         try:
             parts = p.read_text().split()
-            out[int(p.name[4:])] = Beat(int(parts[0]), parts[2] if len(parts) > 2 else "done", float(parts[1]))
+            out[int(p.name[4:])] = Beat(int(parts[0]), parts[2] if len(parts) > 2 else "done", float(parts[1]),
+                                        int(parts[3]) if len(parts) > 3 else 0, parts[4] if len(parts) > 4 else "")
         except (OSError, ValueError, IndexError):
             continue
     return out
@@ -82,11 +86,27 @@ def behind(found: dict[int, Beat]) -> list[int]:
     return sorted(r for r, b in found.items() if b.order() == low)
 
 
+def stopped(b: Beat) -> bool:
+    """Whether the rank's process runs on this host and is stopped (SIGSTOP / SIGTSTP, or a tracer: state T/t)."""
+    if not b.pid or b.host != socket.gethostname():
+        return False
+    try:
+        stat = Path(f"/proc/{b.pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2:][:1] in ("T", "t")  # the field after '(comm)'
+
+
 def stall_report(found: dict[int, Beat], now: float | None = None) -> tuple[int | None, str]:
     """(the stalled rank or None, one phrase naming it and where the others are) from the last beats."""
     if not found:
         return None, "no rank had written a heartbeat"
     now = time.time() if now is None else now
+    halted = sorted(r for r, b in found.items() if stopped(b))
+    if halted:
+        b = found[halted[0]]
+        return halted[0], (f"rank{'s' if len(halted) > 1 else ''} {', '.join(map(str, halted))} (pid {b.pid}) "
+                           f"is stopped (SIGSTOP or a debugger: process state T) {b.where()}")
     late = behind(found) or (list(found) if len(found) == 1 else [])
     if not late:
         b = next(iter(found.values()))

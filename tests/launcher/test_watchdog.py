@@ -57,3 +57,31 @@ def test_a_single_rank_stalled_outside_collectives_is_named_and_stopped(tmp_path
     t0 = time.time()
     heartbeat.beat(tmp_path, 0, 3)
     assert heartbeat.beats(tmp_path)[0].time >= int(t0)
+
+
+def test_a_stopped_rank_is_named_even_when_all_ranks_are_at_the_same_point(tmp_path):
+    """SIGSTOP (or a debugger) freezes a rank mid-step; the others wait for it in a collective at the same step and
+    phase, so no rank is behind. A rank process on this host in state T is named instead of blaming the network."""
+    import signal
+    import socket
+
+    now = 1000.0
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        proc.send_signal(signal.SIGSTOP)
+        for _ in range(100):  # the stop is delivered asynchronously
+            if heartbeat.stopped(heartbeat.Beat(0, "compute", now, proc.pid, socket.gethostname())):
+                break
+            time.sleep(0.02)
+        d = tmp_path / heartbeat.DIR
+        d.mkdir()
+        (d / "rank0").write_text(f"7 {now - 30:.3f} compute 1 {socket.gethostname()}\n")  # pid 1: running
+        (d / "rank1").write_text(f"7 {now - 30:.3f} compute {proc.pid} {socket.gethostname()}\n")
+        err = HeartbeatWatch(tmp_path, 15, lambda: None).check(now)
+        assert err is not None and err.rank == 1, err
+        assert f"rank 1 (pid {proc.pid}) is stopped (SIGSTOP or a debugger: process state T) in step 7" in str(err)
+        (d / "rank1").write_text(f"7 {now - 30:.3f} compute {proc.pid} another-host\n")  # not ours to inspect
+        assert HeartbeatWatch(tmp_path, 15, lambda: None).check(now).rank is None
+    finally:
+        proc.kill()
+        proc.wait()
