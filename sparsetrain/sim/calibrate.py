@@ -99,7 +99,7 @@ def fit(runs: list[RunData], base: Cluster) -> tuple[Cluster, dict[str, Any]]:
     # a rank's core share, less what oversubscription explains (more local ranks than cores split them)
     split = [base.rank_share(run.world) / base.cpu_share for run in runs for _ in run.records for _ in range(run.world)]
     shares = torch.tensor([b / w / k for (_, _, b, w), k in zip(comp, split) if w > 0], dtype=torch.float64)
-    cpu_share = min(1.0, float(shares.median())) if base.device == "cpu" and len(shares) else 1.0
+    cpu_share = min(1.0, median(shares)) if base.device == "cpu" and len(shares) else 1.0
     inv_flops, overhead = _lstsq_nonneg(x, y).tolist()
     if inv_flops <= 0:
         raise ValueError("calibration: forward busy time does not grow with FLOPs in these runs; "
@@ -120,7 +120,7 @@ def fit(runs: list[RunData], base: Cluster) -> tuple[Cluster, dict[str, Any]]:
             fwd = rec.get("fwd_s", 0.0) - comm - r0.get("spag_wait_ms", [0.0])[0] / 1000
             if fwd > 0 and rec.get("bwd_s"):
                 ratios.append(max(rec["bwd_s"] - comm, 0.0) / fwd)
-    ratio = float(torch.tensor(ratios).median()) if ratios else base.bwd_fwd_ratio
+    ratio = median(ratios) if ratios else base.bwd_fwd_ratio
     opt = []
     for run in runs:
         params = _local_params(run)
@@ -137,8 +137,8 @@ def fit(runs: list[RunData], base: Cluster) -> tuple[Cluster, dict[str, Any]]:
         measured = measured_step_s(run)
         pred = predict(run.setup, fitted, run.world, run_shares(run)).step_time_s
         residuals.append(measured - pred)
-    median = float(torch.tensor(residuals).median())  # robust to one run measured under a different load
-    fitted = dataclasses.replace(fitted, step_overhead_s=max(0.0, median))
+    mid = median(residuals)  # robust to one run measured under a different load
+    fitted = dataclasses.replace(fitted, step_overhead_s=max(0.0, mid))
     diag = {"compute_samples": len(comp), "link_samples": len(link), "bwd_fwd_samples": len(ratios),
             "cpu_share_range": [float(shares.min()), float(shares.max())] if len(shares) else None,
             "step_residuals_s": residuals}
@@ -159,8 +159,15 @@ def measured_step_s(run: RunData) -> float:
     host one interval can catch another process's burst (seen: 10.5 s beside 3.5 s and 2.8 s); not this run's."""
     vals = [r["step_ms"] / 1000 if r.get("step_ms") else run.setup.tokens / r["tokens_per_s"]
             for r in run.records if r.get("step_ms") or r.get("tokens_per_s")]
-    return float(torch.tensor(vals, dtype=torch.float64).median()) if len(vals) % 2 else \
-        float(torch.tensor(vals, dtype=torch.float64).sort().values[len(vals) // 2 - 1:len(vals) // 2 + 1].mean())
+    return median(vals)
+
+
+def median(vals: list[float] | torch.Tensor) -> float:
+    """The median; the mean of the two middle values for an even count (torch.median takes the lower one, which
+    biased two-run fits low)."""
+    t = torch.as_tensor(vals, dtype=torch.float64).flatten().sort().values
+    n = len(t)
+    return float(t[n // 2]) if n % 2 else float(t[n // 2 - 1:n // 2 + 1].mean())
 
 
 def run_shares(run: RunData) -> torch.Tensor:

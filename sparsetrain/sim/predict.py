@@ -193,9 +193,7 @@ def predict(s: SimSetup, c: Cluster, world: int, shares: torch.Tensor) -> Predic
             bwd_comm = (gathers - 1) * t_ag + t_rs
             exposed += max(0.0, bwd_comm - bwd * attn_fwd) if overlap_bwd else bwd_comm
             copies_per_layer.append(places[li].extra_count(world))
-    compute += s.n_layers * (1 + bwd) * attn_fwd + (1 + bwd) * other_fwd
-    if s.strategy == "dp":
-        compute += s.n_moe * (1 + bwd) * (slots_rank * s.expert_fwd_flops() / flops_rate + overhead)
+    compute += s.n_layers * (1 + bwd) * attn_fwd + (1 + bwd) * other_fwd  # dp's experts: in the layer loop
     # dense parameters (and EP replicas' expert grads): overlapped with compute, the excess is exposed
     expert_total = s.n_moe * s.num_experts * s.expert_params
     if s.strategy == "dp" or s.dense == "ddp":

@@ -101,3 +101,12 @@ def test_cli_writes_a_loadable_cluster_and_rejects_bad_dirs(tmp_path):
         (tmp_path / "empty" / "config.yaml").write_text((dirs[0] / "config.yaml").read_text())
         (tmp_path / "empty" / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n')
         load_run(tmp_path / "empty")
+
+
+def test_median_of_an_even_count_is_the_mean_of_the_middle_two():
+    import torch
+
+    from sparsetrain.sim.calibrate import median
+
+    assert median([0.048, 0.063]) == pytest.approx(0.0555)  # two runs: torch.median gave 0.048
+    assert median([3.0, 1.0, 2.0]) == 2.0 and median(torch.tensor([4.0, 1.0, 3.0, 2.0])) == 2.5
