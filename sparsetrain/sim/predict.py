@@ -193,7 +193,12 @@ def predict(s: SimSetup, c: Cluster, world: int, shares: torch.Tensor) -> Predic
             bwd_comm = (gathers - 1) * t_ag + t_rs
             exposed += max(0.0, bwd_comm - bwd * attn_fwd) if overlap_bwd else bwd_comm
             copies_per_layer.append(places[li].extra_count(world))
-    compute += s.n_layers * (1 + bwd) * attn_fwd + (1 + bwd) * other_fwd  # dp's experts: in the layer loop
+    compute += s.n_layers * (1 + bwd) * attn_fwd + (1 + bwd) * other_fwd
+    if s.strategy == "dp":  # a second expert pass per MoE layer: it stands in for the local dispatch/combine
+        # (sort, gather, index_copy over every slot) that the other strategies' fitted all-to-all absorbs. Removing
+        # it was tried (2026-12-03): the fit on sim_validation's 1-rank runs then moved ep's held-out error
+        # from 2.4% to 9.9% and fssdp's from 15.2% to 23.0%; model the local dispatch instead (benchmarks/RESULTS.md)
+        compute += s.n_moe * (1 + bwd) * (slots_rank * s.expert_fwd_flops() / flops_rate + overhead)
     # dense parameters (and EP replicas' expert grads): overlapped with compute, the excess is exposed
     expert_total = s.n_moe * s.num_experts * s.expert_params
     if s.strategy == "dp" or s.dense == "ddp":

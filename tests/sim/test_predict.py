@@ -236,16 +236,3 @@ def test_more_local_ranks_than_cores_split_them():
     with pytest.raises(ValueError, match="cores"):
         _cpuish(cores=-1)
 
-
-def test_dp_counts_each_rank_expert_compute_once_by_hand():
-    """dp computes every routed slot of its own tokens on its own expert replicas: once, like any strategy on one
-    rank (it was added a second time after the layer loop)."""
-    shares = torch.full((1, 2), 0.5, dtype=torch.float64)
-    dp = predict(dataclasses.replace(S, strategy="dp"), C, 2, shares)
-    one = {st: predict(dataclasses.replace(S, strategy=st), C, 1, shares).compute_s for st in ("dp", "ep", "fssdp")}
-    assert one["dp"] == pytest.approx(one["ep"]) and one["dp"] == pytest.approx(one["fssdp"])
-    slots = 4 * 32 / 2
-    attn = slots * (2 * 4 * 64**2 + 4 * 32 * 64) / 1e10
-    other = slots * (2 * 64 * 2 + 2 * 64 * 256) / 1e10
-    expert = slots * 2 * 3 * 64 * 128 / 1e10
-    assert dp.compute_s == pytest.approx(3 * (attn + other + expert))
