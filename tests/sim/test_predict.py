@@ -235,4 +235,3 @@ def test_more_local_ranks_than_cores_split_them():
     assert one.compute_s == pytest.approx(2 * free.compute_s)  # 4 ranks on 2 cores: half a share each
     with pytest.raises(ValueError, match="cores"):
         _cpuish(cores=-1)
-
