@@ -134,15 +134,10 @@ def _is_2_4(w: torch.Tensor) -> bool:
     return bool((g <= 2).all())
 
 
-def _semi_dtype(t: torch.Tensor) -> torch.dtype:
-    """The 2:4 GEMM's dtype: the autocast dtype under autocast (fp32 master weights, fp32 norm outputs), else
-    `t`'s own. Semi-structured tensors support neither fp32 (cuSPARSELt) nor autocast's casts of them."""
-    return compute_dtype(t)
-
-
 class _Cuda24Linear(torch.autograd.Function):
     """Forward with a 2:4 semi-structured weight; input-grad sparse when W.T is also 2:4 (transposable). Runs in
-    the compute dtype with autocast off (it cannot cast a semi-structured weight); gradients in the inputs'."""
+    the compute dtype (`compute_dtype`: the autocast dtype under autocast) with autocast off: semi-structured
+    tensors support neither fp32 (cuSPARSELt) nor autocast's casts of them; gradients in the inputs' dtypes."""
 
     @staticmethod
     def forward(ctx, x, w, dt):  # type: ignore[override]
@@ -195,7 +190,7 @@ class _Cuda24Prepared(torch.autograd.Function):
 def _cuda24_prepare(w: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Semi-structured forms of W and (when transposable) W.T in the compute dtype (prepared in the forward,
     under the step's autocast)."""
-    w = w.detach().to(_semi_dtype(w))
+    w = w.detach().to(compute_dtype(w))
     wt = w.t().contiguous()  # [in, out]: 2:4 along out only if the mask is transposable
     return _to_semi_structured(w), (_to_semi_structured(wt) if _is_2_4(wt) else None)
 
@@ -206,7 +201,7 @@ def _cuda24_prepared(x: torch.Tensor, prepared: tuple, w: torch.Tensor) -> torch
 
 def cuda24_linear(x: torch.Tensor, w: NMWeight, bias: torch.Tensor | None, n: int, m: int) -> torch.Tensor:
     """2:4 via torch.sparse.to_sparse_semi_structured (CUTLASS / cuSPARSELt)."""
-    y = _Cuda24Linear.apply(x, dense_of(w), _semi_dtype(x))
+    y = _Cuda24Linear.apply(x, dense_of(w), compute_dtype(x))
     return y + bias if bias is not None else y
 
 
@@ -218,7 +213,7 @@ def _cuda24_eligible(x: torch.Tensor, w: NMWeight, n: int, m: int) -> tuple[bool
         return False, "not a CUDA tensor"
     if torch.cuda.get_device_capability(x.device) < (8, 0):
         return False, "GPU older than sm80"
-    dt = _semi_dtype(x)
+    dt = compute_dtype(x)
     if dt not in (torch.float16, torch.bfloat16):
         return False, f"dtype {dt} (needs float16/bfloat16, or autocast to one)"
     out_f, in_f = (w.shape if isinstance(w, NMCompressed) else tuple(w.shape))[-2:]

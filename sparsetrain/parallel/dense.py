@@ -1,6 +1,8 @@
 """Dense-parameter data parallelism: FSDP2 (`fully_shard`) or an averaged coalesced all-reduce."""
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -59,12 +61,9 @@ def reshard_fsdp(model: nn.Module) -> None:
     optimizer holds. A forward without backward (evaluation) leaves the modules kept after forward (the root and
     last block under `default`) unsharded: their parameters are then full views the optimizer has no state for,
     and a checkpoint written then lost their Adam state."""
-    if not any(type(m).__name__.startswith("FSDP") for m in model.modules()):
-        return  # no FSDP2 module: nothing to import or free
-    from torch.distributed.fsdp import FSDPModule
-
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # never imported: no module can be an FSDP2 one
+    for m in model.modules() if fsdp is not None else ():
+        if isinstance(m, fsdp.FSDPModule):
             m.reshard()
 
 

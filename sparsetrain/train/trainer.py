@@ -15,7 +15,6 @@ from sparsetrain.data.tokenizer import check_resume_tokenizer
 from sparsetrain.model.gpt import GPT, build_model
 from sparsetrain.model.init import materialize_
 from sparsetrain.parallel import build_strategy
-from sparsetrain.parallel.dense import reshard_fsdp
 from sparsetrain.parallel.mesh import DistInfo, all_reduce_mean
 from sparsetrain.telemetry.comm import COMM
 from sparsetrain.telemetry.gpu import gpu_metrics
@@ -168,7 +167,6 @@ class Trainer:
             with self._autocast():
                 total += self.model(x, y).loss.float()
         self.model.train()
-        reshard_fsdp(self.model)  # forward only: FSDP2 kept the root and last block unsharded (see reshard_fsdp)
         return float(all_reduce_mean(total / self.cfg.data.eval_batches))
 
     # ----------------------------------------------------------------- one step
