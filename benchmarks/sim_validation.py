@@ -11,7 +11,7 @@ run and the fssdp/ep ratio, and ends with `max relative error: X%` (step time).
 Robust to a shared host: calibration and held-out runs are interleaved (so both see the same load), and with
 `--repeats N` each configuration runs N times and the median step time counts.
 
-    python benchmarks/sim_validation.py --out runs/sim_validation_quiet   # the quiet re-run: 6 runs, ~4 min on 2 cores
+    python benchmarks/sim_validation.py --out runs/sim_validation_quiet   # the quiet re-run: 7 runs, ~4 min on 2 cores
     python benchmarks/sim_validation.py --repeats 2     # a shared host: each configuration twice, medians (~2x)
     python benchmarks/sim_validation.py --reuse         # re-analyse the runs already under --out
 """
@@ -32,13 +32,17 @@ MODEL = ["model.d_model=128", "model.n_layers=2", "model.n_heads=4", "model.seq_
          "launch.torch_threads=1", "parallel.pretend_nodes=0", "parallel.fssdp.slots_per_rank=2",
          "parallel.fssdp.overlap_budget=2"]
 # name -> (workers, strategy, skew, batch); calibration and held-out sets share no configuration
+# (EP runs at two batches separate the all-to-all's per-message latency from its per-slot local work; the
+# FSSDP run's spRS rows, bulk point-to-point, give the link bandwidth)
 CALIBRATION = {
     "cal-none-b16": (1, "none", 0.0, 16), "cal-none-b32": (1, "none", 0.0, 32),
-    "cal-ep-s0-b16": (2, "ep", 0.0, 16), "cal-ep-s1.6-b16": (2, "ep", 1.6, 16),
+    "cal-ep-s0-b16": (2, "ep", 0.0, 16), "cal-ep-s1.6-b32": (2, "ep", 1.6, 32),
+    "cal-fssdp-s1.6-b16": (2, "fssdp", 1.6, 16),
 }
 HELD_OUT = {"ho-ep-s1.2-b24": (2, "ep", 1.2, 24), "ho-fssdp-s1.2-b24": (2, "fssdp", 1.2, 24)}
 # run order: held-out runs between calibration runs, so a load change on a shared host hits both sets
-ORDER = ["cal-none-b16", "ho-ep-s1.2-b24", "cal-none-b32", "cal-ep-s0-b16", "ho-fssdp-s1.2-b24", "cal-ep-s1.6-b16"]
+ORDER = ["cal-none-b16", "ho-ep-s1.2-b24", "cal-fssdp-s1.6-b16", "cal-none-b32", "cal-ep-s0-b16",
+         "ho-fssdp-s1.2-b24", "cal-ep-s1.6-b32"]
 
 
 def run(out: Path, name: str, spec: tuple[int, str, float, int], steps: int, reuse: bool) -> Path:
@@ -106,8 +110,9 @@ def main() -> None:
     (out / "cpu-calibrated.yaml").write_text(cluster.to_yaml())
     print("\ncalibrated:", ", ".join(f"{k}={getattr(cluster, k):.4g}" for k in (
         "achievable_flops", "layer_overhead_s", "intra_node_Bps", "intra_node_latency_s", "bwd_fwd_ratio",
-        "optimizer_s_per_param", "step_overhead_s", "cpu_share")), f"({diag['compute_samples']} compute, "
-        f"{diag['link_samples']} link samples; core share per rank seen {diag['cpu_share_range']})")
+        "optimizer_s_per_param", "step_overhead_s", "cpu_share", "dispatch_s_per_slot")),
+        f"({diag['compute_samples']} compute, {diag['link_samples']} all-to-all, {diag['p2p_samples']} spRS "
+        f"samples; core share per rank seen {diag['cpu_share_range']})")
     rows, worst, worst_busy = [], 0.0, 0.0
     for name in HELD_OUT:
         runs = [load_run(d) for d in dirs[name]]

@@ -6,8 +6,11 @@ Fits, by least squares over (logged step, rank) samples (the first logged interv
   (per-rank thread CPU time, so ranks sharing the host's cores do not count each other's work); on a CPU host
   the median of busy CPU / wall time of those spans is the share of a core a rank got (`cpu_share`; with
   `cores` set, the split of cores among more ranks than cores is taken out first: `Cluster.rank_share`);
-- link: forward all-to-all wall time (dispatch + combine spans of the rank that waited least: the others also
-  wait for the slowest rank's experts) = peer messages x latency + bytes / bandwidth;
+- link: with FSSDP runs whose spRS ran after backward, bandwidth = bytes the busiest rank sent / the spRS span
+  of the rank that waited least (bulk rows, no routing work), and the forward all-to-all wall time (dispatch +
+  combine spans of the rank that waited least: the others also wait for the slowest rank's experts) less its
+  bytes at that bandwidth = peer messages x latency + routed slots x local dispatch work per slot; without such
+  runs, all-to-all time = peer messages x latency + bytes / bandwidth (local work inside the bandwidth);
 - backward/forward compute ratio from each record's fwd_s / bwd_s less the collective spans;
 - optimizer seconds per local parameter from the optimizer span;
 - step overhead: what the measured step time (from tokens/s) keeps beyond the model, median over runs.
@@ -64,16 +67,31 @@ def compute_features(run: RunData, rec: dict[str, Any], rank: int) -> tuple[floa
     return flops, float(s.n_layers + s.n_moe), busy, wall
 
 
-def link_features(run: RunData, rec: dict[str, Any]) -> tuple[float, float, float] | None:
-    """(peer messages, bytes sent per rank, measured seconds) of the forward all-to-alls at one step."""
+def link_features(run: RunData, rec: dict[str, Any]) -> tuple[float, float, float, float] | None:
+    """(peer messages, bytes sent per rank, slot permutations per rank, measured seconds) of the forward
+    all-to-alls (dispatch and combine, every MoE layer) at one step."""
     if run.world == 1 or run.strategy not in ("ep", "fssdp") or "a2a_MB" not in rec:
         return None
-    r = rec["ranks"]
+    r, s = rec["ranks"], run.setup
     # the rank that reached the exchange last waited for nobody: its span is the transfer itself
     secs = min(r["dispatch_ms"][i] + r["combine_ms"][i] for i in range(run.world)) / 1000
     fwd_bytes = rec["a2a_MB"] * 2**20 / run.world / 2  # the record sums ranks, forward + backward
-    msgs = run.setup.n_moe * 3 * (run.world - 1)  # counts, dispatch, combine: one message per peer each
-    return float(msgs), fwd_bytes, secs
+    msgs = s.n_moe * 3 * (run.world - 1)  # counts, dispatch, combine: one message per peer each
+    slots = 2 * s.tokens / run.world * s.top_k * s.n_moe  # dispatch and combine each permute all the rank's slots
+    return float(msgs), fwd_bytes, slots, secs
+
+
+def p2p_features(run: RunData, rec: dict[str, Any], device: str) -> tuple[float, float] | None:
+    """(bytes the busiest rank sent, measured seconds) of one step's spRS posted after backward: bulk
+    point-to-point rows with no routing work, so they time the link itself. None without such a spRS (no
+    copies; spRS overlapping backward, as `sprs_post=auto` does on `device` cuda: its span is only the unhidden rest;
+    records without per-rank bytes)."""
+    r, post = rec["ranks"], run.setup.sprs_post
+    in_backward = post == "backward" or (post == "auto" and device == "cuda")
+    if run.world == 1 or run.strategy != "fssdp" or in_backward or "sprs_sent_MB" not in r:
+        return None
+    sent, secs = max(r["sprs_sent_MB"]) * 2**20, min(r["sprs_ms"]) / 1000  # the last rank to arrive waited least
+    return (sent, secs) if sent > 0 and secs > 0 else None
 
 
 def _lstsq_nonneg(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -87,6 +105,25 @@ def _lstsq_nonneg(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return out
         cols.pop(int(b.argmin()))
     return torch.zeros(x.shape[1], dtype=x.dtype)
+
+
+def _fit_links(link: list[tuple[float, float, float, float]], p2p: list[tuple[float, float]], base: Cluster
+               ) -> tuple[float, float, float]:
+    """(latency s, bytes/s, local seconds per routed slot). With spRS samples the bandwidth is theirs (bytes through
+    the origin) and the all-to-all time beyond its bytes fits latency and per-slot local work; without, the
+    all-to-all alone fits latency and bandwidth (its local work then sits inside the bandwidth, per-slot work 0)."""
+    lat, bw, per_slot = base.intra_node_latency_s, base.intra_node_Bps, base.dispatch_s_per_slot
+    if p2p:
+        pb = torch.tensor(p2p, dtype=torch.float64)  # [n, 2] bytes, seconds
+        bw = float((pb[:, 0] ** 2).sum() / (pb[:, 0] * pb[:, 1]).sum())
+    if len(link) < 2:
+        return lat, bw, per_slot
+    lt = torch.tensor(link, dtype=torch.float64)  # [n, 4] messages, bytes, slots, seconds
+    if p2p:
+        lat, per_slot = _lstsq_nonneg(lt[:, [0, 2]], lt[:, 3] - lt[:, 1] / bw).tolist()
+        return lat, bw, per_slot
+    lat, inv_bw = _lstsq_nonneg(lt[:, :2], lt[:, 3]).tolist()
+    return lat, (1.0 / inv_bw if inv_bw > 0 else bw), 0.0  # the base's per-slot work is inside this bandwidth
 
 
 def fit(runs: list[RunData], base: Cluster) -> tuple[Cluster, dict[str, Any]]:
@@ -105,13 +142,8 @@ def fit(runs: list[RunData], base: Cluster) -> tuple[Cluster, dict[str, Any]]:
         raise ValueError("calibration: forward busy time does not grow with FLOPs in these runs; "
                          "use runs of different sizes or batch")
     link = [f for run in runs for rec in run.records if (f := link_features(run, rec)) is not None]
-    lat, bw = base.intra_node_latency_s, base.intra_node_Bps
-    if len(link) >= 2:
-        lx = torch.tensor([[m, b] for m, b, _ in link], dtype=torch.float64)
-        ly = torch.tensor([t for _, _, t in link], dtype=torch.float64)
-        a, inv_bw = _lstsq_nonneg(lx, ly).tolist()
-        lat = a
-        bw = 1.0 / inv_bw if inv_bw > 0 else bw
+    p2p = [f for run in runs for rec in run.records if (f := p2p_features(run, rec, base.device)) is not None]
+    lat, bw, per_slot = _fit_links(link, p2p, base)
     ratios = []
     for run in runs:
         for rec in run.records:
@@ -130,6 +162,7 @@ def fit(runs: list[RunData], base: Cluster) -> tuple[Cluster, dict[str, Any]]:
     per_param = float((ox * oy).sum() / (ox * ox).sum()) if opt else 0.0
     fitted = dataclasses.replace(base, achievable_flops=1.0 / inv_flops, peak_flops=max(base.peak_flops, 1.0 / inv_flops),
                                  layer_overhead_s=overhead, intra_node_Bps=bw, intra_node_latency_s=lat,
+                                 dispatch_s_per_slot=per_slot,
                                  bwd_fwd_ratio=ratio, optimizer_s_per_param=per_param * cpu_share,
                                  step_overhead_s=0.0, cpu_share=cpu_share)
     residuals = []
@@ -139,7 +172,7 @@ def fit(runs: list[RunData], base: Cluster) -> tuple[Cluster, dict[str, Any]]:
         residuals.append(measured - pred)
     mid = median(residuals)  # robust to one run measured under a different load
     fitted = dataclasses.replace(fitted, step_overhead_s=max(0.0, mid))
-    diag = {"compute_samples": len(comp), "link_samples": len(link), "bwd_fwd_samples": len(ratios),
+    diag = {"compute_samples": len(comp), "link_samples": len(link), "p2p_samples": len(p2p), "bwd_fwd_samples": len(ratios),
             "cpu_share_range": [float(shares.min()), float(shares.max())] if len(shares) else None,
             "step_residuals_s": residuals}
     return fitted, diag

@@ -33,6 +33,9 @@ class Cluster:
     device: str = "cuda"  # cuda | cpu: where spRS overlaps backward under sprs_post=auto (as the runtime)
     cpu_share: float = 1.0  # share of a core each rank gets (CPU hosts: busy CPU time / wall time of compute)
     cores: int = 0  # CPU hosts: cores the local ranks share (more ranks than cores split them); 0 = one per rank
+    # local work of an all-to-all per routed slot and exchange (sort, gather, scatter of the rank's slots);
+    # calibrated hosts fit it beside a bulk bandwidth measured on spRS rows; 0 = inside the link numbers
+    dispatch_s_per_slot: float = 0.0
 
     def rank_share(self, world: int) -> float:
         """Share of a core each of `world` local ranks gets: cpu_share, split further when ranks outnumber cores."""
@@ -44,7 +47,7 @@ class Cluster:
             if not getattr(self, f) > 0:
                 raise ValueError(f"cluster {self.name}: {f} must be > 0, got {getattr(self, f)}")
         for f in ("intra_node_latency_s", "inter_node_latency_s", "layer_overhead_s", "hbm_Bps",
-                  "optimizer_s_per_param", "step_overhead_s"):
+                  "optimizer_s_per_param", "step_overhead_s", "dispatch_s_per_slot"):
             if getattr(self, f) < 0:
                 raise ValueError(f"cluster {self.name}: {f} must be >= 0, got {getattr(self, f)}")
         if self.device not in ("cuda", "cpu"):

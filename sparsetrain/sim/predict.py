@@ -160,7 +160,7 @@ def predict(s: SimSetup, c: Cluster, world: int, shares: torch.Tensor) -> Predic
                 flow = dispatch_matrix(slots_rank, shares[li], places[li], gtopo)
                 cache[key] = flow.sum(0), Traffic.from_matrix(flow * slot_bytes, gtopo), float(flow.diagonal().min())
             rank_slots, tr, own = cache[key]  # [group] slots computed per rank; the exchange; fewest own slots
-            t_one = tr.time(c)
+            t_one = tr.time(c) + slots_rank * c.dispatch_s_per_slot  # the transfer + sorting the rank's slots
             t_a2a = 4 * t_one  # dispatch + combine, forward + backward
             if s.a2a_overlap:  # own slots run while the dispatch travels, their backward while its reverse does
                 own_fwd = own * s.expert_fwd_flops() / flops_rate

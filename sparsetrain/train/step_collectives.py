@@ -21,7 +21,8 @@ def log_step_metrics(strategy: Any, memory: PeakMemory, comm: dict[str, float], 
     per collective (`comm`: this rank's per step, summed over ranks; FSSDP's ownership moves as `reshard`),
     span times (max), expert busy time (max/mean), peak memory per rank and the strategy's own per-rank
     numbers. `ranks` keeps each rank's values (busy CPU ms of attention / experts, wall ms of every span,
-    routed slots): what `sparsetrain sim calibrate` fits and `sparsetrain report` draws."""
+    routed slots, MiB sent per collective kind): what `sparsetrain sim calibrate` fits and `sparsetrain report`
+    draws."""
     byte_names = ("spag", "sprs", "all_to_all", "reshard")
     span_names = ("attention", "dispatch", "experts", "combine", "optimizer", "spag_wait", "sprs")
     wall, cpu = TIMERS.pop()
@@ -40,6 +41,7 @@ def log_step_metrics(strategy: Any, memory: PeakMemory, comm: dict[str, float], 
         out["expert_busy_max_mean"] = float(busy.max() / busy.mean().clamp_min(1e-12))
     out["peak_memory_mib"] = [round(v, 1) for v in per_rank["peak_memory_mib"].tolist()]
     ranks = {f"{n}_ms": allv[:, nb + i] * 1000 for i, n in enumerate(span_names)}
+    ranks.update({f"{n}_sent_MB": allv[:, i] / 2**20 for i, n in enumerate(byte_names)})
     ranks.update({"attention_cpu_ms": per_rank["attention_cpu"] * 1000, "tokens": per_rank["rank_tokens"],
                   "experts_cpu_ms": per_rank["experts_cpu"] * 1000})
     out["ranks"] = {k: [round(v, 4) for v in t.tolist()] for k, t in ranks.items()}
