@@ -140,6 +140,14 @@ def main() -> None:
             mf, pf = by[twin]
             print(f"fssdp/ep step time ({twin.split('-', 2)[2]}): measured {mf / me:.3f}, predicted {pf / pe:.3f}")
     print(f"max relative error of busiest-rank compute (busy CPU time): {100 * worst_busy:.1f}%")
+    old, _ = calibrate(cal, load_cluster("cpu-2core"), "cpu-2core", link_from_sprs=False)
+    old_errs = []
+    for name in HELD_OUT:  # the same runs with the link fitted on the all-to-all alone (before spRS rows)
+        runs = [load_run(d) for d in dirs[name]]
+        measured = statistics.median(measured_step_s(r) for r in runs)
+        pred = statistics.median(predict(r.setup, old, r.world, run_shares(r)).step_time_s for r in runs)
+        old_errs.append(f"{name} {1e3 * pred:.1f} ms ({100 * abs(pred - measured) / measured:.1f}%)")
+    print(f"link fitted on the all-to-all alone ({old.intra_node_Bps / 1e6:.1f} MB/s): " + ", ".join(old_errs))
     print(f"max relative error: {100 * worst:.1f}%")
 
 

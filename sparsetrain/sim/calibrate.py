@@ -126,8 +126,9 @@ def _fit_links(link: list[tuple[float, float, float, float]], p2p: list[tuple[fl
     return lat, (1.0 / inv_bw if inv_bw > 0 else bw), 0.0  # the base's per-slot work is inside this bandwidth
 
 
-def fit(runs: list[RunData], base: Cluster) -> tuple[Cluster, dict[str, Any]]:
-    """A cluster whose compute/link/optimizer/overhead constants fit the runs; plus fit diagnostics."""
+def fit(runs: list[RunData], base: Cluster, link_from_sprs: bool = True) -> tuple[Cluster, dict[str, Any]]:
+    """A cluster whose compute/link/optimizer/overhead constants fit the runs; plus fit diagnostics.
+    `link_from_sprs=False` fits the link on the all-to-all alone, as before spRS rows were used (comparisons)."""
     from sparsetrain.sim.predict import predict
 
     comp = [compute_features(run, rec, k) for run in runs for rec in run.records for k in range(run.world)]
@@ -142,7 +143,8 @@ def fit(runs: list[RunData], base: Cluster) -> tuple[Cluster, dict[str, Any]]:
         raise ValueError("calibration: forward busy time does not grow with FLOPs in these runs; "
                          "use runs of different sizes or batch")
     link = [f for run in runs for rec in run.records if (f := link_features(run, rec)) is not None]
-    p2p = [f for run in runs for rec in run.records if (f := p2p_features(run, rec, base.device)) is not None]
+    p2p = [f for run in runs for rec in run.records
+           if link_from_sprs and (f := p2p_features(run, rec, base.device)) is not None]
     lat, bw, per_slot = _fit_links(link, p2p, base)
     ratios = []
     for run in runs:
@@ -213,8 +215,9 @@ def run_shares(run: RunData) -> torch.Tensor:
     return torch.full((s.n_moe, s.num_experts), 1.0 / s.num_experts, dtype=torch.float64)
 
 
-def calibrate(run_dirs: list[str | Path], base: Cluster, name: str) -> tuple[Cluster, dict[str, Any]]:
+def calibrate(run_dirs: list[str | Path], base: Cluster, name: str, link_from_sprs: bool = True
+              ) -> tuple[Cluster, dict[str, Any]]:
     """Load the runs and fit; the result is named `name` and runs on device 'cpu' if the base does."""
     runs = [load_run(d) for d in run_dirs]
-    fitted, diag = fit(runs, base)
+    fitted, diag = fit(runs, base, link_from_sprs)
     return dataclasses.replace(fitted, name=name), diag
