@@ -65,6 +65,11 @@ def grouped_mm_input_eligible(x: torch.Tensor) -> tuple[bool, str]:
     return True, "CUDA bf16 sm90+"
 
 
+def grouped_mm_dims_ok(*dims: int) -> bool:
+    """torch._grouped_mm's operand strides must be 16-byte aligned: every GEMM dim a multiple of 8 in bf16."""
+    return all(d % 8 == 0 for d in dims)
+
+
 def grouped_mm_eligible(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> tuple[bool, str]:
     """Whether torch._grouped_mm (CUDA, bf16, sm90+, 16-byte aligned strides) can run this call."""
     ok, why = grouped_mm_input_eligible(x)
@@ -74,7 +79,7 @@ def grouped_mm_eligible(x: torch.Tensor, weight: torch.Tensor, counts: list[int]
         return False, "not CUDA tensors"
     if weight.dtype != torch.bfloat16:
         return False, f"dtype {x.dtype}/{weight.dtype} (needs bfloat16)"
-    if x.shape[-1] % 8 or weight.shape[1] % 8:
+    if not grouped_mm_dims_ok(x.shape[-1], weight.shape[1]):
         return False, f"dims in={x.shape[-1]} out={weight.shape[1]} not multiples of 8 (16-byte strides)"
     if len(counts) != weight.shape[0]:
         return False, f"{len(counts)} counts for {weight.shape[0]} experts"

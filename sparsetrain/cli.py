@@ -114,9 +114,9 @@ def _single_process_model(cfg: Config, checkpoint: str | None):
 
     model = build_model(cfg)
     if cfg.sparsity.enabled:  # the N:M masks the run trained with (its weights are parametrized originals)
-        from sparsetrain.sparsity import NMConfig, sparsify_
+        from sparsetrain.sparsity import apply_sparsity
 
-        sparsify_(model, NMConfig.from_config(cfg.sparsity))
+        apply_sparsity(model, cfg.sparsity)
     root = ckpt.checkpoint_root(cfg.train.out_dir, checkpoint or cfg.checkpoint.dir)
     if ckpt.is_checkpoint_dir(root):  # one checkpoint named: verified, refused if bad
         path, manifest = root, None

@@ -48,10 +48,10 @@ def check_sparsity(cfg: Config) -> None:
     if not cfg.sparsity.enabled:
         return
     from sparsetrain.model.gpt import build_model
-    from sparsetrain.sparsity import NMConfig, sparsify_
+    from sparsetrain.sparsity import apply_sparsity
 
     try:
-        sparsify_(build_model(cfg, "meta"), NMConfig.from_config(cfg.sparsity))
+        apply_sparsity(build_model(cfg, "meta"), cfg.sparsity)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -11,6 +11,7 @@ from torch import nn
 from sparsetrain.kernels import (
     compute_dtype,
     grouped_linear,
+    grouped_mm_dims_ok,
     grouped_mm_eligible,
     grouped_mm_input_eligible,
     swiglu_experts_reference,
@@ -110,7 +111,7 @@ class GroupedExperts(nn.Module):
         """Whether a call on input `x` runs torch._grouped_mm (CUDA bf16 sm90+, dims multiples of 8, no N:M
         kernels). It computes on stacks joined from own and copied weights (new storage, saved for backward), so
         no view of a gathered copies buffer is saved: nothing in backward reads a re-gathered one."""
-        if self.grouped_linear_fn is not None or self.d_model % 8 or self.d_ffn % 8:
+        if self.grouped_linear_fn is not None or not grouped_mm_dims_ok(self.d_model, self.d_ffn):
             return False
         dt = compute_dtype(x)
         return grouped_mm_input_eligible(x if x.dtype == dt else x[:0].to(dt))[0]

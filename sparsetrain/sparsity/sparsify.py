@@ -271,6 +271,15 @@ def sparsify_(model: nn.Module, cfg: NMConfig, filter_fn: FilterFn | None = None
     return model
 
 
+def apply_sparsity(model: nn.Module, sparsity: Any) -> NMSparsifier | None:
+    """The run's N:M pass: `sparsify_` per the config's `sparsity` section when it is enabled (on a meta model
+    too, before sharding: FSDP2 then shards the parametrized originals); its sparsifier, or None when off."""
+    if not sparsity.enabled:
+        return None
+    sparsify_(model, NMConfig.from_config(sparsity))
+    return nm_sparsifier(model)
+
+
 def nm_sparsifier(model: nn.Module) -> NMSparsifier:
     """The sparsifier that sparsify_ attached to `model`."""
     sp = getattr(model, "nm_sparsifier", None)

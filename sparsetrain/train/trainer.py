@@ -65,10 +65,9 @@ class Trainer:
         model = build_model(cfg, "meta")  # nothing allocated until the strategy says what this rank holds
         self.sparsifier = None
         if cfg.sparsity.enabled:  # before sharding: FSDP2 then shards the parametrized originals
-            from sparsetrain.sparsity import NMConfig, nm_sparsifier, sparsify_
+            from sparsetrain.sparsity import apply_sparsity
 
-            sparsify_(model, NMConfig.from_config(cfg.sparsity))
-            self.sparsifier = nm_sparsifier(model)
+            self.sparsifier = apply_sparsity(model, cfg.sparsity)
         self.model: GPT = materialize_(self.strategy.apply(model), self.device, cfg.train.seed)
         if cfg.train.activation_checkpointing != "none":
             from sparsetrain.offload.checkpointing import apply_activation_checkpointing
