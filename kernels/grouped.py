@@ -35,19 +35,37 @@ def grouped_linear_reference(x: torch.Tensor, weight: torch.Tensor, counts: list
     return torch.cat(outs, dim=0) if outs else x.new_zeros(0, weight.shape[1])  # [N, out]
 
 
+# CPU: one expert's rows are computed in blocks whose [rows, d_ffn] intermediates take about this many bytes, so
+# silu and the gating product (forward and backward) read them from cache. A hot expert's whole [2950, 2048] fp32
+# intermediates did not fit: its SwiGLU forward + backward took 1.21x the time of the same rows in blocks of 512
+# (benchmarks/RESULTS.md, "Row blocks for hot experts on CPU"). GPUs run each expert's GEMMs whole.
+CPU_BLOCK_BYTES = 4 << 20
+
+
+def _row_block(x: torch.Tensor, d_ffn: int) -> int:
+    """Rows per block of one expert's SwiGLU on x's device (0 = the expert's rows in one piece)."""
+    return max(64, CPU_BLOCK_BYTES // (d_ffn * x.element_size())) if x.device.type == "cpu" else 0
+
+
 def swiglu_experts_reference(x: torch.Tensor, counts: list[int], w1: torch.Tensor | tuple[torch.Tensor, ...],
                              w2: torch.Tensor | tuple[torch.Tensor, ...],
                              w3: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
     """SwiGLU experts one expert at a time: x [N, d] sorted by expert, w1/w3 [E, d_ffn, d], w2 [E, d, d_ffn] (or
     each already unbound into E rows: `GroupedExperts.bind` unbinds once for several calls) -> [N, d]. Each
-    expert's [rows, d_ffn] intermediates are made and used while in cache; grouping each weight's GEMM over all
-    experts first made silu and the gating product (forward and backward) stream [N, d_ffn] tensors through
-    memory: 5x the time per element on CPU (benchmarks/RESULTS.md). Same math; silu's vector loop may round a
-    chunk's tail elements an ulp differently."""
+    expert's [rows, d_ffn] intermediates are made and used while in cache (on CPU a hot expert's rows in blocks
+    of `CPU_BLOCK_BYTES`); grouping each weight's GEMM over all experts first made silu and the gating product
+    (forward and backward) stream [N, d_ffn] tensors through memory: 5x the time per element on CPU
+    (benchmarks/RESULTS.md). Same math; silu's vector loop may round a chunk's tail elements an ulp
+    differently, and a blocked expert's weight gradient sums its blocks' products."""
     # unbind, not w[e]: see grouped_linear_reference
     w1s, w2s, w3s = (w if isinstance(w, tuple) else w.unbind(0) for w in (w1, w2, w3))
-    outs = [(F.silu(xe @ w1s[e].t()) * (xe @ w3s[e].t())) @ w2s[e].t()  # [rows, d_ffn] -> [rows, d]
-            for e, xe in enumerate(torch.split(x, counts, dim=0)) if counts[e]]
+    block = _row_block(x, w1s[0].shape[0]) if w1s else 0
+    outs = []
+    for e, xe in enumerate(torch.split(x, counts, dim=0)):
+        if not counts[e]:
+            continue
+        for xb in torch.split(xe, block, dim=0) if block and counts[e] > block else (xe,):  # [rows <= block, d]
+            outs.append((F.silu(xb @ w1s[e].t()) * (xb @ w3s[e].t())) @ w2s[e].t())  # [rows, d_ffn] -> [rows, d]
     return torch.cat(outs, dim=0) if outs else x.new_zeros(0, w2s[0].shape[0] if w2s else x.shape[1])  # [N, d]
 
 

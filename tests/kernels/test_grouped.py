@@ -146,3 +146,27 @@ def test_uses_grouped_gemm_only_where_torch_grouped_mm_would_run(monkeypatch):
     assert not GroupedExperts(4, 12, 32).uses_grouped_gemm(x[:, :12])  # d_model not a multiple of 8
     ex.grouped_linear_fn = lambda *a: None  # N:M kernels: their own GEMMs
     assert not ex.uses_grouped_gemm(x)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_hot_expert_rows_in_cpu_blocks_equal_one_piece(monkeypatch, autocast):
+    """On CPU an expert with more rows than a block is computed block by block (intermediates in cache): same
+    outputs and gradients as the grouped GEMMs; the blocks really are used (more GEMMs in the graph)."""
+    import sparsetrain.kernels.grouped as grouped
+
+    torch.manual_seed(0)
+    e, d, f = 4, 8, 24
+    counts = [150, 0, 64, 65]  # > one block, none, exactly one, one row over
+    x = torch.randn(sum(counts), d)
+    ws = [torch.randn(e, f, d) * 0.3, torch.randn(e, d, f) * 0.3, torch.randn(e, f, d) * 0.3]
+    want = _run(_grouped, x, counts, ws, autocast)
+    whole = _nodes(swiglu_experts_reference(x, counts, *[w.requires_grad_() for w in ws]), "MmBackward0")
+    monkeypatch.setattr(grouped, "CPU_BLOCK_BYTES", 64 * f * 4)  # 64 fp32 rows of d_ffn per block
+    assert grouped._row_block(x, f) == 64
+    got = _run(swiglu_experts_reference, x, counts, ws, autocast)
+    for a, b in zip(got, want):  # bf16: a blocked weight grad sums bf16 products per block in fp32 (one GEMM's
+        # bf16 output rounds once): up to 0.0115 apart here
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2 if autocast else 1e-5,
+                                   atol=2e-2 if autocast else 1e-5)
+    blocked = _nodes(swiglu_experts_reference(x, counts, *ws), "MmBackward0")
+    assert blocked == whole + 3 * (2 + 1)  # expert 0: 3 blocks (+2), expert 3: 2 blocks (+1); 3 GEMMs each
