@@ -94,17 +94,30 @@ def load_sweep(path: str | Path) -> Sweep:
     src = Path(path)
     if not src.exists():
         raise LaunchError(f"sweep file not found: {src}")
-    data = yaml.safe_load(src.read_text()) or {}
+    try:
+        data = yaml.safe_load(src.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise LaunchError(f"{src}: not a readable sweep YAML ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise LaunchError(f"{src}: a sweep file is a mapping with keys {', '.join(SWEEP_KEYS)}")
     unknown = sorted(set(data) - set(SWEEP_KEYS))
     if unknown:
         raise LaunchError(f"{src}: unknown sweep key(s) {unknown}; allowed: {', '.join(SWEEP_KEYS)}")
-    shared = dict(data.get("set") or {})
+    shared = data.get("set") or {}
     grid = data.get("grid") or {}
     explicit = data.get("points") or []
+    for key, value, kind in (("set", shared, dict), ("grid", grid, dict), ("points", explicit, list)):
+        if not isinstance(value, kind):
+            raise LaunchError(f"{src}: '{key}' must be a {'mapping' if kind is dict else 'list'}, got {value!r}")
+    shared = dict(shared)
     if not grid and not explicit:
         raise LaunchError(f"{src}: needs a 'grid' or a 'points' list")
+    try:
+        timeout_s = float(data.get("timeout_s") or 0)
+    except (TypeError, ValueError):
+        timeout_s = -1.0
+    if not timeout_s >= 0:
+        raise LaunchError(f"{src}: timeout_s must be a number of seconds >= 0 (0 = none), got {data['timeout_s']!r}")
     points: list[SweepPoint] = []
     if grid:
         axes = [(name, _axis_values(name, vals, str(src))) for name, vals in grid.items()]
@@ -119,7 +132,12 @@ def load_sweep(path: str | Path) -> Sweep:
             raise LaunchError(f"{src}: every entry of 'points' must be a mapping of overrides, got {p!r}")
         points.append(SweepPoint(len(points), dict(p), {**shared, **p}))
     base = str(data.get("base", "tiny"))
+    seen: dict[str, int] = {}
     for p in points:
+        if p.point_id in seen:
+            raise LaunchError(f"{src}: points {seen[p.point_id]} and {p.index} are the same configuration {p.keys}; "
+                              "remove one")
+        seen[p.point_id] = p.index
         if "train.out_dir" in p.overrides:
             raise LaunchError(f"{src}: train.out_dir is set by the sweep (out_dir/points/NNN); remove it")
         try:
@@ -127,7 +145,7 @@ def load_sweep(path: str | Path) -> Sweep:
         except ConfigError as e:
             raise LaunchError(f"{src}: point {p.index} {p.keys}: {e}") from None
     out_dir = Path(data.get("out_dir") or f"runs/sweeps/{src.stem}")
-    return Sweep(src.stem, base, out_dir, points, float(data.get("timeout_s") or 0), shared)
+    return Sweep(src.stem, base, out_dir, points, timeout_s, shared)
 
 
 def read_rows(path: Path) -> dict[str, dict[str, Any]]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -215,11 +216,12 @@ def plan(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
     cfg = _load(config, overrides)
     from sparsetrain.parallel.plan_report import plan_json, plan_report
     from sparsetrain.preflight import check_planner, check_sparsity
-    from sparsetrain.sim.scale import plan_prediction
+    from sparsetrain.sim.scale import plan_cluster, plan_prediction
 
     try:
         check_planner(cfg)
         check_sparsity(cfg)
+        plan_cluster(cfg, cluster)  # a bad --cluster fails before the plan prints
         if as_json:
             typer.echo(plan_json(cfg))
             return
@@ -268,6 +270,16 @@ def sweep(path: str = typer.Argument(..., help="sweep file, e.g. configs/sweeps/
         raise typer.Exit(1)
 
 
+def _writable_dir(d: Path, what: str) -> None:
+    """Create output directory `d` (and parents) now, so a bad path fails before the work, not after it."""
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{what} {d}: cannot create it ({e.strerror or e})") from None
+    if not d.is_dir() or not os.access(d, os.W_OK):
+        raise ValueError(f"{what} {d}: not a writable directory")
+
+
 RunDirsArg = typer.Argument(..., help="run directories (config.yaml + metrics.jsonl)")
 sim_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Step-time simulator: predict, calibrate.")
 app.add_typer(sim_app, name="sim")
@@ -293,13 +305,16 @@ def sim_predict(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
         counts = [int(g) for g in gpus.split(",") if g.strip()]
         if not counts or min(counts) < 1:
             raise ValueError(f"--gpus needs GPU counts >= 1, got {gpus!r}")
+        if batch_per_gpu < 0:
+            raise ValueError(f"--batch-per-gpu must be >= 1 (0: data.batch_size / launch.workers), got {batch_per_gpu}")
         c = load_cluster(cluster)
         per_gpu = batch_per_gpu or max(1, cfg.data.batch_size // cfg.launch.workers)
         rows = scale_rows(setup_from_config(cfg), c, counts, workload or f"zipf:{cfg.moe.router_skew}", per_gpu,
                           tuple(v.strip() for v in variants.split(",") if v.strip()), cfg)
+        _writable_dir(Path(out), "--out")
     except ValueError as e:
         _fail(str(e))
-    typer.echo(format_table(rows))
+    typer.echo(format_table(rows, c.hbm_bytes))
     pngs = write_outputs(rows, Path(out), f"{config} on {c.name}, {per_gpu} seq/GPU, {workload or 'zipf'}")
     typer.echo(f"wrote {Path(out) / 'predictions.json'} and {len(pngs)} PNGs under {out}")
 
@@ -314,6 +329,8 @@ def sim_calibrate(run_dirs: list[str] = RunDirsArg,
     from sparsetrain.sim.cluster import load_cluster
 
     try:
+        if out:
+            _writable_dir(Path(out).parent, "--out's directory")
         fitted, diag = calibrate(run_dirs, load_cluster(base), name)
     except ValueError as e:
         _fail(str(e))

@@ -233,3 +233,13 @@ def test_config_from_dict_is_strict():
     d["train"]["bogus"] = 1
     with pytest.raises(ConfigError, match=r"train\.bogus"):
         config_from_dict(d)
+
+
+def test_a_model_without_moe_layers_trains_dense_only():
+    """moe_every beyond n_layers leaves no MoE layer: expert strategies are refused in one line, dp plans it."""
+    from sparsetrain.parallel.memory_plan import memory_plan
+
+    with pytest.raises(ConfigError, match="leaves no MoE layer among model.n_layers=4"):
+        load_config("tiny", ["model.moe_every=5", "parallel.strategy=fssdp"])
+    cfg = load_config("tiny", ["model.moe_every=5", "parallel.strategy=dp"])
+    assert memory_plan(cfg, 4, "cpu").max_mib > 0

@@ -297,7 +297,8 @@ def memory_plan(cfg: Config, world: int | None = None, device: str | None = None
         # from the second micro-batch on, backward runs with the accumulated grads alive
         backward_start = (p + opt + compute + accum_grads + gathered_dense + gathered_experts + activations
                           + bwd_transient)
-        backward_end = p + opt + grads + copy_grads + comm + gathered_dense + gathered_experts // live_layers
+        backward_end = (p + opt + grads + copy_grads + comm + gathered_dense
+                        + gathered_experts // max(live_layers, 1))  # no MoE layer: nothing gathered
         optimizer = p + opt + grads + adamw_transient_bytes(cfg, owned[r] // expert_shards, world if fsdp else 1)
         phases = {"forward": forward, "backward_start": backward_start, "backward_end": backward_end,
                   "optimizer": optimizer}

@@ -19,16 +19,19 @@ def pyplot() -> Any:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSONL file ([] when it is missing); a torn last line is skipped."""
+    """Records (JSON objects) of a JSONL file ([] when it is missing); a torn line (a run writing or killed
+    mid-line) and lines that hold no object are skipped."""
     if not path.exists():
         return []
     out = []
     for line in path.read_text().splitlines():
         if line.strip():
             try:
-                out.append(json.loads(line))
+                rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(rec, dict):
+                out.append(rec)
     return out
 
 

@@ -123,9 +123,9 @@ def _memory(recs: list[dict[str, Any]], out: Path) -> Path | None:
 
 def run_report(run_dir: Path, out: Path) -> Path:
     """Write the run's PNGs and report.md under `out`; returns the Markdown path."""
-    recs = read_jsonl(run_dir / "metrics.jsonl")
+    recs = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "step" in r and "loss" in r]
     if not recs:
-        raise ValueError(f"{run_dir / 'metrics.jsonl'} has no records")
+        raise ValueError(f"{run_dir / 'metrics.jsonl'} has no training records (step, loss)")
     out.mkdir(parents=True, exist_ok=True)
     pictures = {
         "Loss (interval means) and validation loss": _loss(recs, out),

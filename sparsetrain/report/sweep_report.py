@@ -72,13 +72,13 @@ def sweep_report(sweep_dir: Path, out: Path) -> Path:
     md = [f"# Sweep report: `{sweep_dir}`", "", f"{len(ok)} of {len(rows)} points finished; swept: "
           + ", ".join(f"`{k}`" for k in keys), ""]
     shown = [m for m in METRICS if any(m in r for r in ok)]
-    md += ["| point | " + " | ".join(keys) + " | status | " + " | ".join(shown) + " |",
-           "|---" * (len(keys) + len(shown) + 2) + "|"]
+    head = ["point", *keys, "status", *shown]
+    md += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
         vals = [f"{r[m]:.4g}" if isinstance(r.get(m), (int, float)) else "" for m in shown]
         status = r.get("status", "") if r.get("status") == "ok" else f"failed: {r.get('error', '')}"
-        md.append(f"| {r['point']} | " + " | ".join(str(r["keys"].get(k, "")) for k in keys) + f" | {status} | "
-                  + " | ".join(vals) + " |")
+        cells = [str(r["point"]), *(str(r["keys"].get(k, "")) for k in keys), status, *vals]
+        md.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     md.append("")
     for m in shown:
         png = _metric_plot(ok, keys, m, out)

@@ -18,7 +18,6 @@ Fits, by least squares over (logged step, rank) samples (the first logged interv
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,18 +40,25 @@ class RunData:
     strategy: str  # the runtime strategy (none/dp/ep/fssdp)
 
 
+RANK_KEYS = ("attention_ms", "experts_ms", "attention_cpu_ms", "experts_cpu_ms", "optimizer_ms", "tokens",
+             "dispatch_ms", "combine_ms")  # what the fits read from each record's `ranks`
+
+
 def load_run(path: str | Path, skip: int = 1) -> RunData:
-    """Read config.yaml + metrics.jsonl of a run directory."""
+    """Read config.yaml + metrics.jsonl of a run directory (torn lines skipped, as `sparsetrain report` does)."""
     from sparsetrain.config import config_from_dict
+    from sparsetrain.report.plots import read_jsonl
 
     p = Path(path)
     if not (p / "config.yaml").exists() or not (p / "metrics.jsonl").exists():
         raise ValueError(f"{p}: a calibration run needs config.yaml and metrics.jsonl (written by sparsetrain train)")
     cfg = config_from_dict(yaml.safe_load((p / "config.yaml").read_text()))
-    recs = [json.loads(ln) for ln in (p / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    recs = [r for r in recs[skip:] if isinstance(r.get("ranks"), dict)]
+    recs = [r for r in read_jsonl(p / "metrics.jsonl")[skip:] if isinstance(r.get("ranks"), dict)]
     if not recs:
         raise ValueError(f"{p}: no logged records with per-rank timings after the first {skip} (log more often)")
+    lacking = sorted({k for r in recs for k in RANK_KEYS if k not in r["ranks"]})
+    if lacking:
+        raise ValueError(f"{p}: records lack per-rank {', '.join(lacking)} (written by an older sparsetrain?)")
     return RunData(p, setup_from_config(cfg), len(recs[0]["ranks"]["experts_ms"]), recs, cfg.parallel.strategy)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,17 +44,28 @@ class Cluster:
         return self.cpu_share * (min(1.0, self.cores / ranks) if self.cores else 1.0)
 
     def __post_init__(self) -> None:
-        for f in ("intra_node_Bps", "inter_node_Bps", "peak_flops", "achievable_flops", "cpu_share"):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("gpus_per_node", "cores", "hbm_bytes"):
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise ValueError(f"cluster {self.name}: {f.name} must be a whole number, got {v!r}")
+            elif f.name not in ("name", "device") and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                                       or not math.isfinite(v)):
+                raise ValueError(f"cluster {self.name}: {f.name} must be a finite number, got {v!r}")
+        for f in ("intra_node_Bps", "inter_node_Bps", "peak_flops", "achievable_flops", "cpu_share", "bwd_fwd_ratio"):
             if not getattr(self, f) > 0:
                 raise ValueError(f"cluster {self.name}: {f} must be > 0, got {getattr(self, f)}")
         for f in ("intra_node_latency_s", "inter_node_latency_s", "layer_overhead_s", "hbm_Bps",
-                  "optimizer_s_per_param", "step_overhead_s", "dispatch_s_per_slot"):
+                  "optimizer_s_per_param", "step_overhead_s", "dispatch_s_per_slot", "hbm_bytes", "cores"):
             if getattr(self, f) < 0:
                 raise ValueError(f"cluster {self.name}: {f} must be >= 0, got {getattr(self, f)}")
+        if self.cpu_share > 1:
+            raise ValueError(f"cluster {self.name}: cpu_share is a share of one core, in (0, 1]; got {self.cpu_share}")
+        if self.achievable_flops > self.peak_flops:
+            raise ValueError(f"cluster {self.name}: achievable_flops {self.achievable_flops:.4g} exceeds peak_flops "
+                             f"{self.peak_flops:.4g} (MFU would pass 100%)")
         if self.device not in ("cuda", "cpu"):
             raise ValueError(f"cluster {self.name}: device must be cuda or cpu, got {self.device!r}")
-        if self.cores < 0:
-            raise ValueError(f"cluster {self.name}: cores must be >= 0, got {self.cores}")
         if self.gpus_per_node < 1:
             raise ValueError(f"cluster {self.name}: gpus_per_node must be >= 1, got {self.gpus_per_node}")
 
@@ -73,6 +85,16 @@ def list_clusters() -> list[str]:
     return sorted(p.stem for p in CLUSTER_DIR.glob("*.yaml"))
 
 
+def _number(path: Path, key: str, v: object) -> object:
+    """A numeric field YAML read as a string (PyYAML reads `1e9` as one) as its number; other values as they are."""
+    if not isinstance(v, str) or key in ("name", "device"):
+        return v
+    try:
+        return int(v) if key in ("gpus_per_node", "cores", "hbm_bytes") and v.strip().isdigit() else float(v)
+    except ValueError:
+        raise ValueError(f"{path}: {key} must be a number, got {v!r}") from None
+
+
 def load_cluster(name_or_path: str | Path) -> Cluster:
     """A cluster by name under configs/clusters/ or by YAML path; unknown keys are errors."""
     p = Path(name_or_path)
@@ -80,14 +102,19 @@ def load_cluster(name_or_path: str | Path) -> Cluster:
         p = CLUSTER_DIR / f"{name_or_path}.yaml"
     if not p.exists():
         raise ValueError(f"unknown cluster {name_or_path!r}; known: {', '.join(list_clusters())} (or a YAML path)")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{p}: not a readable cluster YAML ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):  # ValueError as every other bad cluster file: the CLI reports those in one line
+        raise ValueError(f"{p}: a cluster file is a mapping of keys (name, gpus_per_node, ...), "  # noqa: TRY004
+                         f"got {type(data).__name__}")
     fields = {f.name for f in dataclasses.fields(Cluster)}
     unknown = sorted(set(data) - fields)
     if unknown:
         raise ValueError(f"{p}: unknown cluster key(s) {unknown}; allowed: {sorted(fields)}")
     data.setdefault("name", p.stem)
     try:
-        return Cluster(**{k: (float(v) if isinstance(v, str) and k not in ("name", "device") else v)
-                          for k, v in data.items() if k != "name"}, name=str(data["name"]))
+        return Cluster(**{k: _number(p, k, v) for k, v in data.items() if k != "name"}, name=str(data["name"]))
     except TypeError as e:
         raise ValueError(f"{p}: {e}") from None

@@ -25,6 +25,7 @@ from sparsetrain.sim.cluster import Cluster
 from sparsetrain.sim.shape import SimSetup
 from sparsetrain.sim.traffic import Traffic, dispatch_matrix, ring_time, spag_matrix
 
+MAX_WORLD = 8192  # GPUs one prediction may simulate (memory of its [world, world] matrices)
 STATE_BYTES = 16  # per owned parameter: fp32 param + fp32 grad + Adam m, v
 ATTN_ACT_VALUES = 16  # saved activation values per token per block, in units of d_model (estimate)
 
@@ -115,6 +116,11 @@ def predict(s: SimSetup, c: Cluster, world: int, shares: torch.Tensor) -> Predic
         raise ValueError(f"shares must be [{s.n_moe}, {s.num_experts}] (MoE layers, experts), got {tuple(shares.shape)}")
     if s.batch_size % world and s.batch_size < world:
         raise ValueError(f"batch_size={s.batch_size} sequences cannot feed {world} ranks")
+    if world > MAX_WORLD:
+        raise ValueError(f"{world} GPUs: the simulator keeps [world, world] traffic matrices (float64); at most "
+                         f"{MAX_WORLD} GPUs ({8 * MAX_WORLD ** 2 / 2**30:.1f} GiB per matrix)")
+    if s.strategy == "ep" and s.ep_size and (s.ep_size > world or world % s.ep_size):
+        raise ValueError(f"parallel.ep_size={s.ep_size} does not divide {world} GPUs")
     topo = topology(world, c)
     tokens_rank = s.tokens / world
     slots_rank = tokens_rank * s.top_k
@@ -194,20 +200,16 @@ def predict(s: SimSetup, c: Cluster, world: int, shares: torch.Tensor) -> Predic
             exposed += max(0.0, bwd_comm - bwd * attn_fwd) if overlap_bwd else bwd_comm
             copies_per_layer.append(places[li].extra_count(world))
     compute += s.n_layers * (1 + bwd) * attn_fwd + (1 + bwd) * other_fwd
-    if s.strategy == "dp":  # a second expert pass per MoE layer: it stands in for the local dispatch/combine
-        # (sort, gather, index_copy over every slot) that the other strategies' fitted all-to-all absorbs. Removing
-        # it was tried (2026-12-03): the fit on sim_validation's 1-rank runs then moved ep's held-out error
-        # from 2.4% to 9.9% and fssdp's from 15.2% to 23.0%; model the local dispatch instead (benchmarks/RESULTS.md)
-        compute += s.n_moe * (1 + bwd) * (slots_rank * s.expert_fwd_flops() / flops_rate + overhead)
     # dense parameters (and EP replicas' expert grads): overlapped with compute, the excess is exposed
     expert_total = s.n_moe * s.num_experts * s.expert_params
-    if s.strategy == "dp" or s.dense == "ddp":
-        grads = s.dense_params + (expert_total if s.strategy == "dp" else 0)
-        dense_comm = 2 * ring_time(grads * 4, world, topo, c)  # all-reduce = reduce-scatter + all-gather
-        params_local = s.dense_params + (expert_total if s.strategy == "dp" else 0)
+    # dp shards (fsdp2) or replicates (ddp) the experts with the dense parameters, as the runtime's DataParallel
+    sharded = s.dense_params + (expert_total if s.strategy == "dp" else 0)
+    if s.dense == "ddp":
+        dense_comm = 2 * ring_time(sharded * 4, world, topo, c)  # all-reduce = reduce-scatter + all-gather
+        params_local = sharded
     else:
-        dense_comm = 3 * ring_time(s.dense_params * s.act_bytes, world, topo, c)  # AG fwd, AG bwd, RS
-        params_local = s.dense_params / world
+        dense_comm = 3 * ring_time(sharded * s.act_bytes, world, topo, c)  # AG fwd, AG bwd, RS
+        params_local = sharded / world
     if s.strategy == "ep":
         replicas = world // group
         dense_comm += 2 * ring_time(expert_total / group * 4, replicas, topo, c) if replicas > 1 else 0.0

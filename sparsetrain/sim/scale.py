@@ -22,8 +22,13 @@ PLOTS = (("step_time_s", "step time (s)"), ("tokens_per_s", "tokens/s"), ("mfu",
 
 
 def variant_setup(s: SimSetup, variant: str) -> SimSetup:
-    """'dp' | 'ep' | 'fssdp-PLANNER' -> the setup with that strategy and planner."""
-    strategy, _, planner = variant.partition("-")
+    """'dp' | 'ep' | 'fssdp' | 'fssdp-PLANNER' -> the setup with that strategy and planner."""
+    from sparsetrain.parallel.planners import PLANNERS
+
+    strategy, dash, planner = variant.partition("-")
+    if dash and (strategy != "fssdp" or planner not in PLANNERS):
+        raise ValueError(f"variant {variant!r}: a planner goes with fssdp only (fssdp-PLANNER, PLANNER one of "
+                         f"{', '.join(sorted(PLANNERS))}); other variants: dp, ep")
     return s.with_(strategy=strategy, planner=planner or s.planner)
 
 
@@ -51,6 +56,8 @@ def scale_rows(s: SimSetup, c: Cluster, gpus: list[int], workload: str, batch_pe
     With `cfg`, each row also carries `mem_plan_gib` from the runtime's memory plan."""
     from sparsetrain.sim.predict import ep_group_size
 
+    if not variants:
+        raise ValueError(f"--variants names no variant; choose from {', '.join(VARIANTS)} (fssdp-PLANNER)")
     loads = workload_loads(workload, s.num_experts, s.n_moe)
     rows = []
     for world in gpus:
@@ -64,13 +71,20 @@ def scale_rows(s: SimSetup, c: Cluster, gpus: list[int], workload: str, batch_pe
     return rows
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """Aligned text table of the main columns."""
+def format_table(rows: list[dict[str, Any]], hbm_bytes: int = 0) -> str:
+    """Aligned text table of the main columns; with the cluster's `hbm_bytes`, a line naming the rows whose
+    memory per rank does not fit."""
     head = ["gpus", "variant"] + [h for _, h, _ in COLUMNS]
     body = [[str(r["gpus"]), r["variant"]] + [f"{r[k] * f:,.4g}" if r.get(k) is not None else "-"
                                               for k, _, f in COLUMNS] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head, *body])
+    lines = ["  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head, *body]]
+    cap = hbm_bytes / 2**30
+    over = [f"{r['gpus']} {r['variant']} ({max(r['mem_per_rank_gib'], r.get('mem_plan_gib') or 0):.1f})"
+            for r in rows if hbm_bytes and max(r["mem_per_rank_gib"], r.get("mem_plan_gib") or 0) > cap]
+    if over:
+        lines.append(f"DO NOT FIT in {cap:.0f} GiB per GPU (hbm_bytes): " + ", ".join(over) + " GiB")
+    return "\n".join(lines)
 
 
 def write_outputs(rows: list[dict[str, Any]], out: Path, title: str) -> list[Path]:
@@ -100,15 +114,24 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, title: str) -> list[Pat
     return paths
 
 
-def plan_prediction(cfg: Any, cluster: str = "") -> str:
-    """One line for `sparsetrain plan`: the simulator's step time for the config on launch.workers ranks."""
+def plan_cluster(cfg: Any, cluster: str = "") -> Cluster:
+    """The cluster `sparsetrain plan` predicts on: `cluster`, else h100-sxm-8x for GPU configs, cpu-2core otherwise."""
     from sparsetrain.sim.cluster import load_cluster
-    from sparsetrain.sim.shape import setup_from_config
 
     gpu = cfg.launch.gpus_per_worker > 0 or cfg.train.device == "cuda"
-    c = load_cluster(cluster or ("h100-sxm-8x" if gpu else "cpu-2core"))
+    return load_cluster(cluster or ("h100-sxm-8x" if gpu else "cpu-2core"))
+
+
+def plan_prediction(cfg: Any, cluster: str = "") -> str:
+    """One line for `sparsetrain plan`: the simulator's step time for the config on launch.workers ranks."""
+    from sparsetrain.sim.shape import setup_from_config
+
+    c = plan_cluster(cfg, cluster)
     s = setup_from_config(cfg)
-    p = predict(s, c, cfg.launch.workers, workload_loads(f"zipf:{cfg.moe.router_skew}", s.num_experts, s.n_moe))
+    try:
+        p = predict(s, c, cfg.launch.workers, workload_loads(f"zipf:{cfg.moe.router_skew}", s.num_experts, s.n_moe))
+    except ValueError as e:  # the plan above stands; only the step time cannot be simulated here
+        return f"predicted step on {c.name}: n/a ({e})"
     return (f"predicted step on {c.name} ({cfg.launch.workers} ranks, zipf:{cfg.moe.router_skew}): "
             f"{1e3 * p.step_time_s:.1f} ms (compute {1e3 * p.compute_s:.1f}, all-to-all {1e3 * p.a2a_s:.1f}, "
             f"exposed spAG/spRS/dense {1e3 * p.exposed_comm_s:.1f}), {p.tokens_per_s:,.0f} tokens/s, "

@@ -2,7 +2,6 @@
 resampled to another number of experts / layers."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -51,11 +50,19 @@ def replay_loads(path: str | Path, num_experts: int, num_layers: int, skip_steps
         p = p / "expert_loads.jsonl"
     if not p.exists():
         raise ValueError(f"no expert_loads.jsonl at {path}")
-    rows = [json.loads(ln)["counts"] for ln in p.read_text().splitlines() if ln.strip()][skip_steps:]
+    from sparsetrain.report.plots import read_jsonl
+
+    rows = [r["counts"] for r in read_jsonl(p) if "counts" in r][skip_steps:]  # torn lines skipped
     if not rows:
-        raise ValueError(f"{p} holds no steps after skipping {skip_steps}")
-    counts = torch.tensor(rows, dtype=torch.float64).sum(0)  # [L, E]
-    shares = counts / counts.sum(1, keepdim=True).clamp_min(1e-12)
+        raise ValueError(f"{p} holds no steps with per-layer expert counts after skipping {skip_steps}")
+    try:
+        counts = torch.tensor(rows, dtype=torch.float64).sum(0)  # [L, E]
+    except (TypeError, ValueError):
+        raise ValueError(f"{p}: counts must be [layers][experts] numbers of one shape on every line") from None
+    if counts.dim() != 2 or not bool((counts.sum(1) > 0).all()) or bool((counts < 0).any()):
+        raise ValueError(f"{p}: every layer needs non-negative expert counts with a positive total, per line "
+                         f"[layers][experts]; got totals {counts.sum(-1).tolist() if counts.dim() else counts}")
+    shares = counts / counts.sum(1, keepdim=True)
     layers = [resample_shares(shares[li % shares.shape[0]], num_experts) for li in range(num_layers)]
     return torch.stack(layers)  # [L', E']
 

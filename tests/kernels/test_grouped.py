@@ -152,7 +152,7 @@ def test_uses_grouped_gemm_only_where_torch_grouped_mm_would_run(monkeypatch):
 def test_hot_expert_rows_in_cpu_blocks_equal_one_piece(monkeypatch, autocast):
     """On CPU an expert with more rows than a block is computed block by block (intermediates in cache): same
     outputs and gradients as the grouped GEMMs; the blocks really are used (more GEMMs in the graph)."""
-    import sparsetrain.kernels.grouped as grouped
+    from sparsetrain.kernels import grouped
 
     torch.manual_seed(0)
     e, d, f = 4, 8, 24

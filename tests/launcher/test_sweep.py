@@ -45,6 +45,15 @@ def test_grid_named_axes_points_and_validation(tmp_path):
         load_sweep(_write(tmp_path, grid={"moe.top_k": [1, 3]}))
     with pytest.raises(LaunchError, match="unknown sweep key"):
         load_sweep(_write(tmp_path, grids={}))
+    for bad, message in (({"grid": [1, 2]}, "'grid' must be a mapping"), ({"set": "abc"}, "'set' must be a mapping"),
+                         ({"grid": {"train.lr": [1e-3]}, "timeout_s": -5}, "timeout_s must be a number of seconds"),
+                         ({"grid": {"train.lr": [1e-3]}, "timeout_s": "abc"}, "timeout_s must be a number"),
+                         ({"points": [{"train.lr": 1e-3}, {"train.lr": 1e-3}]}, "points 0 and 1 are the same")):
+        with pytest.raises(LaunchError, match=message):
+            load_sweep(_write(tmp_path, **bad))
+    (tmp_path / "broken.yaml").write_text("grid: [")
+    with pytest.raises(LaunchError, match="not a readable sweep YAML"):
+        load_sweep(tmp_path / "broken.yaml")
     assert one_line_error("Traceback...\nerror: rank 1 failed: boom\n", 1) == "rank 1 failed: boom"
     assert one_line_error("", 3) == "exit code 3"
 

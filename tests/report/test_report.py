@@ -102,3 +102,23 @@ def test_sweep_report_shows_each_point_once_as_it_stands(tmp_path):
     text = write_report(d).read_text()
     assert "2 of 2 points finished" in text and "timeout" not in text
     assert sum(line.startswith("| 0 |") for line in text.splitlines()) == 1
+
+
+def test_sweep_report_of_failed_points_is_a_well_formed_table(tmp_path):
+    """Every point failed (no metric columns): header, delimiter and rows have the same cell count; a '|' in an
+    error does not split its cell."""
+    d = tmp_path / "sweep"
+    d.mkdir()
+    _jsonl(d / "sweep.jsonl", [{"point": i, "id": f"p{i}", "keys": {"moe.top_k": i + 1}, "status": "failed",
+                                "error": "timed out | killed"} for i in range(2)])
+    lines = [ln for ln in write_report(d).read_text().splitlines() if ln.startswith("|")]
+    cells = {len(ln.replace("\\|", "").split("|")) for ln in lines}
+    assert len(lines) == 4 and len(cells) == 1, lines
+
+
+def test_run_report_skips_lines_that_are_no_training_record(tmp_path):
+    d = tmp_path / "run"
+    _fake_run(d)
+    with (d / "metrics.jsonl").open("a") as f:
+        f.write('[1, 2]\n{"step": 7}\n{"step": 9, "lo')
+    assert write_report(d).exists()

@@ -120,7 +120,7 @@ def test_monotone_in_skew_bandwidth_latency_flops():
                        zipf_loads(8, 1.2).expand(2, -1))
         slow = predict(s.with_(strategy=strategy), _cpuish(intra_node_latency_s=1e-3), 4,
                        zipf_loads(8, 1.2).expand(2, -1))
-        quick = predict(s.with_(strategy=strategy), _cpuish(achievable_flops=1e11), 4,
+        quick = predict(s.with_(strategy=strategy), _cpuish(achievable_flops=1e11, peak_flops=1e11), 4,
                         zipf_loads(8, 1.2).expand(2, -1))
         assert fast.step_time_s <= base.step_time_s <= slow.step_time_s
         assert quick.compute_s == pytest.approx(base.compute_s / 10)
