@@ -82,10 +82,13 @@ def train(config: str = ConfigOpt, overrides: list[str] | None = SetOpt) -> None
 
     _preflight(cfg)  # planner, memory, and local data (every shard and the tokenizer) before any process starts
     try:
-        from sparsetrain.train.checkpoint import preflight_resume
+        from sparsetrain.train.checkpoint import checkpoint_root, preflight_resume
 
-        preflight_resume(to_dict(cfg))  # a checkpoint of another model is refused before anything starts
-        with run_lock(cfg.train.out_dir, cfg.checkpoint.dir, log=lambda m: typer.echo(m, err=True)):
+        warning = preflight_resume(to_dict(cfg))  # a checkpoint of another model is refused before anything starts
+        if warning:
+            typer.echo(warning, err=True)
+        root = str(checkpoint_root(cfg.train.out_dir, cfg.checkpoint.dir))
+        with run_lock(cfg.train.out_dir, root, log=lambda m: typer.echo(m, err=True)):
             if cfg.launch.workers == 1 and not cfg.launch.address and cfg.launch.backend != "torchrun":
                 from sparsetrain.train.entry import run_inline
 
@@ -119,12 +122,15 @@ def _single_process_model(cfg: Config, checkpoint: str | None):
 
         apply_sparsity(model, cfg.sparsity)
     root = ckpt.checkpoint_root(cfg.train.out_dir, checkpoint or cfg.checkpoint.dir)
+    if checkpoint and not ckpt.is_checkpoint_dir(root) and "/" not in checkpoint and "://" not in checkpoint:
+        named = ckpt.checkpoint_root(cfg.train.out_dir, cfg.checkpoint.dir) / checkpoint  # `--checkpoint step_N`
+        root = named if ckpt.is_checkpoint_dir(named) else root
     if ckpt.is_checkpoint_dir(root):  # one checkpoint named: verified, refused if bad
         path, manifest = root, None
     else:  # a directory of checkpoints: the newest that verifies
         path, manifest, refused = ckpt.find_resumable(root)
         if refused:
-            typer.echo(ckpt.fallback_line(root, path, refused), err=True)
+            typer.echo(ckpt.fallback_line(root, path, refused, reading=True), err=True)
         if path is None:
             _fail(f"no committed checkpoint under {root}")
     extra = ckpt.load_checkpoint(path, model, None, manifest, cfg_dict=to_dict(cfg))
@@ -188,6 +194,9 @@ def generate(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
                 text = Path(prompt_file).read_text(encoding="utf-8")
             except OSError as e:
                 _fail(f"--prompt-file {prompt_file}: {e.strerror}")
+            except UnicodeDecodeError as e:
+                _fail(f"--prompt-file {prompt_file}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                      f"{e.start} is not UTF-8)")
         model, _, extra = _single_process_model(cfg, checkpoint)
         tok = tokenizer_from_record(extra.get("tokenizer") or {}, cfg.data.tokenizer)
         if tok.vocab_size > cfg.model.vocab_size:

@@ -24,7 +24,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from sparsetrain.train.fingerprint import compare
 from sparsetrain.train.location import Location, RemotePath, as_location, join, rmtree
-from sparsetrain.train.manifest import MANIFEST, METADATA, CheckpointError, verify_checkpoint, write_manifest
+from sparsetrain.train.manifest import (
+    MANIFEST,
+    METADATA,
+    CheckpointError,
+    check_file,
+    verify_checkpoint,
+    write_manifest,
+)
 from sparsetrain.train.safe_dcp import verified_reader, writer
 from sparsetrain.train.state import flat_state, set_optimizer_step
 
@@ -54,18 +61,17 @@ def step_dir(root: Location, step: int) -> Location:
 
 def step_of(path: Location) -> int:
     """The step number in a `step_N` directory name (-1 when the name carries none)."""
-    try:
-        return int(path.name.split("_", 1)[1])
-    except (IndexError, ValueError):
-        return -1
+    name = path.name
+    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else -1
 
 
 def committed(root: str | Location) -> list[Location]:
-    """Committed checkpoint directories under root (renamed into place), oldest first; not yet verified."""
+    """Committed checkpoint directories under root (renamed into place), oldest first; not yet verified. Only
+    names sparsetrain writes (`step_` and digits): retention deletes among these, never a user's `step_best`."""
     r = as_location(root)
     if not r.is_dir():
         return []
-    return sorted((p for p in r.glob("step_*") if p.is_dir()), key=lambda p: (step_of(p), p.name))
+    return sorted((p for p in r.glob("step_*") if step_of(p) >= 0 and p.is_dir()), key=lambda p: (step_of(p), p.name))
 
 
 def save_checkpoint(root: str | Location, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -197,8 +203,10 @@ def latest_checkpoint(root: str | Location) -> Location | None:
     return find_resumable(root)[0]
 
 
-def fallback_line(root: str | Location, good: Location | None, refused: list[tuple[Location, str]]) -> str:
-    """One line saying which checkpoints were refused and what resuming from `good` costs.
+def fallback_line(root: str | Location, good: Location | None, refused: list[tuple[Location, str]],
+                  reading: bool = False) -> str:
+    """One line saying which checkpoints were refused and what resuming from `good` costs (`reading`: eval /
+    generate, which read `good` instead and train nothing).
 
     Raises CheckpointError when nothing verifies: starting over silently would lose the run.
     """
@@ -208,8 +216,10 @@ def fallback_line(root: str | Location, good: Location | None, refused: list[tup
         raise CheckpointError(f"no checkpoint under {root} verifies: {reason}{more}; move the bad ones away "
                               f"or set checkpoint.resume=false to start over")
     lost = step_of(newest) - step_of(good)
-    return (f"checkpoint refused: {reason}{more}; resuming from {good.name} instead, "
-            f"{lost} step{'s' if lost != 1 else ''} earlier (trained again)")
+    steps = f"{lost} step{'s' if lost != 1 else ''} earlier"
+    if reading:
+        return f"checkpoint refused: {reason}{more}; reading {good.name} instead, {steps}"
+    return f"checkpoint refused: {reason}{more}; resuming from {good.name} instead, {steps} (trained again)"
 
 
 def is_checkpoint_dir(path: str | Location) -> bool:
@@ -237,25 +247,35 @@ def resume_config_changes(extra: dict[str, Any], cfg_dict: dict[str, Any], path:
     return changed
 
 
-def preflight_resume(cfg_dict: dict[str, Any]) -> None:
-    """Before any process starts: refuse when no checkpoint is whole, or the newest whole one is of another model.
+def preflight_resume(cfg_dict: dict[str, Any]) -> str | None:
+    """Before any process starts: refuse when no checkpoint is whole, or the newest whole one is of another model;
+    returns a warning line when a fresh run (resume off) shares its checkpoint directory with an earlier one.
 
-    Cheap: manifests, file presence and sizes, and the JSON trainer state (nothing unpickled, nothing hashed);
-    the ranks verify the SHA-256 of the checkpoint they resume from and check the config again.
+    Cheap: manifests, file presence and sizes, and the JSON trainer state (hashed; nothing unpickled, no shard
+    hashed); the ranks verify the SHA-256 of the checkpoint they resume from and check the config again.
     """
-    if not cfg_dict["checkpoint"]["resume"]:
-        return
     root = checkpoint_root(cfg_dict["train"]["out_dir"], cfg_dict["checkpoint"]["dir"])
+    if not cfg_dict["checkpoint"]["resume"]:
+        old = committed(root)
+        if old:
+            return (f"warning: checkpoint.resume=false, but {root} already holds checkpoints of an earlier run (up "
+                    f"to {old[-1].name}); this run's join them, and retention (checkpoint.keep) and a later resume "
+                    "go by step number across both: use a fresh train.out_dir to keep the runs apart")
+        return None
     refused: list[tuple[Location, str]] = []
     for path in reversed(committed(root)):
         try:
-            verify_checkpoint(path, required=(EXTRA,), collective=False, hashes=False)
+            manifest = verify_checkpoint(path, required=(EXTRA,), collective=False, hashes=False)
+            reason = check_file(path, EXTRA, manifest["files"][EXTRA])  # the JSON read here: hashed (small)
+            if reason:
+                raise CheckpointError(reason)
             extra = read_extra(path)
         except CheckpointError as e:
             refused.append((path, str(e)))
             continue
         if isinstance(extra, dict):
             resume_config_changes(extra, cfg_dict, path)
-        return
+        return None
     if refused:
         fallback_line(root, None, refused)  # raises: nothing to resume from
+    return None

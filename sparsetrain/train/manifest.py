@@ -90,10 +90,14 @@ def read_manifest(directory: Location) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint {directory}: {MANIFEST} has a malformed entry {name!r}")
     if METADATA not in files:
         raise CheckpointError(f"checkpoint {directory}: {MANIFEST} does not list {METADATA}")
+    name = directory.name
+    if name.startswith("step_") and name[5:].isdigit() and manifest.get("step") != int(name[5:]):
+        raise CheckpointError(f"checkpoint {directory}: {MANIFEST} records step {manifest.get('step')}, the directory "
+                              f"name step {int(name[5:])} (renamed or copied over?); refusing to resume from it")
     return manifest
 
 
-def _check_file(directory: Location, name: str, entry: dict[str, Any], hashes: bool = True) -> str | None:
+def check_file(directory: Location, name: str, entry: dict[str, Any], hashes: bool = True) -> str | None:
     """None when the file matches its manifest entry (size, and SHA-256 with `hashes`), else a one-line reason
     naming the file."""
     path = directory / name
@@ -131,7 +135,7 @@ def verify_checkpoint(directory: str | Location, required: tuple[str, ...] = (),
     if not problems:
         names = sorted(manifest["files"])
         for name in names[rank::world] if collective else names:
-            reason = _check_file(directory, name, manifest["files"][name], hashes)
+            reason = check_file(directory, name, manifest["files"][name], hashes)
             if reason:
                 problems.append(reason)
                 break

@@ -100,7 +100,14 @@ def _try_create(path: Path, me: dict[str, Any]) -> bool:
 
 
 def _acquire(directory: Path, log: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise RunLockError(f"output directory {directory} cannot be used: {e.strerror or e} "
+                           f"({type(e).__name__}); set train.out_dir / checkpoint.dir to a writable directory") from None
     path, me = directory / LOCK_NAME, _identity()
     for _ in range(5):
         if _try_create(path, me):
@@ -133,16 +140,28 @@ def _release(path: Path, me: dict[str, Any]) -> None:
         path.unlink(missing_ok=True)
 
 
-@contextmanager
-def run_lock(*dirs: str | Path, log: Callable[[str], None] = print) -> Iterator[None]:
-    """Hold the lock of every directory (out_dir, and checkpoint.dir when it lies elsewhere) for the block."""
+def lock_dirs(d: str | Path) -> list[Path]:
+    """The local directories whose lock stands for `d`: itself; for a URL its local mirror (object stores have no
+    atomic create-if-absent), and for a file:// URL also the directory it names (the same one as a plain path)."""
     from sparsetrain.train.location import is_url, local_dir
 
+    if not is_url(str(d)):
+        return [Path(d).resolve()]
+    out = [local_dir(str(d)).resolve()]
+    if str(d).startswith("file://"):
+        out.append(Path(str(d)[len("file://"):]).resolve())
+    return out
+
+
+@contextmanager
+def run_lock(*dirs: str | Path, log: Callable[[str], None] = print) -> Iterator[None]:
+    """Hold the lock of every directory for the block: out_dir and the checkpoint root, also when the root lies
+    inside out_dir (another run pointing checkpoint.dir at it must find it taken)."""
     seen: list[Path] = []
-    for d in dirs:  # a URL's lock lives in its local mirror: object stores have no atomic create-if-absent
-        p = (local_dir(str(d)) if is_url(str(d)) else Path(d)).resolve()
-        if d and not any(p == s or s in p.parents for s in seen):
-            seen.append(p)
+    for d in dirs:
+        for p in lock_dirs(d) if d else []:
+            if p not in seen:
+                seen.append(p)
     with ExitStack() as stack:
         for d in seen:
             path, me = _acquire(d, log)

@@ -6,8 +6,10 @@ replaces that one read: the bytes are checked against the SHA-256 the manifest r
 by `MetadataUnpickler`, which resolves only the classes DCP's metadata is made of (dataclasses from
 torch.distributed.checkpoint, torch.Size, dtypes, layouts, paths) and refuses any other global, so a
 `__reduce__` payload cannot reach `os.system` or `builtins.eval`. Tensor data is read by torch with
-`torch.load(..., weights_only=True)`. The reader also drops DCP's fallback to per-rank `__<rank>.metadata`
-files (its `read_metadata` takes no kwargs), so only the verified global file is ever parsed.
+`torch.load(..., weights_only=True)`; a byte item (`BytesStorageMetadata`), which DCP would read with
+`torch.load(..., weights_only=False)`, is refused: sparsetrain checkpoints hold tensors only. The reader also
+drops DCP's fallback to per-rank `__<rank>.metadata` files (its `read_metadata` takes no kwargs), so only the
+verified global file is ever parsed.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from sparsetrain.train.location import Location, RemotePath
 from sparsetrain.train.manifest import METADATA, CheckpointError
@@ -77,6 +79,11 @@ class _Verified:
         if hashlib.sha256(data).hexdigest() != self.metadata_sha256:
             raise CheckpointError(f"checkpoint {self.where}: file {METADATA} fails its SHA-256 check")
         metadata = load_metadata(data, f"checkpoint {self.where}: file {METADATA}")
+        pickled = [k for k, v in (metadata.state_dict_metadata or {}).items() if not isinstance(v, TensorStorageMetadata)]
+        if pickled:  # DCP reads such an item with torch.load(weights_only=False): code would run
+            raise CheckpointError(f"checkpoint {self.where}: file {METADATA} declares {len(pickled)} non-tensor "
+                                  f"item(s) ({pickled[0]!r}...), which DCP would unpickle unchecked; sparsetrain "
+                                  "checkpoints hold tensors only: refused")
         for info in (metadata.storage_data or {}).values():
             name = getattr(info, "relative_path", None)
             if name not in self.listed:

@@ -33,7 +33,7 @@ def run_summary(tr: Any, elapsed: float, val_loss: float | None) -> dict[str, An
     and prints it."""
     last = tr.history[-1] if tr.history else {}
     end = tr.cfg.train.steps if tr.stopped_at is None else tr.stopped_at + 1
-    steps_run = end - tr.start_step
+    steps_run = max(0, end - tr.start_step)  # resumed past train.steps: nothing run
     size = model_size(tr.cfg)
     peaks = gather_peak_mib(tr.memory)  # every rank calls _summary
     summary = {

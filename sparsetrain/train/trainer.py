@@ -108,7 +108,12 @@ class Trainer:
 
     def maybe_resume(self) -> None:
         """Load the newest checkpoint in checkpoint.dir that verifies, when resume is on."""
-        if not self.cfg.checkpoint.resume or not self.strategy.checkpoints:
+        if not self.cfg.checkpoint.resume:
+            return
+        if not self.strategy.checkpoints:  # peers: their expert layout is not sparsetrain's checkpoint keys
+            if ckpt.committed(self.ckpt_dir):
+                self._print(f"parallel.strategy={self.strategy.name} neither saves nor resumes checkpoints: "
+                            f"starting at step 0, {self.ckpt_dir} left as it is (docs/peers.md)")
             return
         path, manifest, refused = ckpt.find_resumable(self.ckpt_dir)
         if refused:

@@ -207,3 +207,79 @@ def test_metadata_pointing_outside_the_checkpoint_refused(tmp_path, six_steps):
     _reseal(path, ".metadata")
     with pytest.raises(CheckpointError, match="points at '../../outside.distcp', which manifest.json does not list"):
         load_checkpoint(path, build_model(tiny_cfg(tmp_path, *RESUME)), None)
+
+
+def test_pickled_byte_item_in_resealed_metadata_refused(tmp_path, six_steps):
+    """DCP reads a BytesStorageMetadata item with torch.load(weights_only=False): a resealed .metadata that
+    declares one (pointing at a pickle appended to a shard) is refused before DCP reads anything."""
+    import io
+
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    out, _ = six_steps
+    path = _copy(out, tmp_path, 5) / "step_00000005"
+    marker = tmp_path / "pwned"
+    md = load_metadata((path / ".metadata").read_bytes(), "test")
+    fqn = next(iter(md.state_dict_metadata))
+    buf = io.BytesIO()
+    torch.save(_RunsCommand(f"touch {marker}"), buf)
+    shard = _biggest_shard(path)
+    offset = shard.stat().st_size
+    with shard.open("ab") as f:
+        f.write(buf.getvalue())
+    md.state_dict_metadata[fqn] = BytesStorageMetadata()
+    md.storage_data = {k: v for k, v in md.storage_data.items() if k.fqn != fqn}
+    md.storage_data[MetadataIndex(fqn)] = _StorageInfo(shard.name, offset, len(buf.getvalue()))
+    (path / ".metadata").write_bytes(pickle.dumps(md))
+    _reseal(path, ".metadata")
+    _reseal(path, shard.name)
+    with pytest.raises(CheckpointError, match="declares 1 non-tensor item.*refused"):
+        load_checkpoint(path, build_model(tiny_cfg(tmp_path, *RESUME)), None)
+    assert not marker.exists()
+
+
+def test_retention_and_resume_see_only_their_own_step_dirs(tmp_path, six_steps):
+    out, _ = six_steps
+    root = _copy(out, tmp_path, 2, 5)
+    for name in ("step_best", "step_00000005_backup"):
+        shutil.copytree(root / "step_00000005", root / name)
+    assert [p.name for p in ckpt.committed(root)] == ["step_00000002", "step_00000005"]
+    ckpt._prune(root, 1, root / "step_00000005")
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000005", "step_00000005_backup", "step_best"]
+
+
+def test_a_renamed_checkpoint_is_refused(tmp_path, six_steps):
+    out, _ = six_steps
+    root = _copy(out, tmp_path, 2)
+    (root / "step_00000002").rename(root / "step_00000099")
+    with pytest.raises(CheckpointError, match="records step 2, the directory name step 99"):
+        load_checkpoint(root / "step_00000099", build_model(tiny_cfg(tmp_path, *RESUME)), None)
+    assert latest_checkpoint(root) is None
+
+
+def test_preflight_hashes_the_trainer_state_and_warns_a_fresh_run(tmp_path, six_steps):
+    """A bit flip in trainer_state.json falls back to the older checkpoint before start (it used to read as
+    'a different model'); resume=false on a directory with checkpoints gets a warning line."""
+    out, _ = six_steps
+    _copy(out, tmp_path, 2, 5)
+    state = tmp_path / "checkpoints" / "step_00000005" / "trainer_state.json"
+    state.write_text(state.read_text().replace('"n_layers": 2', '"n_layers": 3'))
+    cfg = to_dict(tiny_cfg(tmp_path, *RESUME))
+    assert ckpt.preflight_resume(cfg) is None  # step_00000002 verifies and matches: no error
+    cfg["checkpoint"]["resume"] = False
+    warning = ckpt.preflight_resume(cfg)
+    assert warning and "already holds checkpoints of an earlier run (up to step_00000005)" in warning
+
+
+def test_eval_reads_a_checkpoint_named_by_its_step_dir(tmp_path, six_steps):
+    out, _ = six_steps
+    _copy(out, tmp_path, 2, 5)
+    _flip_byte(_biggest_shard(tmp_path / "checkpoints" / "step_00000005"))
+    r = cli("eval", "--config", "tiny", *_sets(TINY), "--set", f"train.out_dir={tmp_path}")
+    assert r.returncode == 0 and "reading step_00000002 instead, 3 steps earlier" in r.stderr, r.stderr
+    assert "trained again" not in r.stderr
+    r = cli("eval", "--config", "tiny", *_sets(TINY), "--set", f"train.out_dir={tmp_path}",
+            "--checkpoint", "step_00000002")
+    assert r.returncode == 0, r.stderr

@@ -71,8 +71,19 @@ def test_nested_and_released_on_error(tmp_path):
             pass
         raise ValueError
     assert not (tmp_path / "out" / LOCK_NAME).exists() and not (ck / LOCK_NAME).exists()
-    with run_lock(tmp_path / "out", tmp_path / "out" / "checkpoints"):  # inside out_dir: one lock
-        assert not (tmp_path / "out" / "checkpoints" / LOCK_NAME).exists()
+    with run_lock(tmp_path / "out", tmp_path / "out" / "checkpoints"):  # inside out_dir: locked too, so another
+        assert (tmp_path / "out" / "checkpoints" / LOCK_NAME).exists()  # run's checkpoint.dir cannot point here
+        with pytest.raises(RunLockError, match="checkpoints is in use"), run_lock(tmp_path / "b",
+                                                                                  tmp_path / "out" / "checkpoints"):
+            pass
+    assert not (tmp_path / "out" / "checkpoints" / LOCK_NAME).exists()
+
+
+def test_a_file_url_locks_the_directory_it_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSETRAIN_LOCAL_DIR", str(tmp_path / "mirror"))
+    with run_lock(tmp_path / "fu"), pytest.raises(RunLockError, match="is in use"), \
+            run_lock(f"file://{tmp_path / 'fu'}"):
+        pass
 
 
 def test_two_cli_runs_on_one_out_dir(tmp_path):
@@ -100,3 +111,10 @@ def test_two_cli_runs_on_one_out_dir(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"taking over the stale lock {out / LOCK_NAME} of pid {first.pid}" in r.stderr
     assert not (out / LOCK_NAME).exists()
+
+
+def test_an_unusable_output_directory_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("not a directory")
+    for bad in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(RunLockError, match=f"output directory {bad} cannot be used"), run_lock(bad):
+            pass
