@@ -72,6 +72,26 @@ def test_train_then_eval_and_generate(tmp_path):
     assert r.stdout.startswith("def ")
 
 
+def test_generate_binary_prompt_file_is_one_line_error(tmp_path):
+    bad = tmp_path / "prompt.bin"
+    bad.write_bytes(bytes(range(256)))
+    r = cli("generate", "--config", "tiny", *_sets(TINY), "--set", f"train.out_dir={tmp_path / 'run'}",
+            "--prompt-file", str(bad))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: --prompt-file {bad}: not UTF-8 text"), r.stderr
+
+
+def test_binary_tokenizer_file_is_one_line_error(tmp_path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_bytes(bytes(range(256)))
+    r = cli("train", "--config", "tiny", *_sets(TINY), "--set", f"data.tokenizer={bad}",
+            "--set", f"train.out_dir={tmp_path / 'run'}")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and f"data.tokenizer='{bad}': not a UTF-8 tokenizer JSON" in lines[0], r.stderr
+
+
 def test_eval_without_checkpoint_is_one_line_error(tmp_path):
     r = cli("eval", "--config", "tiny", *_sets(TINY), "--checkpoint", str(tmp_path / "none"))
     assert r.returncode != 0

@@ -243,3 +243,12 @@ def test_a_model_without_moe_layers_trains_dense_only():
         load_config("tiny", ["model.moe_every=5", "parallel.strategy=fssdp"])
     cfg = load_config("tiny", ["model.moe_every=5", "parallel.strategy=dp"])
     assert memory_plan(cfg, 4, "cpu").max_mib > 0
+
+
+def test_binary_routing_trace_names_key_and_file(tmp_path):
+    bad = tmp_path / "trace.bin"
+    bad.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError) as ei:
+        load_config("tiny", [f"moe.routing_trace={bad}"])
+    msg = str(ei.value)
+    assert msg.startswith(f"moe.routing_trace {bad}: not a UTF-8") and "\n" not in msg

@@ -31,8 +31,10 @@ _TAGS = {"train": 0, "val": 1}
 class TokenSplit:
     """One split as a list of token arrays; positions index windows across them."""
 
-    def __init__(self, name: str, parts: list[np.ndarray], seq_len: int, sampling: str) -> None:
+    def __init__(self, name: str, parts: list[np.ndarray], seq_len: int, sampling: str,
+                 vocab_size: int | None = None, corpus: str = "") -> None:
         self.name, self.parts, self.seq_len, self.sampling = name, parts, seq_len, sampling
+        self.vocab_size, self.corpus = vocab_size, corpus  # ids >= vocab_size are refused per batch (host side)
         if sampling == "sequential":  # non-overlapping windows: [j*S, j*S + S + 1)
             per = [max((len(p) - 1) // seq_len, 0) for p in parts]
         else:  # random starts in [0, len - S - 1): the windows the single-array sampler always drew
@@ -58,8 +60,20 @@ class TokenSplit:
         """Inputs and targets [n, S] for global positions [n]."""
         part, start = self.locate(pos)
         rows = [np.asarray(self.parts[p][s:s + self.seq_len + 1]) for p, s in zip(part.tolist(), start.tolist())]
-        chunk = torch.from_numpy(np.stack(rows).astype(np.int64))  # [n, S+1]
+        stacked = np.stack(rows)  # [n, S+1] on the host, before anything goes to a device
+        if self.vocab_size is not None and stacked.size and int(stacked.max()) >= self.vocab_size:
+            self._refuse_ids(stacked, part)
+        chunk = torch.from_numpy(stacked.astype(np.int64))  # [n, S+1]
         return chunk[:, :-1], chunk[:, 1:]  # inputs, targets [n, S]
+
+    def _refuse_ids(self, rows: np.ndarray, part: np.ndarray) -> None:
+        """DataError naming the shard file(s) of the rows [n, S+1] that hold ids >= vocab_size."""
+        bad = rows.max(axis=1) >= self.vocab_size  # [n]
+        files = sorted({str(getattr(self.parts[p], "filename", None) or "") for p in part[bad].tolist()} - {""})
+        where = f"shard {', '.join(files)}" if files else f"the {self.name} split"
+        raise DataError(f"{where} of data.corpus={self.corpus!r} has token id {int(rows.max())} "
+                        f">= model.vocab_size={self.vocab_size} (a corrupt shard, or a corpus prepared with "
+                        f"another tokenizer); re-run `sparsetrain data prepare`")
 
 
 def _hold_out_tail(parts: list[np.ndarray], fraction: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -98,8 +112,9 @@ class TokenBatches:
         self.shards = load_corpus(d.corpus, d.val_fraction)
         self.tokenizer = check_tokenizer(d.tokenizer, cfg.model.vocab_size, d.corpus, self.shards.meta.get("tokenizer"))
         train, val, self.val_source = split_corpus(self.shards, d.val_split, d.val_fraction)
-        self.train_split = TokenSplit("train", train, self.seq_len, d.sampling)
-        self.val_split = TokenSplit("val", val, self.seq_len, d.sampling)
+        vocab = cfg.model.vocab_size
+        self.train_split = TokenSplit("train", train, self.seq_len, d.sampling, vocab, d.corpus)
+        self.val_split = TokenSplit("val", val, self.seq_len, d.sampling, vocab, d.corpus)
         for s in (self.train_split, self.val_split):
             if s.positions <= 0:
                 raise DataError(f"{s.name} split of data.corpus={d.corpus!r} has {s.tokens} tokens "

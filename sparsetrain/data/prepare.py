@@ -208,16 +208,18 @@ def prepare(cfg: Config, out: str | Path | None = None, workers: int | None = No
 
     t0 = time.perf_counter()
     bar = tqdm(total=source.total, initial=writer.docs_done, unit="doc", disable=not progress, dynamic_ncols=True)
-    for encoded in _tokenized(_batches(source.documents(), d.val_fraction, writer.docs_done), tok, d.tokenizer,
-                              workers):
-        for is_val, ids in encoded:
-            writer.add("val" if is_val else "train", ids)
-        writer.docs_done += len(encoded)
-        bar.update(len(encoded))
-        bar.set_postfix(tokens=f"{writer.tokens('train') + writer.tokens('val'):,}")
-        if writer.flushed:
-            writer.commit(fp)
-    bar.close()
+    try:  # the bar ends its line even when a document is refused, so the error prints on a line of its own
+        for encoded in _tokenized(_batches(source.documents(), d.val_fraction, writer.docs_done), tok, d.tokenizer,
+                                  workers):
+            for is_val, ids in encoded:
+                writer.add("val" if is_val else "train", ids)
+            writer.docs_done += len(encoded)
+            bar.update(len(encoded))
+            bar.set_postfix(tokens=f"{writer.tokens('train') + writer.tokens('val'):,}")
+            if writer.flushed:
+                writer.commit(fp)
+    finally:
+        bar.close()
     writer.finish()
     if not writer.shards["train"]:
         raise DataError(f"data.source={d.source!r} produced no train tokens ({writer.docs_done} documents)")

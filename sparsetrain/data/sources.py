@@ -24,6 +24,18 @@ FORMATS = ("text", "jsonl", "parquet", "hf", "stdlib")
 _EXT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 
 
+def _utf8(raw: bytes, f: Path, line: int | None = None) -> str:
+    """Strict UTF-8 decode of a text/JSONL source's bytes; a binary file is refused in one line naming it."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = f"line {line}: " if line is not None else ""
+        of = " of the line" if line is not None else ""
+        raise DataError(f"data.source: {f} is not UTF-8 text ({where}byte 0x{raw[e.start]:02x} at offset "
+                        f"{e.start}{of}); text and JSONL sources must be UTF-8 (a binary file? point data.source "
+                        f"at the text files only)") from None
+
+
 @dataclass
 class Source:
     """A resolved `data.source`: what to read and how."""
@@ -72,9 +84,11 @@ class Source:
         if self.format in ("text", "stdlib"):
             for f in self.files:
                 try:
-                    yield self._rel(f), f.read_bytes().decode("utf-8", errors="replace")
+                    raw = f.read_bytes()
                 except OSError as e:
                     raise DataError(f"data.source: cannot read {f}: {e.strerror}") from None
+                # the stdlib's own sources are taken as they are; a user's text file must be UTF-8 text
+                yield self._rel(f), raw.decode("utf-8", errors="replace") if self.format == "stdlib" else _utf8(raw, f)
         elif self.format == "jsonl":
             yield from self._jsonl()
         elif self.format == "parquet":
@@ -85,8 +99,9 @@ class Source:
     def _jsonl(self) -> Iterator[tuple[str, str]]:
         for f in self.files:
             rel = self._rel(f)
-            with f.open("r", encoding="utf-8", errors="replace") as fh:
-                for n, line in enumerate(fh, 1):
+            with f.open("rb") as fh:
+                for n, raw in enumerate(fh, 1):
+                    line = _utf8(raw, f, n)
                     if not line.strip():
                         continue
                     try:

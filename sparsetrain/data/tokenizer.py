@@ -131,6 +131,17 @@ def _hub_tokenizer(name: str) -> HFTokenizer:
     return HFTokenizer(tok, f"hf:{name}", "hf_hub", tok.to_str())
 
 
+def read_tokenizer_json(path: Path) -> str:
+    """The text of a tokenizer.json file; one-line DataError naming it when unreadable or not UTF-8."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise DataError(f"data.tokenizer: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"data.tokenizer={str(path)!r}: not a UTF-8 tokenizer JSON (byte 0x{e.object[e.start]:02x} "
+                        f"at offset {e.start} is not UTF-8)") from None
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
     """The tokenizer named by a `data.tokenizer` spec (see the module docstring)."""
     if spec == "byte":
@@ -144,7 +155,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
         if not path.is_file():
             raise DataError(f"data.tokenizer: file not found: {path} (train one with `sparsetrain data "
                             f"train-tokenizer`, or use byte, hf:<name>, tiktoken:<encoding>)")
-        return HFTokenizer.from_json(path.read_text(), str(path))
+        return HFTokenizer.from_json(read_tokenizer_json(path), str(path))
     raise DataError(f"data.tokenizer={spec!r}; allowed: byte, a tokenizer.json path, hf:<hub name>, "
                     f"tiktoken:<encoding>")
 

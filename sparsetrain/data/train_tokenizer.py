@@ -15,7 +15,7 @@ from sparsetrain.config import Config
 from sparsetrain.data.corpus import is_val_key
 from sparsetrain.data.errors import DataError
 from sparsetrain.data.sources import resolve_source
-from sparsetrain.data.tokenizer import EOT, HFTokenizer, _import_tokenizers
+from sparsetrain.data.tokenizer import EOT, HFTokenizer, _import_tokenizers, read_tokenizer_json
 
 MIN_VOCAB = 256 + 1  # the byte alphabet and end-of-text
 
@@ -33,7 +33,7 @@ def train_bpe(cfg: Config, out: str | Path | None = None, vocab_size: int | None
         raise DataError(f"train-tokenizer: vocab size {vocab} is below {MIN_VOCAB} (256 bytes + end-of-text); "
                         f"set --vocab-size or model.vocab_size")
     if path.exists() and not overwrite:
-        tok = HFTokenizer.from_json(path.read_text(), str(path))
+        tok = HFTokenizer.from_json(read_tokenizer_json(path), str(path))
         log(f"{path}: exists (vocab {tok.vocab_size}); nothing to do (--overwrite to train again)")
         return tok
     tokenizers = _import_tokenizers()
@@ -57,7 +57,7 @@ def train_bpe(cfg: Config, out: str | Path | None = None, vocab_size: int | None
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tok.save(str(tmp))
     os.replace(tmp, path)
-    out_tok = HFTokenizer.from_json(path.read_text(), str(path))
+    out_tok = HFTokenizer.from_json(read_tokenizer_json(path), str(path))
     log(f"{path}: byte-level BPE, vocab {out_tok.vocab_size} (asked {vocab}), trained on {source.spec} in "
         f"{time.perf_counter() - t0:.1f}s")
     return out_tok

@@ -121,8 +121,15 @@ def load_trace(path: str | Path) -> torch.Tensor:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"moe.routing_trace: no such file {str(p)!r}")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ValueError(f"moe.routing_trace {p}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"moe.routing_trace {p}: not a UTF-8 expert_loads.jsonl (byte 0x{e.object[e.start]:02x} "
+                         f"at offset {e.start} is not UTF-8)") from None
     rows = []
-    for i, line in enumerate(p.read_text().splitlines()):
+    for i, line in enumerate(text.splitlines()):
         if line.strip():
             try:
                 rows.append(json.loads(line)["counts"])
