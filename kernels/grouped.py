@@ -36,9 +36,10 @@ def grouped_linear_reference(x: torch.Tensor, weight: torch.Tensor, counts: list
 
 
 # CPU: one expert's rows are computed in blocks whose [rows, d_ffn] intermediates take about this many bytes, so
-# silu and the gating product (forward and backward) read them from cache. A hot expert's whole [2950, 2048] fp32
-# intermediates did not fit: its SwiGLU forward + backward took 1.21x the time of the same rows in blocks of 512
-# (benchmarks/RESULTS.md, "Row blocks for hot experts on CPU"). GPUs run each expert's GEMMs whole.
+# silu and the gating product (forward and backward) read them from cache. A hot expert's whole [1760, 2048] fp32
+# intermediates did not fit: one rank's Zipf(1.2) experts took 1.10x the forward + backward time of the same rows
+# in blocks of 512 (`benchmarks/expert_blocks.py`; benchmarks/RESULTS.md, "Row blocks for hot experts on CPU").
+# GPUs run each expert's GEMMs whole.
 CPU_BLOCK_BYTES = 4 << 20
 
 
