@@ -92,9 +92,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(cfg.data.shard_tokens > 0, f"data.shard_tokens must be > 0, got {cfg.data.shard_tokens}")
     _check(cfg.data.prepare_workers >= 0, f"data.prepare_workers must be >= 0, got {cfg.data.prepare_workers}")
     _one_of("parallel.strategy", p.strategy, STRATEGY_NAMES)
-    _check(m.moe_every <= m.n_layers or p.strategy in ("none", "dp"),
-           f"model.moe_every={m.moe_every} leaves no MoE layer among model.n_layers={m.n_layers}, so "
-           f"parallel.strategy={p.strategy} has no experts to place; use parallel.strategy=dp for a dense model")
     _one_of("parallel.dense", p.dense, ("fsdp2", "ddp"))
     _one_of("parallel.fsdp_reshard_after_forward", p.fsdp_reshard_after_forward, ("default", "always", "never"))
     _one_of("parallel.ep_placement", p.ep_placement, ("contiguous", "balanced"))

@@ -43,6 +43,16 @@ def check_planner(cfg: Config) -> None:
         raise ConfigError(f"parallel.fssdp.planner={name!r}; allowed: {', '.join(sorted(PLANNERS))}")
 
 
+def check_moe_layers(cfg: Config) -> None:
+    """An expert strategy on several ranks needs an MoE layer to place (a dense model builds and plans; dp trains
+    it)."""
+    m, p = cfg.model, cfg.parallel
+    if m.moe_every > m.n_layers and p.strategy not in ("none", "dp") and cfg.launch.workers > 1:
+        raise ConfigError(f"model.moe_every={m.moe_every} leaves no MoE layer among model.n_layers={m.n_layers}, "
+                          f"so parallel.strategy={p.strategy} has no experts to place; use parallel.strategy=dp "
+                          "for a dense model")
+
+
 def check_sparsity(cfg: Config) -> None:
     """sparsity.modules selects some weight of the model (built on meta, sparsified as the trainer does)."""
     if not cfg.sparsity.enabled:
@@ -128,6 +138,7 @@ def check_memory(cfg: Config, training: bool = True) -> None:
 def preflight(cfg: Config, training: bool = True, data: bool = True) -> None:
     """All pre-start checks for a run on this machine (remote clusters: counters and planner only)."""
     check_planner(cfg)
+    check_moe_layers(cfg)
     check_sparsity(cfg)
     if cfg.launch.address:
         return  # data and memory live on the cluster's nodes; the ranks check them there

@@ -236,13 +236,17 @@ def test_config_from_dict_is_strict():
 
 
 def test_a_model_without_moe_layers_trains_dense_only():
-    """moe_every beyond n_layers leaves no MoE layer: expert strategies are refused in one line, dp plans it."""
+    """moe_every beyond n_layers leaves no MoE layer: the pre-start check refuses an expert strategy on several
+    ranks in one line; the config loads and plans (a dense model), and dp trains it."""
     from sparsetrain.parallel.memory_plan import memory_plan
+    from sparsetrain.preflight import check_moe_layers
 
-    with pytest.raises(ConfigError, match="leaves no MoE layer among model.n_layers=4"):
-        load_config("tiny", ["model.moe_every=5", "parallel.strategy=fssdp"])
-    cfg = load_config("tiny", ["model.moe_every=5", "parallel.strategy=dp"])
+    cfg = load_config("tiny", ["model.moe_every=5", "parallel.strategy=fssdp"])
     assert memory_plan(cfg, 4, "cpu").max_mib > 0
+    with pytest.raises(ConfigError, match="leaves no MoE layer among model.n_layers=4"):
+        check_moe_layers(cfg)
+    check_moe_layers(load_config("tiny", ["model.moe_every=5", "parallel.strategy=dp"]))
+    check_moe_layers(load_config("tiny", ["model.moe_every=5", "launch.workers=1"]))
 
 
 def test_binary_routing_trace_names_key_and_file(tmp_path):
