@@ -80,10 +80,31 @@ def save_checkpoint(root: str | Location, step: int, model: nn.Module, optimizer
     (`before_commit`, a fault-injection hook, runs on every rank after the files are written)."""
     state = {k: v.detach() for k, v in flat_state(model, optimizer).items()}
     tmp = begin_save(root, step)
-    with warnings.catch_warnings():  # DCP warns that a single process saves alone: that is intended here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, storage_writer=writer(tmp), no_dist=not _is_dist())
+    try:
+        with warnings.catch_warnings():  # DCP warns that a single process saves alone: that is intended here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(state, storage_writer=writer(tmp), no_dist=not _is_dist())
+    except Exception as e:  # noqa: BLE001 - any write failure: one line, the partial directory not left behind
+        raise save_failed(tmp, step, e) from None
     return commit_save(root, step, tmp, extra, keep, before_commit=before_commit)
+
+
+def save_failed(tmp: Location, step: int, error: BaseException) -> CheckpointError:
+    """The one-line error for a failed checkpoint write (free space named: a full disk shows as torch's 'unexpected
+    pos'); a single process removes its partial directory, ranks leave it to the next attempt's `begin_save`."""
+    import shutil
+
+    free = ""
+    if not isinstance(tmp, RemotePath):
+        try:
+            free = f"; {shutil.disk_usage(tmp.parent).free / 2**20:.0f} MiB free on that filesystem"
+        except OSError:
+            pass
+        if not _is_dist():
+            rmtree(tmp)
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return CheckpointError(f"saving checkpoint step {step} into {tmp} failed ({type(error).__name__}: {first}){free}; "
+                           "the previous checkpoints are intact")
 
 
 def begin_save(root: str | Location, step: int) -> Location:

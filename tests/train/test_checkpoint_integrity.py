@@ -283,3 +283,25 @@ def test_eval_reads_a_checkpoint_named_by_its_step_dir(tmp_path, six_steps):
     r = cli("eval", "--config", "tiny", *_sets(TINY), "--set", f"train.out_dir={tmp_path}",
             "--checkpoint", "step_00000002")
     assert r.returncode == 0, r.stderr
+
+
+def test_a_failed_write_is_one_line_and_leaves_no_partial_directory(tmp_path, monkeypatch):
+    """A full disk surfaces from DCP as torch's 'unexpected pos' RuntimeError: the save names the step, the
+    directory and the free space instead, and removes its partial .tmp directory (single process)."""
+    cfg = tiny_cfg(tmp_path, *RESUME)
+    model = build_model(cfg)
+
+    def full(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(ckpt.dcp, "save", full)
+    with pytest.raises(CheckpointError, match=r"saving checkpoint step 4 into .*\.tmp-step_00000004 failed "
+                                              r"\(RuntimeError: .*unexpected pos.*MiB free on that filesystem"):
+        ckpt.save_checkpoint(tmp_path / "checkpoints", 4, model, torch_optimizer(model), {})
+    assert not (tmp_path / "checkpoints" / ".tmp-step_00000004").exists()
+
+
+def torch_optimizer(model):
+    import torch
+
+    return torch.optim.AdamW(model.parameters())
