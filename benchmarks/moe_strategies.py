@@ -66,6 +66,8 @@ VARIANTS = {  # name -> overrides
     "ep-ddp": ["parallel.strategy=ep", "parallel.dense=ddp"],  # dense replicated: DeepSpeed ZeRO-0's handling
     "ep-ddp-serial": ["parallel.strategy=ep", "parallel.dense=ddp", "parallel.a2a_overlap=false"],  # no overlap
     "ep-balanced": ["parallel.strategy=ep", "parallel.ep_placement=balanced"],  # best static for the mean load
+    # the same placement with dense parameters replicated: the strongest static EP, like-for-like with ep-ddp
+    "ep-balanced-ddp": ["parallel.strategy=ep", "parallel.ep_placement=balanced", "parallel.dense=ddp"],
     "eplb": [*FSSDP, "parallel.fssdp.planner=eplb", "parallel.fssdp.replan_every=10",
              "parallel.fssdp.reshard_every=0"],  # EPLB-style: redundant hot experts, re-planned periodically
     "lpt-spill": [*FSSDP, "parallel.fssdp.planner=lpt_spill", "parallel.fssdp.reshard_every=0"],  # LLEP per step
@@ -85,7 +87,7 @@ VARIANTS = {  # name -> overrides
     "megatron_moe": ["parallel.strategy=megatron_moe"],  # CUDA only (refused in one line elsewhere: printed n/a)
 }
 TOKENS_PER_STEP = 16 * 128  # data.batch_size x model.seq_len in MODEL
-NEEDS_MEAN_LOAD = {"ep-balanced"}  # skipped on learned routing (no known mean load)
+NEEDS_MEAN_LOAD = {"ep-balanced", "ep-balanced-ddp"}  # skipped on learned routing (no known mean load)
 
 
 def _rank_body(rank: int, world: int, overrides: list[str], steps: int, warmup: int) -> dict:
@@ -201,14 +203,17 @@ HEADER = ("| ranks | workload | variant | step ms median | p90 | max | vs ep | p
 
 
 def row(r: dict, ref: dict) -> str:
-    """A markdown row; ratios against the reference row `ref` (ep's). A peer whose all-to-all goes through
-    a comm layer we do not count (megatron_moe) shows n/c; a peer's expert slots per rank are not reported (nan)."""
+    """A markdown row; ratios against the reference row `ref` (ep's): "vs ep" is the median of the per-run
+    ratios (each repetition against the reference's run next to it), not a ratio of medians over unpaired runs.
+    A peer whose all-to-all goes through a comm layer we do not count (megatron_moe) shows n/c; a peer's expert
+    slots per rank are not reported (nan)."""
     from benchmarks.measure import per_run_ratios
 
     a2a = "n/c" if r["variant"] == "megatron_moe" else f"{r['a2a_mib']:.2f}"
-    runs = ", ".join(f"{x:.2f}" for x in per_run_ratios(r["run_step_ms"], ref["run_step_ms"]))
+    paired = per_run_ratios(r["run_step_ms"], ref["run_step_ms"])
+    runs = ", ".join(f"{x:.2f}" for x in paired)
     return (f"| {r['world']} | {r['workload']} | {r['variant']} | {r['step_ms']:.1f} | {r['p90_ms']:.1f} | "
-            f"{r['max_ms']:.1f} | {r['step_ms'] / ref['step_ms']:.2f} | {runs} | {r['cpu_ms']:.1f} | "
+            f"{r['max_ms']:.1f} | {statistics.median(paired):.2f} | {runs} | {r['cpu_ms']:.1f} | "
             f"{r['cpu_ms'] / ref['cpu_ms']:.2f} | {r['tok_s']:.0f} | {r['busy_max_mean']:.2f} | "
             f"{r['busy_max_ms']:.1f} | {r['slots_max_mean']:.2f} | {r['load_max_mean']:.2f} | "
             f"{r['top1_share']:.3f} | {r['spag_mib']:.2f} | {r['reshard_mib']:.2f} | {a2a} | {r['peak_tensor_mib']:.1f} | "
@@ -225,7 +230,7 @@ def peer_ratios(rows: list[dict]) -> str:
     return f"<!-- {rows[0]['world']} ranks, {rows[0]['workload']}: step time {'; '.join(parts)} -->" if parts else ""
 
 
-STATIC_EP = ("ep", "ep-ddp", "ep-balanced")
+STATIC_EP = ("ep", "ep-ddp", "ep-balanced", "ep-balanced-ddp")
 
 
 def balance_bound(rows: list[dict]) -> str:

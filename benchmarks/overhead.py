@@ -95,6 +95,7 @@ def _rank_body(rank: int, world: int, variant: str, steps: int, warmup: int, pro
 
         def step_fn(step: int) -> None:
             x, y = data.train_batch(step)
+            model.set_routing_step(step)  # routing workloads (a replayed trace) follow the step, as in the Trainer
             _minimal_step(model, opt, x, y, world)
     else:
         tr = Trainer(cfg, init_distributed("cpu"))

@@ -4,6 +4,7 @@ Triton is imported lazily by the 'triton' N:M path only, never at import time.
 """
 from sparsetrain.kernels.grouped import (
     compute_dtype,
+    cpu_row_blocks,
     grouped_linear,
     grouped_linear_reference,
     grouped_mm_dims_ok,
@@ -30,6 +31,7 @@ __all__ = [
     "choose_path",
     "compress_nm",
     "compute_dtype",
+    "cpu_row_blocks",
     "decompress",
     "get_path",
     "grouped_linear",

@@ -48,6 +48,13 @@ def _row_block(x: torch.Tensor, d_ffn: int) -> int:
     return max(64, CPU_BLOCK_BYTES // (d_ffn * x.element_size())) if x.device.type == "cpu" else 0
 
 
+def cpu_row_blocks(x: torch.Tensor, d_ffn: int) -> tuple[torch.Tensor, ...]:
+    """Rows of x [N, d] in the blocks a SwiGLU of hidden size d_ffn runs them in (`CPU_BLOCK_BYTES`; one piece
+    on GPUs or when they fit): the dense MLP and DeepSpeed's experts compute as sparsetrain's experts do."""
+    block = _row_block(x, d_ffn)
+    return torch.split(x, block, dim=0) if block and x.shape[0] > block else (x,)
+
+
 def swiglu_experts_reference(x: torch.Tensor, counts: list[int], w1: torch.Tensor | tuple[torch.Tensor, ...],
                              w2: torch.Tensor | tuple[torch.Tensor, ...],
                              w3: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -60,12 +67,11 @@ def swiglu_experts_reference(x: torch.Tensor, counts: list[int], w1: torch.Tenso
     differently, and a blocked expert's weight gradient sums its blocks' products."""
     # unbind, not w[e]: see grouped_linear_reference
     w1s, w2s, w3s = (w if isinstance(w, tuple) else w.unbind(0) for w in (w1, w2, w3))
-    block = _row_block(x, w1s[0].shape[0]) if w1s else 0
     outs = []
     for e, xe in enumerate(torch.split(x, counts, dim=0)):
         if not counts[e]:
             continue
-        for xb in torch.split(xe, block, dim=0) if block and counts[e] > block else (xe,):  # [rows <= block, d]
+        for xb in cpu_row_blocks(xe, w1s[e].shape[0]):  # [rows <= block, d]
             outs.append((F.silu(xb @ w1s[e].t()) * (xb @ w3s[e].t())) @ w2s[e].t())  # [rows, d_ffn] -> [rows, d]
     return torch.cat(outs, dim=0) if outs else x.new_zeros(0, w2s[0].shape[0] if w2s else x.shape[1])  # [N, d]
 

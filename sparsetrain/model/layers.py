@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsetrain.kernels import cpu_row_blocks
 from sparsetrain.model.kv_cache import LayerKV
 
 
@@ -77,4 +78,9 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(d_ffn, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        rows = x.reshape(-1, x.shape[-1])  # [N, d]; on CPU in cache-sized row blocks, as the experts
+        blocks = cpu_row_blocks(rows, self.w1.out_features)
+        if len(blocks) == 1:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        out = torch.cat([self.w2(F.silu(self.w1(b)) * self.w3(b)) for b in blocks])  # [N, d]
+        return out.view(*x.shape[:-1], out.shape[-1])

@@ -170,3 +170,31 @@ def test_hot_expert_rows_in_cpu_blocks_equal_one_piece(monkeypatch, autocast):
                                    atol=2e-2 if autocast else 1e-5)
     blocked = _nodes(swiglu_experts_reference(x, counts, *ws), "MmBackward0")
     assert blocked == whole + 3 * (2 + 1)  # expert 0: 3 blocks (+2), expert 3: 2 blocks (+1); 3 GEMMs each
+
+
+def test_dense_mlp_rows_in_cpu_blocks_equal_one_piece(monkeypatch):
+    """The dense SwiGLU MLP (dense blocks, DeepSpeed's experts) runs CPU rows in the same blocks: same output and
+    gradients as one piece, for [B, S, d] and [N, d] inputs."""
+    from sparsetrain.kernels import grouped
+
+    from sparsetrain.model.layers import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(8, 24)
+    for shape in ((3, 50, 8), (150, 8)):
+        x = torch.randn(*shape)
+        want = _mlp_run(mlp, x)
+        monkeypatch.setattr(grouped, "CPU_BLOCK_BYTES", 64 * 24 * 4)  # 64 rows per block: 3 blocks
+        got = _mlp_run(mlp, x)
+        monkeypatch.setattr(grouped, "CPU_BLOCK_BYTES", 1 << 62)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _mlp_run(mlp, x):
+    mlp.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    y = mlp(x)
+    (y * torch.arange(y.numel()).view_as(y).sin()).sum().backward()
+    return [y.detach(), x.grad] + [p.grad for p in mlp.parameters()]
