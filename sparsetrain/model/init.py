@@ -77,8 +77,9 @@ def init_weights_(model: nn.Module, seed: int, std: float, n_layers: int) -> Non
         sd = param_init_std(logical, std, n_layers)
         if name in stacked or logical in stacked:  # [E_here, out, in]: one generator per global expert id
             mod = stacked.get(name) or stacked[logical]
-            ids = list(getattr(mod, "expert_ids", range(local.shape[0])))
-            _fill_rows(local, seed, logical, ids, sd)
+            ids = list(getattr(mod, "expert_ids", range(mod.num_experts)))  # the experts this module holds
+            off = _global_row_offset(p)  # dp under FSDP2 shards the stack on dim 0: this rank's rows start here
+            _fill_rows(local, seed, logical, ids[off:off + local.shape[0]], sd)
         else:  # [rows_here, in]: one generator per global row
             off = _global_row_offset(p)
             _fill_rows(local, seed, logical, list(range(off, off + local.shape[0])), sd)

@@ -35,7 +35,7 @@ def _tile_patterns(n: int, m: int) -> torch.Tensor:
                 cols[c] += 1
         if all(c == n for c in cols):
             pats.append([1.0 if c in r else 0.0 for r in choice for c in range(m)])
-    return torch.tensor(pats)
+    return torch.tensor(pats, dtype=torch.float32)  # as the tiles scored against them, whatever the default dtype
 
 
 def _greedy(a: torch.Tensor, n: int, m: int) -> torch.Tensor:
