@@ -34,6 +34,8 @@ from typing import Any
 import yaml
 from sparsetrain.launcher.errors import LaunchError
 
+from sparsetrain.telemetry.jsonl import read_jsonl
+
 SWEEP_KEYS = ("base", "out_dir", "set", "grid", "points", "timeout_s")
 SUMMARY_METRICS = ("final_loss", "val_loss", "tokens_per_s", "elapsed_s", "steps_run", "world",
                    "expert_load_max_mean", "expert_busy_max_mean", "rank_tokens_max_mean", "spag_MB", "sprs_MB",
@@ -150,15 +152,7 @@ def load_sweep(path: str | Path) -> Sweep:
 
 def read_rows(path: Path) -> dict[str, dict[str, Any]]:
     """Last recorded row per point id of sweep.jsonl ({} if none); a torn last line is ignored."""
-    rows: dict[str, dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            rows[row["id"]] = row
-    return rows
+    return {row["id"]: row for row in read_jsonl(path) if "id" in row}
 
 
 def one_line_error(stderr: str, rc: int) -> str:

@@ -1,9 +1,12 @@
 """Small matplotlib helpers shared by the run and sweep reports (Agg backend, files only)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from sparsetrain.telemetry.jsonl import read_jsonl
+
+__all__ = ["lines", "pyplot", "read_jsonl", "save"]
 
 
 def pyplot() -> Any:
@@ -16,23 +19,6 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records (JSON objects) of a JSONL file ([] when it is missing); a torn line (a run writing or killed
-    mid-line) and lines that hold no object are skipped."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-    return out
 
 
 def save(fig: Any, path: Path) -> Path:

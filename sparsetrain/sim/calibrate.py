@@ -47,7 +47,7 @@ RANK_KEYS = ("attention_ms", "experts_ms", "attention_cpu_ms", "experts_cpu_ms",
 def load_run(path: str | Path, skip: int = 1) -> RunData:
     """Read config.yaml + metrics.jsonl of a run directory (torn lines skipped, as `sparsetrain report` does)."""
     from sparsetrain.config import config_from_dict
-    from sparsetrain.report.plots import read_jsonl
+    from sparsetrain.telemetry.jsonl import read_jsonl
 
     p = Path(path)
     if not (p / "config.yaml").exists() or not (p / "metrics.jsonl").exists():

@@ -50,7 +50,7 @@ def replay_loads(path: str | Path, num_experts: int, num_layers: int, skip_steps
         p = p / "expert_loads.jsonl"
     if not p.exists():
         raise ValueError(f"no expert_loads.jsonl at {path}")
-    from sparsetrain.report.plots import read_jsonl
+    from sparsetrain.telemetry.jsonl import read_jsonl
 
     rows = [r["counts"] for r in read_jsonl(p) if "counts" in r][skip_steps:]  # torn lines skipped
     if not rows:

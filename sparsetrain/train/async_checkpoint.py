@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from sparsetrain.train.checkpoint import begin_save, commit_save
+from sparsetrain.train.checkpoint import begin_save, commit_save, save_failed
 from sparsetrain.train.location import Location
 from sparsetrain.train.safe_dcp import writer
 from sparsetrain.train.state import flat_state
@@ -63,7 +63,10 @@ class AsyncCheckpointer:
 
     def _commit(self, written: Future, root: str | Location, step: int, tmp: Location, extra: dict[str, Any],
                 keep: int, before_commit: Callable[[], None] | None) -> Location:
-        written.result()  # DCP's write (every rank's files and .metadata) has finished
+        try:
+            written.result()  # DCP's write (every rank's files and .metadata) has finished
+        except Exception as e:  # noqa: BLE001 - as a synchronous save: one line naming step, directory, free space
+            raise save_failed(tmp, step, e) from None
         return commit_save(root, step, tmp, extra, keep, self.group, before_commit)
 
     def wait(self) -> Location | None:

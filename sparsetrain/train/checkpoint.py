@@ -37,7 +37,7 @@ from sparsetrain.train.state import flat_state, set_optimizer_step
 
 __all__ = ["EXTRA", "CheckpointError", "begin_save", "checkpoint_root", "commit_save", "committed", "fallback_line", "find_resumable", "is_checkpoint_dir",
            "latest_checkpoint", "load_checkpoint", "preflight_resume", "read_extra", "resume_config_changes",
-           "save_checkpoint", "step_of", "verify_checkpoint"]
+           "save_checkpoint", "save_failed", "step_of", "verify_checkpoint"]
 
 EXTRA = "trainer_state.json"
 

@@ -305,3 +305,24 @@ def torch_optimizer(model):
     import torch
 
     return torch.optim.AdamW(model.parameters())
+
+
+def test_a_failed_async_write_is_the_same_one_line(tmp_path, monkeypatch):
+    """checkpoint.async: DCP's background write failing surfaces at the next wait as the synchronous save's line."""
+    from concurrent.futures import Future
+
+    from sparsetrain.train import async_checkpoint
+
+    def full(*a, **k):
+        f: Future = Future()
+        f.set_exception(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"))
+        return f
+
+    monkeypatch.setattr(async_checkpoint.dcp, "async_save", full)
+    model = build_model(tiny_cfg(tmp_path, *RESUME))
+    saver = async_checkpoint.AsyncCheckpointer()
+    saver.save(tmp_path / "checkpoints", 4, model, torch_optimizer(model), {}, keep=2)
+    with pytest.raises(CheckpointError, match=r"saving checkpoint step 4 into .*\.tmp-step_00000004 failed "
+                                              r"\(RuntimeError: .*unexpected pos.*MiB free on that filesystem"):
+        saver.close()
+    assert not (tmp_path / "checkpoints" / ".tmp-step_00000004").exists()
