@@ -35,6 +35,7 @@ import yaml
 from sparsetrain.launcher.errors import LaunchError
 
 from sparsetrain.telemetry.jsonl import read_jsonl
+from sparsetrain.textio import DuplicateKeyError, load_yaml
 
 SWEEP_KEYS = ("base", "out_dir", "set", "grid", "points", "timeout_s")
 SUMMARY_METRICS = ("final_loss", "val_loss", "tokens_per_s", "elapsed_s", "steps_run", "world",
@@ -97,8 +98,10 @@ def load_sweep(path: str | Path) -> Sweep:
     if not src.exists():
         raise LaunchError(f"sweep file not found: {src}")
     try:
-        data = yaml.safe_load(src.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
+        data = load_yaml(src.read_text(encoding="utf-8"), str(src)) or {}
+    except DuplicateKeyError as e:
+        raise LaunchError(str(e)) from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise LaunchError(f"{src}: not a readable sweep YAML ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise LaunchError(f"{src}: a sweep file is a mapping with keys {', '.join(SWEEP_KEYS)}")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import typer
 
 from sparsetrain.config import Config, ConfigError, load_config, to_dict
 from sparsetrain.data.commands import data_app
+from sparsetrain.textio import read_utf8
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train Mixture-of-Experts and N:M-sparse transformers (FSSDP, EP, N:M).")
@@ -46,9 +46,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
-def _load(config: str, overrides: list[str] | None) -> Config:
+def _load(config: str, overrides: list[str] | None, world_size: int | None = None) -> Config:
     try:
-        return load_config(config, overrides or [])
+        return load_config(config, overrides or [], world_size)
     except ConfigError as e:
         _fail(str(e))
     raise AssertionError("unreachable")
@@ -115,15 +115,17 @@ def _single_process_model(cfg: Config, checkpoint: str | None):
     """A strategy-free model with weights from a checkpoint (any world size / strategy), and its extra state."""
     from sparsetrain.model.gpt import build_model
     from sparsetrain.train import checkpoint as ckpt
+    from sparsetrain.train.location import as_location
 
     model = build_model(cfg)
     if cfg.sparsity.enabled:  # the N:M masks the run trained with (its weights are parametrized originals)
         from sparsetrain.sparsity import apply_sparsity
 
         apply_sparsity(model, cfg.sparsity)
-    root = ckpt.checkpoint_root(cfg.train.out_dir, checkpoint or cfg.checkpoint.dir)
+    run_root = ckpt.checkpoint_root(cfg.train.out_dir, cfg.checkpoint.dir)
+    root = as_location(checkpoint) if checkpoint else run_root
     if checkpoint and not ckpt.is_checkpoint_dir(root) and "/" not in checkpoint and "://" not in checkpoint:
-        named = ckpt.checkpoint_root(cfg.train.out_dir, cfg.checkpoint.dir) / checkpoint  # `--checkpoint step_N`
+        named = run_root / checkpoint  # `--checkpoint step_N`
         root = named if ckpt.is_checkpoint_dir(named) else root
     if ckpt.is_checkpoint_dir(root):  # one checkpoint named: verified, refused if bad
         path, manifest = root, None
@@ -191,12 +193,11 @@ def generate(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
         text = prompt
         if prompt_file is not None:
             try:
-                text = Path(prompt_file).read_text(encoding="utf-8")
+                text = read_utf8(prompt_file, f"--prompt-file {prompt_file}: not UTF-8 text", ValueError)
             except OSError as e:
                 _fail(f"--prompt-file {prompt_file}: {e.strerror}")
-            except UnicodeDecodeError as e:
-                _fail(f"--prompt-file {prompt_file}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
-                      f"{e.start} is not UTF-8)")
+            except ValueError as e:
+                _fail(str(e))
         model, _, extra = _single_process_model(cfg, checkpoint)
         tok = tokenizer_from_record(extra.get("tokenizer") or {}, cfg.data.tokenizer)
         if tok.vocab_size > cfg.model.vocab_size:
@@ -281,12 +282,25 @@ def sweep(path: str = typer.Argument(..., help="sweep file, e.g. configs/sweeps/
 
 def _writable_dir(d: Path, what: str) -> None:
     """Create output directory `d` (and parents) now, so a bad path fails before the work, not after it."""
+    from sparsetrain.train.run_lock import ensure_writable_dir
+
     try:
-        d.mkdir(parents=True, exist_ok=True)
+        ensure_writable_dir(d)
     except OSError as e:
-        raise ValueError(f"{what} {d}: cannot create it ({e.strerror or e})") from None
-    if not d.is_dir() or not os.access(d, os.W_OK):
-        raise ValueError(f"{what} {d}: not a writable directory")
+        raise ValueError(f"{what} {d}: not a writable directory ({e.strerror or e})") from None
+
+
+def _check_sim_ep_size(cfg: Config, counts: list[int], variants: tuple[str, ...]) -> None:
+    """parallel.ep_size against each predicted world (not launch.workers): it must divide every --gpus value."""
+    ep = cfg.parallel.ep_size
+    if not ep or not any(v.partition("-")[0] == "ep" for v in variants):
+        return  # only the ep variant uses it; the others shard experts over the whole world
+    if cfg.moe.num_experts % ep:
+        raise ValueError(f"moe.num_experts={cfg.moe.num_experts} is not divisible by parallel.ep_size={ep}")
+    bad = [g for g in counts if g % ep]
+    if bad:
+        raise ValueError(f"parallel.ep_size={ep} does not divide {bad[0]} GPUs (--gpus "
+                         f"{','.join(map(str, counts))}); choose GPU counts that are multiples of it")
 
 
 RunDirsArg = typer.Argument(..., help="run directories (config.yaml + metrics.jsonl)")
@@ -305,7 +319,7 @@ def sim_predict(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
                                              help="strategies / fssdp-PLANNER"),
                 out: str = typer.Option("runs/sim", help="directory for predictions.json and PNGs")) -> None:
     """Predict step time, tokens/s, MFU, memory and bytes per link vs GPU count for each strategy."""
-    cfg = _load(config, overrides)
+    cfg = _load(config, overrides, world_size=1)  # the world-dependent checks: per --gpus value, below
     from sparsetrain.sim.cluster import load_cluster
     from sparsetrain.sim.scale import format_table, scale_rows, write_outputs
     from sparsetrain.sim.shape import setup_from_config
@@ -316,10 +330,12 @@ def sim_predict(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
             raise ValueError(f"--gpus needs GPU counts >= 1, got {gpus!r}")
         if batch_per_gpu < 0:
             raise ValueError(f"--batch-per-gpu must be >= 1 (0: data.batch_size / launch.workers), got {batch_per_gpu}")
+        names = tuple(v.strip() for v in variants.split(",") if v.strip())
+        _check_sim_ep_size(cfg, counts, names)
         c = load_cluster(cluster)
         per_gpu = batch_per_gpu or max(1, cfg.data.batch_size // cfg.launch.workers)
         rows = scale_rows(setup_from_config(cfg), c, counts, workload or f"zipf:{cfg.moe.router_skew}", per_gpu,
-                          tuple(v.strip() for v in variants.split(",") if v.strip()), cfg)
+                          names, cfg)
         _writable_dir(Path(out), "--out")
     except ValueError as e:
         _fail(str(e))

@@ -24,6 +24,7 @@ from sparsetrain.config_checks import (  # noqa: F401 (re-exported: `from sparse
     validate,
     validate_world,
 )
+from sparsetrain.textio import DuplicateKeyError, load_yaml, read_utf8
 
 
 @dataclass
@@ -299,7 +300,9 @@ def parse_overrides(overrides: list[str]) -> dict:
         if any("\udc80" <= ch <= "\udcff" for ch in raw):  # bytes the shell's locale could not decode
             raise ConfigError(f"--set {key}: the value is not valid UTF-8 (check the shell's locale / the path's bytes)")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = load_yaml(raw, f"--set {key}") if raw != "" else ""
+        except DuplicateKeyError as e:
+            raise ConfigError(str(e)) from None
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
         _set_dotted(tree, key.strip(), value)
@@ -328,19 +331,21 @@ def list_presets() -> list[str]:
     return sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML preset (default: configs/tiny.yaml), apply overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                world_size: int | None = None) -> Config:
+    """Load a YAML preset (default: configs/tiny.yaml), apply overrides, validate (the world-dependent checks
+    against `world_size`, default launch.workers)."""
     src = resolve_preset(path or "tiny")
     try:
-        data = yaml.safe_load(src.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{src}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+        data = load_yaml(read_utf8(src, f"{src}: not UTF-8 text", ConfigError), str(src)) or {}
+    except DuplicateKeyError as e:
+        raise ConfigError(str(e)) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{src}: invalid YAML: {e}") from None
     cfg = _build(Config, data, "", str(src))
     if overrides:
         cfg = _build(Config, _merge(to_dict(cfg), parse_overrides(overrides)), "", "--set")
-    validate(cfg)
+    validate(cfg, world_size)
     return cfg
 
 

@@ -256,3 +256,27 @@ def test_binary_routing_trace_names_key_and_file(tmp_path):
         load_config("tiny", [f"moe.routing_trace={bad}"])
     msg = str(ei.value)
     assert msg.startswith(f"moe.routing_trace {bad}: not a UTF-8") and "\n" not in msg
+
+
+def test_duplicate_key_in_a_yaml_file_is_refused_naming_file_key_and_line(tmp_path: Path) -> None:
+    p = tmp_path / "config.yaml"
+    p.write_text("moe:\n  num_experts: 4\ntrain:\n  steps: 3\nmoe:\n  top_k: 1\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert str(ei.value) == f"{p}: duplicate key 'moe' (line 5)"
+    p.write_text("train:\n  steps: 3\n  lr: 0.1\n  steps: 4\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"duplicate key 'steps' \(line 4\)"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"^--set moe: duplicate key 'top_k' \(line 1\)$"):
+        load_config("tiny", ["moe={top_k: 1, top_k: 2}"])
+
+
+def test_load_yaml_allows_merge_key_overrides_and_equal_keys_in_separate_mappings() -> None:
+    from sparsetrain.textio import DuplicateKeyError, load_yaml
+
+    text = "base: &b {a: 1, b: 2}\nx:\n  <<: *b\n  a: 5\ny: {a: 1}\n"
+    assert load_yaml(text, "t.yaml") == {"base": {"a": 1, "b": 2}, "x": {"a": 5, "b": 2}, "y": {"a": 1}}
+    with pytest.raises(DuplicateKeyError, match=r"^t.yaml: duplicate key 1 \(line 2\)$"):
+        load_yaml("- {1: a}\n- {1: a, 1: b}\n", "t.yaml")
+    with pytest.raises(yaml.YAMLError):
+        load_yaml("a: [1, 2\n", "t.yaml")

@@ -19,6 +19,7 @@ from typing import Any
 from sparsetrain.config import DataConfig
 from sparsetrain.data.corpus import STDLIB_MAX_BYTES, stdlib_files
 from sparsetrain.data.errors import DataError
+from sparsetrain.textio import decode_utf8
 
 FORMATS = ("text", "jsonl", "parquet", "hf", "stdlib")
 _EXT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -26,14 +27,9 @@ _EXT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 
 def _utf8(raw: bytes, f: Path, line: int | None = None) -> str:
     """Strict UTF-8 decode of a text/JSONL source's bytes; a binary file is refused in one line naming it."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        where = f"line {line}: " if line is not None else ""
-        of = " of the line" if line is not None else ""
-        raise DataError(f"data.source: {f} is not UTF-8 text ({where}byte 0x{raw[e.start]:02x} at offset "
-                        f"{e.start}{of}); text and JSONL sources must be UTF-8 (a binary file? point data.source "
-                        f"at the text files only)") from None
+    return decode_utf8(raw, f"data.source: {f} is not UTF-8 text", DataError, line,
+                       "; text and JSONL sources must be UTF-8 (a binary file? point data.source at the text files "
+                       "only)")
 
 
 @dataclass

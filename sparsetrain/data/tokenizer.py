@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sparsetrain.data.errors import DataError
+from sparsetrain.textio import read_utf8
 
 EOT = "<|endoftext|>"  # end-of-text special token appended after every document (when the tokenizer has it)
 
@@ -134,12 +135,9 @@ def _hub_tokenizer(name: str) -> HFTokenizer:
 def read_tokenizer_json(path: Path) -> str:
     """The text of a tokenizer.json file; one-line DataError naming it when unreadable or not UTF-8."""
     try:
-        return path.read_bytes().decode("utf-8")
+        return read_utf8(path, f"data.tokenizer={str(path)!r}: not a UTF-8 tokenizer JSON", DataError)
     except OSError as e:
         raise DataError(f"data.tokenizer: cannot read {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"data.tokenizer={str(path)!r}: not a UTF-8 tokenizer JSON (byte 0x{e.object[e.start]:02x} "
-                        f"at offset {e.start} is not UTF-8)") from None
 
 
 def load_tokenizer(spec: str) -> Tokenizer:

@@ -121,13 +121,12 @@ def load_trace(path: str | Path) -> torch.Tensor:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"moe.routing_trace: no such file {str(p)!r}")
+    from sparsetrain.textio import read_utf8
+
     try:
-        text = p.read_bytes().decode("utf-8")
+        text = read_utf8(p, f"moe.routing_trace {p}: not a UTF-8 expert_loads.jsonl", ValueError)
     except OSError as e:
         raise ValueError(f"moe.routing_trace {p}: cannot read: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"moe.routing_trace {p}: not a UTF-8 expert_loads.jsonl (byte 0x{e.object[e.start]:02x} "
-                         f"at offset {e.start} is not UTF-8)") from None
     rows = []
     for i, line in enumerate(text.splitlines()):
         if line.strip():

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from sparsetrain.sim.cluster import Cluster
 from sparsetrain.sim.shape import SimSetup, setup_from_config
+from sparsetrain.textio import load_yaml
 
 
 @dataclass
@@ -52,7 +52,7 @@ def load_run(path: str | Path, skip: int = 1) -> RunData:
     p = Path(path)
     if not (p / "config.yaml").exists() or not (p / "metrics.jsonl").exists():
         raise ValueError(f"{p}: a calibration run needs config.yaml and metrics.jsonl (written by sparsetrain train)")
-    cfg = config_from_dict(yaml.safe_load((p / "config.yaml").read_text()))
+    cfg = config_from_dict(load_yaml((p / "config.yaml").read_text(encoding="utf-8"), str(p / "config.yaml")))
     recs = [r for r in read_jsonl(p / "metrics.jsonl")[skip:] if isinstance(r.get("ranks"), dict)]
     if not recs:
         raise ValueError(f"{p}: no logged records with per-rank timings after the first {skip} (log more often)")

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from sparsetrain.config import CONFIG_DIR
+from sparsetrain.textio import DuplicateKeyError, load_yaml
 
 CLUSTER_DIR = CONFIG_DIR / "clusters"
 
@@ -103,8 +104,10 @@ def load_cluster(name_or_path: str | Path) -> Cluster:
     if not p.exists():
         raise ValueError(f"unknown cluster {name_or_path!r}; known: {', '.join(list_clusters())} (or a YAML path)")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
+        data = load_yaml(p.read_text(encoding="utf-8"), str(p)) or {}
+    except DuplicateKeyError as e:
+        raise ValueError(str(e)) from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ValueError(f"{p}: not a readable cluster YAML ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):  # ValueError as every other bad cluster file: the CLI reports those in one line
         raise ValueError(f"{p}: a cluster file is a mapping of keys (name, gpus_per_node, ...), "  # noqa: TRY004

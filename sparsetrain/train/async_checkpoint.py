@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from sparsetrain.train.checkpoint import begin_save, commit_save, save_failed
 from sparsetrain.train.location import Location
@@ -65,7 +66,8 @@ class AsyncCheckpointer:
                 keep: int, before_commit: Callable[[], None] | None) -> Location:
         try:
             written.result()  # DCP's write (every rank's files and .metadata) has finished
-        except Exception as e:  # noqa: BLE001 - as a synchronous save: one line naming step, directory, free space
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - as a synchronous save: one line naming step,
+            # directory, free space (DCP's own failure is a CheckpointException, a BaseException)
             raise save_failed(tmp, step, e) from None
         return commit_save(root, step, tmp, extra, keep, self.group, before_commit)
 

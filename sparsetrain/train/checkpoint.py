@@ -84,14 +84,17 @@ def save_checkpoint(root: str | Location, step: int, model: nn.Module, optimizer
         with warnings.catch_warnings():  # DCP warns that a single process saves alone: that is intended here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.save(state, storage_writer=writer(tmp), no_dist=not _is_dist())
-    except Exception as e:  # noqa: BLE001 - any write failure: one line, the partial directory not left behind
-        raise save_failed(tmp, step, e) from None
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - any write failure (DCP's is a BaseException): one
+        raise save_failed(tmp, step, e) from None  # line, the partial directory not left behind
     return commit_save(root, step, tmp, extra, keep, before_commit=before_commit)
 
 
 def save_failed(tmp: Location, step: int, error: BaseException) -> CheckpointError:
     """The one-line error for a failed checkpoint write (free space named: a full disk shows as torch's 'unexpected
-    pos'); a single process removes its partial directory, ranks leave it to the next attempt's `begin_save`."""
+    pos'). The partial directory is removed at once by a single process, and by rank 0 of a multi-rank save when
+    DCP failed collectively (a CheckpointException reaches every rank only after all of them finished writing, so
+    no rank writes into it any more); any other multi-rank failure leaves it to the next attempt's `begin_save`
+    (another rank may still be writing, and waiting for it would take a collective that hangs if a rank died)."""
     import shutil
 
     free = ""
@@ -100,10 +103,11 @@ def save_failed(tmp: Location, step: int, error: BaseException) -> CheckpointErr
             free = f"; {shutil.disk_usage(tmp.parent).free / 2**20:.0f} MiB free on that filesystem"
         except OSError:
             pass
-        if not _is_dist():
+        if not _is_dist() or (isinstance(error, CheckpointException) and _rank() == 0):
             rmtree(tmp)
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return CheckpointError(f"saving checkpoint step {step} into {tmp} failed ({type(error).__name__}: {first}){free}; "
+    cause = _first_cause(error) if isinstance(error, CheckpointException) else f"{type(error).__name__}: {first}"
+    return CheckpointError(f"saving checkpoint step {step} into {tmp} failed ({cause}){free}; "
                            "the previous checkpoints are intact")
 
 

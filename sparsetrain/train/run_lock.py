@@ -99,12 +99,20 @@ def _try_create(path: Path, me: dict[str, Any]) -> bool:
         tmp.unlink(missing_ok=True)
 
 
+def ensure_writable_dir(directory: Path) -> None:
+    """Create `directory` (and parents) and prove it writable by creating and removing a probe file.
+
+    Raises the OSError (its caller words it); a probe beats os.access, which root and read-only mounts fool.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".write-test-{os.getpid()}"
+    probe.touch()
+    probe.unlink()
+
+
 def _acquire(directory: Path, log: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
+        ensure_writable_dir(directory)
     except OSError as e:
         raise RunLockError(f"output directory {directory} cannot be used: {e.strerror or e} "
                            f"({type(e).__name__}); set train.out_dir / checkpoint.dir to a writable directory") from None

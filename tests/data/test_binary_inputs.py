@@ -74,7 +74,7 @@ def test_prepare_refuses_binary_text_file(tmp_path):
 def test_prepare_refuses_binary_jsonl_line(tmp_path):
     src = tmp_path / "docs.jsonl"
     src.write_bytes(json.dumps({"text": "fine"}).encode() + b"\n" + b'{"text": "bad \xff"}\n')
-    with pytest.raises(DataError, match=f"{src} is not UTF-8 text \\(line 2: byte 0xff"):
+    with pytest.raises(DataError, match=f"{src} is not UTF-8 text \\(line 2: byte 0xff at offset 14 of the line\\); "):
         prep.prepare(data_cfg(f"data.source={src}", f"data.corpus={tmp_path / 'out'}"), **QUIET)
 
 
@@ -84,3 +84,24 @@ def test_prepare_still_accepts_utf8_text(tmp_path):
     meta = prep.prepare(data_cfg(f"data.source={src}", f"data.corpus={tmp_path / 'out'}", "data.val_fraction=0.001"),
                         **QUIET)
     assert meta["complete"] and meta["tokens"]["train"] > 0
+
+
+def test_every_strict_utf8_read_names_the_first_bad_byte_the_same_way(tmp_path) -> None:
+    from sparsetrain.config import ConfigError, load_config
+    from sparsetrain.model.workloads import load_trace
+    from sparsetrain.textio import decode_utf8, read_utf8
+
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(BINARY)  # 0x00..0x7f decode, 0x80 at offset 128 does not
+    tail = "(byte 0x80 at offset 128)"
+    with pytest.raises(KeyError, match=r"^'x: not UTF-8 \(byte 0x80 at offset 128\)'$"):
+        read_utf8(bad, "x: not UTF-8", KeyError)
+    assert decode_utf8("é".encode(), "x", ValueError) == "é"
+    with pytest.raises(DataError) as tok:
+        load_tokenizer(str(bad))
+    with pytest.raises(ConfigError) as cfg:
+        load_config(bad)
+    with pytest.raises(ValueError) as trace:
+        load_trace(bad)
+    for e in (tok, cfg, trace):
+        assert str(e.value).endswith(tail) and "\n" not in str(e.value), str(e.value)

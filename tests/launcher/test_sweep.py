@@ -91,3 +91,11 @@ def test_sweep_records_errors_and_resumes_after_kill(tmp_path):
         table = list(csv.DictReader(f))
     assert [r["train.lr"] for r in table] == ["0.001", "0.003", ""]
     assert [r["status"] for r in table] == ["ok", "ok", "failed"] and table[0]["final_loss"]
+
+
+@pytest.mark.unit
+def test_duplicate_key_in_a_sweep_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text("base: tiny\ngrid:\n  train.lr: [0.001]\n  train.lr: [0.003]\n", encoding="utf-8")
+    with pytest.raises(LaunchError, match=rf"^{path}: duplicate key 'train.lr' \(line 4\)$"):
+        load_sweep(path)

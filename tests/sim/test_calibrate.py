@@ -138,3 +138,13 @@ def test_median_of_an_even_count_is_the_mean_of_the_middle_two():
 
     assert median([0.048, 0.063]) == pytest.approx(0.0555)  # two runs: torch.median gave 0.048
     assert median([3.0, 1.0, 2.0]) == 2.0 and median(torch.tensor([4.0, 1.0, 3.0, 2.0])) == 2.5
+
+
+def test_a_run_config_with_a_duplicate_key_is_refused(tmp_path) -> None:
+    d = tmp_path / "run"
+    _fake_run(d, 2, 8, 0.5, 0.0, random.Random(0))
+    text = (d / "config.yaml").read_text()
+    (d / "config.yaml").write_text(text + "model:\n  d_model: 64\n")
+    line = len(text.splitlines()) + 1
+    with pytest.raises(ValueError, match=rf"^{d / 'config.yaml'}: duplicate key 'model' \(line {line}\)$"):
+        load_run(d)

@@ -130,3 +130,21 @@ def test_calibrate_skips_a_torn_metrics_line_and_names_missing_fields(tmp_path):
     (d / "metrics.jsonl").write_text("\n".join(json.dumps({"step": i, "ranks": ranks}) for i in range(3)))
     with pytest.raises(ValueError, match="records lack per-rank attention_cpu_ms"):
         load_run(d)
+
+
+def test_duplicate_key_in_a_cluster_file_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("gpus_per_node: 8\ncores: 2\ngpus_per_node: 4\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"^" + str(p) + r": duplicate key 'gpus_per_node' \(line 3\)$"):
+        load_cluster(p)
+
+
+def test_predict_checks_ep_size_against_each_predicted_world_not_launch_workers(tmp_path: Path) -> None:
+    ok = _sim("--gpus", "8,16", "--variants", "ep", "--set", "parallel.ep_size=8", "--set", "launch.workers=4",
+              "--out", str(tmp_path / "o"), cwd=tmp_path)  # 8 does not divide launch.workers=4: not what is predicted
+    assert ok.returncode == 0, ok.stderr
+    bad = _sim("--gpus", "8,12", "--variants", "ep", "--set", "parallel.ep_size=8", "--out", str(tmp_path / "b"),
+               cwd=tmp_path)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1, bad.stderr
+    assert "parallel.ep_size=8 does not divide 12 GPUs (--gpus 8,12)" in lines[0] and not (tmp_path / "b").exists()

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from torch.distributed.checkpoint.api import CheckpointException
 
 from sparsetrain.config import to_dict
 from sparsetrain.model.gpt import build_model
@@ -325,4 +326,47 @@ def test_a_failed_async_write_is_the_same_one_line(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"saving checkpoint step 4 into .*\.tmp-step_00000004 failed "
                                               r"\(RuntimeError: .*unexpected pos.*MiB free on that filesystem"):
         saver.close()
+    assert not (tmp_path / "checkpoints" / ".tmp-step_00000004").exists()
+
+
+def test_single_process_model_resolves_a_step_name_a_path_and_the_default(tmp_path: Path, six_steps) -> None:
+    from sparsetrain.cli import _single_process_model
+
+    out, _ = six_steps
+    root = _copy(out, tmp_path, 2, 5)
+    cfg = tiny_cfg(tmp_path, *RESUME)
+    assert _single_process_model(cfg, "step_00000002")[1] == root / "step_00000002"  # a name under the run's root
+    assert _single_process_model(cfg, None)[1] == root / "step_00000005"  # the newest that verifies
+    assert _single_process_model(cfg, str(out / "checkpoints"))[1] == out / "checkpoints" / "step_00000005"
+
+
+@pytest.mark.parametrize(("rank", "error", "removed"), [
+    (0, CheckpointException("write", {}), True),  # DCP failed collectively: every rank is done writing
+    (1, CheckpointException("write", {}), False),  # only rank 0 removes the directory
+    (0, RuntimeError("local"), False),  # another rank may still write: left to the next begin_save
+])
+def test_a_failed_multi_rank_write_is_cleaned_by_rank_0_only_after_dcp_failed_everywhere(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rank: int, error: BaseException, removed: bool) -> None:
+    tmp = tmp_path / "checkpoints" / ".tmp-step_00000004"
+    tmp.mkdir(parents=True)
+    (tmp / f"__{rank}_0.distcp").write_bytes(b"partial")
+    monkeypatch.setattr(ckpt, "_is_dist", lambda: True)
+    monkeypatch.setattr(ckpt, "_rank", lambda: rank)
+    err = ckpt.save_failed(tmp, 4, error)
+    assert tmp.exists() is not removed
+    assert f"saving checkpoint step 4 into {tmp} failed" in str(err) and "\n" not in str(err)
+
+
+def test_a_real_dcp_write_failure_is_the_same_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DCP raises CheckpointException, a BaseException: the save still reports it in one line and cleans up."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class Full(FileSystemWriter):
+        def write_data(self, plan: object, planner: object) -> object:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "writer", lambda path: Full(str(path)))
+    model = build_model(tiny_cfg(tmp_path, *RESUME))
+    with pytest.raises(CheckpointError, match=r"step 4 into .* failed \(OSError: \[Errno 28\] No space left"):
+        ckpt.save_checkpoint(tmp_path / "checkpoints", 4, model, torch_optimizer(model), {})
     assert not (tmp_path / "checkpoints" / ".tmp-step_00000004").exists()

@@ -8,10 +8,18 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from sparsetrain.train.run_lock import LOCK_NAME, RunLockError, _identity, _proc_start, run_lock
+from sparsetrain.train.run_lock import (
+    LOCK_NAME,
+    RunLockError,
+    _identity,
+    _proc_start,
+    ensure_writable_dir,
+    run_lock,
+)
 from tests.test_cli import ROOT, TINY, _sets, cli
 
 pytestmark = [pytest.mark.unit]
@@ -118,3 +126,15 @@ def test_an_unusable_output_directory_is_one_line(tmp_path):
     for bad in (tmp_path / "afile", tmp_path / "afile" / "sub"):
         with pytest.raises(RunLockError, match=f"output directory {bad} cannot be used"), run_lock(bad):
             pass
+
+
+def test_one_writability_check_for_the_lock_and_the_cli_outputs(tmp_path: Path) -> None:
+    from sparsetrain.cli import _writable_dir
+
+    ensure_writable_dir(tmp_path / "a" / "b")  # created with its parents, the probe removed
+    assert (tmp_path / "a" / "b").is_dir() and not list((tmp_path / "a" / "b").iterdir())
+    (tmp_path / "afile").write_text("not a directory")
+    with pytest.raises(OSError):
+        ensure_writable_dir(tmp_path / "afile")
+    with pytest.raises(ValueError, match=rf"^--out {tmp_path / 'afile'}: not a writable directory \("):
+        _writable_dir(tmp_path / "afile", "--out")
