@@ -8,6 +8,11 @@ must agree within fp32 rounding.
 
     python benchmarks/expert_blocks.py
     python benchmarks/expert_blocks.py --rows 4096 --experts 8 --repeats 20
+    python benchmarks/expert_blocks.py --curve     # one expert's cost per row vs its row count
+
+The curve shows why skewed counts cost more than balanced ones with the same total even in blocks: an expert
+with few rows runs its GEMMs at a lower rate per row, and under Zipf skew the rank holding the hot expert
+holds the coldest ones too (equal experts per rank).
 """
 from __future__ import annotations
 
@@ -45,6 +50,28 @@ def step(x: torch.Tensor, counts: list[int], ws: list[torch.Tensor], g: torch.Te
     return dt, [y.detach(), x.grad] + [w.grad for w in ws]
 
 
+def curve(ws: list[torch.Tensor], repeats: int) -> None:
+    """Microseconds per row of one expert's forward and backward vs its row count (interleaved medians)."""
+    sizes = [16, 32, 64, 96, 128, 192, 256, 384, 512, 1024]
+    one = [w[:1] for w in ws]  # [1, ...]: expert 0 alone
+    times: dict[int, list[tuple[float, float]]] = {n: [] for n in sizes}
+    for rep in range(repeats + 1):  # the first round warms up
+        for n in (sizes if rep % 2 else sizes[::-1]):
+            x, g = torch.randn(n, ws[0].shape[2], requires_grad=True), torch.randn(n, ws[0].shape[2])
+            w = [t.clone().requires_grad_() for t in one]
+            t0 = time.perf_counter()
+            y = swiglu_experts_reference(x, [n], *w)
+            t1 = time.perf_counter()
+            y.backward(g)
+            if rep:
+                times[n].append((t1 - t0, time.perf_counter() - t1))
+    print("| rows | forward us/row | backward us/row | total us/row | vs 512 rows |")
+    print("|---|---|---|---|---|")
+    per_row = {n: [1e6 * statistics.median(t[i] for t in times[n]) / n for i in (0, 1)] for n in sizes}
+    for n, (f, b) in per_row.items():
+        print(f"| {n} | {f:.1f} | {b:.1f} | {f + b:.1f} | {(f + b) / sum(per_row[512]):.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=4096, help="slots on the rank (moe_strategies, 2 ranks: 4096)")
@@ -53,11 +80,16 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--d-ffn", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--curve", action="store_true", help="print one expert's cost per row vs its row count")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     d, f, e = args.d_model, args.d_ffn, args.experts
     ws = [torch.randn(e, f, d) * d ** -0.5, torch.randn(e, d, f) * f ** -0.5, torch.randn(e, f, d) * d ** -0.5]
+    if args.curve:
+        print(f"# expert_blocks --curve: one expert, d_model {d}, d_ffn {f}, fp32, 1 thread, {args.repeats} "
+              "interleaved repetitions (medians)")
+        return curve(ws, args.repeats)
     shipped = grouped.CPU_BLOCK_BYTES
     variants = {"one piece": 1 << 62, f"blocks of {shipped >> 20} MiB (shipped)": shipped}
     print(f"# expert_blocks: {args.rows} rows on {e} experts, d_model {d}, d_ffn {f}, fp32, 1 thread, "
