@@ -271,6 +271,7 @@ class OffloadController:
             self._by_block: dict[int, int] = defaultdict(int)
             self._n_by_block: dict[int, int] = defaultdict(int)
             for p in self._pools.values():
+                p.end_step()  # idle buffers of sizes this step and the one before did not need
                 p.reset_counters()
 
     def remove(self) -> None:
