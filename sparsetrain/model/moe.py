@@ -9,6 +9,7 @@ from torch import nn
 
 from sparsetrain.model.experts import GroupedExperts
 from sparsetrain.model.router import RouterOutput, TopKRouter
+from sparsetrain.offload.saved import recomputing
 from sparsetrain.telemetry.timers import span
 
 
@@ -125,6 +126,9 @@ class MoELayer(nn.Module):
         b, s, d = x.shape
         flat = x.reshape(b * s, d)  # [B, S, d] -> [T, d]
         route = self.router(flat, group=s)
-        y, self.last_dropped = self.dispatcher(self.experts, flat, route)
-        self.last_route = route
+        y, dropped = self.dispatcher(self.experts, flat, route)
+        # a checkpoint replay keeps its own route out: it would pin the replay graph, whose saved tensors torch keeps
+        # (retain_graph support), until the next forward: 36% of a block per layer with full checkpointing
+        if not recomputing():
+            self.last_route, self.last_dropped = route, dropped
         return y.view(b, s, d)  # [T, d] -> [B, S, d]

@@ -177,8 +177,10 @@ def _copy_cap(cfg: Config, world: int, device: str) -> int:
     return min(t, f.slots_per_rank)
 
 
-def _activation_bytes(cfg: Config, tokens: int, slots: float, act: int) -> tuple[list[int], int, int]:
-    """Saved bytes per block (depth order), head bytes (embedding, final norm, logits) and logits-grad bytes."""
+def _activation_bytes(cfg: Config, tokens: int, slots: float, act: int, mode: str | None = None
+                      ) -> tuple[list[int], int, int]:
+    """Saved bytes per block (depth order), head bytes (embedding, final norm, logits) and logits-grad bytes, with
+    `mode` (default train.activation_checkpointing) deciding what a block keeps."""
     m, e = cfg.model, cfg.moe
     d, v = m.d_model, m.vocab_size
     # bf16 autocast: RMSNorm outputs (bf16 x times the fp32 weight) and their kin stay fp32, about 4.5 * d
@@ -186,7 +188,7 @@ def _activation_bytes(cfg: Config, tokens: int, slots: float, act: int) -> tuple
     mixed = 18 * d if act != FP32 else 0
     attn = tokens * (8 * d * act + FP32 * m.n_heads + mixed)
     blocks = []
-    mode = cfg.train.activation_checkpointing  # full: the block input only; selective: attention + FFN input
+    mode = mode or cfg.train.activation_checkpointing  # full: the block input only; selective: attention + FFN input
     for i in range(m.n_layers):
         if mode == "full":
             blocks.append(tokens * d * act)
@@ -259,6 +261,7 @@ def memory_plan(cfg: Config, world: int | None = None, device: str | None = None
     else:
         owned, extra = [e.num_experts] * world, [0] * world
     blocks, head, logits_grad = _activation_bytes(cfg, tokens, slots, act)
+    whole = _activation_bytes(cfg, tokens, slots, act, "none")[0]  # what each block saves when not checkpointed
     kept, offloaded = _device_activations(cfg, blocks, tokens * m.d_model * act, dev)
     activations = kept + head
     host_data = _corpus_bytes(cfg) if dev == "cpu" else 0
@@ -291,7 +294,9 @@ def memory_plan(cfg: Config, world: int | None = None, device: str | None = None
         # weight gradients in its input buffer, so the first call's full-size grads wait for the second's
         overlap_grads = ((owned[r] + extra[r]) * per_expert * FP32
                          if cfg.parallel.a2a_overlap and strategy in ("ep", "fssdp") and world > 1 else 0)
-        bwd_transient = max(blocks) + logits_grad + overlap_grads
+        # backward replays a checkpointed block (or offloaded one with checkpoint_activations) whole: its saved
+        # tensors are alive during its backward, as an unchecked block's are
+        bwd_transient = max(whole) + logits_grad + overlap_grads
         accum_grads = grads if t.grad_accum > 1 else 0
         forward = p + opt + compute + accum_grads + gathered_dense + gathered_experts + activations
         # from the second micro-batch on, backward runs with the accumulated grads alive

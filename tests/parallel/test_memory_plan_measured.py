@@ -25,6 +25,12 @@ CASES = {
     "ep-2-accum": (2, ["parallel.strategy=ep", "train.grad_accum=2", "data.batch_size=8"]),
     # FSDP2 shards dp's replicated experts with the blocks and gathers a whole MoE block, experts included
     "dp-2": (2, ["parallel.strategy=dp", "data.batch_size=4"]),
+    # activation-heavy (4 blocks, 4096 tokens): backward replays a checkpointed block whole, and a replay must
+    # not leave its tensors behind (MoELayer kept the replay's route: +36% of a block per layer until the end)
+    "full-1": (1, ["parallel.strategy=none", "data.batch_size=64", "model.n_layers=4",
+                   "train.activation_checkpointing=full"]),
+    "selective-1": (1, ["parallel.strategy=none", "data.batch_size=64", "model.n_layers=4",
+                        "train.activation_checkpointing=selective"]),
 }
 
 
