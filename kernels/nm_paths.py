@@ -87,6 +87,11 @@ def triton_linear(x: torch.Tensor, w: NMWeight, bias: torch.Tensor | None, n: in
         c = w
     else:
         dense_w = w
+        # nonzeros per group [out, in/m]: compression would silently drop any beyond n
+        kept = (w.detach().reshape(*w.shape[:-1], -1, m) != 0).sum(-1) if w.shape[-1] % m == 0 else None
+        if kept is not None and bool((kept > n).any()):
+            raise ValueError(f"weight {tuple(w.shape)} is not {n}:{m} sparse (a group of {m} has up to "
+                             f"{int(kept.max())} nonzeros): mask it first (nm_mask) or pass an NMCompressed weight")
         c = compress_nm(w.detach(), n, m)
     y = _TritonNMLinear.apply(x.contiguous(), c.values, dense_w, c)
     return y + bias if bias is not None else y

@@ -79,8 +79,16 @@ def _meta(w: NMCompressed) -> dict:
     return {"N": w.n, "M": w.m, "BITS": w.bits, "PER": 8 // w.bits}
 
 
+def _interpreted_half(t: torch.Tensor) -> bool:
+    """A 16-bit float on the CPU interpreter (TRITON_INTERPRET=1), whose tl.dot on bf16/fp16 gives wrong sums."""
+    return not t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
+
+
 def nm_matmul_fwd(x: torch.Tensor, w: NMCompressed) -> torch.Tensor:
-    """x [B, in] @ W.T with W compressed [out, in] -> [B, out]."""
+    """x [B, in] @ W.T with W compressed [out, in] -> [B, out]. Under the interpreter a bf16/fp16 x runs in fp32
+    and the result is cast back (as on a GPU: 16-bit products summed in fp32, rounded once)."""
+    if _interpreted_half(x):
+        return nm_matmul_fwd(x.float(), w).to(x.dtype)
     out_f, in_f = w.shape
     vals, idx = w.values.contiguous(), w.indices.contiguous()
     y = torch.empty(x.shape[0], out_f, device=x.device, dtype=x.dtype)
@@ -93,7 +101,9 @@ def nm_matmul_fwd(x: torch.Tensor, w: NMCompressed) -> torch.Tensor:
 
 
 def nm_matmul_dgrad(dy: torch.Tensor, w: NMCompressed) -> torch.Tensor:
-    """dy [B, out] @ W with W compressed [out, in] -> [B, in]."""
+    """dy [B, out] @ W with W compressed [out, in] -> [B, in] (fp32 under the interpreter, as nm_matmul_fwd)."""
+    if _interpreted_half(dy):
+        return nm_matmul_dgrad(dy.float(), w).to(dy.dtype)
     out_f, in_f = w.shape
     vals, idx = w.values.contiguous(), w.indices.contiguous()
     dx = torch.empty(dy.shape[0], in_f, device=dy.device, dtype=dy.dtype)

@@ -10,6 +10,7 @@ Every failure is a one-line ConfigError / DataError naming the key.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 from sparsetrain.config import Config, ConfigError
@@ -64,6 +65,9 @@ def check_sparsity(cfg: Config) -> None:
         apply_sparsity(build_model(cfg, "meta"), cfg.sparsity)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    except (TypeError, RuntimeError, NotImplementedError) as e:  # one line, not a traceback from inside torch
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"sparsity: cannot sparsify this model ({type(e).__name__}: {first[:300]})") from None
 
 
 def check_data(cfg: Config) -> None:
@@ -90,6 +94,31 @@ def check_device(cfg: Config) -> None:
     if cfg.train.device == "cuda" and visible_gpus() == 0:
         raise ConfigError("train.device=cuda but this machine has no CUDA GPU; use train.device=cpu (or auto), "
                           "or launch.address=... to run on a GPU cluster")
+
+
+def check_sparsity_kernel(cfg: Config) -> None:
+    """sparsity.kernel=triton / cuda_2_4 can run on this machine's device (else every rank would start, then fail at
+    its first sparse GEMM)."""
+    s, dev = cfg.sparsity, cfg.train.device
+    if not s.enabled or s.kernel not in ("triton", "cuda_2_4"):
+        return
+    gpu = dev == "cuda" or (dev == "auto" and visible_gpus() > 0)
+    where = f"train.device={dev}" + (", no CUDA GPU on this machine" if dev == "auto" else "")
+    if s.kernel == "cuda_2_4":
+        if not gpu:
+            raise ConfigError(f"sparsity.kernel=cuda_2_4 needs train.device=cuda ({where}); use sparsity.kernel=auto "
+                              "or reference on CPU")
+        stages = [f"{n}:{m}" for n, m in [(s.n, s.m), *(map(int, x.split(":")) for x in s.structure_decay)]]
+        if any(st != "2:4" for st in stages):
+            raise ConfigError(f"sparsity.kernel=cuda_2_4 runs 2:4 only, got N:M stages {', '.join(stages)}; use "
+                              "sparsity.kernel=triton or auto")
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        raise ConfigError("sparsity.kernel=triton but triton is not installed (pip install 'sparsetrain[triton]')")
+    if not gpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"sparsity.kernel=triton needs a CUDA device or TRITON_INTERPRET=1 ({where})")
 
 
 def available_bytes(device: str) -> tuple[int, str] | None:
@@ -143,6 +172,7 @@ def preflight(cfg: Config, training: bool = True, data: bool = True) -> None:
     if cfg.launch.address:
         return  # data and memory live on the cluster's nodes; the ranks check them there
     check_device(cfg)
+    check_sparsity_kernel(cfg)
     check_memory(cfg, training)
     if data:
         check_data(cfg)

@@ -96,6 +96,7 @@ def test_non_utf8_config_and_set_value(tmp_path: Path) -> None:
     (["generate", "--temperature", "nan"], 2),
     (["train", "--set", "sparsity.enabled=true", "--set", "sparsity.modules=[mlp]"], 1),  # tiny: every FFN is MoE
     (["plan", "--set", "sparsity.enabled=true", "--set", "sparsity.modules=[mlp]"], 2),
+    (["train", "--set", "train.device=cpu", "--set", "sparsity.enabled=true", "--set", "sparsity.kernel=cuda_2_4"], 1),
 ])
 def test_cli_one_line_no_traceback(args: list[str], code: int) -> None:
     res = CliRunner().invoke(app, args)
@@ -120,3 +121,35 @@ def test_unquoted_nm_string_gets_a_quoting_hint() -> None:
     with pytest.raises(ConfigError, match=r"sparsity.structure_decay\[0\]: expected str, got int 428.*write '7:8'"):
         load_config("tiny", ["sparsity.structure_decay=[7:8,4:8]"])
     assert load_config("tiny", ["sparsity.structure_decay=['7:8','4:8']"]).sparsity.structure_decay == ["7:8", "4:8"]
+
+
+def test_sparse_kernel_the_device_cannot_run_is_refused_before_start(monkeypatch) -> None:
+    """sparsity.kernel=triton on CPU without the interpreter, or cuda_2_4 off CUDA: one line before any rank starts
+    (it used to fail ~100 lines deep in the first sparse GEMM)."""
+    from sparsetrain import preflight as pf
+
+    monkeypatch.setattr(pf, "visible_gpus", lambda: 0)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    sp = ["sparsity.enabled=true", "sparsity.modules=[experts,attn]"]
+    with pytest.raises(ConfigError, match=r"^sparsity.kernel=triton needs a CUDA device or TRITON_INTERPRET=1 "
+                                          r"\(train.device=cpu\)$"):
+        pf.check_sparsity_kernel(load_config("tiny", [*BASE, *sp, "sparsity.kernel=triton"]))
+    with pytest.raises(ConfigError, match="sparsity.kernel=triton needs a CUDA device .*no CUDA GPU on this machine"):
+        pf.check_sparsity_kernel(load_config("tiny", [*sp, "train.device=auto", "sparsity.kernel=triton"]))
+    with pytest.raises(ConfigError, match=r"sparsity.kernel=cuda_2_4 needs train.device=cuda \(train.device=cpu\)"):
+        pf.preflight(load_config("tiny", [*BASE, *sp, "sparsity.kernel=cuda_2_4"]), data=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pf.check_sparsity_kernel(load_config("tiny", [*BASE, *sp, "sparsity.kernel=triton"]))  # the interpreter runs it
+    monkeypatch.setattr(pf, "visible_gpus", lambda: 8)
+    with pytest.raises(ConfigError, match="sparsity.kernel=cuda_2_4 runs 2:4 only, got N:M stages 2:8"):
+        pf.check_sparsity_kernel(load_config("tiny", [*sp, "train.device=cuda", "sparsity.m=8",
+                                                      "sparsity.kernel=cuda_2_4"]))
+    pf.check_sparsity_kernel(load_config("tiny", [*sp, "train.device=cuda", "sparsity.kernel=cuda_2_4"]))
+
+
+def test_transposable_large_m_passes_the_sparsity_check() -> None:
+    """transposable masks with m > 4 on a meta-built model: no NotImplementedError from a data-dependent op."""
+    from sparsetrain.preflight import check_sparsity
+
+    check_sparsity(load_config("tiny", [*BASE, "sparsity.enabled=true", "sparsity.modules=[attn]",
+                                        "sparsity.transposable=true", "sparsity.m=8"]))

@@ -85,8 +85,12 @@ def transposable_nm_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Bool mask with exactly n kept per m along rows and columns of every m x m tile.
 
     m <= 4: the best of all valid tile patterns; larger m: greedy by |w|, then alternating-path repair.
+    A meta tensor (a model built on meta, before its weights exist) gets a meta mask of the same shape: the
+    repair reads values, and the real mask is computed from the materialized weight on its first use.
     """
     _check(w, n, m, dims=2)
+    if w.is_meta:
+        return torch.empty(w.shape, dtype=torch.bool, device=w.device)
     *lead, rows, cols = w.shape
     tiles = w.detach().abs().float().reshape(*lead, rows // m, m, cols // m, m)  # -> [..., R/m, m, C/m, m]
     tiles = tiles.movedim(-3, -2).reshape(-1, m, m)  # -> [T, m, m]

@@ -18,6 +18,8 @@ FilterFn = Callable[[nn.Module, str], bool]
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
 ATTN_NAMES = ("wq", "wk", "wv", "wo")
 MLP_NAMES = ("w1", "w2", "w3")
+# State-dict key prefix of the masks in use (checkpoints, when sparsity.refresh_every > 1).
+MASK_KEY = "nm_masks"
 # Module-name parts that always stay dense, whatever the filter says.
 NEVER_SPARSE = ("router", "gate", "tok_emb", "tok_embeddings", "embed", "embedding", "embeddings",
                 "lm_head", "output", "wte", "wpe")
@@ -157,9 +159,12 @@ class NMSparsifier:
     linears: dict[str, nn.Linear] = field(default_factory=dict)
     experts: dict[str, nn.Module] = field(default_factory=dict)
     compute: Any = None  # NMCompute when cfg.kernel != 'reference' (N:M kernels in forward/backward)
+    # mask entries of the last state_dict(): (target, tensor, its version then); a checkpoint load writes into them
+    slots: dict[str, tuple[tuple[str, ...], torch.Tensor, int]] = field(default_factory=dict)
 
     def step(self, global_step: int) -> None:
         """Advance decay schedules to `global_step` and refresh masks when due."""
+        self.slots = {}
         self.state.advance(global_step)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Any:
@@ -222,13 +227,76 @@ class NMSparsifier:
                 "beta": s.beta, "step": float(s.step)}
 
     def state_dict(self) -> dict[str, int]:
-        """Schedule position (masks are recomputed from the weights)."""
+        """Schedule position (the masks in use travel in the model's state dict: `mask_entries`)."""
         return {"step": self.state.step}
 
     def load_state_dict(self, sd: dict[str, int]) -> None:
-        """Restore the schedule position and force a mask refresh."""
-        self.state.advance(int(sd["step"]))
+        """Restore the schedule position; masks a checkpoint load just filled in are used until the next refresh
+        (as in the run that saved them), others are recomputed from the weights."""
+        step = int(sd["step"])
+        self.state.advance(step)
         self.state.generation += 1
+        slots, self.slots = self.slots, {}
+        if self.refresh_due(step):
+            return
+        for target, t, version in slots.values():
+            if t._version == version or t.is_meta or t.numel() == 0 or int(t.max()) > 1:
+                continue  # not in the checkpoint (older, or saved with refresh_every=1), or not in use when saved
+            self._adopt(target, t.bool())
+
+    def refresh_due(self, step: int) -> bool:
+        """Whether the masks of optimizer step `step` are recomputed from the weights (refresh or stage change)."""
+        if step % self.cfg.refresh_every == 0 or step == 0:
+            return True
+        return structure_stage(step, self.cfg)[1:] != structure_stage(step - 1, self.cfg)[1:]
+
+    def _adopt(self, target: tuple[str, ...], mask: torch.Tensor) -> None:
+        gen = self.state.generation
+        if target[0] == "linear":
+            p = self.linears[target[1]].parametrizations.weight[0]
+            p._mask, p._gen = mask, gen
+        else:
+            tr = self.experts[target[1]].weight_transform
+            tr.cache[(target[2], int(target[3]))] = (gen, mask)
+
+    @torch.no_grad()
+    def mask_entries(self) -> dict[str, torch.Tensor]:
+        """The masks in use as uint8 0/1, keyed `nm_masks.<module>` (Linear) and `nm_masks.<experts>.<id>.<w>`
+        (one per expert this module holds, like the weights' per-expert checkpoint keys). A mask not in use now
+        (a refresh is due, or none computed yet) is a placeholder of 255s. Every entry is kept in `slots` until the
+        next step; `load_state_dict` adopts those a checkpoint load wrote into (their version moved). Empty when
+        masks are recomputed every step (refresh_every=1: a pure function of the weights)."""
+        self.slots = {}
+        if self.cfg.refresh_every == 1:
+            return {}
+        gen = self.state.generation
+        out: dict[str, torch.Tensor] = {}
+
+        def entry(key: str, target: tuple[str, ...], cur: torch.Tensor | None, like: torch.Tensor,
+                  shape: tuple[int, ...]) -> None:
+            device = (like.to_local() if hasattr(like, "to_local") else like).device
+            if cur is not None and tuple(cur.shape) == shape and cur.device == device and not cur.is_meta:
+                out[key] = cur.to(torch.uint8)
+            else:
+                out[key] = torch.full(shape, 255, dtype=torch.uint8, device=device)
+            self.slots[key] = (target, out[key], out[key]._version)
+
+        for fqn, mod in self.linears.items():
+            p, w = mod.parametrizations.weight[0], mod.parametrizations.weight.original
+            cur = p._mask if p._gen == gen else None
+            entry(f"{MASK_KEY}.{fqn}", ("linear", fqn), cur, w, tuple(w.shape))
+        for fqn, mod in self.experts.items():
+            tr = mod.weight_transform
+            if not isinstance(tr, NMExpertTransform):
+                continue
+            for w in EXPERT_WEIGHTS:
+                stack = getattr(mod, w)
+                for gid in getattr(mod, "expert_ids", range(mod.num_experts)):
+                    hit = tr.cache.get((w, int(gid)))
+                    cur = hit[1] if hit is not None and hit[0] == gen else None
+                    entry(f"{MASK_KEY}.{fqn}.{int(gid)}.{w}", ("expert", fqn, w, str(int(gid))), cur, stack,
+                          tuple(stack.shape[1:]))
+        return out
 
 
 def sparsify_(model: nn.Module, cfg: NMConfig, filter_fn: FilterFn | None = None) -> nn.Module:
@@ -237,6 +305,7 @@ def sparsify_(model: nn.Module, cfg: NMConfig, filter_fn: FilterFn | None = None
     sp = getattr(model, "nm_sparsifier", None)
     if not isinstance(sp, NMSparsifier):
         sp = NMSparsifier(cfg, NMState(cfg))
+        model.register_state_dict_post_hook(_mask_state_hook)
         if cfg.kernel != "reference":
             from sparsetrain.sparsity.nm_compute import NMCompute
 
@@ -271,6 +340,13 @@ def sparsify_(model: nn.Module, cfg: NMConfig, filter_fn: FilterFn | None = None
     return model
 
 
+def _mask_state_hook(model: nn.Module, sd: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """state_dict post-hook: add the sparsifier's masks in use, so checkpoints save and restore them."""
+    sp = getattr(model, "nm_sparsifier", None)
+    if isinstance(sp, NMSparsifier):
+        sd.update({prefix + k: v for k, v in sp.mask_entries().items()})
+
+
 def apply_sparsity(model: nn.Module, sparsity: Any) -> NMSparsifier | None:
     """The run's N:M pass: `sparsify_` per the config's `sparsity` section when it is enabled (on a meta model
     too, before sharding: FSDP2 then shards the parametrized originals); its sparsifier, or None when off."""
@@ -292,7 +368,7 @@ def nm_sparsifier(model: nn.Module) -> NMSparsifier:
 def masked_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict with plain names and hard-masked (beta = 0) sparse weights: the dense masked export form."""
     sp = nm_sparsifier(model)
-    sd = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k}
+    sd = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k and MASK_KEY not in k}
     for name, w in sp.weights().items():
         sd[name] = (w * sp.state.mask(w)).detach().clone()
     return sd

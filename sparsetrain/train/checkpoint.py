@@ -178,10 +178,13 @@ def load_checkpoint(path: str | Location, model: nn.Module, optimizer: torch.opt
         resume_config_changes(extra, cfg_dict, path, hint="use the config it was trained with (in its "
                                                           f"{EXTRA})")
     reader = verified_reader(path, manifest)
-    reader.read_metadata()  # a refused .metadata raises CheckpointError here, before DCP logs its own fallback
-    state = flat_state(model, optimizer)
+    saved = reader.read_metadata().state_dict_metadata  # a refused .metadata raises CheckpointError here, before
+    state = flat_state(model, optimizer)  # DCP logs its own fallback
     if optimizer is None:
         state = {k: v for k, v in state.items() if not k.startswith("optim.")}
+    # N:M masks in use (sparsity.refresh_every > 1): a checkpoint without them (older, or saved with masks
+    # recomputed every step) loads as before; the masks are then recomputed from the weights
+    state = {k: v for k, v in state.items() if k in saved or ".nm_masks." not in f".{k}"}
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")

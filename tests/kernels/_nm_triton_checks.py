@@ -53,6 +53,26 @@ def main() -> None:
     c.values = vals
     nm_linear(x.detach(), c, path="triton").backward(g)
     out["autograd dvalues"] = err(vals.grad, w2.grad.gather(-1, c.columns()))
+    # bf16 / fp16 under the interpreter (its tl.dot on 16-bit floats is wrong): relative error vs fp32 matmul
+    for dt in (torch.bfloat16, torch.float16):
+        c16 = compress_nm(torch.randn(20, 48).to(dt), 3, 8)
+        w16 = c16.decompress().requires_grad_(True)
+        x16 = torch.randn(9, 48, dtype=dt, requires_grad=True)
+        y16 = nm_linear(x16, w16, n=3, m=8, path="triton")
+        g16 = torch.randn_like(y16)
+        y16.backward(g16)
+        ref = x16.detach().float() @ w16.detach().float().t()
+        dx_ref = g16.float() @ w16.detach().float()
+        name = str(dt).replace("torch.", "")
+        out[f"half {name} y"] = err(y16.float(), ref) / float(ref.abs().max())
+        out[f"half {name} dx"] = err(x16.grad.float(), dx_ref) / float(dx_ref.abs().max())
+        out[f"half {name} dtype"] = float(y16.dtype == dt and x16.grad.dtype == dt)
+    # a dense weight that is not N:M is refused, not silently pruned
+    try:
+        nm_linear(torch.randn(3, 8), torch.randn(4, 8), n=2, m=4, path="triton")
+        out["non-N:M refused"] = 0.0
+    except ValueError as e:
+        out["non-N:M refused"] = float("is not 2:4 sparse" in str(e))
     # grouped N:M via the triton path, with an empty expert
     counts = [3, 0, 6]
     wg = compress_nm(torch.randn(3, 16, 32), 2, 4)

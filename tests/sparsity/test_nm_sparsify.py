@@ -1,6 +1,7 @@
 """sparsify_ converter: selection by module kind, masks in forward, schedules, caching, stats, export."""
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -193,3 +194,39 @@ def test_config_from_sparsity_config_and_validation() -> None:
                   filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear))
     with pytest.raises(TypeError, match="no N:M sparsifier"):
         nm_sparsifier(nn.Linear(4, 4))
+
+
+def test_transposable_mask_of_a_meta_weight_is_a_meta_mask() -> None:
+    """m > 4 repairs tiles by reading values: a meta weight (model built on meta) gets a meta mask of its shape."""
+    from sparsetrain.sparsity.masks import transposable_nm_mask
+
+    for m in (4, 8):
+        mask = transposable_nm_mask(torch.empty(16, 32, device="meta"), 2, m)
+        assert mask.is_meta and mask.shape == (16, 32) and mask.dtype == torch.bool
+
+
+def test_transposable_m8_attn_trains_with_exact_transposable_masks(tmp_path) -> None:
+    """sparsity.transposable=true, m=8 on attn: the meta model sparsifies, training runs, and the masks in use
+    afterwards are exactly 2:8 along both dims of the materialized weights."""
+    from sparsetrain.sparsity.masks import transposable_nm_mask
+    from sparsetrain.train.trainer import Trainer
+    from tests.train.test_trainer import tiny_cfg
+
+    cfg = tiny_cfg(tmp_path, "sparsity.enabled=true", "sparsity.modules=[attn]", "sparsity.transposable=true",
+                   "sparsity.m=8", "sparsity.refresh_every=2", steps=3)
+    tr = Trainer(cfg)
+    tr.fit()
+    linears = nm_sparsifier(tr.model).linears
+    assert linears and all(math.isfinite(r["loss"]) for r in tr.history)
+    for mod in linears.values():
+        w = mod.parametrizations.weight.original
+        mask = mod.parametrizations.weight[0].current_mask(w)
+        assert not mask.is_meta and mask.shape == w.shape
+        rows, cols = w.shape
+        assert (mask.reshape(rows, cols // 8, 8).sum(-1) == 2).all()
+        assert (mask.t().reshape(cols, rows // 8, 8).sum(-1) == 2).all()
+        assert torch.equal(mod.weight != 0, mask)
+    tr.sparsifier.step(tr.sparsifier.state.step + 1)  # a refresh: the mask recomputed from the trained weights
+    for mod in linears.values():
+        w = mod.parametrizations.weight.original
+        assert torch.equal(mod.parametrizations.weight[0].current_mask(w), transposable_nm_mask(w, 2, 8))

@@ -242,3 +242,47 @@ def test_exact_resume_with_nm_schedules(tmp_path):
     with torch.no_grad():
         got = sum(float(model(*data.val_batch(i)).loss) for i in range(cfg.data.eval_batches))
     assert got / cfg.data.eval_batches == pytest.approx(logged, rel=1e-6)
+
+
+@pytest.mark.unit
+def test_resume_and_eval_use_the_masks_in_use_with_refresh_every(tmp_path):
+    """sparsity.refresh_every=4: masks are cached up to 3 steps; a checkpoint saves them, so a run resumed after
+    step 2 continues with the same masks (bit for bit) and `eval` on the last checkpoint gives the val loss training
+    logged (before the fix both recomputed masks from the checkpoint's weights)."""
+    sp = ["sparsity.enabled=true", "sparsity.modules=[experts,attn]", "sparsity.refresh_every=4", "train.lr=0.01",
+          "train.warmup_steps=0", "moe.num_experts=4", "train.eval_every=6", "checkpoint.every=3"]
+    full = _run(tiny_cfg(tmp_path / "full", *sp, steps=6))
+    cfg = tiny_cfg(tmp_path / "cut", *sp, "checkpoint.resume=true", steps=6)
+    _run(cfg, stop_after=3)  # checkpoint after step 2 (masks of step 0), then dies after step 3
+    assert any(k.startswith("model.nm_masks.") for k in _keys(tmp_path / "cut" / "checkpoints" / "step_00000002"))
+    second = _run(cfg)
+    assert second.start_step == 3
+    assert [r["loss"] for r in second.history] == [r["loss"] for r in full.history][3:]
+    from sparsetrain.cli import _single_process_model
+
+    model, _, extra = _single_process_model(cfg, str(tmp_path / "full" / "checkpoints" / "step_00000005"))
+    assert extra["step"] == 5  # masks of step 4 in use at the evaluation after step 5
+    logged = [r["val_loss"] for r in full.history if "val_loss" in r][-1]
+    data = Trainer(cfg).data
+    with torch.no_grad():
+        got = sum(float(model(*data.val_batch(i)).loss) for i in range(cfg.data.eval_batches))
+    assert got / cfg.data.eval_batches == pytest.approx(logged, rel=1e-6)
+
+
+@pytest.mark.unit
+def test_checkpoint_without_masks_still_loads(tmp_path):
+    """A checkpoint written without mask entries (before they were saved, or with refresh_every=1) loads into a
+    run with refresh_every > 1: its masks are recomputed from the weights."""
+    sp = ["sparsity.enabled=true", "sparsity.modules=[experts,attn]", "moe.num_experts=4", "checkpoint.every=3"]
+    _run(tiny_cfg(tmp_path, *sp, steps=3))
+    path = tmp_path / "checkpoints" / "step_00000002"
+    assert not any("nm_masks" in k for k in _keys(path))
+    from sparsetrain.cli import _single_process_model
+
+    cfg = tiny_cfg(tmp_path, *sp, "sparsity.refresh_every=4", steps=3)
+    model, _, _ = _single_process_model(cfg, str(path))
+    sp_ = nm_sparsifier(model)
+    assert not sp_.slots
+    x, y = Trainer(cfg).data.val_batch(0)
+    with torch.no_grad():
+        assert torch.isfinite(model(x, y).loss)
