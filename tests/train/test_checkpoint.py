@@ -233,15 +233,22 @@ def test_exact_resume_with_nm_schedules(tmp_path):
     second = _run(cfg)
     assert second.start_step == 3
     assert [r["loss"] for r in second.history] == [r["loss"] for r in full.history][3:]
+    model = _eval_matches_logged(cfg, tmp_path / "cut" / "checkpoints" / "step_00000005", full)
+    assert nm_sparsifier(model).state.step == 6
+
+
+def _eval_matches_logged(cfg, path, full) -> torch.nn.Module:
+    """`eval`'s model on checkpoint `path` (step 5) gives the last val loss `full` logged; the model."""
     from sparsetrain.cli import _single_process_model
 
-    model, _, extra = _single_process_model(cfg, str(tmp_path / "cut" / "checkpoints" / "step_00000005"))
-    assert extra["step"] == 5 and nm_sparsifier(model).state.step == 6
+    model, _, extra = _single_process_model(cfg, str(path))
+    assert extra["step"] == 5
     logged = [r["val_loss"] for r in full.history if "val_loss" in r][-1]
     data = Trainer(cfg).data
     with torch.no_grad():
         got = sum(float(model(*data.val_batch(i)).loss) for i in range(cfg.data.eval_batches))
     assert got / cfg.data.eval_batches == pytest.approx(logged, rel=1e-6)
+    return model
 
 
 @pytest.mark.unit
@@ -258,15 +265,7 @@ def test_resume_and_eval_use_the_masks_in_use_with_refresh_every(tmp_path):
     second = _run(cfg)
     assert second.start_step == 3
     assert [r["loss"] for r in second.history] == [r["loss"] for r in full.history][3:]
-    from sparsetrain.cli import _single_process_model
-
-    model, _, extra = _single_process_model(cfg, str(tmp_path / "full" / "checkpoints" / "step_00000005"))
-    assert extra["step"] == 5  # masks of step 4 in use at the evaluation after step 5
-    logged = [r["val_loss"] for r in full.history if "val_loss" in r][-1]
-    data = Trainer(cfg).data
-    with torch.no_grad():
-        got = sum(float(model(*data.val_batch(i)).loss) for i in range(cfg.data.eval_batches))
-    assert got / cfg.data.eval_batches == pytest.approx(logged, rel=1e-6)
+    _eval_matches_logged(cfg, tmp_path / "full" / "checkpoints" / "step_00000005", full)  # masks of step 4 in use
 
 
 @pytest.mark.unit
