@@ -207,6 +207,17 @@ def _activation_bytes(cfg: Config, tokens: int, slots: float, act: int, mode: st
     return blocks, int(head), tokens * v * FP32 * 2
 
 
+def _replay_bytes(cfg: Config, blocks: list[int], whole: list[int], block_input: int) -> int:
+    """The most a backward replay saves beyond what its block kept from the forward: checkpointed blocks (`whole`:
+    unchecked saved bytes, `blocks`: kept) and blocks offload recomputes (`offload.checkpoint_activations`)."""
+    o = cfg.offload
+    recomputed = o.enabled and o.checkpoint_activations
+    extra = [w - b for w, b in zip(whole, blocks)]
+    if recomputed and cfg.train.activation_checkpointing == "none":
+        extra = [w - block_input if i % o.every_k_layers == o.every_k_layers - 1 else 0 for i, w in enumerate(whole)]
+    return max(extra, default=0)
+
+
 def _device_activations(cfg: Config, blocks: list[int], block_input: int, device: str) -> tuple[int, int]:
     """(bytes kept on the device, bytes offloaded to host) for the saved activations of all blocks."""
     o = cfg.offload
@@ -261,7 +272,8 @@ def memory_plan(cfg: Config, world: int | None = None, device: str | None = None
     else:
         owned, extra = [e.num_experts] * world, [0] * world
     blocks, head, logits_grad = _activation_bytes(cfg, tokens, slots, act)
-    whole = _activation_bytes(cfg, tokens, slots, act, "none")[0]  # what each block saves when not checkpointed
+    replay = _replay_bytes(cfg, blocks, _activation_bytes(cfg, tokens, slots, act, "none")[0],
+                           tokens * m.d_model * act)
     kept, offloaded = _device_activations(cfg, blocks, tokens * m.d_model * act, dev)
     activations = kept + head
     host_data = _corpus_bytes(cfg) if dev == "cpu" else 0
@@ -294,9 +306,11 @@ def memory_plan(cfg: Config, world: int | None = None, device: str | None = None
         # weight gradients in its input buffer, so the first call's full-size grads wait for the second's
         overlap_grads = ((owned[r] + extra[r]) * per_expert * FP32
                          if cfg.parallel.a2a_overlap and strategy in ("ep", "fssdp") and world > 1 else 0)
-        # backward replays a checkpointed block (or offloaded one with checkpoint_activations) whole: its saved
-        # tensors are alive during its backward, as an unchecked block's are
-        bwd_transient = max(whole) + logits_grad + overlap_grads
+        # backward adds the logits' gradient and, for a checkpointed block (or an offloaded one with
+        # checkpoint_activations), what its replay saves beyond what the forward kept. An unchecked block's
+        # backward frees its saved tensors as it makes its gradients: a tensor-level count of the tiny model
+        # (4 blocks, 4,096 tokens) sees 16 MiB above the saved activations, the logits' gradient
+        bwd_transient = replay + logits_grad + overlap_grads
         accum_grads = grads if t.grad_accum > 1 else 0
         forward = p + opt + compute + accum_grads + gathered_dense + gathered_experts + activations
         # from the second micro-batch on, backward runs with the accumulated grads alive
