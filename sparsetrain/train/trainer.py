@@ -125,15 +125,8 @@ class Trainer:
         changed = ckpt.resume_config_changes(extra, to_dict(self.cfg), path)
         if changed:
             self._print(f"config changed since {path.name} (run control, allowed): {'; '.join(changed)}")
-        held = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.strategy.load_extra_state(extra.get("strategy", {}), self.model)  # FSSDP: ownership before weights
-        trainable = [p for _, p in self.strategy.trainable(self.model)]
-        if {id(p) for p in trainable} != {id(p) for p in held}:  # experts re-owned: an optimizer over them
-            self.optimizer = build_optimizer(self.strategy.trainable(self.model), self.cfg.train)
-        ckpt.load_checkpoint(path, self.model, self.optimizer, manifest)
         self.start_step = int(extra["step"]) + 1
-        if self.sparsifier is not None:  # N:M schedules follow the global step (masks refresh from the weights)
-            self.sparsifier.load_state_dict({"step": self.start_step})
+        self._restore(path, manifest, extra, self.start_step)
         if self.info.is_main:
             download_logs(self.cfg.train.out_dir)  # a URL out_dir resumed on a fresh node: its logs so far
             truncate_after(self.out_dir / "metrics.jsonl", int(extra["step"]))
@@ -375,6 +368,17 @@ class Trainer:
                 "offload_pool_peak_MB": st["pool_peak_bytes"] / 2**20,
                 "offload_pool_full_tensors": st["kept_pool_full_tensors"]}
 
+    def _restore(self, path: Location, manifest: Any, extra: dict[str, Any], next_step: int) -> None:
+        """Load checkpoint `path` into this run, which goes on with step `next_step` (resume and rollback alike)."""
+        held = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.strategy.load_extra_state(extra.get("strategy", {}), self.model)  # FSSDP: ownership before weights
+        trainable = [p for _, p in self.strategy.trainable(self.model)]
+        if {id(p) for p in trainable} != {id(p) for p in held}:  # experts re-owned: an optimizer over them
+            self.optimizer = build_optimizer(self.strategy.trainable(self.model), self.cfg.train)
+        ckpt.load_checkpoint(path, self.model, self.optimizer, manifest)
+        if self.sparsifier is not None:  # N:M schedules follow the global step (masks refresh from the weights)
+            self.sparsifier.load_state_dict({"step": next_step})
+
     def _rollback(self, step: int) -> None:
         """on_nan=rollback: reload the newest committed checkpoint (weights, optimizer, strategy state)."""
         self.flush_checkpoint()
@@ -384,8 +388,7 @@ class Trainer:
         if path is None:
             raise NonFiniteLossError(f"non-finite loss at step {step} with train.on_nan=rollback, but no committed "
                                      f"checkpoint in {self.ckpt_dir} to roll back to (set checkpoint.every)")
-        extra = ckpt.load_checkpoint(path, self.model, self.optimizer, manifest)
-        self.strategy.load_extra_state(extra.get("strategy", {}), self.model)
+        self._restore(path, manifest, ckpt.read_extra(path), step + 1)  # FSSDP owners first, as a resume
         self._print(f"rolled back to {path.name}; training goes on with the batch of step {step + 1}")
 
     def _logged_records(self) -> list[dict[str, Any]]:

@@ -161,3 +161,32 @@ def test_nan_fault_mode_skip_and_rollback_end_in_the_same_weights(tmp_path, monk
         assert torch.isfinite(p).all() and torch.equal(p, runs["rollback"][name]), name
     faults = [json.loads(ln) for ln in (tmp_path / "skip" / "faults.jsonl").read_text().splitlines()]
     assert faults[0]["mode"] == "nan" and faults[0]["step"] == 3
+
+
+
+@pytest.mark.distributed
+def test_rollback_under_fssdp_after_ownership_moved(tmp_path, monkeypatch) -> None:
+    """FSSDP re-shards expert ownership after step 2, then step 3's loss is NaN: the rollback to step 1's checkpoint
+    restores its owners before its weights and rebuilds the optimizer over them, as a resume does, and training
+    matches the single-process run with the same rollback (fp64: skewed routing has near-tied scores). Loading the
+    weights first left zeroed, frozen experts (the optimizer held the replaced parameters; the next save refused)."""
+    from tests.dist_utils import run_distributed
+    from tests.parity_utils import _parity_body, assert_same_training, run_reference, small_config
+
+    cfg = small_config("parallel.strategy=fssdp", "train.on_nan=rollback", "checkpoint.every=2", "moe.router_skew=1.5",
+                       "parallel.fssdp.reshard_every=3", "parallel.fssdp.cost_gate=false",
+                       "parallel.fssdp.planner=none", steps=6)
+    monkeypatch.setenv("SPARSETRAIN_FAULTS", "nan@3:0")  # the ranks inherit it
+    monkeypatch.delenv("SPARSETRAIN_ATTEMPT", raising=False)
+    got = run_distributed(_parity_body, 2, cfg, str(tmp_path / "fssdp"), True, timeout=300)[0]
+    assert got["reshards"] >= 1 and got["reshard_moves"] > 0, got["reshards"]
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        ref = run_reference(cfg, str(tmp_path / "none"))
+    finally:
+        torch.set_default_dtype(default)
+    assert len(got["losses"]) == len(ref["losses"]) == 6 and torch.isnan(torch.tensor(got["losses"][3]))
+    for r in (ref, got):
+        r["losses"] = r["losses"][:3] + r["losses"][4:]  # step 3's NaN: the step rolled back
+    assert_same_training(ref, got)
