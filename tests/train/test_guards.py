@@ -176,9 +176,11 @@ def test_rollback_under_fssdp_after_ownership_moved(tmp_path, monkeypatch) -> No
     cfg = small_config("parallel.strategy=fssdp", "train.on_nan=rollback", "checkpoint.every=2", "moe.router_skew=1.5",
                        "parallel.fssdp.reshard_every=3", "parallel.fssdp.cost_gate=false",
                        "parallel.fssdp.planner=none", steps=6)
-    monkeypatch.setenv("SPARSETRAIN_FAULTS", "nan@3:0")  # the ranks inherit it
-    monkeypatch.delenv("SPARSETRAIN_ATTEMPT", raising=False)
-    got = run_distributed(_parity_body, 2, cfg, str(tmp_path / "fssdp"), True, timeout=300)[0]
+    fault = {"SPARSETRAIN_FAULTS": "nan@3:0", "SPARSETRAIN_ATTEMPT": "0"}
+    # to the ranks only: a forkserver started now would hand this environment to every later test's ranks
+    got = run_distributed(_parity_body, 2, cfg, str(tmp_path / "fssdp"), True, env=fault, timeout=300)[0]
+    for k, v in fault.items():
+        monkeypatch.setenv(k, v)  # the single-process reference runs here
     assert got["reshards"] >= 1 and got["reshard_moves"] > 0, got["reshards"]
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
