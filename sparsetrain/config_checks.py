@@ -122,6 +122,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _one_of("sparsity.method", s.method, ("magnitude", "sr_ste"))
         _one_of("sparsity.kernel", s.kernel, ("auto", "reference", "triton", "cuda_2_4"))
     world = world_size or cfg.launch.workers
+    _check(not (s.enabled and s.refresh_every > 1 and "experts" in s.modules and p.strategy == "fssdp" and world > 1),
+           f"sparsity.refresh_every={s.refresh_every} with parallel.strategy=fssdp: a gathered copy computes its "
+           "expert's mask from later weights than the owner's cached one, so ranks would mask one expert "
+           "differently; use sparsity.refresh_every=1 (or strategy ep / dp)")
     validate_world(cfg, world)
 
 

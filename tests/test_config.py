@@ -280,3 +280,14 @@ def test_load_yaml_allows_merge_key_overrides_and_equal_keys_in_separate_mapping
         load_yaml("- {1: a}\n- {1: a, 1: b}\n", "t.yaml")
     with pytest.raises(yaml.YAMLError):
         load_yaml("a: [1, 2\n", "t.yaml")
+
+
+def test_fssdp_refuses_cached_expert_masks_on_several_ranks() -> None:
+    """A gathered copy would mask its expert from later weights than the owner's cached mask: refused in one line
+    naming both keys; one rank, EP, or masks of attention alone stay allowed."""
+    base = ["sparsity.enabled=true", "sparsity.refresh_every=4"]
+    with pytest.raises(ConfigError, match=r"sparsity.refresh_every=4 with parallel.strategy=fssdp"):
+        load_config("tiny", [*base, "parallel.strategy=fssdp", "launch.workers=2"])
+    for ok in (["parallel.strategy=fssdp", "launch.workers=1"], ["parallel.strategy=ep", "launch.workers=2"],
+               ["parallel.strategy=fssdp", "launch.workers=2", "sparsity.modules=[attn]"]):
+        assert load_config("tiny", [*base, *ok]).sparsity.refresh_every == 4
