@@ -108,7 +108,9 @@ def check_sparsity_kernel(cfg: Config) -> None:
         if not gpu:
             raise ConfigError(f"sparsity.kernel=cuda_2_4 needs train.device=cuda ({where}); use sparsity.kernel=auto "
                               "or reference on CPU")
-        stages = [f"{n}:{m}" for n, m in [(s.n, s.m), *(map(int, x.split(":")) for x in s.structure_decay)]]
+        from sparsetrain.sparsity.config import NMConfig
+
+        stages = [f"{n}:{m}" for n, m in NMConfig.from_config(s).stages()]
         if any(st != "2:4" for st in stages):
             raise ConfigError(f"sparsity.kernel=cuda_2_4 runs 2:4 only, got N:M stages {', '.join(stages)}; use "
                               "sparsity.kernel=triton or auto")

@@ -58,6 +58,11 @@ def swiglu_experts_with(linear: GroupedLinear, x: torch.Tensor, counts: list[int
     return linear(h, ws["w2"], counts, sources["w2"])  # [N, d]
 
 
+def expert_ids_of(mod: nn.Module) -> list[int]:
+    """Global ids of the experts a GroupedExperts holds, in stack order (EP/FSSDP set `expert_ids`; else all)."""
+    return list(getattr(mod, "expert_ids", range(mod.num_experts)))
+
+
 class GroupedExperts(nn.Module):
     """E experts as stacked weights w1/w3 [E, d_ffn, d] and w2 [E, d, d_ffn]."""
 

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from sparsetrain.model.experts import GroupedExperts
+from sparsetrain.model.experts import GroupedExperts, expert_ids_of
 
 __all__ = ["init_weights_", "materialize_", "param_init_std", "row_seed"]
 
@@ -77,7 +77,7 @@ def init_weights_(model: nn.Module, seed: int, std: float, n_layers: int) -> Non
         sd = param_init_std(logical, std, n_layers)
         if name in stacked or logical in stacked:  # [E_here, out, in]: one generator per global expert id
             mod = stacked.get(name) or stacked[logical]
-            ids = list(getattr(mod, "expert_ids", range(mod.num_experts)))  # the experts this module holds
+            ids = expert_ids_of(mod)  # the experts this module holds
             off = _global_row_offset(p)  # dp under FSDP2 shards the stack on dim 0: this rank's rows start here
             _fill_rows(local, seed, logical, ids[off:off + local.shape[0]], sd)
         else:  # [rows_here, in]: one generator per global row

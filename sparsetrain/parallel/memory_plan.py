@@ -207,6 +207,12 @@ def _activation_bytes(cfg: Config, tokens: int, slots: float, act: int, mode: st
     return blocks, int(head), tokens * v * FP32 * 2
 
 
+def _offload_selected(cfg: Config, i: int) -> bool:
+    """Whether offload takes block i (as OffloadController.selected)."""
+    k = cfg.offload.every_k_layers
+    return i % k == k - 1
+
+
 def _replay_bytes(cfg: Config, blocks: list[int], whole: list[int], block_input: int) -> int:
     """The most a backward replay saves beyond what its block kept from the forward: checkpointed blocks (`whole`:
     unchecked saved bytes, `blocks`: kept) and blocks offload recomputes (`offload.checkpoint_activations`)."""
@@ -214,7 +220,7 @@ def _replay_bytes(cfg: Config, blocks: list[int], whole: list[int], block_input:
     recomputed = o.enabled and o.checkpoint_activations
     extra = [w - b for w, b in zip(whole, blocks)]
     if recomputed and cfg.train.activation_checkpointing == "none":
-        extra = [w - block_input if i % o.every_k_layers == o.every_k_layers - 1 else 0 for i, w in enumerate(whole)]
+        extra = [w - block_input if _offload_selected(cfg, i) else 0 for i, w in enumerate(whole)]
     return max(extra, default=0)
 
 
@@ -225,7 +231,7 @@ def _device_activations(cfg: Config, blocks: list[int], block_input: int, device
         return sum(blocks), 0
     kept = off = 0
     for i, b in enumerate(blocks):
-        selected = i % o.every_k_layers == o.every_k_layers - 1  # as OffloadController.selected
+        selected = _offload_selected(cfg, i)
         if selected and o.checkpoint_activations:
             b = block_input  # only the block input is saved; the block is recomputed in backward
         if selected and device == "cuda":

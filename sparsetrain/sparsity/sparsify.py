@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from sparsetrain.model.experts import expert_ids_of
 from sparsetrain.sparsity.config import NMConfig
 from sparsetrain.sparsity.masks import kept_fraction, nm_mask, select_mask, transposable_nm_mask
 from sparsetrain.sparsity.schedule import beta_at, structure_stage
@@ -291,7 +292,7 @@ class NMSparsifier:
                 continue
             for w in EXPERT_WEIGHTS:
                 stack = getattr(mod, w)
-                for gid in getattr(mod, "expert_ids", range(mod.num_experts)):
+                for gid in expert_ids_of(mod):
                     hit = tr.cache.get((w, int(gid)))
                     cur = hit[1] if hit is not None and hit[0] == gen else None
                     entry(f"{MASK_KEY}.{fqn}.{int(gid)}.{w}", ("expert", fqn, w, str(int(gid))), cur, stack,

@@ -10,16 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts
+from sparsetrain.model.experts import EXPERT_WEIGHTS, GroupedExperts, expert_ids_of
 from sparsetrain.parallel.dense import reshard_fsdp
 from sparsetrain.parallel.optim_state import OPT_KEYS, ensure_optimizer_state, step_device
 
 __all__ = ["OPT_KEYS", "ensure_optimizer_state", "expert_ids_of", "expert_rows", "flat_state", "full_model_state",
            "set_optimizer_step"]
-
-
-def expert_ids_of(mod: GroupedExperts) -> list[int]:
-    return list(getattr(mod, "expert_ids", range(mod.num_experts)))
 
 
 def expert_rows(mod: GroupedExperts, stacked: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
