@@ -112,16 +112,15 @@ def show_config(config: str = ConfigOpt, overrides: list[str] | None = SetOpt) -
 
 
 def _single_process_model(cfg: Config, checkpoint: str | None):
-    """A strategy-free model with weights from a checkpoint (any world size / strategy), and its extra state."""
+    """A strategy-free model with weights from a checkpoint (any world size / strategy), and its extra state.
+
+    The N:M schedule keys that decide what the trained model computes (`fingerprint.EVAL_FROM_CHECKPOINT`)
+    come from the checkpoint's config, so the masks the run trained with are the ones evaluated."""
     from sparsetrain.model.gpt import build_model
     from sparsetrain.train import checkpoint as ckpt
+    from sparsetrain.train.fingerprint import eval_overrides
     from sparsetrain.train.location import as_location
 
-    model = build_model(cfg)
-    if cfg.sparsity.enabled:  # the N:M masks the run trained with (its weights are parametrized originals)
-        from sparsetrain.sparsity import apply_sparsity
-
-        apply_sparsity(model, cfg.sparsity)
     run_root = ckpt.checkpoint_root(cfg.train.out_dir, cfg.checkpoint.dir)
     root = as_location(checkpoint) if checkpoint else run_root
     if checkpoint and not ckpt.is_checkpoint_dir(root) and "/" not in checkpoint and "://" not in checkpoint:
@@ -135,6 +134,19 @@ def _single_process_model(cfg: Config, checkpoint: str | None):
             typer.echo(ckpt.fallback_line(root, path, refused, reading=True), err=True)
         if path is None:
             _fail(f"no committed checkpoint under {root}")
+    if manifest is None:
+        manifest = ckpt.verify_checkpoint(path, required=(ckpt.EXTRA,))  # before its JSON is read
+    saved = ckpt.read_extra(path)
+    if cfg.sparsity.enabled and isinstance(saved, dict) and isinstance(saved.get("config"), dict):
+        for key, value in eval_overrides(saved["config"], to_dict(cfg)).items():
+            typer.echo(f"note: {key}={value} from checkpoint {path.name} (the config says "
+                       f"{getattr(cfg.sparsity, key.split('.')[1])}): evaluating the model as trained", err=True)
+            setattr(cfg.sparsity, key.split(".")[1], value)
+    model = build_model(cfg)
+    if cfg.sparsity.enabled:  # the N:M masks the run trained with (its weights are parametrized originals)
+        from sparsetrain.sparsity import apply_sparsity
+
+        apply_sparsity(model, cfg.sparsity)
     extra = ckpt.load_checkpoint(path, model, None, manifest, cfg_dict=to_dict(cfg))
     if cfg.sparsity.enabled:  # schedules (structure / mask decay) where training left them after that step
         from sparsetrain.sparsity import nm_sparsifier

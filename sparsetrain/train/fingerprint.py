@@ -19,6 +19,10 @@ MODEL_DEFINING = (
     "sparsity.structure_decay", "sparsity.structure_decay_every",
 )
 
+# what a trained model computes beyond its model-defining keys: the N:M masks in use (cached between refreshes)
+# and the pruned weights' decay scale. `eval` and `generate` take them from the checkpoint's config
+EVAL_FROM_CHECKPOINT = ("sparsity.refresh_every", "sparsity.mask_decay_steps")
+
 NOT_COMPARED = ("train.out_dir", "checkpoint.dir", "checkpoint.resume")  # where a run resumes from, not what it does
 
 
@@ -40,6 +44,12 @@ def fingerprint(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     keys = {k: flat[k] for k in MODEL_DEFINING if k in flat}
     digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
     return {"sha256": digest, "keys": keys}
+
+
+def eval_overrides(saved_cfg: dict[str, Any], cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """{key: the checkpoint's value} for each EVAL_FROM_CHECKPOINT key whose value differs in `cfg_dict`."""
+    old, new = flatten(saved_cfg), flatten(cfg_dict)
+    return {k: old[k] for k in EVAL_FROM_CHECKPOINT if k in old and k in new and old[k] != new[k]}
 
 
 def _show(v: Any) -> str:

@@ -266,6 +266,10 @@ def test_resume_and_eval_use_the_masks_in_use_with_refresh_every(tmp_path):
     assert second.start_step == 3
     assert [r["loss"] for r in second.history] == [r["loss"] for r in full.history][3:]
     _eval_matches_logged(cfg, tmp_path / "full" / "checkpoints" / "step_00000005", full)  # masks of step 4 in use
+    # `eval` with a config that recomputes masks every step still evaluates the masks the run trained with
+    other = tiny_cfg(tmp_path / "cut", *sp, "sparsity.refresh_every=1", steps=6)
+    model = _eval_matches_logged(other, tmp_path / "full" / "checkpoints" / "step_00000005", full)
+    assert nm_sparsifier(model).cfg.refresh_every == 4
 
 
 @pytest.mark.unit
