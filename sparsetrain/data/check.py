@@ -17,7 +17,8 @@ def check_data(cfg: Config) -> dict[str, Any]:
     b = TokenBatches(cfg)
     _check_resume(cfg, b)
     meta = b.shards.meta
-    return {"corpus": cfg.data.corpus, "tokenizer": b.tokenizer.record(), "model_vocab_size": cfg.model.vocab_size,
+    ids = _scan_ids(cfg, b)
+    return {"max_token_id": ids[0], "ids_checked": ids[1], "corpus": cfg.data.corpus, "tokenizer": b.tokenizer.record(), "model_vocab_size": cfg.model.vocab_size,
             "dtype": meta.get("dtype", str(b.train_split.parts[0].dtype)), "sampling": cfg.data.sampling,
             "val_split": b.val_source, "train_tokens": b.train_split.tokens, "val_tokens": b.val_split.tokens,
             "train_shards": len(b.train_split.parts), "val_shards": len(b.val_split.parts),
@@ -42,3 +43,29 @@ def _check_resume(cfg: Config, b: TokenBatches) -> None:
         if isinstance(extra, dict):
             check_resume_tokenizer(extra.get("tokenizer"), b.tokenizer, str(path))
         return
+
+
+SCAN_TOKENS = 1 << 24  # tokens per read of the full scan (32-64 MiB): memory stays bounded on huge shards
+
+
+def _scan_ids(cfg: Config, b: TokenBatches) -> tuple[int, str]:
+    """(largest token id, how it was found): the maxima `data prepare` recorded, else a read of every token of
+    every part (train only reads a prefix of such corpora before starting); DataError naming the part and the
+    first offset of an id >= model.vocab_size."""
+    from sparsetrain.data.errors import DataError
+
+    recorded = [e for split in ("train", "val") for e in b.shards.meta.get("shards", {}).get(split, [])]
+    if recorded and all("max_id" in e for e in recorded):
+        return max(int(e["max_id"]) for e in recorded), "recorded by data prepare"
+    vocab, top = cfg.model.vocab_size, -1
+    for split in (b.train_split, b.val_split):
+        for i, part in enumerate(split.parts):
+            for start in range(0, len(part), SCAN_TOKENS):
+                chunk = part[start:start + SCAN_TOKENS]
+                vmax = int(chunk.max()) if len(chunk) else -1
+                if vmax >= vocab:
+                    at = start + int((chunk >= vocab).argmax())
+                    raise DataError(f"{split.name} part {i} of data.corpus={cfg.data.corpus!r} has token id "
+                                    f"{int(part[at])} >= model.vocab_size={vocab} at token {at}")
+                top = max(top, vmax)
+    return top, "full scan"

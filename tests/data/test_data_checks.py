@@ -90,6 +90,33 @@ def test_token_over_vocab_in_unrecorded_corpus_refused_before_spawn(tmp_path, mo
     assert r.exit_code == 1 and "token id 999 >= model.vocab_size=256" in r.output
 
 
+def test_data_info_scans_every_token_of_an_unrecorded_corpus(tmp_path, monkeypatch):
+    """A nanoGPT .bin dir has no recorded maxima: train checks a prefix, `data info` reads every token (in bounded
+    chunks) and names the part and offset of an id >= model.vocab_size; the recorded maxima are used as they are."""
+    from sparsetrain.data import check
+
+    d = tmp_path / "nano"
+    d.mkdir()
+    arr = np.full(5000, 7, dtype=np.uint16)
+    arr.tofile(d / "val.bin")
+    arr = np.full((1 << 20) + 5000, 7, dtype=np.uint16)
+    bad = (1 << 20) + 4321  # past the prefix train checks: only a full scan finds it
+    arr[bad] = 300
+    arr.tofile(d / "train.bin")
+    monkeypatch.setattr(check, "SCAN_TOKENS", 1 << 18)  # several reads
+    with pytest.raises(DataError, match=f"train part 0 .* token id 300 >= model.vocab_size=256 at token {bad}"):
+        check_data(data_cfg(f"data.corpus={d}"))
+    arr[bad] = 255
+    arr.tofile(d / "train.bin")
+    info = check_data(data_cfg(f"data.corpus={d}"))
+    assert info["max_token_id"] == 255 and info["ids_checked"] == "full scan"
+
+
+def test_data_info_uses_recorded_maxima(bpe_corpus, bpe_json):
+    info = check_data(_cfg(bpe_corpus, bpe_json, 384))
+    assert info["ids_checked"] == "recorded by data prepare" and 0 < info["max_token_id"] < 320
+
+
 def test_checkpoint_records_tokenizer_and_generate_decodes_with_it(bpe_corpus, bpe_json, tmp_path):
     """Train on a BPE corpus, remove the tokenizer file: generate still decodes with the run's tokenizer."""
     import json
