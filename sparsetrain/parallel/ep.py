@@ -119,6 +119,9 @@ class ExpertParallel(Strategy):
     def finish_own_grads(self, model: GPT) -> None:
         from sparsetrain.parallel.dense import all_reduce_grads
 
+        for p in self._expert_list:
+            if p.grad is None:  # none of this rank's experts got a token: zero, as in one process (AdamW steps them;
+                p.grad = torch.zeros_like(p)  # the replica all-reduce packs the same tensors on every replica)
         all_reduce_grads(self._expert_list, self.info.world, group=self.replica_group)
 
     def step_metrics(self, comm: dict[str, int], per_rank: dict[str, torch.Tensor]) -> dict[str, float]:
