@@ -152,6 +152,7 @@ def _single_process_model(cfg: Config, checkpoint: str | None):
         from sparsetrain.sparsity import nm_sparsifier
 
         nm_sparsifier(model).load_state_dict({"step": int(extra["step"]) + 1})
+    model.set_routing_step(int(extra["step"]))  # routing workloads: the targets the run evaluated with
     model.eval()
     return model, path, extra
 
@@ -163,15 +164,12 @@ def evaluate(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
     cfg = _load(config, (overrides or []) + SINGLE)
     _preflight(cfg, training=False)
     try:
-        import torch
-
         from sparsetrain.data import TokenBatches
+        from sparsetrain.train.offline_eval import run_slices, val_loss
 
-        model, path, _ = _single_process_model(cfg, checkpoint)
-        data = TokenBatches(cfg)
-        with torch.no_grad():
-            losses = [float(model(*data.val_batch(i)).loss) for i in range(cfg.data.eval_batches)]
-        typer.echo(json.dumps({"checkpoint": str(path), "val_loss": sum(losses) / len(losses)}))
+        model, path, extra = _single_process_model(cfg, checkpoint)
+        loss = val_loss(model, TokenBatches(cfg), cfg.data.eval_batches, run_slices(cfg, extra))
+        typer.echo(json.dumps({"checkpoint": str(path), "val_loss": loss}))
     except _known_errors() as e:
         _fail(str(e), 1)
 
