@@ -228,6 +228,7 @@ _REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # a checkout
 CONFIG_DIR = _REPO_CONFIGS if _REPO_CONFIGS.is_dir() else Path(__file__).resolve().parent / "configs"  # a wheel
 
 
+INT64_MAX = 2**63 - 1
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -254,6 +255,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                           "N:M such as 7:8 as a base-60 number (write '7:8')")
     if not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r} ({source})")
+    if tp is int and not -INT64_MAX <= value <= INT64_MAX:  # counters meet torch tensors and other runtimes
+        raise ConfigError(f"{key}: {value} does not fit in 64 bits ({source})")
     return value
 
 

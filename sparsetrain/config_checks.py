@@ -62,6 +62,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _check(n == e.num_experts, f"moe.routing_trace {e.routing_trace} has {n} experts, "
                                    f"moe.num_experts={e.num_experts}")
     _check(t.steps > 0, f"train.steps must be > 0, got {t.steps}")
+    _check(bool(t.out_dir.strip()), "train.out_dir is empty: set it to the run's output directory (an empty one "
+                                    "would write checkpoints and logs into the current directory)")
     _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _check(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
     _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")

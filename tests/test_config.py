@@ -291,3 +291,14 @@ def test_fssdp_refuses_cached_expert_masks_on_several_ranks() -> None:
     for ok in (["parallel.strategy=fssdp", "launch.workers=1"], ["parallel.strategy=ep", "launch.workers=2"],
                ["parallel.strategy=fssdp", "launch.workers=2", "sparsity.modules=[attn]"]):
         assert load_config("tiny", [*base, *ok]).sparsity.refresh_every == 4
+
+
+def test_counters_fit_in_64_bits_and_out_dir_is_not_empty():
+    """A 23-digit train.steps was accepted and a run started that could never end; an empty train.out_dir trained
+    into the current directory."""
+    with pytest.raises(ConfigError, match="train.steps: 99999999999999999999999 does not fit in 64 bits"):
+        load_config("tiny", ["train.steps=99999999999999999999999"])
+    with pytest.raises(ConfigError, match="train.out_dir is empty"):
+        load_config("tiny", ['train.out_dir=""'])
+    with pytest.raises(ConfigError, match="train.out_dir is empty"):
+        load_config("tiny", ['train.out_dir="  "'])

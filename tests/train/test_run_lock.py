@@ -65,10 +65,86 @@ def test_stale_lock_taken_over_with_a_line(tmp_path, case):
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temp files left behind
 
 
-def test_other_host_never_taken_over(tmp_path):
-    (tmp_path / LOCK_NAME).write_text(json.dumps(_holder(999999, host="elsewhere")))
-    with pytest.raises(RunLockError, match="pid 999999 on elsewhere"), run_lock(tmp_path):
+@pytest.fixture
+def short_lease(monkeypatch):
+    from sparsetrain.train import run_lock as rl
+
+    monkeypatch.setattr(rl, "LEASE_RENEW_S", 0.1)
+    monkeypatch.setattr(rl, "LEASE_S", 1.0)
+    return rl
+
+
+def test_another_hosts_lock_is_a_lease(tmp_path, short_lease):
+    """Another host's pid cannot be checked: a lock it renews is refused (after one renewal), one it stopped
+    renewing for LEASE_S is taken over with a line (a lost head pod whose job is resubmitted elsewhere)."""
+    import threading
+
+    lock = tmp_path / LOCK_NAME
+    lock.write_text(json.dumps(_holder(999999, host="elsewhere")))
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(0.1):
+            os.utime(lock)
+
+    renewer = threading.Thread(target=renew, daemon=True)
+    renewer.start()
+    lines: list[str] = []
+    try:
+        with pytest.raises(RunLockError, match="pid 999999 on elsewhere"), run_lock(tmp_path, log=lines.append):
+            pass
+    finally:
+        stop.set()
+        renewer.join()
+    assert len(lines) == 1 and "waiting up to 1 s" in lines[0] and lock.exists()
+    past = time.time() - 5
+    os.utime(lock, (past, past))
+    lines.clear()
+    with run_lock(tmp_path, log=lines.append):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert len(lines) == 1 and "taking over the stale lock" in lines[0] and "not renewed for 5 s" in lines[0]
+
+
+def test_the_holder_renews_its_lease(tmp_path, short_lease):
+    lock = tmp_path / LOCK_NAME
+    with run_lock(tmp_path):
+        past = time.time() - 50
+        os.utime(lock, (past, past))
+        time.sleep(0.5)
+        assert time.time() - lock.stat().st_mtime < 5
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize("content", ["", "{garbage", "[1, 2]", '{"host": "HOST", "pid": "abc"}'])
+def test_an_unreadable_stale_lock_is_taken_over(tmp_path, content):
+    """An empty lock (a host crash before the file reached disk), garbage, or a pid that is not a number: once
+    older than a minute it is taken over, not refused as contended forever."""
+    lock = tmp_path / LOCK_NAME
+    lock.write_text(content.replace("HOST", socket.gethostname()))
+    past = time.time() - 120
+    os.utime(lock, (past, past))
+    lines: list[str] = []
+    with run_lock(tmp_path, log=lines.append):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert len(lines) == 1 and "taking over the stale lock" in lines[0]
+
+
+def test_lock_write_failure_and_symlink_loop_are_one_line(tmp_path, monkeypatch):
+    from sparsetrain.train import run_lock as rl
+
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(RunLockError, match="cannot be used"), run_lock(loop / "out"):
         pass
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rl.os, "fsync", full)
+    with pytest.raises(RunLockError, match=r"cannot create the run lock .*No space left on device"), \
+            run_lock(tmp_path / "ok"):
+        pass
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == []  # no temp file left behind
 
 
 def test_nested_and_released_on_error(tmp_path):
