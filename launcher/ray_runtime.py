@@ -69,6 +69,28 @@ class RankWorker:
     def __init__(self) -> None:
         self._capture = OutputCapture()
         self._listener: socket.socket | None = None
+        self._running = self._term_seen = False
+        self._term_prev: Any = None
+        if threading.current_thread() is threading.main_thread():  # Ray runs an actor's __init__ there
+            self._term_prev = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        """SIGTERM to this worker (a preempted node's processes, `kill`): while a run trains, the same graceful
+        stop as a SIGTERM to the launcher (every rank checkpoints at the end of the step and returns); a second
+        one, or one while idle, goes to Ray's own handler (exit)."""
+        if self._running and not self._term_seen:
+            self._term_seen = True
+            from sparsetrain.train.guards import request_stop
+
+            print("SIGTERM: checkpointing at the end of this step and stopping (a second SIGTERM exits now)",
+                  file=sys.stderr, flush=True)
+            request_stop()
+            return
+        prev = self._term_prev
+        if callable(prev):
+            prev(signum, frame)
+        else:
+            raise SystemExit(128 + signum)
 
     def info(self) -> dict:
         """Where Ray placed this worker."""
@@ -96,6 +118,7 @@ class RankWorker:
         """Set the rank env, call the entry; return {'ok', 'result' | 'error', 'time'}. Console output is
         captured for the driver and, with log_dir, appended to its rank<R>.out/.err."""
         os.environ.update(env)
+        self._running = True
         if self._listener is not None:
             os.environ[LISTEN_FD_ENV] = str(self._listener.detach())
             self._listener = None
@@ -113,6 +136,7 @@ class RankWorker:
             traceback.print_exc()
             return {"ok": False, "error": traceback.format_exc(), "time": time.time()}
         finally:
+            self._running = False
             self._capture.stop()
 
     def drain(self) -> tuple[bytes, bytes]:

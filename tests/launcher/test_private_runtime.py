@@ -102,8 +102,10 @@ def test_local_run_listens_on_loopback_only_and_sigkill_leaves_nothing() -> None
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_sigterm_to_ray_launcher_checkpoints_and_exits_zero(tmp_path) -> None:
-    """Preemption of a 2-rank Ray run: SIGTERM to the launcher -> ranks agree, checkpoint, exit 0."""
+@pytest.mark.parametrize("target", ["launcher", "worker"])
+def test_sigterm_to_ray_launcher_checkpoints_and_exits_zero(tmp_path, target: str) -> None:
+    """Preemption of a 2-rank Ray run: SIGTERM to the launcher, or to rank 1's worker process (a preempted node's
+    processes; its Ray actor runs the training off the main thread) -> ranks agree, checkpoint, exit 0."""
     tmp = f"/tmp/st-pr-{uuid.uuid4().hex[:8]}"
     out_dir = tmp_path / "run"
     args = [sys.executable, "-m", "sparsetrain.cli", "train", "--config", "tiny"]
@@ -117,11 +119,15 @@ def test_sigterm_to_ray_launcher_checkpoints_and_exits_zero(tmp_path) -> None:
     try:
         seen = _wait_for(proc, "(rank 0) step     2")
         tree = descendants(proc.pid)
-        proc.send_signal(signal.SIGTERM)
+        if target == "launcher":
+            proc.send_signal(signal.SIGTERM)
+        else:  # .heartbeat/rank1: "step time phase pid host"
+            os.kill(int((out_dir / ".heartbeat" / "rank1").read_text().split()[3]), signal.SIGTERM)
         rest, _ = proc.communicate(timeout=240)
         text = "".join(seen) + rest
         assert proc.returncode == 0, text[-3000:]
-        assert "SIGTERM: asking 2 worker(s) to checkpoint and stop" in text
+        assert ("SIGTERM: asking 2 worker(s) to checkpoint and stop" if target == "launcher" else
+                "(rank 1) SIGTERM: checkpointing at the end of this step and stopping") in text
         assert "(rank 0) stop requested (SIGTERM)" in text and "Traceback" not in text
         assert list((out_dir / "checkpoints").glob("step_*")), "no checkpoint written on SIGTERM"
     finally:
