@@ -42,6 +42,13 @@ def normalize_address(address: str) -> str:
     if not address.startswith(("http://", "https://")):
         raise LaunchError(f"job address must be the Ray dashboard's http(s)://host:port (e.g. {DEFAULT_ADDRESS}), "
                           f"got {address!r}")
+    try:
+        url = urlparse(address)
+        url.port  # noqa: B018 - parses the port: raises ValueError when it is not a number in range
+    except ValueError as e:
+        raise LaunchError(f"job address {address!r} is not a valid URL ({e}); expected http(s)://host:port") from None
+    if not url.hostname:
+        raise LaunchError(f"job address {address!r} names no host; expected http(s)://host:port")
     return address
 
 

@@ -73,11 +73,27 @@ class LocalRay:
 START_ATTEMPTS = 3  # Ray gives its raylet a fixed 30 s to register; a busy machine can miss that
 
 
+def private_dir(path: str) -> str:
+    """Create `path` (mode 0700) or check an existing one: ours, not a symlink, closed to other users (it holds the
+    runtime's sockets and session files; loopback ports are reachable by every local user, the sockets then not)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if os.path.islink(path) or st.st_uid != os.getuid():
+        raise LaunchError(f"Ray temp dir {path} is a symlink or belongs to another user (uid {st.st_uid}); remove it "
+                          "or set SPARSETRAIN_RAY_TMPDIR to a directory of your own")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
 def start_local_ray(num_cpus: int, temp_dir: str) -> LocalRay:
-    """ray.init a private runtime on 127.0.0.1 with a reaper watching this process."""
+    """ray.init a private runtime on 127.0.0.1 (its temp dir private to this user) with a reaper watching this
+    process."""
     import sys
 
     import ray
+
+    ray_dir = os.path.join(private_dir(temp_dir), "r")  # Ray makes its own dirs world-writable (0777): under ours
 
     for attempt in range(1, START_ATTEMPTS + 1):
         handle = LocalRay(reaper=start_reaper())
@@ -85,7 +101,7 @@ def start_local_ray(num_cpus: int, temp_dir: str) -> LocalRay:
         try:
             with _loopback_params():
                 ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.WARNING, _temp_dir=temp_dir)
+                         logging_level=logging.WARNING, _temp_dir=ray_dir)
             return handle
         except Exception as e:
             handle.stop()

@@ -147,7 +147,11 @@ def commit_save(root: str | Location, step: int, tmp: Location, extra: dict[str,
 
 def _prune(root: Location, keep: int, newest_good: Location) -> None:
     """Keep the last `keep` checkpoints, and always the one just written (the newest known-good one),
-    even when checkpoints with higher step numbers (left by an earlier attempt, maybe bad) take the slots."""
+    even when checkpoints with higher step numbers (left by an earlier attempt, maybe bad) take the slots;
+    drop partial writes (`.tmp-step_*`) left by dead attempts."""
+    if not isinstance(root, RemotePath):  # at most one save is in flight, and this one just committed: every
+        for part in root.glob(".tmp-step_*"):  # other partial write is a dead attempt's (a rank killed mid-save)
+            rmtree(part)
     if keep <= 0:
         return
     for old in committed(root)[:-keep]:

@@ -126,6 +126,10 @@ def test_normalize_address() -> None:
     assert normalize_address("") == "http://127.0.0.1:8265"
     with pytest.raises(LaunchError, match="dashboard"):
         normalize_address("ray://head:10001")
+    for bad in ("http://[::1", "http://head:99999", "http://head:port", "http://:8265"):  # one line, no traceback
+        with pytest.raises(LaunchError, match="job address"):
+            normalize_address(bad)
+    assert normalize_address("http://[::1]:8265") == "http://[::1]:8265"
 
 
 def test_resolve_token_order(tmp_path: Path) -> None:
@@ -254,3 +258,23 @@ def test_unreachable_ray_address_fails_fast() -> None:
     port = free_port("127.0.0.1")
     with pytest.raises(LaunchError, match=f"cannot reach the Ray cluster at launch.address='127.0.0.1:{port}'"):
         run_job(load_config("tiny", ["launch.workers=2", f"launch.address=127.0.0.1:{port}"]))
+
+
+def test_local_ray_temp_dir_is_private(tmp_path: Path) -> None:
+    """The local runtime's temp dir (its sockets, session files) is created 0700, an open one is closed, and a
+    symlink in its place is refused."""
+    import os
+    import stat
+
+    from sparsetrain.launcher.local_ray import private_dir
+
+    d = tmp_path / "st-ray"
+    private_dir(str(d))
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    d.chmod(0o777)
+    private_dir(str(d))
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    link = tmp_path / "link"
+    os.symlink(d, link)
+    with pytest.raises(LaunchError, match="symlink or belongs to another user"):
+        private_dir(str(link))

@@ -85,8 +85,13 @@ def test_per_expert_keys_and_keep(six_steps):
 
 @pytest.mark.unit
 def test_keep_prunes_old_checkpoints(tmp_path):
+    """Retention keeps the last `keep`; a commit also drops partial writes a killed attempt left (any step)."""
+    for step in (1, 7):  # a rank killed mid-save: its .tmp dir would otherwise stay forever
+        (tmp_path / "checkpoints" / f".tmp-step_{step:08d}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f".tmp-step_{step:08d}" / "__0_0.distcp").write_bytes(b"partial")
     tr = _run(tiny_cfg(tmp_path, "checkpoint.every=1", "checkpoint.keep=2", steps=4))
     assert [p.name for p in ckpt.committed(tr.ckpt_dir)] == ["step_00000002", "step_00000003"]
+    assert not list(tr.ckpt_dir.glob(".tmp-*"))
 
 
 @pytest.mark.unit
