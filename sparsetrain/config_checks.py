@@ -174,6 +174,9 @@ def validate_world(cfg: Config, world: int) -> None:
            f"data.batch_size={b} is not divisible by launch.workers={world} x train.grad_accum={cfg.train.grad_accum}")
     _check(p.strategy != "none" or world == 1,
            f"parallel.strategy=none does no gradient synchronisation; with {world} workers use dp, ep or fssdp")
+    _check(p.strategy != "fssdp" or world == 1 or p.ep_size in (0, world),
+           f"parallel.ep_size={p.ep_size} has no effect under parallel.strategy=fssdp (it shards experts whole over "
+           "all ranks and copies hot ones); leave it 0, or use parallel.strategy=ep for expert-parallel groups")
     if p.strategy in ("ep", "fssdp", *PEER_STRATEGIES) and world > 1:
         ep = p.ep_size or world
         _check(world % ep == 0, f"parallel.ep_size={ep} does not divide the world size {world}")

@@ -161,6 +161,8 @@ ONE = ["launch.workers=1"]
       "parallel.pretend_nodes=0"], "parallel.ep_size"),
     (["launch.workers=4", "parallel.strategy=fssdp", "parallel.ep_size=3", "data.batch_size=16",
       "parallel.pretend_nodes=0"], "parallel.ep_size"),
+    (["launch.workers=4", "parallel.strategy=fssdp", "parallel.ep_size=2", "data.batch_size=16",
+      "parallel.pretend_nodes=0"], "has no effect under parallel.strategy=fssdp"),
     (["launch.workers=4", "parallel.strategy=ep", "moe.num_experts=6", "data.batch_size=16",
       "parallel.pretend_nodes=0"], "moe.num_experts"),
     (["launch.workers=4", "parallel.pretend_nodes=3", "data.batch_size=16"], "parallel.pretend_nodes"),
