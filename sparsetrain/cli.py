@@ -111,7 +111,7 @@ def show_config(config: str = ConfigOpt, overrides: list[str] | None = SetOpt) -
     typer.echo(yaml.safe_dump(to_dict(_load(config, overrides)), sort_keys=False))
 
 
-def _single_process_model(cfg: Config, checkpoint: str | None):
+def _single_process_model(cfg: Config, checkpoint: str | None, workload: bool = True):
     """A strategy-free model with weights from a checkpoint (any world size / strategy), and its extra state.
 
     The N:M schedule keys that decide what the trained model computes (`fingerprint.EVAL_FROM_CHECKPOINT`)
@@ -142,6 +142,10 @@ def _single_process_model(cfg: Config, checkpoint: str | None):
             typer.echo(f"note: {key}={value} from checkpoint {path.name} (the config says "
                        f"{getattr(cfg.sparsity, key.split('.')[1])}): evaluating the model as trained", err=True)
             setattr(cfg.sparsity, key.split(".")[1], value)
+    if not workload and (cfg.moe.router_skew > 0 or cfg.moe.routing_trace):  # generate: routing per token
+        typer.echo("note: routing workload off (the router's own top-k): a benchmark workload routes by quota "
+                   "over each forward's tokens, one token at a time with the KV cache", err=True)
+        cfg.moe.router_skew, cfg.moe.routing_trace, cfg.moe.skew_drift_every = 0.0, "", 0
     model = build_model(cfg)
     if cfg.sparsity.enabled:  # the N:M masks the run trained with (its weights are parametrized originals)
         from sparsetrain.sparsity import apply_sparsity
@@ -208,7 +212,7 @@ def generate(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
                 _fail(f"--prompt-file {prompt_file}: {e.strerror}")
             except ValueError as e:
                 _fail(str(e))
-        model, _, extra = _single_process_model(cfg, checkpoint)
+        model, _, extra = _single_process_model(cfg, checkpoint, workload=False)
         tok = tokenizer_from_record(extra.get("tokenizer") or {}, cfg.data.tokenizer)
         if tok.vocab_size > cfg.model.vocab_size:
             _fail(f"the checkpoint's tokenizer {tok.name!r} has {tok.vocab_size} tokens but model.vocab_size="

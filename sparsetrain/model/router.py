@@ -112,6 +112,10 @@ class TopKRouter(nn.Module):
         if self.training and self.balance == "aux_free" and not recomputing():
             self._pending_counts = self._pending_counts.to(global_counts) + global_counts
 
+    def drop_pending_counts(self) -> None:
+        """Forget the counts noted since the last bias update (a skipped or rolled-back step)."""
+        self._pending_counts = torch.zeros_like(self._pending_counts)
+
     @torch.no_grad()
     def update_bias(self) -> None:
         """Aux-loss-free step (call after the optimizer step): push bias toward under-loaded experts."""

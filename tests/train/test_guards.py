@@ -192,3 +192,13 @@ def test_rollback_under_fssdp_after_ownership_moved(tmp_path, monkeypatch) -> No
     for r in (ref, got):
         r["losses"] = r["losses"][:3] + r["losses"][4:]  # step 3's NaN: the step rolled back
     assert_same_training(ref, got)
+
+
+def test_a_skipped_step_leaves_no_routing_counts_for_the_bias_update(tmp_path) -> None:
+    """moe.balance=aux_free: the counts a skipped step routed are dropped with it (they were added to the next
+    successful step's bias update)."""
+    tr = Trainer(tiny_cfg(tmp_path, "train.on_nan=skip", "moe.balance=aux_free", steps=4))
+    _nan_at(tr, {3})
+    tr.fit()
+    assert tr.nan_guard.skipped == [3]
+    assert all(float(m.router._pending_counts.sum()) == 0 for m in tr.model.moe_layers())

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparsetrain.config import config_from_dict
 from tests.dist_utils import run_distributed
@@ -39,3 +40,22 @@ def test_eval_reproduces_the_logged_val_loss(tmp_path: Path, extra: list[str]) -
     assert saved["step"] == 3
     got = val_loss(model, TokenBatches(one), one.data.eval_batches, run_slices(one, saved))
     assert got == pytest.approx(logged, rel=1e-5)
+
+
+@pytest.mark.unit
+def test_generate_from_a_workload_run_routes_per_token(tmp_path: Path) -> None:
+    """A routing workload routes by quota over a forward's tokens (one token at a time with the KV cache):
+    generate's model routes with the router's own top-k, so cached and full-forward logits agree."""
+    from sparsetrain.cli import _single_process_model
+    from sparsetrain.model.sample import generate
+    from sparsetrain.train.trainer import Trainer
+    from tests.train.test_trainer import tiny_cfg
+
+    cfg = tiny_cfg(tmp_path, "moe.router_skew=1.2", "checkpoint.save_final=true", steps=2)
+    Trainer(cfg).fit()
+    model, _, _ = _single_process_model(cfg, None, workload=False)
+    assert all(m.router.workload is None for m in model.moe_layers())
+    a = generate(model, [3, 14, 15, 9, 2], 8, temperature=0, use_cache=True, keep_logits=True)
+    b = generate(model, [3, 14, 15, 9, 2], 8, temperature=0, use_cache=False, keep_logits=True)
+    assert a.ids == b.ids
+    torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=1e-5, atol=1e-5)
