@@ -111,56 +111,6 @@ def show_config(config: str = ConfigOpt, overrides: list[str] | None = SetOpt) -
     typer.echo(yaml.safe_dump(to_dict(_load(config, overrides)), sort_keys=False))
 
 
-def _single_process_model(cfg: Config, checkpoint: str | None, workload: bool = True):
-    """A strategy-free model with weights from a checkpoint (any world size / strategy), and its extra state.
-
-    The N:M schedule keys that decide what the trained model computes (`fingerprint.EVAL_FROM_CHECKPOINT`)
-    come from the checkpoint's config, so the masks the run trained with are the ones evaluated."""
-    from sparsetrain.model.gpt import build_model
-    from sparsetrain.train import checkpoint as ckpt
-    from sparsetrain.train.fingerprint import eval_overrides
-    from sparsetrain.train.location import as_location
-
-    run_root = ckpt.checkpoint_root(cfg.train.out_dir, cfg.checkpoint.dir)
-    root = as_location(checkpoint) if checkpoint else run_root
-    if checkpoint and not ckpt.is_checkpoint_dir(root) and "/" not in checkpoint and "://" not in checkpoint:
-        named = run_root / checkpoint  # `--checkpoint step_N`
-        root = named if ckpt.is_checkpoint_dir(named) else root
-    if ckpt.is_checkpoint_dir(root):  # one checkpoint named: verified, refused if bad
-        path, manifest = root, None
-    else:  # a directory of checkpoints: the newest that verifies
-        path, manifest, refused = ckpt.find_resumable(root)
-        if refused:
-            typer.echo(ckpt.fallback_line(root, path, refused, reading=True), err=True)
-        if path is None:
-            _fail(f"no committed checkpoint under {root}")
-    if manifest is None:
-        manifest = ckpt.verify_checkpoint(path, required=(ckpt.EXTRA,))  # before its JSON is read
-    saved = ckpt.read_extra(path)
-    if cfg.sparsity.enabled and isinstance(saved, dict) and isinstance(saved.get("config"), dict):
-        for key, value in eval_overrides(saved["config"], to_dict(cfg)).items():
-            typer.echo(f"note: {key}={value} from checkpoint {path.name} (the config says "
-                       f"{getattr(cfg.sparsity, key.split('.')[1])}): evaluating the model as trained", err=True)
-            setattr(cfg.sparsity, key.split(".")[1], value)
-    if not workload and (cfg.moe.router_skew > 0 or cfg.moe.routing_trace):  # generate: routing per token
-        typer.echo("note: routing workload off (the router's own top-k): a benchmark workload routes by quota "
-                   "over each forward's tokens, one token at a time with the KV cache", err=True)
-        cfg.moe.router_skew, cfg.moe.routing_trace, cfg.moe.skew_drift_every = 0.0, "", 0
-    model = build_model(cfg)
-    if cfg.sparsity.enabled:  # the N:M masks the run trained with (its weights are parametrized originals)
-        from sparsetrain.sparsity import apply_sparsity
-
-        apply_sparsity(model, cfg.sparsity)
-    extra = ckpt.load_checkpoint(path, model, None, manifest, cfg_dict=to_dict(cfg))
-    if cfg.sparsity.enabled:  # schedules (structure / mask decay) where training left them after that step
-        from sparsetrain.sparsity import nm_sparsifier
-
-        nm_sparsifier(model).load_state_dict({"step": int(extra["step"]) + 1})
-    model.set_routing_step(int(extra["step"]))  # routing workloads: the targets the run evaluated with
-    model.eval()
-    return model, path, extra
-
-
 @app.command("eval")
 def evaluate(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
              checkpoint: str | None = typer.Option(None, help="checkpoint dir (default: latest in out_dir)")) -> None:
@@ -169,9 +119,9 @@ def evaluate(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
     _preflight(cfg, training=False)
     try:
         from sparsetrain.data import TokenBatches
-        from sparsetrain.train.offline_eval import run_slices, val_loss
+        from sparsetrain.train.offline_eval import run_slices, single_process_model, val_loss
 
-        model, path, extra = _single_process_model(cfg, checkpoint)
+        model, path, extra = single_process_model(cfg, checkpoint)
         loss = val_loss(model, TokenBatches(cfg), cfg.data.eval_batches, run_slices(cfg, extra))
         typer.echo(json.dumps({"checkpoint": str(path), "val_loss": loss}))
     except _known_errors() as e:
@@ -203,6 +153,7 @@ def generate(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
 
         from sparsetrain.data.tokenizer import tokenizer_from_record
         from sparsetrain.model.sample import generate as sample_ids
+        from sparsetrain.train.offline_eval import single_process_model
 
         text = prompt
         if prompt_file is not None:
@@ -212,7 +163,7 @@ def generate(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
                 _fail(f"--prompt-file {prompt_file}: {e.strerror}")
             except ValueError as e:
                 _fail(str(e))
-        model, _, extra = _single_process_model(cfg, checkpoint, workload=False)
+        model, _, extra = single_process_model(cfg, checkpoint, workload=False)
         tok = tokenizer_from_record(extra.get("tokenizer") or {}, cfg.data.tokenizer)
         if tok.vocab_size > cfg.model.vocab_size:
             _fail(f"the checkpoint's tokenizer {tok.name!r} has {tok.vocab_size} tokens but model.vocab_size="

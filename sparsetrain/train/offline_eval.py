@@ -1,4 +1,4 @@
-"""Validation loss of a checkpoint on one process, as the run that saved it logged it.
+"""A checkpoint as a single-process model (`eval`, `generate`), and its val loss as the run logged it.
 
 Two things of the run decide what its logged val loss was, beyond the weights: the routing step (routing
 workloads move their targets with it; the run evaluated after that step's training) and, in capacity mode
@@ -6,11 +6,19 @@ workloads move their targets with it; the run evaluated after that step's traini
 """
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from sparsetrain.config import Config
+from sparsetrain.config import Config, to_dict
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 
 
 def run_slices(cfg: Config, extra: dict[str, Any]) -> int:
@@ -36,3 +44,54 @@ def val_loss(model: Any, data: Any, batches: int, slices: int = 1) -> float:
             raise ValueError(f"val batch of {x.shape[0]} rows does not split into the run's {slices} ranks")
         total += sum(float(model(xs, ys).loss) for xs, ys in zip(x.chunk(slices), y.chunk(slices))) / slices
     return total / batches
+
+
+def single_process_model(cfg: Config, checkpoint: str | None, workload: bool = True,
+                         note: Callable[[str], None] = _stderr) -> tuple[Any, Any, dict[str, Any]]:
+    """A strategy-free model with weights from a checkpoint (any world size / strategy), and its extra state.
+
+    The N:M schedule keys that decide what the trained model computes (`fingerprint.EVAL_FROM_CHECKPOINT`)
+    come from the checkpoint's config, so the masks the run trained with are the ones evaluated."""
+    from sparsetrain.model.gpt import build_model
+    from sparsetrain.train import checkpoint as ckpt
+    from sparsetrain.train.fingerprint import eval_overrides
+    from sparsetrain.train.location import as_location
+
+    run_root = ckpt.checkpoint_root(cfg.train.out_dir, cfg.checkpoint.dir)
+    root = as_location(checkpoint) if checkpoint else run_root
+    if checkpoint and not ckpt.is_checkpoint_dir(root) and "/" not in checkpoint and "://" not in checkpoint:
+        named = run_root / checkpoint  # `--checkpoint step_N`
+        root = named if ckpt.is_checkpoint_dir(named) else root
+    if ckpt.is_checkpoint_dir(root):  # one checkpoint named: verified, refused if bad
+        path, manifest = root, None
+    else:  # a directory of checkpoints: the newest that verifies
+        path, manifest, refused = ckpt.find_resumable(root)
+        if refused:
+            note(ckpt.fallback_line(root, path, refused, reading=True))
+        if path is None:
+            raise ckpt.CheckpointError(f"no committed checkpoint under {root}")
+    if manifest is None:
+        manifest = ckpt.verify_checkpoint(path, required=(ckpt.EXTRA,))  # before its JSON is read
+    saved = ckpt.read_extra(path)
+    if cfg.sparsity.enabled and isinstance(saved, dict) and isinstance(saved.get("config"), dict):
+        for key, value in eval_overrides(saved["config"], to_dict(cfg)).items():
+            note(f"note: {key}={value} from checkpoint {path.name} (the config says "
+                 f"{getattr(cfg.sparsity, key.split('.')[1])}): evaluating the model as trained")
+            setattr(cfg.sparsity, key.split(".")[1], value)
+    if not workload and (cfg.moe.router_skew > 0 or cfg.moe.routing_trace):  # generate: routing per token
+        note("note: routing workload off (the router's own top-k): a benchmark workload routes by quota "
+             "over each forward's tokens, one token at a time with the KV cache")
+        cfg.moe.router_skew, cfg.moe.routing_trace, cfg.moe.skew_drift_every = 0.0, "", 0
+    model = build_model(cfg)
+    if cfg.sparsity.enabled:  # the N:M masks the run trained with (its weights are parametrized originals)
+        from sparsetrain.sparsity import apply_sparsity
+
+        apply_sparsity(model, cfg.sparsity)
+    extra = ckpt.load_checkpoint(path, model, None, manifest, cfg_dict=to_dict(cfg))
+    if cfg.sparsity.enabled:  # schedules (structure / mask decay) where training left them after that step
+        from sparsetrain.sparsity import nm_sparsifier
+
+        nm_sparsifier(model).load_state_dict({"step": int(extra["step"]) + 1})
+    model.set_routing_step(int(extra["step"]))  # routing workloads: the targets the run evaluated with
+    model.eval()
+    return model, path, extra

@@ -244,7 +244,7 @@ def test_exact_resume_with_nm_schedules(tmp_path):
 
 def _eval_matches_logged(cfg, path, full) -> torch.nn.Module:
     """`eval`'s model on checkpoint `path` (step 5) gives the last val loss `full` logged; the model."""
-    from sparsetrain.cli import _single_process_model
+    from sparsetrain.train.offline_eval import single_process_model as _single_process_model
 
     model, _, extra = _single_process_model(cfg, str(path))
     assert extra["step"] == 5
@@ -285,7 +285,7 @@ def test_checkpoint_without_masks_still_loads(tmp_path):
     _run(tiny_cfg(tmp_path, *sp, steps=3))
     path = tmp_path / "checkpoints" / "step_00000002"
     assert not any("nm_masks" in k for k in _keys(path))
-    from sparsetrain.cli import _single_process_model
+    from sparsetrain.train.offline_eval import single_process_model as _single_process_model
 
     cfg = tiny_cfg(tmp_path, *sp, "sparsity.refresh_every=4", steps=3)
     model, _, _ = _single_process_model(cfg, str(path))

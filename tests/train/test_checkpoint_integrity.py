@@ -330,7 +330,7 @@ def test_a_failed_async_write_is_the_same_one_line(tmp_path, monkeypatch):
 
 
 def test_single_process_model_resolves_a_step_name_a_path_and_the_default(tmp_path: Path, six_steps) -> None:
-    from sparsetrain.cli import _single_process_model
+    from sparsetrain.train.offline_eval import single_process_model as _single_process_model
 
     out, _ = six_steps
     root = _copy(out, tmp_path, 2, 5)

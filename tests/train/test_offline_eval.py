@@ -23,9 +23,9 @@ def _train(rank: int, world: int, cfg: dict, out: str) -> None:
     ["moe.router_skew=1.2", "moe.skew_drift_every=2"],  # the routing targets of the checkpoint's step, not step 0
 ])
 def test_eval_reproduces_the_logged_val_loss(tmp_path: Path, extra: list[str]) -> None:
-    from sparsetrain.cli import _single_process_model
     from sparsetrain.data import TokenBatches
     from sparsetrain.train.offline_eval import run_slices, val_loss
+    from sparsetrain.train.offline_eval import single_process_model as _single_process_model
 
     cfg = small_config("parallel.strategy=ep", "launch.workers=2", "train.eval_every=4", "checkpoint.save_final=true",
                        *extra, steps=4)
@@ -46,8 +46,8 @@ def test_eval_reproduces_the_logged_val_loss(tmp_path: Path, extra: list[str]) -
 def test_generate_from_a_workload_run_routes_per_token(tmp_path: Path) -> None:
     """A routing workload routes by quota over a forward's tokens (one token at a time with the KV cache):
     generate's model routes with the router's own top-k, so cached and full-forward logits agree."""
-    from sparsetrain.cli import _single_process_model
     from sparsetrain.model.sample import generate
+    from sparsetrain.train.offline_eval import single_process_model as _single_process_model
     from sparsetrain.train.trainer import Trainer
     from tests.train.test_trainer import tiny_cfg
 
