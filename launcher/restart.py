@@ -30,14 +30,14 @@ def _checkpoint_root(cfg_dict: dict) -> Location:
 
 def committed_steps(root: Location, since: float = 0.0) -> int | None:
     """Steps done at the newest committed checkpoint under root (step_N holds N+1 steps), committed after
-    `since` (epoch seconds); None when there is none. Names only: the ranks verify before loading."""
+    `since` (epoch seconds, `checkpoint.committed_at`); None when there is none. Names and times only: the ranks
+    verify before loading (and fall back to an older one, saying so, when it does not verify)."""
+    from sparsetrain.train.checkpoint import committed, committed_at
+
     best = None
-    for p in root.glob("step_*") if root.is_dir() else ():
-        try:
-            n = int(p.name.split("_", 1)[1]) + 1
-        except ValueError:
-            continue
-        if p.is_dir() and p.stat().st_mtime >= since and (best is None or n > best):
+    for p in committed(root):
+        n = int(p.name.split("_", 1)[1]) + 1
+        if (not since or committed_at(p) >= since) and (best is None or n > best):
             best = n
     return best
 
@@ -49,10 +49,14 @@ def run_with_restarts(cfg_dict: dict, attempt: Callable[[dict], dict | None],
     max_failures = int(cfg_dict["launch"].get("max_failures", 0))
     out_dir, root = local_dir(cfg_dict["train"]["out_dir"]), _checkpoint_root(cfg_dict)  # heartbeats: local
     started, cfg, failures = time.time() - 1.0, cfg_dict, 0
+    from sparsetrain.train.checkpoint import RESUME_SINCE_ENV
+
     while True:
         heartbeat.clear(out_dir)
-        old = os.environ.get(ATTEMPT_ENV)
+        old, old_since = os.environ.get(ATTEMPT_ENV), os.environ.get(RESUME_SINCE_ENV)
         os.environ[ATTEMPT_ENV] = str(failures)
+        if failures and not cfg_dict["checkpoint"]["resume"]:  # the ranks resume only from this run's commits
+            os.environ[RESUME_SINCE_ENV] = repr(started)
         try:
             return attempt(cfg)
         except LaunchError as e:
@@ -76,10 +80,11 @@ def run_with_restarts(cfg_dict: dict, attempt: Callable[[dict], dict | None],
             log(f"restart {failures}/{max_failures}: {why}; the group had completed {reached} "
                 f"step(s); resuming {where}, {max(reached - (done or 0), 0)} step(s) redone")
         finally:
-            if old is None:
-                os.environ.pop(ATTEMPT_ENV, None)
-            else:
-                os.environ[ATTEMPT_ENV] = old
+            for key, value in ((ATTEMPT_ENV, old), (RESUME_SINCE_ENV, old_since)):
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def _timed_out(e: LaunchError) -> bool:

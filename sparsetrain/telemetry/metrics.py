@@ -24,6 +24,9 @@ class MetricsWriter:
             for p in (self.path, self.placements_path):
                 if fresh and p.exists():
                     p.unlink()
+            if not fresh and self.placements_path.exists():  # resumed: the placement written last (trimmed to
+                lines = self.placements_path.read_text().splitlines()  # the checkpoint) is the one in use
+                self.last_placement = json.loads(lines[-1])["layers"] if lines else None
             from sparsetrain.telemetry.tracking import open_trackers
 
             self.trackers = open_trackers(list(trackers), self.path.parent, start_step)

@@ -215,14 +215,33 @@ def _first_cause(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def find_resumable(root: str | Location) -> tuple[Location | None, dict[str, Any] | None,
-                                                   list[tuple[Location, str]]]:
-    """Newest checkpoint under root that verifies: (path, manifest, [(refused newer path, reason), ...]).
+RESUME_SINCE_ENV = "SPARSETRAIN_RESUME_SINCE"  # set by the launcher's restart of a checkpoint.resume=false run
+
+
+def committed_at(path: Location) -> float:
+    """When checkpoint `path` was committed: its manifest's mtime, else the directory's (epoch seconds; 0.0 when
+    the store records none)."""
+    for p in (path / MANIFEST, path):
+        try:
+            return float(p.stat().st_mtime)
+        except OSError:
+            continue
+    return 0.0
+
+
+def find_resumable(root: str | Location, since: float | None = None) -> tuple[Location | None, dict[str, Any] | None,
+                                                                      list[tuple[Location, str]]]:
+    """Newest checkpoint under root that verifies: (path, manifest, [(refused newer path, reason), ...]);
+    committed at or after `since` (epoch seconds; default: RESUME_SINCE_ENV, else any time), so a restarted run
+    that began with checkpoint.resume=false never resumes from an earlier run's checkpoint in its directory.
 
     Collective when a process group is up. (None, None, refused) when nothing under root verifies.
     """
+    since = float(os.environ.get(RESUME_SINCE_ENV) or 0.0) if since is None else since
     refused: list[tuple[Location, str]] = []
     for path in reversed(committed(root)):
+        if since and committed_at(path) < since:
+            continue
         try:
             return path, verify_checkpoint(path, required=(EXTRA,)), refused
         except CheckpointError as e:

@@ -129,7 +129,8 @@ class Trainer:
         self._restore(path, manifest, extra, self.start_step)
         if self.info.is_main:
             download_logs(self.cfg.train.out_dir)  # a URL out_dir resumed on a fresh node: its logs so far
-            truncate_after(self.out_dir / "metrics.jsonl", int(extra["step"]))
+            for log in ("metrics.jsonl", "expert_loads.jsonl", "placements.jsonl"):  # read like one run
+                truncate_after(self.out_dir / log, int(extra["step"]))
         self._print(f"resumed from {path} at step {self.start_step}")
 
     def save(self, step: int) -> Location | None:

@@ -220,3 +220,35 @@ def test_elastic_four_ranks_lose_two_and_resume_on_two_with_grad_accum(tmp_path,
           f"{max((got[k] - v).abs().max().item() for k, v in reference.items()):.3g}")
     for k, v in reference.items():
         torch.testing.assert_close(got[k], v, atol=ELASTIC_ATOL, rtol=ELASTIC_RTOL, msg=k)
+
+
+@pytest.mark.unit
+def test_restart_of_a_fresh_run_resumes_only_from_its_own_checkpoints(tmp_path):
+    """checkpoint.resume=false in a directory holding an earlier run's step_7: the restart resumes from this
+    run's step_3 (the ranks get RESUME_SINCE_ENV, and find_resumable skips older commits), not the other run's
+    weights (which ended it at once as 'complete')."""
+    import time
+
+    from sparsetrain.train.checkpoint import RESUME_SINCE_ENV, find_resumable
+
+    cfg, seen, logs = _cfg_dict(tmp_path, 1), [], []
+    cfg["checkpoint"]["resume"] = False
+    earlier = tmp_path / "checkpoints" / "step_00000007"
+    earlier.mkdir(parents=True)
+    hour_ago = time.time() - 3600
+    os.utime(earlier, (hour_ago, hour_ago))
+
+    def attempt(c: dict) -> dict:
+        seen.append((c["checkpoint"]["resume"], os.environ.get(RESUME_SINCE_ENV)))
+        if len(seen) == 1:
+            (tmp_path / "checkpoints" / "step_00000003").mkdir()
+            raise LaunchError("rank 1 failed: RuntimeError: boom", rank=1)
+        since = float(os.environ[RESUME_SINCE_ENV])
+        assert hour_ago < since <= time.time()
+        assert find_resumable(tmp_path / "checkpoints", since=since + 3600)[0] is None  # nothing that new
+        return {"ok": True}
+
+    assert run_with_restarts(cfg, attempt, logs.append) == {"ok": True}
+    assert seen[0] == (False, None) and seen[1][0] is True
+    assert logs[0].endswith("resuming from the checkpoint at 4 steps, 0 step(s) redone"), logs
+    assert RESUME_SINCE_ENV not in os.environ

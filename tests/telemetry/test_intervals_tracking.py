@@ -57,6 +57,20 @@ def test_tensorboard_scalars_images_and_placements(tmp_path):
     assert len(acc.Images("expert_load")) == 2
 
 
+def test_a_resumed_writer_does_not_repeat_the_placement_in_use(tmp_path):
+    """placements.jsonl is written when the placement changes: a resumed run's writer knows the last one."""
+    p0 = LayerPlacement.from_lists([0, 1], [[0, 1], [1]])
+    w = MetricsWriter(tmp_path, enabled=True, fresh=True)
+    w.note_placement(1, [p0])
+    w.close()
+    w = MetricsWriter(tmp_path, enabled=True, fresh=False, start_step=3)
+    w.note_placement(3, [p0])  # the restored placement: the same
+    w.note_placement(4, [LayerPlacement.from_owners([1, 0])])
+    w.close()
+    places = [json.loads(ln) for ln in (tmp_path / "placements.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in places] == [1, 4]
+
+
 def test_unknown_or_missing_tracker(tmp_path, monkeypatch):
     from sparsetrain.config import ConfigError, load_config
 

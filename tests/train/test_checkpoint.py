@@ -65,6 +65,8 @@ def test_exact_resume_single_process(tmp_path, six_steps):
     # metrics.jsonl reads like one run: steps past the checkpoint were dropped before appending
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3, 4, 5]
+    loads = [json.loads(ln)["step"] for ln in (tmp_path / "expert_loads.jsonl").read_text().splitlines()]
+    assert loads == sorted(set(loads)) and loads[-1] == 5  # no redone step twice (a trace replays by line)
 
 
 @pytest.mark.unit
