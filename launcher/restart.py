@@ -32,11 +32,11 @@ def committed_steps(root: Location, since: float = 0.0) -> int | None:
     """Steps done at the newest committed checkpoint under root (step_N holds N+1 steps), committed after
     `since` (epoch seconds, `checkpoint.committed_at`); None when there is none. Names and times only: the ranks
     verify before loading (and fall back to an older one, saying so, when it does not verify)."""
-    from sparsetrain.train.checkpoint import committed, committed_at
+    from sparsetrain.train.checkpoint import committed, committed_at, step_of
 
     best = None
     for p in committed(root):
-        n = int(p.name.split("_", 1)[1]) + 1
+        n = step_of(p) + 1
         if (not since or committed_at(p) >= since) and (best is None or n > best):
             best = n
     return best

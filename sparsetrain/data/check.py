@@ -17,8 +17,9 @@ def check_data(cfg: Config) -> dict[str, Any]:
     b = TokenBatches(cfg)
     _check_resume(cfg, b)
     meta = b.shards.meta
-    ids = _scan_ids(cfg, b)
-    return {"max_token_id": ids[0], "ids_checked": ids[1], "corpus": cfg.data.corpus, "tokenizer": b.tokenizer.record(), "model_vocab_size": cfg.model.vocab_size,
+    max_id, how = _scan_ids(cfg, b)
+    return {"max_token_id": max_id, "ids_checked": how, "corpus": cfg.data.corpus, "tokenizer": b.tokenizer.record(),
+            "model_vocab_size": cfg.model.vocab_size,
             "dtype": meta.get("dtype", str(b.train_split.parts[0].dtype)), "sampling": cfg.data.sampling,
             "val_split": b.val_source, "train_tokens": b.train_split.tokens, "val_tokens": b.val_split.tokens,
             "train_shards": len(b.train_split.parts), "val_shards": len(b.val_split.parts),
@@ -53,9 +54,10 @@ def _scan_ids(cfg: Config, b: TokenBatches) -> tuple[int, str]:
     every part (train only reads a prefix of such corpora before starting); DataError naming the part and the
     first offset of an id >= model.vocab_size."""
     from sparsetrain.data.errors import DataError
+    from sparsetrain.data.loader import maxima_recorded, recorded_shards
 
-    recorded = [e for split in ("train", "val") for e in b.shards.meta.get("shards", {}).get(split, [])]
-    if recorded and all("max_id" in e for e in recorded):
+    recorded = recorded_shards(b.shards.meta)
+    if maxima_recorded(recorded):
         return max(int(e["max_id"]) for e in recorded), "recorded by data prepare"
     vocab, top = cfg.model.vocab_size, -1
     for split in (b.train_split, b.val_split):

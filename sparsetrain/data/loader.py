@@ -101,6 +101,16 @@ def split_corpus(shards: ShardSet, val_split: str, val_fraction: float) -> tuple
     return train, val, "fraction"
 
 
+def recorded_shards(meta: dict) -> list[dict]:
+    """The shard entries `meta.json` lists for both splits (with `max_id` where `data prepare` recorded it)."""
+    return [e for split in ("train", "val") for e in meta.get("shards", {}).get(split, [])]
+
+
+def maxima_recorded(recorded: list[dict]) -> bool:
+    """Whether every shard has its largest id recorded (else ids must be read from the files)."""
+    return bool(recorded) and all("max_id" in e for e in recorded)
+
+
 class TokenBatches:
     """Windows of the corpus; every rank draws the same global batch and keeps its slice."""
 
@@ -125,12 +135,12 @@ class TokenBatches:
     def _check_ids(self, cfg: Config) -> None:
         """Token ids below model.vocab_size: each shard's max recorded by `data prepare`, else a prefix of each part."""
         vocab = cfg.model.vocab_size
-        recorded = [e for split in ("train", "val") for e in self.shards.meta.get("shards", {}).get(split, [])]
+        recorded = recorded_shards(self.shards.meta)
         for e in recorded:
             if int(e.get("max_id", -1)) >= vocab:
                 raise DataError(f"shard {e['file']} of data.corpus={cfg.data.corpus!r} has token id {e['max_id']} "
                                 f">= model.vocab_size={vocab}")
-        if recorded and all("max_id" in e for e in recorded):
+        if maxima_recorded(recorded):
             return  # sizes were checked against meta.json on open: the recorded maxima describe these files
         for s in (self.train_split, self.val_split):
             for p in s.parts:  # a prefix: shards may be huge

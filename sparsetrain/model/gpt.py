@@ -98,6 +98,11 @@ class GPT(nn.Module):
         for moe in self.moe_layers():
             moe.router.step = step
 
+    def drop_routing_counts(self) -> None:
+        """Forget the routing counts noted since the last bias update (a skipped or rolled-back step)."""
+        for moe in self.moe_layers():
+            moe.router.drop_pending_counts()
+
     def moe_layers(self) -> list[MoELayer]:
         """The MoE layers in depth order."""
         return [b.ffn for b in self.layers if isinstance(b.ffn, MoELayer)]

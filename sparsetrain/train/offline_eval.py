@@ -19,8 +19,6 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-
-
 def run_slices(cfg: Config, extra: dict[str, Any]) -> int:
     """Slices of each val batch the run computed apart: its world size in capacity mode, else 1 (dropless
     routing is per token, so the cut does not matter)."""
@@ -75,9 +73,10 @@ def single_process_model(cfg: Config, checkpoint: str | None, workload: bool = T
     saved = ckpt.read_extra(path)
     if cfg.sparsity.enabled and isinstance(saved, dict) and isinstance(saved.get("config"), dict):
         for key, value in eval_overrides(saved["config"], to_dict(cfg)).items():
+            name = key.split(".")[1]  # sparsity.<name>
             note(f"note: {key}={value} from checkpoint {path.name} (the config says "
-                 f"{getattr(cfg.sparsity, key.split('.')[1])}): evaluating the model as trained")
-            setattr(cfg.sparsity, key.split(".")[1], value)
+                 f"{getattr(cfg.sparsity, name)}): evaluating the model as trained")
+            setattr(cfg.sparsity, name, value)
     if not workload and (cfg.moe.router_skew > 0 or cfg.moe.routing_trace):  # generate: routing per token
         note("note: routing workload off (the router's own top-k): a benchmark workload routes by quota "
              "over each forward's tokens, one token at a time with the KV cache")

@@ -151,7 +151,8 @@ def _acquire(directory: Path, log: Callable[[str], None]) -> tuple[Path, dict[st
         text = _read(str(path))
         holder = _load(path)
         if holder is None:  # vanished or unreadable: garbage is not a holder we can name
-            if path.exists() and time.time() - path.stat().st_mtime > 60:
+            age = _age_s(path)
+            if age is not None and age > 60:
                 holder = {"host": socket.gethostname(), "pid": -1, "started": "unknown (unreadable lock)"}
             else:
                 time.sleep(0.2)

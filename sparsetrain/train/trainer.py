@@ -230,8 +230,7 @@ class Trainer:
         if not torch.isfinite(stats[:3]).all():
             action = self.nan_guard.handle(step, ce)  # raises under on_nan=error or past max_skipped_steps
             self.optimizer.zero_grad(set_to_none=True)
-            for moe in self.model.moe_layers():  # the dropped step's routing counts must not steer the bias
-                moe.router.drop_pending_counts()
+            self.model.drop_routing_counts()  # the dropped step's counts must not steer the aux-free bias
             if action == "rollback":
                 self._rollback(step)
             rec["skipped"] = True
