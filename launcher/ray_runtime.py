@@ -29,6 +29,7 @@ from sparsetrain.launcher.env import (
     assign_ranks,
     forwarded_env,
     free_port,
+    is_peer_error,
     rank_env,
     root_cause,
     split_host_port,
@@ -133,8 +134,9 @@ class RankWorker:
             print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
             return {"ok": False, "error": one_line(e), "time": time.time()}
         except BaseException:  # noqa: BLE001 - any failure goes back to the driver with its traceback
-            traceback.print_exc()
-            return {"ok": False, "error": traceback.format_exc(), "time": time.time()}
+            tb = traceback.format_exc()
+            print(console_report(tb), file=sys.stderr, flush=True)
+            return {"ok": False, "error": tb, "time": time.time()}
         finally:
             self._running = False
             self._capture.stop()
@@ -148,6 +150,16 @@ class RankWorker:
         from sparsetrain.train.guards import request_stop
 
         request_stop()
+
+
+def console_report(tb: str) -> str:
+    """What a failing rank prints: its traceback, or one line when the error only echoes a peer that went away
+    (a collective's 'Connection closed by peer'), so the cause's lines and the restart line are not buried under
+    every survivor's gloo/NCCL traceback. The driver still gets the whole traceback as the failure's details."""
+    if not is_peer_error(tb):
+        return tb.rstrip("\n")
+    last = tb.strip().splitlines()[-1]
+    return f"error: a collective lost a peer (another rank stopped or died): {last}"
 
 
 def _start_runtime(workers: int, cpus_per_worker: int, address: str) -> tuple[bool, Any]:

@@ -29,17 +29,21 @@ def _checkpoint_root(cfg_dict: dict) -> Location:
 
 
 def committed_steps(root: Location, since: float = 0.0) -> int | None:
-    """Steps done at the newest committed checkpoint under root (step_N holds N+1 steps), committed after
-    `since` (epoch seconds, `checkpoint.committed_at`); None when there is none. Names and times only: the ranks
-    verify before loading (and fall back to an older one, saying so, when it does not verify)."""
-    from sparsetrain.train.checkpoint import committed, committed_at, step_of
+    """Steps done at the newest committed checkpoint under root (step_N holds N+1 steps) that is whole by
+    `checkpoint.quick_check` (files present at their recorded sizes, trainer state intact) and was committed after
+    `since` (epoch seconds, `checkpoint.committed_at`); None when there is none. No shard is hashed here: the
+    ranks verify before loading, and fall back to an older one, saying so, past one whose hashes fail."""
+    from sparsetrain.train.checkpoint import CheckpointError, committed, committed_at, quick_check, step_of
 
-    best = None
-    for p in committed(root):
-        n = step_of(p) + 1
-        if (not since or committed_at(p) >= since) and (best is None or n > best):
-            best = n
-    return best
+    for p in reversed(committed(root)):
+        if since and committed_at(p) < since:
+            continue
+        try:
+            quick_check(p)
+        except CheckpointError:
+            continue
+        return step_of(p) + 1
+    return None
 
 
 def run_with_restarts(cfg_dict: dict, attempt: Callable[[dict], dict | None],

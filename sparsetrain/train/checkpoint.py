@@ -298,6 +298,18 @@ def resume_config_changes(extra: dict[str, Any], cfg_dict: dict[str, Any], path:
     return changed
 
 
+def quick_check(path: Location) -> Any:
+    """A look at checkpoint `path` before any process starts: its manifest, every file's presence and size, and the
+    JSON trainer state, hashed and parsed (nothing unpickled, no shard hashed); returns that state. Raises
+    CheckpointError naming the first problem. Not a verification: the ranks hash every file of the one they
+    resume from, and fall back (saying so) past one that fails."""
+    manifest = verify_checkpoint(path, required=(EXTRA,), collective=False, hashes=False)
+    reason = check_file(path, EXTRA, manifest["files"][EXTRA])  # small: hashed here
+    if reason:
+        raise CheckpointError(reason)
+    return read_extra(path)
+
+
 def preflight_resume(cfg_dict: dict[str, Any]) -> str | None:
     """Before any process starts: refuse when no checkpoint is whole, or the newest whole one is of another model;
     returns a warning line when a fresh run (resume off) shares its checkpoint directory with an earlier one.
@@ -316,11 +328,7 @@ def preflight_resume(cfg_dict: dict[str, Any]) -> str | None:
     refused: list[tuple[Location, str]] = []
     for path in reversed(committed(root)):
         try:
-            manifest = verify_checkpoint(path, required=(EXTRA,), collective=False, hashes=False)
-            reason = check_file(path, EXTRA, manifest["files"][EXTRA])  # the JSON read here: hashed (small)
-            if reason:
-                raise CheckpointError(reason)
-            extra = read_extra(path)
+            extra = quick_check(path)
         except CheckpointError as e:
             refused.append((path, str(e)))
             continue

@@ -233,6 +233,19 @@ def test_root_cause_prefers_own_error_then_dead_then_peer_echo() -> None:
     assert root_cause([echo]).rank == 0
 
 
+def test_a_peer_echo_prints_one_line_and_keeps_the_traceback_for_the_driver() -> None:
+    from sparsetrain.launcher.ray_runtime import console_report
+
+    echo = ("Traceback (most recent call last):\n  File \"trainer.py\", line 1, in step\n"
+            "torch.distributed.DistBackendError: [gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+            "[127.0.0.1]:4242\n")
+    own = "Traceback (most recent call last):\n  File \"x.py\", line 3, in f\nValueError: injected on rank 1\n"
+    line = console_report(echo)
+    assert "\n" not in line and "Traceback" not in line
+    assert "lost a peer" in line and "Connection closed by peer [127.0.0.1]:4242" in line
+    assert console_report(own) == own.rstrip("\n")  # the cause keeps its whole traceback
+
+
 def test_unreachable_address_is_a_clear_error() -> None:
     from sparsetrain.launcher.env import free_port
     from sparsetrain.launcher.jobs import client

@@ -34,6 +34,31 @@ def _cfg_dict(tmp_path: Path, max_failures: int) -> dict:
     return to_dict(load_config("tiny", [*RUN, f"train.out_dir={tmp_path}", f"launch.max_failures={max_failures}"]))
 
 
+def _commit(root: Path, step: int) -> Path:
+    """A whole (fake) committed checkpoint step_<step>: a .metadata and trainer state with their manifest."""
+    from sparsetrain.train.manifest import write_manifest
+
+    d = root / f"step_{step:08d}"
+    d.mkdir(parents=True)
+    (d / ".metadata").write_bytes(b"\0" * 64)
+    (d / "trainer_state.json").write_text("{}")
+    write_manifest(d, step)
+    return d
+
+
+@pytest.mark.unit
+def test_restart_line_names_the_newest_whole_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    _commit(root, 3)
+    newest = _commit(root, 5)
+    assert committed_steps(root) == 6
+    with open(newest / ".metadata", "r+b") as f:  # truncated: the ranks would fall back to step_3
+        f.truncate(10)
+    assert committed_steps(root) == 4
+    (root / "step_00000007").mkdir()  # no manifest: never committed by sparsetrain
+    assert committed_steps(root) == 4
+
+
 @pytest.mark.unit
 def test_restart_loop_counts_redone_steps_and_gives_up_after_max(tmp_path, monkeypatch):
     monkeypatch.delenv("SPARSETRAIN_ATTEMPT", raising=False)
@@ -42,7 +67,7 @@ def test_restart_loop_counts_redone_steps_and_gives_up_after_max(tmp_path, monke
     def attempt(c: dict) -> dict:
         n = int(os.environ["SPARSETRAIN_ATTEMPT"])
         seen.append(n)
-        (tmp_path / "checkpoints" / f"step_{2 * n + 1:08d}").mkdir(parents=True)  # commits 2 (then 4) steps
+        _commit(tmp_path / "checkpoints", 2 * n + 1)  # commits 2 (then 4) steps
         heartbeat.beat(tmp_path, 0, 2 * n + 3)
         if n < 2:
             raise LaunchError(f"rank 1 failed: RuntimeError: boom {n}", rank=1, details="tb")
@@ -233,15 +258,15 @@ def test_restart_of_a_fresh_run_resumes_only_from_its_own_checkpoints(tmp_path):
 
     cfg, seen, logs = _cfg_dict(tmp_path, 1), [], []
     cfg["checkpoint"]["resume"] = False
-    earlier = tmp_path / "checkpoints" / "step_00000007"
-    earlier.mkdir(parents=True)
+    earlier = _commit(tmp_path / "checkpoints", 7)
     hour_ago = time.time() - 3600
-    os.utime(earlier, (hour_ago, hour_ago))
+    for p in (earlier / "manifest.json", earlier):
+        os.utime(p, (hour_ago, hour_ago))
 
     def attempt(c: dict) -> dict:
         seen.append((c["checkpoint"]["resume"], os.environ.get(RESUME_SINCE_ENV)))
         if len(seen) == 1:
-            (tmp_path / "checkpoints" / "step_00000003").mkdir()
+            _commit(tmp_path / "checkpoints", 3)
             raise LaunchError("rank 1 failed: RuntimeError: boom", rank=1)
         since = float(os.environ[RESUME_SINCE_ENV])
         assert hour_ago < since <= time.time()
