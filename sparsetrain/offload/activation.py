@@ -263,6 +263,16 @@ class OffloadController:
         out["pool_max_bytes"] = int(self.cfg.max_host_mib * 2**20)
         return out
 
+    def step_metrics(self) -> dict[str, Any]:
+        """This step's counters for the metrics record (this rank; MB), then reset_stats(): bytes moved, pool size
+        and peak, tensors kept for lack of room."""
+        st = self.stats()
+        self.reset_stats()
+        return {"offload_MB": st["offloaded_bytes"] / 2**20, "offload_tensors": st["offloaded_tensors"],
+                "offload_pool_MB": st["pool_capacity_bytes"] / 2**20,
+                "offload_pool_peak_MB": st["pool_peak_bytes"] / 2**20,
+                "offload_pool_full_tensors": st["kept_pool_full_tensors"]}
+
     def reset_stats(self) -> None:
         """Zero the counters (call once per step); the pool peak restarts from what is held now."""
         with self._lock:

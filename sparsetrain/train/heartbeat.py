@@ -2,8 +2,9 @@
 the current step, and when it got there.
 
 Phases of step k (in order): `data` (fetching the batch), `compute` (forward/backward), `sync` (the step's
-gradient collectives), then `done` with k+1 steps completed; `eval` / `save` mark evaluation and checkpoint
-writing, which may legitimately take long. The launcher reads the beats after a failure to say at which step
+gradient collectives), then `done` with k+1 steps completed; `eval` / `save` / `load` mark evaluation,
+checkpoint writing (or the wait for an async save to commit) and a rollback's reading of one, which may
+legitimately take long. The launcher reads the beats after a failure to say at which step
 the group was and how many steps a restart redoes (a SIGKILLed rank leaves no traceback, but its last beat),
 and its watcher (sparsetrain.launcher.watchdog) names the rank that is behind when the group stops moving:
 the others wait for it in a collective.
@@ -18,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DIR = ".heartbeat"
-PHASES = ("done", "data", "compute", "sync", "eval", "save")  # order within a step (done = before the next one)
-LONG_PHASES = ("eval", "save")  # no stall is declared while a rank is in one (collective timeouts still apply)
+PHASES = ("done", "data", "compute", "sync", "eval", "save", "load")  # order within a step (done = before the next)
+# no stall is declared while a rank is in one (collective timeouts still apply): evaluation, writing a checkpoint or
+# waiting for an async one to commit (at the end of a run, on SIGTERM), reading one back (on_nan=rollback)
+LONG_PHASES = ("eval", "save", "load")
 
 
 @dataclass(frozen=True)
@@ -60,15 +63,24 @@ def beat(out_dir: str | Path, rank: int, steps_done: int, phase: str = "done") -
 
 def beats(out_dir: str | Path) -> dict[int, Beat]:
     """{rank: last Beat} (empty when none were written)."""
-    out: dict[int, Beat] = {}
-    for p in _dir(out_dir).glob("rank*"):
-        try:
-            parts = p.read_text().split()
-            out[int(p.name[4:])] = Beat(int(parts[0]), parts[2] if len(parts) > 2 else "done", float(parts[1]),
-                                        int(parts[3]) if len(parts) > 3 else 0, parts[4] if len(parts) > 4 else "")
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
+    found = {int(p.name[4:]): _read(p) for p in _dir(out_dir).glob("rank*") if p.name[4:].isdigit()}
+    return {r: b for r, b in found.items() if b is not None}
+
+
+def _read(path: Path) -> Beat | None:
+    """One rank's beat file parsed (None when unreadable or malformed)."""
+    try:
+        parts = path.read_text().split()
+        return Beat(int(parts[0]), parts[2] if len(parts) > 2 else "done", float(parts[1]),
+                    int(parts[3]) if len(parts) > 3 else 0, parts[4] if len(parts) > 4 else "")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def enter(out_dir: str | Path, rank: int, phase: str) -> None:
+    """Record that `rank` is now in `phase`, its completed steps unchanged (0 before its first beat)."""
+    last = _read(_dir(out_dir) / f"rank{rank}")
+    beat(out_dir, rank, last.steps if last is not None else 0, phase)
 
 
 def steps_done(out_dir: str | Path) -> dict[int, int]:

@@ -27,7 +27,7 @@ from sparsetrain.train.async_checkpoint import AsyncCheckpointer
 from sparsetrain.train.faults import maybe_inject, maybe_kill_in_save, poison_
 from sparsetrain.train.fingerprint import fingerprint
 from sparsetrain.train.guards import NanGuard, NonFiniteLossError, all_finite, stop_flag
-from sparsetrain.train.heartbeat import beat
+from sparsetrain.train.heartbeat import beat, enter
 from sparsetrain.train.location import Location, download_logs, local_dir, upload_logs
 from sparsetrain.train.optim import build_optimizer, lr_at
 from sparsetrain.train.step_collectives import log_step_metrics, reduce_step
@@ -152,8 +152,10 @@ class Trainer:
 
     def flush_checkpoint(self) -> None:
         """checkpoint.async: wait until the save in flight is committed (end of run, SIGTERM, rollback)."""
-        if self.async_ckpt is not None and self.async_ckpt.wait() is not None and self.info.is_main:
-            upload_logs(self.cfg.train.out_dir)
+        if self.async_ckpt is not None and self.async_ckpt.pending is not None:
+            enter(self.out_dir, self.info.rank, "save")  # a slow store is no stall for the launcher's watcher
+            if self.async_ckpt.wait() is not None and self.info.is_main:
+                upload_logs(self.cfg.train.out_dir)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -293,7 +295,7 @@ class Trainer:
             rec = self._measured_step(step) if step == self.start_step else self.train_step(step)
             dt = time.perf_counter() - t0  # ends after the loss / grad norm reached the host: device work done
             if self.offload is not None:
-                rec.update(self._offload_metrics())
+                rec.update(self.offload.step_metrics())
             intervals.add(rec, dt)
             intervals.add_comm(COMM.snapshot())  # this step's bytes, before any eval traffic
             self.train_s += dt
@@ -360,16 +362,6 @@ class Trainer:
         }
         return rec
 
-    def _offload_metrics(self) -> dict[str, Any]:
-        """This step's offload counters (this rank), then reset: bytes moved, pool size, tensors kept for lack of room."""
-        st = self.offload.stats()
-        self.offload.reset_stats()
-        self.offload_last = st
-        return {"offload_MB": st["offloaded_bytes"] / 2**20, "offload_tensors": st["offloaded_tensors"],
-                "offload_pool_MB": st["pool_capacity_bytes"] / 2**20,
-                "offload_pool_peak_MB": st["pool_peak_bytes"] / 2**20,
-                "offload_pool_full_tensors": st["kept_pool_full_tensors"]}
-
     def _restore(self, path: Location, manifest: Any, extra: dict[str, Any], next_step: int) -> None:
         """Load checkpoint `path` into this run, which goes on with step `next_step` (resume and rollback alike)."""
         held = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -383,6 +375,7 @@ class Trainer:
 
     def _rollback(self, step: int) -> None:
         """on_nan=rollback: reload the newest committed checkpoint (weights, optimizer, strategy state)."""
+        enter(self.out_dir, self.info.rank, "load")  # hashing and reading a large one may take minutes
         self.flush_checkpoint()
         path, manifest, refused = ckpt.find_resumable(self.ckpt_dir)  # the newest one that verifies
         if refused:

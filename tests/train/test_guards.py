@@ -66,7 +66,11 @@ def test_no_checkpoint_from_non_finite_weights(tmp_path, capsys: pytest.CaptureF
     assert "weights are not finite; no checkpoint written" in capsys.readouterr().out
 
 
-def test_rollback_reloads_last_checkpoint_and_goes_on(tmp_path, capsys: pytest.CaptureFixture) -> None:
+def test_rollback_reloads_last_checkpoint_and_goes_on(tmp_path, capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    from sparsetrain.train import trainer as trainer_mod
+
+    phases = []  # heartbeat phases entered outside the step's beats (the launcher's watcher reads them)
+    monkeypatch.setattr(trainer_mod, "enter", lambda out, rank, phase: phases.append(phase))
     tr = Trainer(tiny_cfg(tmp_path, "train.on_nan=rollback", "checkpoint.every=2", steps=6))
     _nan_at(tr, {3})
     saved = {}
@@ -93,6 +97,18 @@ def test_rollback_reloads_last_checkpoint_and_goes_on(tmp_path, capsys: pytest.C
     for n, t in saved[1].items():  # after the bad step the weights are those of the step-1 checkpoint
         torch.testing.assert_close(after[3][n], t, rtol=0, atol=0)
     assert summary["steps_run"] == 6 and torch.isfinite(torch.tensor(summary["final_loss"]))
+    assert phases == ["load"]  # reading the checkpoint back is a long phase: no stall declared meanwhile
+
+
+def test_the_wait_for_an_async_commit_at_the_end_is_a_long_phase(tmp_path) -> None:
+    """The end of a run waits for the async save in flight: a slow store there is no stall for the watcher."""
+    from sparsetrain.train import heartbeat
+
+    Trainer(tiny_cfg(tmp_path, "checkpoint.async=true", "checkpoint.every=2", "checkpoint.save_final=false",
+                     steps=3)).fit()
+    last = heartbeat.beats(tmp_path)[0]
+    assert (last.steps, last.phase) == (3, "save") and "save" in heartbeat.LONG_PHASES
+    assert [p.name for p in ckpt.committed(tmp_path / "checkpoints")] == ["step_00000001"]
 
 
 def test_rollback_without_checkpoint_is_an_error(tmp_path) -> None:
