@@ -10,13 +10,17 @@ fixed ports 44217 / 44227 on 0.0.0.0. So a local runtime here is started with
 the node address really set to 127.0.0.1 (Ray's C++ servers then bind loopback
 only), the agent's HTTP port and both metrics ports chosen by the kernel, and a
 reaper (sparsetrain.launcher.reaper) that ends every process of the runtime when
-the launcher dies, even by SIGKILL.
+the launcher dies, even by SIGKILL. Loopback ports are still reachable by every user of the host, so the
+runtime also runs Ray's token authentication (`RAY_AUTH_MODE=token`) with a fresh random token per runtime in
+a 0600 file inside the 0700 temp dir: another local user's client is refused (measured: `InvalidAuthToken`
+from the GCS for no token and for a wrong one).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import secrets
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,9 +31,9 @@ from sparsetrain.launcher.errors import LaunchError
 from sparsetrain.launcher.reaper import start_reaper, stop_reaper
 
 LOOPBACK = "127.0.0.1"
-# Environment of a local runtime's processes (inherited from the driver): auth off because nothing
-# listens beyond loopback; the two metrics servers Ray starts on fixed ports get kernel-chosen ones.
-LOCAL_ENV = {"RAY_AUTH_MODE": "disabled", "AUTOSCALER_METRIC_PORT": "0", "DASHBOARD_METRIC_PORT": "0"}
+# Environment of a local runtime's processes (inherited from the driver): token auth (the token file is added
+# per runtime: `runtime_env`); the two metrics servers Ray starts on fixed ports get kernel-chosen ones.
+LOCAL_ENV = {"RAY_AUTH_MODE": "token", "AUTOSCALER_METRIC_PORT": "0", "DASHBOARD_METRIC_PORT": "0"}
 # RayParams fields ray.init(address="local") does not expose: the node address as given (not resolved
 # to the routable one) and a kernel-chosen dashboard-agent HTTP port instead of the fixed 52365.
 LOCAL_PARAMS = {"node_ip_address": LOOPBACK, "dashboard_agent_listen_port": 0}
@@ -50,6 +54,38 @@ def _loopback_params() -> Iterator[None]:
         yield
     finally:
         parameter.RayParams.__init__ = orig
+
+
+def new_token_file(directory: str) -> str:
+    """A fresh random token (256 bits) in a new file of `directory`, mode 0600 from creation; its path."""
+    path = os.path.join(directory, f"auth_token.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, secrets.token_hex(32).encode())
+    finally:
+        os.close(fd)
+    return path
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def runtime_env(token_path: str) -> dict[str, str]:
+    """LOCAL_ENV with the runtime's token file (a RAY_AUTH_TOKEN already set wins, as in Ray: then that one)."""
+    return LOCAL_ENV | {"RAY_AUTH_TOKEN_PATH": token_path}
+
+
+def reload_auth_settings() -> None:
+    """Ray reads RAY_AUTH_MODE and the token once per process: make this process see the current environment
+    (after the runtime's is set, and again after it is restored, for a later ray.init elsewhere)."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token auth: the variables mean nothing to it
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 @dataclass
@@ -97,7 +133,11 @@ def start_local_ray(num_cpus: int, temp_dir: str) -> LocalRay:
 
     for attempt in range(1, START_ATTEMPTS + 1):
         handle = LocalRay(reaper=start_reaper())
-        handle.env.enter_context(patched_env(LOCAL_ENV))
+        token = new_token_file(os.path.dirname(ray_dir))
+        handle.env.callback(_remove, token)  # unwound last: after the environment is restored and reloaded
+        handle.env.callback(reload_auth_settings)
+        handle.env.enter_context(patched_env(runtime_env(token)))
+        reload_auth_settings()
         try:
             with _loopback_params():
                 ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from sparsetrain.launcher.procs import Listener, _hex_addr, descendants, listening_sockets
@@ -65,6 +66,16 @@ def _wait_for(proc: subprocess.Popen, prefix: str) -> list[str]:
     pytest.fail("launcher ended before its workers ran:\n" + "".join(seen[-40:]))
 
 
+def _gcs_answers(port: int, **auth: str) -> str:
+    """Ask the local runtime's GCS for its nodes from a fresh process with only `auth` as Ray auth settings:
+    'ok', or the error's last line."""
+    code = ("from ray._raylet import GcsClient; "
+            f"print('NODES', len(GcsClient(address='127.0.0.1:{port}').get_all_node_info(timeout=20)))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | auth
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False)
+    return "ok" if r.returncode == 0 and "NODES 1" in r.stdout else (r.stderr.strip().splitlines() or ["?"])[-1]
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(300)
@@ -81,6 +92,14 @@ def test_local_run_listens_on_loopback_only_and_sigkill_leaves_nothing() -> None
         assert not exposed, f"listening beyond loopback: {exposed}"
         fixed = [s for s in ours if s.port in RAY_FIXED_PORTS]
         assert not fixed, f"fixed ports that collide between two runtimes on one host: {fixed}"
+        # loopback ports are open to every local user: the runtime requires its token (0600, in the 0700 dir)
+        (token,) = Path(tmp).glob("auth_token.*")
+        assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_text()) == 64
+        (port_file,) = (Path(tmp) / "r" / "session_latest").glob("gcs_server_port_*")
+        port = int(port_file.read_text().strip())
+        assert "InvalidAuthToken" in _gcs_answers(port)
+        assert "InvalidAuthToken" in _gcs_answers(port, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64)
+        assert _gcs_answers(port, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token)) == "ok"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         deadline = time.monotonic() + 30
