@@ -132,8 +132,8 @@ def start_local_ray(num_cpus: int, temp_dir: str) -> LocalRay:
     ray_dir = os.path.join(private_dir(temp_dir), "r")  # Ray makes its own dirs world-writable (0777): under ours
 
     for attempt in range(1, START_ATTEMPTS + 1):
-        handle = LocalRay(reaper=start_reaper())
         token = new_token_file(os.path.dirname(ray_dir))
+        handle = LocalRay(reaper=start_reaper(remove=(token,)))  # deletes it too, even after a SIGKILL of ours
         handle.env.callback(_remove, token)  # unwound last: after the environment is restored and reloaded
         handle.env.callback(reload_auth_settings)
         handle.env.enter_context(patched_env(runtime_env(token)))

@@ -6,12 +6,13 @@ the processes that appear in the owner's process tree twice a second (pid + kern
 start time, so a reused pid is never touched; what the owner had already started
 before the reaper is left alone). When the pipe closes (the owner exited, crashed or was killed),
 it sends SIGTERM to every recorded process still alive, then SIGKILL after a grace
-period. Ray's own clean-up misses its dashboard and runtime-env agents after a
+period, and deletes the files it was given (`--remove`: the local runtime's auth token file). Ray's own clean-up misses its dashboard and runtime-env agents after a
 SIGKILL of the driver (they stayed listening for minutes); this catches them.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import select
 import signal
@@ -25,10 +26,12 @@ TICK_S = 0.5
 GRACE_S = 3.0
 
 
-def start_reaper(owner: int | None = None) -> subprocess.Popen:
-    """Start a reaper for `owner` (default: this process); close its stdin to make it clean up now."""
+def start_reaper(owner: int | None = None, remove: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start a reaper for `owner` (default: this process) that also deletes the files `remove` when it cleans up;
+    close its stdin to make it clean up now."""
     owner = owner or os.getpid()
-    return subprocess.Popen([sys.executable, "-m", "sparsetrain.launcher.reaper", "--owner", str(owner)],
+    files = [a for path in remove for a in ("--remove", path)]
+    return subprocess.Popen([sys.executable, "-m", "sparsetrain.launcher.reaper", "--owner", str(owner), *files],
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
 
@@ -78,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     """Watch --owner until stdin closes, then end what it started."""
     p = argparse.ArgumentParser(prog="python -m sparsetrain.launcher.reaper")
     p.add_argument("--owner", type=int, required=True)
+    p.add_argument("--remove", action="append", default=[], help="a file to delete after the processes are gone")
     args = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the launcher; it closes our pipe when done
     seen: dict[int, int] = {}
@@ -92,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     if start_time(args.owner) == owner_t:  # the owner closed the pipe itself: take a last look at its tree
         _record(args.owner, seen, before)
     reap(seen)
+    for path in args.remove:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
     return 0
 
 

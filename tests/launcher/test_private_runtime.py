@@ -111,6 +111,7 @@ def test_local_run_listens_on_loopback_only_and_sigkill_leaves_nothing() -> None
             time.sleep(0.5)
         assert not left, f"still listening after the launcher was SIGKILLed: {left}"
         assert not alive, f"processes of the run left after SIGKILL: {alive}"
+        assert not list(Path(tmp).glob("auth_token.*")), "the runtime's token file outlived it"
     finally:
         if proc.poll() is None:
             proc.kill()
