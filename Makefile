@@ -6,10 +6,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sparsetrain-installed
 EXTRAS ?= ray,triton,nvml,viz,data,deepspeed,megatron,dev
-# two pytest-xdist workers, whole files per worker (module fixtures build once): on a 2-core machine the suite
-# spends much of its time starting processes and Ray runtimes, so two workers halve it (measured 24 -> 13 min);
-# the tests use kernel-chosen ports and private temp dirs, so they may run side by side. TEST_WORKERS=0: serial
-TEST_WORKERS ?= 2
+# TEST_WORKERS=2: two pytest-xdist workers, whole files per worker (measured 13-15 min instead of 24-27 on 2
+# cores). Not the default: under that load two timing-sensitive tests failed once each in four fresh-clone runs
+# (a SIGKILL test naming the wrong rank; a Ray runtime restarted after a slow start binding Ray's fixed metrics
+# port), so `make test` (CI) stays serial until they are hardened
+TEST_WORKERS ?= 0
 PYTEST_ARGS ?= -q -p no:cacheprovider $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 # compiled torch extensions (DeepSpeed's CPU communication op) live in a cache inside the project
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
