@@ -130,7 +130,7 @@ def _rank_body(rank: int, world: int, overrides: list[str], steps: int, warmup: 
             slots.append(sum(getattr(tr.strategy, "rank_tokens", {}).values()))
             comm.append(COMM.snapshot())
     peak = peak_tensor_bytes(lambda: tr.train_step(steps))  # one more step, profiled, not timed
-    shutil.rmtree(cfg.train.out_dir, ignore_errors=True)  # this rank's heartbeats: nothing else is written
+    shutil.rmtree(cfg.train.out_dir, ignore_errors=True)  # this rank's scratch out_dir (its heartbeats)
     n = max(len(clock.wall), 1)
     return {"times": clock.wall, "cpu": clock.cpu, "busy_fwd": sum(f for f, _ in fwd_bwd) / n, "busy_bwd": sum(b for _, b in fwd_bwd) / n,
             "slots": sum(slots) / n, "loads": loads, "loss": loss, "dropped": dropped,

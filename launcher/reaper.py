@@ -6,8 +6,9 @@ the processes that appear in the owner's process tree twice a second (pid + kern
 start time, so a reused pid is never touched; what the owner had already started
 before the reaper is left alone). When the pipe closes (the owner exited, crashed or was killed),
 it sends SIGTERM to every recorded process still alive, then SIGKILL after a grace
-period, and deletes the files it was given (`--remove`: the local runtime's auth token file). Ray's own clean-up misses its dashboard and runtime-env agents after a
-SIGKILL of the driver (they stayed listening for minutes); this catches them.
+period, and deletes the files it was given (`--remove`: the local runtime's auth token file). Ray's own
+clean-up misses its dashboard and runtime-env agents after a SIGKILL of the driver (they stayed listening for
+minutes); this catches them.
 """
 from __future__ import annotations
 
