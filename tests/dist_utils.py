@@ -32,8 +32,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from sparsetrain.launcher.env import is_peer_error
 
 __all__ = ["DistributedError", "run_distributed", "start_method"]
+
+ECHO_GRACE_S = 10.0  # how long an echo of a lost peer waits for that peer's own failure
 
 # Imported once in the fork server, so ranks start warm. Nothing of ours (a syntax error there would kill the
 # server); torch.distributed.tensor costs ~0.45 s and is pulled in lazily by torch.testing.assert_close and FSDP2.
@@ -156,33 +159,61 @@ def run_distributed(
 
 
 def _collect(procs: list[Any], conns: list[Connection], timeout: float) -> list[Any]:
-    """Wait for every rank's message; raise on the first failure, crash, or timeout."""
+    """Wait for every rank's message; raise on the first failure, crash, or timeout.
+
+    The error names the cause, not an echo: a rank that died or failed on its own comes before one whose
+    collective only lost that peer ('Connection reset/closed by peer'), which under load can reach the parent
+    first. When only echoes are in, the parent waits up to ECHO_GRACE_S for the rank that went away."""
     deadline = time.monotonic() + timeout
     results: dict[int, Any] = {}
+    failures: dict[int, str] = {}
     by_conn = {c: r for r, c in enumerate(conns)}
     by_sentinel = {p.sentinel: r for r, p in enumerate(procs)}
-    while len(results) < len(procs):
-        left = deadline - time.monotonic()
+    grace_end = None
+    while len(results) + len(failures) < len(procs):
+        now = time.monotonic()
+        if failures and (grace_end is None or now >= grace_end):
+            break
+        left = min(deadline, grace_end or deadline) - now
         if left <= 0:
-            pending = sorted(set(range(len(procs))) - set(results))
+            pending = sorted(set(range(len(procs))) - set(results) - set(failures))
             raise DistributedError(f"timed out after {timeout} s waiting for ranks {pending} (killed)")
-        waitables = [conns[r] for r in range(len(procs)) if r not in results]
-        waitables += [procs[r].sentinel for r in range(len(procs)) if r not in results]
-        for obj in wait(waitables, timeout=left):
-            rank = by_conn.get(obj)
-            if rank is None:  # process exited: it may still have a message in its pipe
-                rank = by_sentinel[obj]
-                if rank in results or conns[rank].poll():
+        pending = [r for r in range(len(procs)) if r not in results and r not in failures]
+        ready = wait([conns[r] for r in pending] + [procs[r].sentinel for r in pending], timeout=left)
+        for obj in ready:
+            rank = by_conn.get(obj, by_sentinel.get(obj))
+            if rank in results or rank in failures:
+                continue
+            if isinstance(obj, int):  # a sentinel: the rank exited;: it may still have a message in its pipe
+                if conns[rank].poll():
                     continue
                 procs[rank].join(timeout=5)
-                raise DistributedError(f"rank {rank} exited with code {procs[rank].exitcode} without a result")
-            if rank in results:
+                failures[rank] = f"rank {rank} exited with code {procs[rank].exitcode} without a result"
                 continue
             try:
                 status, payload = pickle.loads(conns[rank].recv_bytes())
             except EOFError:
-                raise DistributedError(f"rank {rank} closed its pipe without a result") from None
+                procs[rank].join(timeout=5)
+                failures[rank] = f"rank {rank} closed its pipe without a result (exit code {procs[rank].exitcode})"
+                continue
             if status == "err":
-                raise DistributedError(f"rank {rank} failed:\n{payload}")
-            results[rank] = pickle.loads(payload)
+                failures[rank] = f"rank {rank} failed:\n{payload}"
+            else:
+                results[rank] = pickle.loads(payload)
+        if failures and grace_end is None:
+            causes = [m for m in failures.values() if not is_peer_error(m)]
+            grace_end = time.monotonic() + (0 if causes else ECHO_GRACE_S)
+    if failures:
+        raise DistributedError(_root_cause(failures))
     return [results[r] for r in range(len(procs))]
+
+
+def _root_cause(failures: dict[int, str]) -> str:
+    """The failure to report first: a crash, then an error of the rank's own, then an echo; the rest listed."""
+    def rank_of(item: tuple[int, str]) -> tuple[int, int]:
+        rank, msg = item
+        return (0 if "without a result" in msg else 1 if not is_peer_error(msg) else 2), rank
+
+    (_, msg), *rest = sorted(failures.items(), key=rank_of)
+    also = "".join(f"\nalso rank {r}: {m.strip().splitlines()[-1]}" for r, m in rest)
+    return msg + also
