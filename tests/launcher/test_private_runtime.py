@@ -82,15 +82,15 @@ def _gcs_answers(port: int, **auth: str) -> str:
 def test_local_run_listens_on_loopback_only_and_sigkill_leaves_nothing() -> None:
     tmp = f"/tmp/st-pr-{uuid.uuid4().hex[:8]}"
     proc = _run_owned(tmp)
-    tree: set[int] = set()
+    tree: dict[int, int | None] = {}
     try:
         _wait_for(proc, "(rank 1) step 3")
-        tree = descendants(proc.pid) | {proc.pid}
-        ours = [s for s in listening_sockets() if set(s.pids) & tree]
+        tree = _snapshot(descendants(proc.pid) | {proc.pid})
+        ours = _listeners_of(tree)
         assert len(ours) >= 5, f"expected the runtime's listeners (GCS, raylet, workers, store): {ours}"
-        exposed = [s for s in ours if not s.loopback]
+        exposed = [s for s in ours if not s[0].loopback]
         assert not exposed, f"listening beyond loopback: {exposed}"
-        fixed = [s for s in ours if s.port in RAY_FIXED_PORTS]
+        fixed = [s for s in ours if s[0].port in RAY_FIXED_PORTS]
         assert not fixed, f"fixed ports that collide between two runtimes on one host: {fixed}"
         # loopback ports are open to every local user: the runtime requires its token (0600, in the 0700 dir)
         (token,) = Path(tmp).glob("auth_token.*")
@@ -104,8 +104,8 @@ def test_local_run_listens_on_loopback_only_and_sigkill_leaves_nothing() -> None
         proc.wait(timeout=30)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            left = [s for s in listening_sockets() if set(s.pids) & tree]
-            alive = [p for p in tree if start_time(p) is not None and p != proc.pid]
+            left = _listeners_of(tree)
+            alive = [p for p in _alive(tree) if p != proc.pid]
             if not left and not alive:
                 break
             time.sleep(0.5)
@@ -115,8 +115,31 @@ def test_local_run_listens_on_loopback_only_and_sigkill_leaves_nothing() -> None
     finally:
         if proc.poll() is None:
             proc.kill()
-        kill_pids([p for p in tree if p != proc.pid and start_time(p) is not None])
+        kill_pids([p for p in _alive(tree) if p != proc.pid])
         subprocess.run(["rm", "-rf", tmp], check=False)
+
+
+def _snapshot(pids: set[int]) -> dict[int, int | None]:
+    """{pid: kernel start time}: a pid is the run's only while its start time matches (pids are reused; this host's
+    pid_max is 32768 and a busy test run starts thousands of processes)."""
+    return {p: start_time(p) for p in pids}
+
+
+def _alive(tree: dict[int, int | None]) -> list[int]:
+    return [p for p, t in tree.items() if t is not None and start_time(p) == t]
+
+
+def _listeners_of(tree: dict[int, int | None]) -> list[tuple[Listener, list[str]]]:
+    """The listening sockets held by a live process of `tree`, each with its holders' command lines."""
+    alive = set(_alive(tree))
+    return [(s, [_cmdline(p) for p in s.pids]) for s in listening_sockets() if set(s.pids) & alive]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()[:160]
+    except OSError:
+        return "?"
 
 
 @pytest.mark.integration
@@ -135,10 +158,10 @@ def test_sigterm_to_ray_launcher_checkpoints_and_exits_zero(tmp_path, target: st
     env = dict(os.environ, PYTHONUNBUFFERED="1", SPARSETRAIN_RAY_TMPDIR=tmp)
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    tree: set[int] = set()
+    tree: dict[int, int | None] = {}
     try:
         seen = _wait_for(proc, "(rank 0) step     2")
-        tree = descendants(proc.pid)
+        tree = _snapshot(descendants(proc.pid))
         if target == "launcher":
             proc.send_signal(signal.SIGTERM)
         else:  # .heartbeat/rank1: "step time phase pid host"
@@ -153,5 +176,5 @@ def test_sigterm_to_ray_launcher_checkpoints_and_exits_zero(tmp_path, target: st
     finally:
         if proc.poll() is None:
             proc.kill()
-        kill_pids([p for p in tree if start_time(p) is not None])
+        kill_pids(_alive(tree))
         subprocess.run(["rm", "-rf", tmp], check=False)
