@@ -123,12 +123,25 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _check(0 < s.n <= s.m, f"sparsity: need 0 < n <= m, got {s.n}:{s.m}")
         _one_of("sparsity.method", s.method, ("magnitude", "sr_ste"))
         _one_of("sparsity.kernel", s.kernel, ("auto", "reference", "triton", "cuda_2_4"))
+        _check_nm_recipe(s)
     world = world_size or cfg.launch.workers
     _check(not (s.enabled and s.refresh_every > 1 and "experts" in s.modules and p.strategy == "fssdp" and world > 1),
            f"sparsity.refresh_every={s.refresh_every} with parallel.strategy=fssdp: a gathered copy computes its "
            "expert's mask from later weights than the owner's cached one, so ranks would mask one expert "
            "differently; use sparsity.refresh_every=1 (or strategy ep / dp)")
     validate_world(cfg, world)
+
+
+def _check_nm_recipe(s: object) -> None:
+    """The whole N:M recipe (modules, structure-decay stages, ...) as the trainer will build it: a config error
+    here, not a failure at start-up."""
+    from sparsetrain.sparsity.config import NMConfig
+
+    try:
+        NMConfig.from_config(s)
+    except ValueError as e:
+        msg = str(e).replace("NMConfig.", "sparsity.")
+        raise ConfigError(msg if msg.startswith("sparsity.") else f"sparsity: {msg}") from None
 
 
 def _check_trackers(names: list[str]) -> None:

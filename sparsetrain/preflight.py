@@ -94,6 +94,11 @@ def check_device(cfg: Config) -> None:
     if cfg.train.device == "cuda" and visible_gpus() == 0:
         raise ConfigError("train.device=cuda but this machine has no CUDA GPU; use train.device=cpu (or auto), "
                           "or launch.address=... to run on a GPU cluster")
+    launch = cfg.launch
+    inline = launch.workers == 1 and not launch.address and launch.backend != "torchrun"  # runs in this process
+    if inline and launch.gpus_per_worker > 0 and (have := visible_gpus()) < launch.gpus_per_worker:
+        raise ConfigError(f"launch.gpus_per_worker={launch.gpus_per_worker} but this machine has {have} CUDA GPU(s); "
+                          "set launch.gpus_per_worker=0 for CPU, or launch.address=... to run on a GPU cluster")
 
 
 def check_sparsity_kernel(cfg: Config) -> None:

@@ -304,3 +304,15 @@ def test_counters_fit_in_64_bits_and_out_dir_is_not_empty():
         load_config("tiny", ['train.out_dir=""'])
     with pytest.raises(ConfigError, match="train.out_dir is empty"):
         load_config("tiny", ['train.out_dir="  "'])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("sparsity.modules=[bogus]", r"^sparsity\.modules has \['bogus'\]; allowed: experts, mlp, attn$"),
+    ("sparsity.structure_decay=['7:9']", r"^sparsity: structure stage '7:9': m=9 must divide"),
+    ("sparsity.structure_decay=['4:8']", r"^sparsity\.structure_decay is set but structure_decay_every is 0$"),
+])
+def test_the_whole_nm_recipe_is_a_config_check(override: str, message: str) -> None:
+    """The N:M recipe fails at load (exit 2 in every command, `sparsetrain config` too), not at trainer start-up."""
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", ["sparsity.enabled=true", override])
+    assert load_config("tiny", [override]).sparsity.enabled is False  # checked only when N:M training is on

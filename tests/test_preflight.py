@@ -117,6 +117,18 @@ def test_cuda_device_without_a_gpu_is_refused_before_start(monkeypatch) -> None:
     pf.check_device(load_config("tiny", ["train.device=cuda"]))  # a GPU machine passes
 
 
+def test_gpus_per_worker_on_a_machine_without_them_is_refused_inline(monkeypatch) -> None:
+    from sparsetrain import preflight as pf
+
+    monkeypatch.setattr(pf, "visible_gpus", lambda: 0)
+    one = ["launch.workers=1", "launch.gpus_per_worker=1"]
+    with pytest.raises(ConfigError, match=r"launch.gpus_per_worker=1 but this machine has 0 CUDA GPU\(s\)"):
+        pf.check_device(load_config("tiny", one))
+    pf.check_device(load_config("tiny", [*one, "launch.address=10.0.0.1:6379"]))  # the cluster's GPUs, not ours
+    monkeypatch.setattr(pf, "visible_gpus", lambda: 1)
+    pf.check_device(load_config("tiny", one))
+
+
 def test_unquoted_nm_string_gets_a_quoting_hint() -> None:
     with pytest.raises(ConfigError, match=r"sparsity.structure_decay\[0\]: expected str, got int 428.*write '7:8'"):
         load_config("tiny", ["sparsity.structure_decay=[7:8,4:8]"])

@@ -1,8 +1,8 @@
 """Expert placement data, load tracking and ownership re-sharding (pure functions, same result on every rank).
 
 A placement for one MoE layer maps expert (chunk) -> ranks holding a copy this step (P1); the owners (P0)
-hold the one persistent copy. See docs/placement.md. Planners (P0 + loads -> P1) live in `planners.py`
-and are re-exported here as `PLANNERS` / `get_planner`.
+hold the one persistent copy. See docs/placement.md. Planners (P0 + loads -> P1) live in `planners.py`, with
+their registry `PLANNERS` / `get_planner`.
 """
 from __future__ import annotations
 

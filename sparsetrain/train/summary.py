@@ -3,6 +3,7 @@ end-of-run summary table / summary.json."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,8 +46,8 @@ def run_summary(tr: Any, elapsed: float, val_loss: float | None) -> dict[str, An
         **tr.strategy.describe(),
     } | ({"stopped_at_step": tr.stopped_at} if tr.stopped_at is not None else {})
     for k in ("expert_load_max_mean", "expert_busy_max_mean", "spag_MB", "sprs_MB", "reshard_MB", "a2a_MB",
-              "rank_tokens_max_mean", "dropped_slots", "offload_MB", "offload_pool_MB", "offload_pool_peak_MB",
-              "offload_pool_full_tensors"):
+              "rank_tokens_max_mean", "dropped_slots", "offload_MB", "offload_tensors", "offload_pool_MB",
+              "offload_pool_peak_MB", "offload_pool_full_tensors"):
         if k in last:
             summary[k] = last[k]
     if tr.offload is not None:
@@ -54,6 +55,9 @@ def run_summary(tr: Any, elapsed: float, val_loss: float | None) -> dict[str, An
     summary.update(tr.activation_report)
     if tr.info.is_main:
         from sparsetrain.parallel.memory_plan import memory_plan
+
+        if steps_run == 0:  # a rerun of a finished run: its figures stay those of the run that trained
+            summary = _with_trained_figures(summary, tr.out_dir / "summary.json")
 
         summary["plan_memory_mib"] = round(memory_plan(tr.cfg, tr.info.world, tr.device.type).max_mib, 1)
         tr.out_dir.mkdir(parents=True, exist_ok=True)
@@ -67,3 +71,15 @@ def run_summary(tr: Any, elapsed: float, val_loss: float | None) -> dict[str, An
             elif isinstance(v, (dict, list)):
                 print(f"{k}: {json.dumps(v)}", flush=True)
     return summary
+
+
+def _with_trained_figures(fresh: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`fresh` (a rerun that trained nothing) over the figures of the run that trained (its summary.json):
+    throughput, peak memory and placement stay that run's; the val loss is the fresh one."""
+    try:
+        trained = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return fresh
+    if not isinstance(trained, dict) or not trained.get("steps_run"):
+        return fresh
+    return fresh | {k: v for k, v in trained.items() if k not in ("val_loss", "elapsed_s")}

@@ -133,3 +133,13 @@ def test_bf16_autocast_runs(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in tr.history)
     assert math.isfinite(summary["val_loss"])
     assert all(p.dtype == torch.float32 for p in tr.model.parameters())  # autocast, fp32 master weights
+
+
+def test_a_rerun_of_a_finished_run_keeps_its_trained_figures(tmp_path):
+    args = ("checkpoint.save_final=true", "checkpoint.resume=true", "train.eval_every=0")
+    first = Trainer(tiny_cfg(tmp_path, *args, steps=3)).fit()
+    assert first["steps_run"] == 3 and first["step_ms"] > 0
+    again = Trainer(tiny_cfg(tmp_path, *args, steps=3)).fit()  # resumes at step 3 of 3: trains nothing
+    stored = json.loads((tmp_path / "summary.json").read_text())
+    for k in ("steps_run", "step_ms", "tokens_per_s", "final_loss", "peak_memory_mib"):
+        assert stored[k] == again[k] == json.loads(json.dumps(first[k])), k
