@@ -28,6 +28,7 @@ from sparsetrain.rendezvous import is_loopback
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # same lookup order as `ray job`
+PLAINTEXT_ENV = "SPARSETRAIN_ALLOW_PLAINTEXT_TOKEN"  # =1: send the token over remote plain http anyway
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache", ".mypy_cache", "runs")
 
@@ -108,11 +109,16 @@ def client(address: str | None = None, token: str | None = None, token_file: str
     from ray.job_submission import JobSubmissionClient
 
     addr = normalize_address(address or default_address())
+    secret = resolve_token(token, token_file=token_file)
     if warning := cleartext_warning(addr):
+        if secret and os.environ.get(PLAINTEXT_ENV) != "1":  # refused before a byte is sent
+            raise LaunchError(f"refusing to send the Ray token to {addr} over plain http (anyone on the path can "
+                              "read it): use https:// (a TLS proxy in front of the dashboard) or an SSH tunnel to "
+                              f"127.0.0.1; {PLAINTEXT_ENV}=1 sends it anyway")
         print(warning, file=sys.stderr, flush=True)
     check_reachable(addr)
     try:
-        return JobSubmissionClient(addr, headers=auth_headers(resolve_token(token, token_file=token_file)))
+        return JobSubmissionClient(addr, headers=auth_headers(secret))
     except AuthenticationError as e:
         raise LaunchError(f"the Ray cluster at {addr} rejected the request: {e}\nPut the head's token "
                           "(`ray get-auth-token` on the head) in RAY_AUTH_TOKEN or ~/.ray/auth_token.") from None
@@ -224,7 +230,7 @@ def submit(address: str, config: str, overrides: list[str] | None = None, worker
 jobs_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Status, logs or stop of a submitted Ray job.")
 AddressOpt = typer.Option(None, "--address", "-a", help=f"Ray dashboard address (env RAY_API_SERVER_ADDRESS / "
                           f"RAY_ADDRESS, default {DEFAULT_ADDRESS})")
-TokenOpt = typer.Option(None, "--token", hidden=True, help="deprecated: visible in `ps`; use RAY_AUTH_TOKEN or --token-file")
+TokenOpt = typer.Option(None, "--token", hidden=True, help="refused: visible in `ps`; use RAY_AUTH_TOKEN or --token-file")
 TokenFileOpt = typer.Option(None, "--token-file", help="file holding the Ray auth token (default: RAY_AUTH_TOKEN, "
                             "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
 ConfigOpt = typer.Option("tiny", "--config", "-c", help="YAML preset path or name under configs/")
@@ -234,10 +240,12 @@ WaitOpt = typer.Option(False, "--wait", "-w", help="stream the job's logs until 
 FollowOpt = typer.Option(False, "--follow", "-f", help="keep printing until the job ends")
 
 
-def _deprecated_token(token: str | None) -> None:
+def _refuse_token_option(token: str | None) -> None:
+    """--token is refused (exit 2): a token on a command line is readable by every user with `ps`."""
     if token:
-        typer.echo("warning: --token is deprecated (any user can read it with `ps`); put the token in "
-                   "RAY_AUTH_TOKEN or a file (--token-file, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)", err=True)
+        typer.echo("error: --token puts the Ray token on the command line (any user can read it with `ps`); put "
+                   "it in RAY_AUTH_TOKEN or a file (--token-file, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)", err=True)
+        raise typer.Exit(2)
 
 
 def _cli(fn: Any) -> Any:
@@ -253,7 +261,7 @@ def _cli(fn: Any) -> Any:
 def status_command(job_id: str, address: str | None = AddressOpt, token: str | None = TokenOpt,
                    token_file: str | None = TokenFileOpt) -> None:
     """Print a job's status and message."""
-    _deprecated_token(token)
+    _refuse_token_option(token)
     info = _cli(lambda: client(address, token, token_file).get_job_info(job_id))
     typer.echo(f"{job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
 
@@ -262,7 +270,7 @@ def status_command(job_id: str, address: str | None = AddressOpt, token: str | N
 def logs_command(job_id: str, address: str | None = AddressOpt, token: str | None = TokenOpt,
                  follow: bool = FollowOpt, token_file: str | None = TokenFileOpt) -> None:
     """Print a job's driver output (all ranks, prefixed)."""
-    _deprecated_token(token)
+    _refuse_token_option(token)
     jc = _cli(lambda: client(address, token, token_file))
     if follow:
         status = wait_for_job(jc, job_id)
@@ -274,7 +282,7 @@ def logs_command(job_id: str, address: str | None = AddressOpt, token: str | Non
 def stop_command(job_id: str, address: str | None = AddressOpt, token: str | None = TokenOpt,
                  token_file: str | None = TokenFileOpt) -> None:
     """Ask Ray to stop a job (Ray sends its driver SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S)."""
-    _deprecated_token(token)
+    _refuse_token_option(token)
     stopped = _cli(lambda: client(address, token, token_file).stop_job(job_id))
     typer.echo(f"{job_id}: {'stop requested' if stopped else 'already finished'}")
 
@@ -283,7 +291,7 @@ def submit_command(config: str = ConfigOpt, overrides: list[str] | None = SetOpt
                    address: str | None = AddressOpt, workers: int | None = WorkersOpt,
                    wait: bool = WaitOpt, token: str | None = TokenOpt, token_file: str | None = TokenFileOpt) -> None:
     """Submit a training job to a Ray cluster (Ray Jobs API); prints the job id."""
-    _deprecated_token(token)
+    _refuse_token_option(token)
     job_id = _cli(lambda: submit(address or default_address(), config, overrides, workers, wait, token,
                                  token_file=token_file))
     typer.echo(job_id)

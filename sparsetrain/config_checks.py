@@ -6,6 +6,8 @@ what is allowed); `validate_world(cfg, world)` adds the checks that depend on th
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import TYPE_CHECKING
 
 # train.optimizer_impl -> torch.optim.AdamW keyword arguments (sparsetrain.train.optim.build_optimizer)
@@ -37,6 +39,12 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Cross-field checks, run before anything starts."""
     m, e, t, p = cfg.model, cfg.moe, cfg.train, cfg.parallel
+    _check_finite(cfg)
+    _check(m.rope_theta > 0 and m.norm_eps > 0 and m.init_std > 0,
+           f"model: rope_theta, norm_eps and init_std must be > 0, got {m.rope_theta}, {m.norm_eps}, {m.init_std}")
+    _check(e.aux_loss_coef >= 0 and e.z_loss_coef >= 0 and e.bias_update_rate >= 0,
+           f"moe: aux_loss_coef, z_loss_coef and bias_update_rate must be >= 0, got {e.aux_loss_coef}, "
+           f"{e.z_loss_coef}, {e.bias_update_rate}")
     _check(m.d_model > 0 and m.n_layers > 0 and m.n_heads > 0, "model: d_model, n_layers, n_heads must be > 0")
     _check(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
     _check((m.d_model // m.n_heads) % 2 == 0, f"model: head dim {m.d_model // m.n_heads} must be even for RoPE")
@@ -66,6 +74,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                                     "would write checkpoints and logs into the current directory)")
     _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _check(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
+    _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1, beta2 must be in [0, 1), got {t.beta1}, {t.beta2}")
+    _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
     _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _check(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
     _check(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
@@ -130,6 +141,17 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
            "expert's mask from later weights than the owner's cached one, so ranks would mask one expert "
            "differently; use sparsity.refresh_every=1 (or strategy ep / dp)")
     validate_world(cfg, world)
+
+
+def _check_finite(section: object, prefix: str = "") -> None:
+    """Every float setting is a number: NaN and inf pass every `> 0` / `>= 0` check, then silently switch a
+    feature off (`aux_loss_coef=nan`) or surface later as a 'non-finite loss' that names no key."""
+    for f in dataclasses.fields(section):  # type: ignore[arg-type]
+        value, key = getattr(section, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, key + ".")
+        elif isinstance(value, float):
+            _check(math.isfinite(value), f"{key}={value}: must be a finite number")
 
 
 def _check_nm_recipe(s: object) -> None:

@@ -119,6 +119,8 @@ def open_shard_dir(root: str | Path) -> ShardSet:
         for split in SPLITS:
             for entry in meta.get("shards", {}).get(split, []):
                 path = root / entry["file"]
+                if not path.resolve().is_relative_to(root.resolve()):  # meta.json names files of its corpus only
+                    raise DataError(f"data.corpus: {root / META} lists shard {entry['file']!r} outside {root}")
                 getattr(out, split).append(_open_checked(path, meta["dtype"], int(entry["tokens"])))
                 getattr(out, f"{split}_files").append(path)
         if not out.train:

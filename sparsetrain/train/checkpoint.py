@@ -265,7 +265,7 @@ def fallback_line(root: str | Location, good: Location | None, refused: list[tup
     more = f" (and {len(refused) - 1} more refused)" if len(refused) > 1 else ""
     if good is None:
         raise CheckpointError(f"no checkpoint under {root} verifies: {reason}{more}; move the bad ones away "
-                              f"or set checkpoint.resume=false to start over")
+                              f"or start over in another train.out_dir")
     lost = step_of(newest) - step_of(good)
     steps = f"{lost} step{'s' if lost != 1 else ''} earlier"
     if reading:
@@ -284,8 +284,7 @@ def checkpoint_root(out_dir: str, directory: str = "") -> Location:
     return as_location(directory or join(str(out_dir), "checkpoints"))
 
 
-RESUME_HINT = ("resume with the checkpoint's values, or start a new run (another train.out_dir, or "
-               "checkpoint.resume=false)")
+RESUME_HINT = "resume with the checkpoint's values, or start a new run in another train.out_dir"
 
 
 def resume_config_changes(extra: dict[str, Any], cfg_dict: dict[str, Any], path: Location,
@@ -311,8 +310,9 @@ def quick_check(path: Location) -> Any:
 
 
 def preflight_resume(cfg_dict: dict[str, Any]) -> str | None:
-    """Before any process starts: refuse when no checkpoint is whole, or the newest whole one is of another model;
-    returns a warning line when a fresh run (resume off) shares its checkpoint directory with an earlier one.
+    """Before any process starts: refuse when no checkpoint is whole, the newest whole one is of another model, or
+    a fresh run (resume off) would write into the checkpoint directory of an earlier one (it would replace that
+    run's step_N, metrics and summary, and leave a mix that a later resume reads as one run).
 
     Cheap: manifests, file presence and sizes, and the JSON trainer state (hashed; nothing unpickled, no shard
     hashed); the ranks verify the SHA-256 of the checkpoint they resume from and check the config again.
@@ -321,9 +321,9 @@ def preflight_resume(cfg_dict: dict[str, Any]) -> str | None:
     if not cfg_dict["checkpoint"]["resume"]:
         old = committed(root)
         if old:
-            return (f"warning: checkpoint.resume=false, but {root} already holds checkpoints of an earlier run (up "
-                    f"to {old[-1].name}); this run's join them, and retention (checkpoint.keep) and a later resume "
-                    "go by step number across both: use a fresh train.out_dir to keep the runs apart")
+            raise CheckpointError(f"checkpoint.resume=false, but {root} already holds checkpoints of an earlier run "
+                                  f"(up to {old[-1].name}) that a fresh run would overwrite: use a fresh "
+                                  "train.out_dir, remove the earlier run, or set checkpoint.resume=true")
         return None
     refused: list[tuple[Location, str]] = []
     for path in reversed(committed(root)):

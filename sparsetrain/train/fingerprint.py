@@ -59,11 +59,14 @@ def _show(v: Any) -> str:
 def compare(saved_cfg: dict[str, Any], cfg_dict: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(refused, changed): 'key old -> new' for model-defining and for run-control keys that differ.
 
-    Keys present on one side only (a config written by another version) and NOT_COMPARED are skipped.
+    Keys present on one side only (a config written by another version) and NOT_COMPARED are skipped. With
+    sparsity off on both sides its recipe keys (n, m, modules, ...) are run control: they change nothing.
     """
     old, new = flatten(saved_cfg), flatten(cfg_dict)
+    dense = not old.get("sparsity.enabled") and not new.get("sparsity.enabled")  # the N:M recipe defines nothing
     refused, changed = [], []
     for key in sorted(old.keys() & new.keys()):
         if old[key] != new[key] and key not in NOT_COMPARED:
-            (refused if key in MODEL_DEFINING else changed).append(f"{key} {_show(old[key])} -> {_show(new[key])}")
+            defining = key in MODEL_DEFINING and not (dense and key.startswith("sparsity."))
+            (refused if defining else changed).append(f"{key} {_show(old[key])} -> {_show(new[key])}")
     return refused, changed

@@ -92,7 +92,9 @@ def read_manifest(directory: Location) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {directory}: {MANIFEST} does not list {METADATA}")
     name = directory.name
     if name.startswith("step_") and name[5:].isdigit() and manifest.get("step") != int(name[5:]):
-        raise CheckpointError(f"checkpoint {directory}: {MANIFEST} records step {manifest.get('step')}, the directory "
+        step = manifest.get("step")
+        shown = step if isinstance(step, int) and not isinstance(step, bool) else f"{step!r} (not an integer)"
+        raise CheckpointError(f"checkpoint {directory}: {MANIFEST} records step {shown}, the directory "
                               f"name step {int(name[5:])} (renamed or copied over?); refusing to resume from it")
     return manifest
 

@@ -340,7 +340,7 @@ class Trainer:
         TIMERS.enabled = False
         if self.start_step >= cfg.train.steps:  # resumed a finished run: report it instead of nothing
             self._print(f"run already complete at step {cfg.train.steps} (checkpoint in {self.ckpt_dir}); "
-                        f"set checkpoint.resume=false or another train.out_dir to train again")
+                        f"raise train.steps to train on, or use another train.out_dir to train again")
             self.history = self._logged_records()[-1:]
             val_loss = self.evaluate()
         return run_summary(self, elapsed, val_loss)

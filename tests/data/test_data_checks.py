@@ -78,6 +78,23 @@ def test_short_or_corrupt_shard_refused_before_spawn(bpe_corpus, bpe_json, tmp_p
     assert r.exit_code == 1 and "model.vocab_size=256 is smaller" in r.output
 
 
+def test_a_shard_listed_outside_its_corpus_is_refused(bpe_corpus, tmp_path):
+    import json
+    import shutil
+
+    from sparsetrain.data.shards import open_shard_dir
+
+    bad = tmp_path / "bad"
+    shutil.copytree(bpe_corpus, bad)
+    meta = json.loads((bad / "meta.json").read_text())
+    name = meta["shards"]["train"][0]["file"]
+    shutil.copy(bad / name, tmp_path / name)
+    meta["shards"]["train"][0]["file"] = f"../{name}"  # a real shard, outside the corpus directory
+    (bad / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=f"lists shard '../{name}' outside {bad}"):
+        open_shard_dir(bad)
+
+
 def test_token_over_vocab_in_unrecorded_corpus_refused_before_spawn(tmp_path, monkeypatch):
     d = tmp_path / "nano"
     d.mkdir()

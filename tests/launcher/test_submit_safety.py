@@ -39,12 +39,13 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_token_on_command_line_is_deprecated(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_token_on_command_line_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     res = CliRunner().invoke(jobs_app, ["status", "x", "--address", f"http://127.0.0.1:{_closed_port()}",
                                         "--token", "abc"])
-    assert res.exit_code == 1
-    assert "--token is deprecated" in res.output and "cannot reach the Ray dashboard" in res.output
+    assert res.exit_code == 2
+    assert res.output.startswith("error: --token puts the Ray token on the command line") and "abc" not in res.output
+    assert "cannot reach" not in res.output  # refused before any connection
 
 
 def test_remote_http_warns_before_connecting(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -52,5 +53,24 @@ def test_remote_http_warns_before_connecting(monkeypatch: pytest.MonkeyPatch) ->
         raise LaunchError(f"not connecting to {address} in a test")
 
     monkeypatch.setattr("sparsetrain.launcher.jobs.check_reachable", no_traffic)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/nonexistent/token")
     res = CliRunner().invoke(jobs_app, ["status", "x", "--address", "http://192.0.2.123:8265"])
-    assert res.exit_code == 1 and "plain http" in res.output and "not connecting" in res.output
+    assert res.exit_code == 1 and "plain http" in res.output and "not connecting" in res.output  # no token: warned
+
+
+def test_a_token_is_never_sent_over_remote_plain_http(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    sent = []
+    monkeypatch.setattr("sparsetrain.launcher.jobs.check_reachable", lambda a, timeout_s=5.0: sent.append(a))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "SUPERSECRET")
+    for cmd in (["status", "x"], ["logs", "x"], ["stop", "x"]):
+        res = CliRunner().invoke(jobs_app, [*cmd, "--address", "http://192.0.2.123:8265"])
+        assert res.exit_code == 1 and res.output.startswith("error: refusing to send the Ray token to http://192.0"), \
+            res.output
+        assert "SUPERSECRET" not in res.output
+    assert sent == []  # refused before any connection
+    monkeypatch.setenv("SPARSETRAIN_ALLOW_PLAINTEXT_TOKEN", "1")  # the user's explicit choice: warned, then sent
+    monkeypatch.setattr("sparsetrain.launcher.jobs.check_reachable", lambda a, timeout_s=5.0: (_ for _ in ()).throw(
+        LaunchError(f"not connecting to {a} in a test")))
+    res = CliRunner().invoke(jobs_app, ["status", "x", "--address", "http://192.0.2.123:8265"])
+    assert "plain http" in res.output and "not connecting" in res.output

@@ -121,9 +121,9 @@ def test_nothing_verifies_is_an_error_not_a_fresh_start(tmp_path, six_steps):
     root = _copy(out, tmp_path, 5)
     (root / "step_00000005" / ".metadata").unlink()
     cfg = tiny_cfg(tmp_path, *RESUME, steps=6)
-    with pytest.raises(CheckpointError, match="no checkpoint under .* verifies.*checkpoint.resume=false"):
+    with pytest.raises(CheckpointError, match="no checkpoint under .* verifies.*start over in another train.out_dir"):
         ckpt.preflight_resume(to_dict(cfg))  # what `sparsetrain train` checks before any process starts
-    with pytest.raises(CheckpointError, match="no checkpoint under .* verifies.*checkpoint.resume=false"):
+    with pytest.raises(CheckpointError, match="no checkpoint under .* verifies.*start over in another train.out_dir"):
         _run(cfg)  # and the ranks: refused before a single step is trained
     assert not (tmp_path / "metrics.jsonl").exists()
 
@@ -260,9 +260,9 @@ def test_a_renamed_checkpoint_is_refused(tmp_path, six_steps):
     assert latest_checkpoint(root) is None
 
 
-def test_preflight_hashes_the_trainer_state_and_warns_a_fresh_run(tmp_path, six_steps):
+def test_preflight_hashes_the_trainer_state_and_refuses_a_fresh_run_over_an_old_one(tmp_path, six_steps):
     """A bit flip in trainer_state.json falls back to the older checkpoint before start (it used to read as
-    'a different model'); resume=false on a directory with checkpoints gets a warning line."""
+    'a different model'); resume=false on a directory with checkpoints is refused (it would overwrite them)."""
     out, _ = six_steps
     _copy(out, tmp_path, 2, 5)
     state = tmp_path / "checkpoints" / "step_00000005" / "trainer_state.json"
@@ -270,8 +270,9 @@ def test_preflight_hashes_the_trainer_state_and_warns_a_fresh_run(tmp_path, six_
     cfg = to_dict(tiny_cfg(tmp_path, *RESUME))
     assert ckpt.preflight_resume(cfg) is None  # step_00000002 verifies and matches: no error
     cfg["checkpoint"]["resume"] = False
-    warning = ckpt.preflight_resume(cfg)
-    assert warning and "already holds checkpoints of an earlier run (up to step_00000005)" in warning
+    with pytest.raises(CheckpointError, match=r"already holds checkpoints of an earlier run \(up to step_00000005\) "
+                       "that a fresh run would overwrite"):
+        ckpt.preflight_resume(cfg)
 
 
 def test_eval_reads_a_checkpoint_named_by_its_step_dir(tmp_path, six_steps):

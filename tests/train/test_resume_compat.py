@@ -35,6 +35,12 @@ def test_fingerprint_saved_and_compare():
     assert fingerprint(other)["sha256"] != fp["sha256"]
     refused, changed = compare(cfg, other)
     assert refused == ["moe.top_k 2 -> 1"] and changed == ["train.lr 0.003 -> 0.0001"]
+    other = json.loads(json.dumps(cfg))
+    other["sparsity"]["n"], other["sparsity"]["modules"] = 1, []  # the recipe of a sparsity that is off
+    assert compare(cfg, other) == ([], ['sparsity.modules ["experts"] -> []', "sparsity.n 2 -> 1"])
+    other["sparsity"]["enabled"] = True
+    assert compare(cfg, other)[0] == ["sparsity.enabled False -> True", 'sparsity.modules ["experts"] -> []',
+                                      "sparsity.n 2 -> 1"]
 
 
 @pytest.mark.unit
@@ -50,7 +56,8 @@ def test_model_defining_change_refused_listing_keys(tmp_path, six_steps):
     with pytest.raises(CheckpointError, match=want):
         _run(cfg)  # and the ranks, after verifying the checkpoint
     assert not (tmp_path / "metrics.jsonl").exists()
-    ckpt.preflight_resume(to_dict(tiny_cfg(tmp_path, *RESUME, "moe.top_k=1", "checkpoint.resume=false")))
+    with pytest.raises(CheckpointError, match="checkpoint.resume=false, but .* already holds checkpoints"):
+        ckpt.preflight_resume(to_dict(tiny_cfg(tmp_path, *RESUME, "moe.top_k=1", "checkpoint.resume=false")))
 
 
 @pytest.mark.unit
