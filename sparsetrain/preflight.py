@@ -171,11 +171,23 @@ def check_memory(cfg: Config, training: bool = True) -> None:
                           f"shrink model.* / data.batch_size or add workers (see `sparsetrain plan`)")
 
 
+def check_fault_plan() -> None:
+    """A fault-injection plan in the environment (SPARSETRAIN_FAULTS, for reliability tests) parses: a typo there
+    is one line before start, not a traceback in every rank."""
+    from sparsetrain.train.faults import FAULTS_ENV, parse_plan
+
+    try:
+        parse_plan(os.environ.get(FAULTS_ENV, ""))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def preflight(cfg: Config, training: bool = True, data: bool = True) -> None:
     """All pre-start checks for a run on this machine (remote clusters: counters and planner only)."""
     check_planner(cfg)
     check_moe_layers(cfg)
     check_sparsity(cfg)
+    check_fault_plan()
     if cfg.launch.address:
         return  # data and memory live on the cluster's nodes; the ranks check them there
     check_device(cfg)

@@ -165,3 +165,10 @@ def test_transposable_large_m_passes_the_sparsity_check() -> None:
 
     check_sparsity(load_config("tiny", [*BASE, "sparsity.enabled=true", "sparsity.modules=[attn]",
                                         "sparsity.transposable=true", "sparsity.m=8"]))
+
+
+def test_a_bad_fault_plan_is_one_line_before_start(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("SPARSETRAIN_FAULTS", "bogus@x:0")
+    res = CliRunner().invoke(app, ["train", "--set", "launch.workers=1", "--set", f"train.out_dir={tmp_path / 'r'}"])
+    assert res.exit_code == 1 and res.output == "error: SPARSETRAIN_FAULTS: 'bogus@x:0' is not mode@step:rank\n"
+    assert not (tmp_path / "r").exists()
