@@ -84,9 +84,7 @@ def train(config: str = ConfigOpt, overrides: list[str] | None = SetOpt) -> None
     try:
         from sparsetrain.train.checkpoint import checkpoint_root, preflight_resume
 
-        warning = preflight_resume(to_dict(cfg))  # a checkpoint of another model is refused before anything starts
-        if warning:
-            typer.echo(warning, err=True)
+        preflight_resume(to_dict(cfg))  # another model's checkpoint, or an earlier run's, refused before any start
         root = str(checkpoint_root(cfg.train.out_dir, cfg.checkpoint.dir))
         with run_lock(cfg.train.out_dir, root, log=lambda m: typer.echo(m, err=True)):
             if cfg.launch.workers == 1 and not cfg.launch.address and cfg.launch.backend != "torchrun":

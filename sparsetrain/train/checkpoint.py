@@ -309,7 +309,7 @@ def quick_check(path: Location) -> Any:
     return read_extra(path)
 
 
-def preflight_resume(cfg_dict: dict[str, Any]) -> str | None:
+def preflight_resume(cfg_dict: dict[str, Any]) -> None:
     """Before any process starts: refuse when no checkpoint is whole, the newest whole one is of another model, or
     a fresh run (resume off) would write into the checkpoint directory of an earlier one (it would replace that
     run's step_N, metrics and summary, and leave a mix that a later resume reads as one run).
@@ -324,7 +324,7 @@ def preflight_resume(cfg_dict: dict[str, Any]) -> str | None:
             raise CheckpointError(f"checkpoint.resume=false, but {root} already holds checkpoints of an earlier run "
                                   f"(up to {old[-1].name}) that a fresh run would overwrite: use a fresh "
                                   "train.out_dir, remove the earlier run, or set checkpoint.resume=true")
-        return None
+        return
     refused: list[tuple[Location, str]] = []
     for path in reversed(committed(root)):
         try:
@@ -334,7 +334,6 @@ def preflight_resume(cfg_dict: dict[str, Any]) -> str | None:
             continue
         if isinstance(extra, dict):
             resume_config_changes(extra, cfg_dict, path)
-        return None
+        return
     if refused:
         fallback_line(root, None, refused)  # raises: nothing to resume from
-    return None

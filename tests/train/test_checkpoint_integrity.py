@@ -268,7 +268,7 @@ def test_preflight_hashes_the_trainer_state_and_refuses_a_fresh_run_over_an_old_
     state = tmp_path / "checkpoints" / "step_00000005" / "trainer_state.json"
     state.write_text(state.read_text().replace('"n_layers": 2', '"n_layers": 3'))
     cfg = to_dict(tiny_cfg(tmp_path, *RESUME))
-    assert ckpt.preflight_resume(cfg) is None  # step_00000002 verifies and matches: no error
+    ckpt.preflight_resume(cfg)  # step_00000002 verifies and matches: no error
     cfg["checkpoint"]["resume"] = False
     with pytest.raises(CheckpointError, match=r"already holds checkpoints of an earlier run \(up to step_00000005\) "
                        "that a fresh run would overwrite"):
