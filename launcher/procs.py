@@ -31,6 +31,11 @@ def start_time(pid: int) -> int | None:
     return int(f[19])
 
 
+def alive(recorded: dict[int, int | None]) -> list[int]:
+    """The pids of `recorded` ({pid: start time}) that are still the same process (pids are reused)."""
+    return [p for p, t in recorded.items() if t is not None and start_time(p) == t]
+
+
 def parent_map() -> dict[int, int]:
     """{pid: ppid} of every live process."""
     out = {}

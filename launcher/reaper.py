@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from sparsetrain.launcher.procs import descendants, start_time
+from sparsetrain.launcher.procs import alive, descendants, start_time
 
 TICK_S = 0.5
 GRACE_S = 3.0
@@ -59,23 +59,23 @@ def _record(owner: int, seen: dict[int, int], before: set[int]) -> None:
 
 def reap(seen: dict[int, int], grace_s: float = GRACE_S) -> list[int]:
     """SIGTERM then SIGKILL every recorded process that is still the same process; returns those signalled."""
-    alive = [p for p, t in seen.items() if start_time(p) == t]
-    for pid in alive:
+    signalled = alive(seen)
+    for pid in signalled:
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + grace_s
-    left = alive
+    left = signalled
     while left and time.monotonic() < deadline:
         time.sleep(0.1)
-        left = [p for p in left if start_time(p) == seen[p]]
+        left = alive({p: seen[p] for p in left})
     for pid in left:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    return alive
+    return signalled
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,9 +132,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     s = cfg.sparsity
     if s.enabled:
         _check(0 < s.n <= s.m, f"sparsity: need 0 < n <= m, got {s.n}:{s.m}")
-        _one_of("sparsity.method", s.method, ("magnitude", "sr_ste"))
-        _one_of("sparsity.kernel", s.kernel, ("auto", "reference", "triton", "cuda_2_4"))
-        _check_nm_recipe(s)
+        _check_nm_recipe(s)  # method, kernel, modules, stages: as NMConfig, which the trainer builds
     world = world_size or cfg.launch.workers
     _check(not (s.enabled and s.refresh_every > 1 and "experts" in s.modules and p.strategy == "fssdp" and world > 1),
            f"sparsity.refresh_every={s.refresh_every} with parallel.strategy=fssdp: a gathered copy computes its "

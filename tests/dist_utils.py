@@ -184,7 +184,7 @@ def _collect(procs: list[Any], conns: list[Connection], timeout: float) -> list[
             rank = by_conn.get(obj, by_sentinel.get(obj))
             if rank in results or rank in failures:
                 continue
-            if isinstance(obj, int):  # a sentinel: the rank exited;: it may still have a message in its pipe
+            if isinstance(obj, int):  # a sentinel: the rank exited; it may still have a message in its pipe
                 if conns[rank].poll():
                     continue
                 procs[rank].join(timeout=5)
@@ -210,10 +210,10 @@ def _collect(procs: list[Any], conns: list[Connection], timeout: float) -> list[
 
 def _root_cause(failures: dict[int, str]) -> str:
     """The failure to report first: a crash, then an error of the rank's own, then an echo; the rest listed."""
-    def rank_of(item: tuple[int, str]) -> tuple[int, int]:
+    def priority(item: tuple[int, str]) -> tuple[int, int]:
         rank, msg = item
         return (0 if "without a result" in msg else 1 if not is_peer_error(msg) else 2), rank
 
-    (_, msg), *rest = sorted(failures.items(), key=rank_of)
+    (_, msg), *rest = sorted(failures.items(), key=priority)
     also = "".join(f"\nalso rank {r}: {m.strip().splitlines()[-1]}" for r, m in rest)
     return msg + also

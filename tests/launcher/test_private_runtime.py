@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from sparsetrain.launcher.procs import Listener, _hex_addr, descendants, listening_sockets
+from sparsetrain.launcher.procs import Listener, _hex_addr, alive, descendants, listening_sockets
 from sparsetrain.launcher.reaper import reap, start_time
 
 from tests.launcher.ray_head import kill_pids
@@ -105,17 +105,17 @@ def test_local_run_listens_on_loopback_only_and_sigkill_leaves_nothing() -> None
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             left = _listeners_of(tree)
-            alive = [p for p in _alive(tree) if p != proc.pid]
-            if not left and not alive:
+            running = [p for p in alive(tree) if p != proc.pid]
+            if not left and not running:
                 break
             time.sleep(0.5)
         assert not left, f"still listening after the launcher was SIGKILLed: {left}"
-        assert not alive, f"processes of the run left after SIGKILL: {alive}"
+        assert not running, f"processes of the run left after SIGKILL: {running}"
         assert not list(Path(tmp).glob("auth_token.*")), "the runtime's token file outlived it"
     finally:
         if proc.poll() is None:
             proc.kill()
-        kill_pids([p for p in _alive(tree) if p != proc.pid])
+        kill_pids([p for p in alive(tree) if p != proc.pid])
         subprocess.run(["rm", "-rf", tmp], check=False)
 
 
@@ -125,14 +125,10 @@ def _snapshot(pids: set[int]) -> dict[int, int | None]:
     return {p: start_time(p) for p in pids}
 
 
-def _alive(tree: dict[int, int | None]) -> list[int]:
-    return [p for p, t in tree.items() if t is not None and start_time(p) == t]
-
-
 def _listeners_of(tree: dict[int, int | None]) -> list[tuple[Listener, list[str]]]:
     """The listening sockets held by a live process of `tree`, each with its holders' command lines."""
-    alive = set(_alive(tree))
-    return [(s, [_cmdline(p) for p in s.pids]) for s in listening_sockets() if set(s.pids) & alive]
+    live = set(alive(tree))
+    return [(s, [_cmdline(p) for p in s.pids]) for s in listening_sockets() if set(s.pids) & live]
 
 
 def _cmdline(pid: int) -> str:
@@ -176,5 +172,5 @@ def test_sigterm_to_ray_launcher_checkpoints_and_exits_zero(tmp_path, target: st
     finally:
         if proc.poll() is None:
             proc.kill()
-        kill_pids(_alive(tree))
+        kill_pids(alive(tree))
         subprocess.run(["rm", "-rf", tmp], check=False)

@@ -48,18 +48,19 @@ def test_token_on_command_line_is_refused(monkeypatch: pytest.MonkeyPatch) -> No
     assert "cannot reach" not in res.output  # refused before any connection
 
 
-def test_remote_http_warns_before_connecting(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_traffic(address: str, timeout_s: float = 5.0) -> None:  # tests send nothing beyond loopback
-        raise LaunchError(f"not connecting to {address} in a test")
+def _no_traffic(address: str, timeout_s: float = 5.0) -> None:  # tests send nothing beyond loopback
+    raise LaunchError(f"not connecting to {address} in a test")
 
-    monkeypatch.setattr("sparsetrain.launcher.jobs.check_reachable", no_traffic)
+
+def test_remote_http_warns_before_connecting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sparsetrain.launcher.jobs.check_reachable", _no_traffic)
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/nonexistent/token")
     res = CliRunner().invoke(jobs_app, ["status", "x", "--address", "http://192.0.2.123:8265"])
     assert res.exit_code == 1 and "plain http" in res.output and "not connecting" in res.output  # no token: warned
 
 
-def test_a_token_is_never_sent_over_remote_plain_http(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_a_token_is_never_sent_over_remote_plain_http(monkeypatch: pytest.MonkeyPatch) -> None:
     sent = []
     monkeypatch.setattr("sparsetrain.launcher.jobs.check_reachable", lambda a, timeout_s=5.0: sent.append(a))
     monkeypatch.setenv("RAY_AUTH_TOKEN", "SUPERSECRET")
@@ -70,7 +71,6 @@ def test_a_token_is_never_sent_over_remote_plain_http(monkeypatch: pytest.Monkey
         assert "SUPERSECRET" not in res.output
     assert sent == []  # refused before any connection
     monkeypatch.setenv("SPARSETRAIN_ALLOW_PLAINTEXT_TOKEN", "1")  # the user's explicit choice: warned, then sent
-    monkeypatch.setattr("sparsetrain.launcher.jobs.check_reachable", lambda a, timeout_s=5.0: (_ for _ in ()).throw(
-        LaunchError(f"not connecting to {a} in a test")))
+    monkeypatch.setattr("sparsetrain.launcher.jobs.check_reachable", _no_traffic)
     res = CliRunner().invoke(jobs_app, ["status", "x", "--address", "http://192.0.2.123:8265"])
     assert "plain http" in res.output and "not connecting" in res.output
