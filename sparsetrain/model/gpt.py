@@ -148,19 +148,25 @@ class GPT(nn.Module):
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every layer's aux loss from ONE reduction of the [L_moe, E] counts (instead of one per layer), or from
         none when every layer's dispatcher already summed its counts over the ranks (`global_tokens_per_expert`);
-        returns (summed aux loss, the global counts or None when no router needed them)."""
+        returns (summed aux loss, the global counts or None when no router needed them and no dispatcher summed
+        them). Capacity-mode routers (`local_aux`) take f from this rank's own counts."""
         aux = sum(r.aux_loss for r in routes)  # routers that are not deferred (peer layers) computed theirs
-        if not any(getattr(m.router, "defer_aux", False) and m.router.needs_global_counts() for m in moes):
-            return aux, None
+        for m, r, c in zip(moes, routes, local):  # capacity mode: f from this rank's own counts (no reduction)
+            if getattr(m.router, "defer_aux", False) and m.router.local_aux and r.probs_mean is not None:
+                aux = aux + m.router.aux_loss_from(c.detach().float(), r.probs_mean)
         summed = [r.global_tokens_per_expert for r in routes]
-        if all(g is not None for g in summed):  # the dispatchers' count exchanges already summed them
+        have = all(g is not None for g in summed)  # the dispatchers' count exchanges already summed them (free)
+        if not have and not any(getattr(m.router, "defer_aux", False) and m.router.needs_global_counts()
+                                for m in moes):
+            return aux, None
+        if have:
             global_counts = torch.stack(summed).to(local.device).float()  # [L_moe, E]
         else:
             global_counts = self.reduce_counts(local.detach().float())  # [L_moe, E]
         for m, r, g in zip(moes, routes, global_counts):
             if getattr(m.router, "defer_aux", False):
                 m.router.note_global_counts(g)
-                if r.probs_mean is not None:
+                if r.probs_mean is not None and not m.router.local_aux:
                     aux = aux + m.router.aux_loss_from(g, r.probs_mean)
         return aux, global_counts
 

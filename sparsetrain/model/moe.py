@@ -116,6 +116,7 @@ class MoELayer(nn.Module):
         capacity_renorm = router_kw.pop("capacity_renorm", True)
         capacity_priority = router_kw.pop("capacity_priority", "score")
         self.router = TopKRouter(d_model, num_experts, top_k, **router_kw)
+        self.router.local_aux = capacity_factor > 0  # aux fractions over the tokens capacity drops over
         self.experts = GroupedExperts(num_experts, d_model, d_ffn)
         self.dispatcher: Dispatcher = LocalDispatcher(capacity_factor, capacity_renorm, capacity_priority)
         self.last_route: RouterOutput | None = None

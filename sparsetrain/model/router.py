@@ -54,6 +54,10 @@ class TopKRouter(nn.Module):
         # True inside a GPT: the model reduces every layer's counts in one collective after its forward and
         # calls `aux_loss_from` / `note_global_counts` (standalone routers reduce and compute here).
         self.defer_aux = False
+        # capacity mode (set by MoELayer): the aux loss's expert fractions f come from this rank's own routed counts
+        # -- the tokens capacity drops over (GShard's per-group aux loss, DeepSpeed's top2gating) -- not the whole
+        # batch's; a w-rank step then equals w micro-batches of one process, drops and aux loss alike
+        self.local_aux = False
         self._pending_counts = torch.zeros(num_experts)
         if not self.expert_bias.is_meta:
             self.init_buffers()
@@ -85,8 +89,10 @@ class TopKRouter(nn.Module):
         if not self.defer_aux and self.needs_global_counts():
             global_counts = self.reduce_counts(counts.detach().float())
             self.note_global_counts(global_counts)
-            if probs_mean is not None:
+            if probs_mean is not None and not self.local_aux:
                 aux = self.aux_loss_from(global_counts, probs_mean)
+        if not self.defer_aux and probs_mean is not None and self.local_aux:
+            aux = self.aux_loss_from(counts.detach().float(), probs_mean)
         z = x.new_zeros((), dtype=torch.float32)
         if self.z_loss_coef > 0:
             z = self.z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
@@ -97,12 +103,15 @@ class TopKRouter(nn.Module):
         return self.aux_loss_coef > 0 and self.balance == "aux_loss"
 
     def needs_global_counts(self) -> bool:
-        """Whether this forward needs the global batch's routed counts (aux loss, or an aux-free bias update)."""
-        return self.uses_aux_loss or (self.training and self.balance == "aux_free" and not recomputing())
+        """Whether this forward needs the global batch's routed counts (aux loss over the whole batch, or an
+        aux-free bias update)."""
+        return (self.uses_aux_loss and not self.local_aux) or \
+            (self.training and self.balance == "aux_free" and not recomputing())
 
     def aux_loss_from(self, global_counts: torch.Tensor, probs_mean: torch.Tensor) -> torch.Tensor:
-        """Switch/GShard: coef * E * sum_e f_e * P_e with f from the global batch's counts [E], P the mean
-        gate probability [E] over local tokens; the mean over ranks equals the single-process value."""
+        """Switch/GShard: coef * E * sum_e f_e * P_e with f from the global batch's counts [E] (the rank's own
+        under `local_aux`), P the mean gate probability [E] over local tokens; with global counts the mean over
+        ranks equals the single-process value."""
         f = global_counts / global_counts.sum().clamp_min(1.0)  # [E]
         return self.aux_loss_coef * self.num_experts * (f.to(probs_mean) * probs_mean).sum()
 
