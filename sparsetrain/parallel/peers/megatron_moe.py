@@ -38,6 +38,16 @@ def import_megatron() -> Any:
     return megatron.core
 
 
+def _without_transformer_engine() -> None:
+    """Megatron-Core 0.16's router GEMM reads `moe_utils.te_general_gemm`, which is bound only when Transformer
+    Engine imports: without TE the name is undefined (NameError at the first forward), not None. Bind it to
+    None so the router takes its plain torch GEMM, as it does when TE is present but unused."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 class MegatronMoEBlock(MoELayer):
     """An MoE FFN computed by Megatron-Core's MoELayer; GPT and the trainer see it as an MoE layer."""
 
@@ -113,6 +123,7 @@ class MegatronMoE(Strategy):
         from megatron.core.transformer.moe.moe_layer import MoELayer as McoreMoELayer
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
+        _without_transformer_engine()
         if not dist.is_initialized():  # one process: Megatron still wants a (1-rank) process group
             dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=1,
