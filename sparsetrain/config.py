@@ -47,7 +47,7 @@ class MoEConfig:
     num_experts: int = 8
     top_k: int = 2
     d_ffn: int = 256  # hidden size of one expert
-    aux_loss_coef: float = 0.01  # load-balancing loss (Switch/GShard form)
+    aux_loss_coef: float = 0.01  # load-balancing loss (Switch/GShard form; capacity mode: f over the rank's micro-batch)
     z_loss_coef: float = 0.001  # router z-loss
     balance: str = "aux_loss"  # aux_loss | aux_free (bias balancing, DeepSeek-V3)
     bias_update_rate: float = 0.001  # aux_free: step size of the expert bias update
@@ -170,7 +170,7 @@ class TrainConfig:
     optimizer_impl: str = "fused"  # AdamW kernel: fused (one pass per tensor, no temporaries) | foreach | for-loop
     precision: str = "fp32"  # fp32 | bf16: fp32 master weights + Adam state; bf16 compute, FSDP2 all-gathers,
     # spAG expert chunks and token all-to-all
-    grad_reduce_dtype: str = "fp32"  # bf16 runs: dtype of FSDP2 gradient reduce-scatter and spRS (fp32 | bf16)
+    grad_reduce_dtype: str = "fp32"  # dtype of FSDP2 gradient reduce-scatter and spRS, either precision (fp32 | bf16)
     log_every: int = 10
     eval_every: int = 100
     out_dir: str = "runs/default"

@@ -19,13 +19,14 @@ def compute_dtype(precision: str) -> torch.dtype | None:
 
 
 def mixed_precision_policy(precision: str, grad_reduce_dtype: str = "fp32") -> object | None:
-    """FSDP2 policy for train.precision=bf16: bf16 params in compute and all-gathers, gradients reduced in
-    `grad_reduce_dtype` (fp32 by default), fp32 sharded master params; None for fp32."""
-    if precision != "bf16":
+    """FSDP2 policy: under train.precision=bf16, bf16 params in compute and all-gathers over fp32 sharded master
+    params; gradients reduced in `grad_reduce_dtype` (fp32 by default) in either precision (FSDP2's reduce_dtype
+    applies to fp32 params too, as torchtitan's `mixed_precision_reduce`); None when nothing is cast."""
+    if precision != "bf16" and grad_reduce_dtype == "fp32":
         return None
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=DTYPES[grad_reduce_dtype])
+    return MixedPrecisionPolicy(param_dtype=compute_dtype(precision), reduce_dtype=DTYPES[grad_reduce_dtype])
 
 
 RESHARD_POLICIES = ("default", "always", "never")

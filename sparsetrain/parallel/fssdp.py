@@ -153,8 +153,9 @@ class FSSDP(Strategy):
         return compute_dtype(self.cfg.train.precision) or experts.w1.dtype
 
     def grad_dtype(self, experts: GroupedExperts) -> torch.dtype:
-        """Dtype copies' gradients are accumulated and reduced in (spRS): train.grad_reduce_dtype under bf16."""
-        if self.cfg.train.precision != "bf16":
+        """Dtype copies' gradients are accumulated and reduced in (spRS): train.grad_reduce_dtype in either
+        precision (fp32 under precision fp32 means the parameters' own dtype: fp64 stays fp64)."""
+        if self.cfg.train.precision != "bf16" and self.cfg.train.grad_reduce_dtype == "fp32":
             return experts.w1.dtype
         return DTYPES[self.cfg.train.grad_reduce_dtype]
 
