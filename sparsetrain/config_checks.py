@@ -97,6 +97,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(o.every_k_layers >= 1, f"offload.every_k_layers must be >= 1, got {o.every_k_layers}")
     _check(o.min_tensor_bytes >= 0, f"offload.min_tensor_bytes must be >= 0, got {o.min_tensor_bytes}")
     _check(o.max_host_mib >= 0, f"offload.max_host_mib must be >= 0 (0 = unbounded), got {o.max_host_mib}")
+    _check(not (o.enabled and o.checkpoint_activations and t.activation_checkpointing == "full"),
+           "offload.checkpoint_activations=true has no effect with train.activation_checkpointing=full (every "
+           "block is recomputed already; offload moves the checkpoint inputs): set one of them")
     _check(cfg.data.batch_size >= 1, f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
     _check(0 < cfg.data.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     _one_of("data.sampling", cfg.data.sampling, ("random", "sequential"))

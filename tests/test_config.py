@@ -174,6 +174,9 @@ ONE = ["launch.workers=1"]
     (["parallel.fssdp.reshard_early=true", "parallel.fssdp.reshard_every=0"], "parallel.fssdp.reshard_early"),
     (["parallel.fssdp.reshard_early=true", "parallel.fssdp.reshard_every=5", "parallel.fssdp.load_window=1"],
      "parallel.fssdp.load_window >= 2"),
+    # full checkpointing recomputes every block already: offload's own checkpointing would do nothing
+    (["train.activation_checkpointing=full", "offload.enabled=true", "offload.checkpoint_activations=true"],
+     "offload.checkpoint_activations=true has no effect with train.activation_checkpointing=full"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_validation_rules(overrides, needle):
     ov = overrides if any(o.startswith("launch.workers") for o in overrides) else ONE + overrides
@@ -282,6 +285,13 @@ def test_load_yaml_allows_merge_key_overrides_and_equal_keys_in_separate_mapping
         load_yaml("- {1: a}\n- {1: a, 1: b}\n", "t.yaml")
     with pytest.raises(yaml.YAMLError):
         load_yaml("a: [1, 2\n", "t.yaml")
+
+
+def test_offload_checkpointing_is_accepted_where_it_does_something() -> None:
+    for mode in ("none", "selective"):  # selective: offload recomputes its blocks whole, not only their FFN
+        load_config("tiny", ONE + [f"train.activation_checkpointing={mode}", "offload.enabled=true",
+                                   "offload.checkpoint_activations=true"])
+    load_config("tiny", ONE + ["train.activation_checkpointing=full", "offload.enabled=true"])  # offloads inputs
 
 
 def test_fssdp_refuses_cached_expert_masks_on_several_ranks() -> None:
