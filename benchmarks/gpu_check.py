@@ -28,7 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET_S = 570.0  # the whole check stays under 10 minutes: each step's limit is cut to what is left
 _DEADLINE = [float("inf")]
-STRATEGIES = ("dp", "ep", "fssdp", "megatron_moe")  # megatron_moe: the peer, CUDA and megatron-core only
+# strategy[:precision]. megatron_moe is the peer (CUDA and megatron-core only): its layer runs fp32 under the
+# trainer's bf16 autocast (see MegatronMoEBlock.forward), so it is also timed beside ep with both in fp32
+STRATEGIES = ("dp", "ep", "fssdp", "megatron_moe", "ep:fp32", "megatron_moe:fp32")
 # GPU-sized training check: 0.84B parameters (16 experts of d_ffn 2048 in 8 layers; 0.13B active), bf16, 30 steps
 GPU_MODEL = ["model.d_model=1024", "model.n_heads=16", "model.n_layers=8", "model.seq_len=1024",
              "moe.num_experts=16", "moe.d_ffn=2048", "data.batch_size=16", "train.precision=bf16", "train.steps=30"]
@@ -36,7 +38,7 @@ CPU_MODEL = ["model.d_model=32", "model.n_heads=4", "model.n_layers=2", "model.s
              "moe.d_ffn=32", "data.batch_size=4", "train.steps=2"]
 
 
-def train_one(strategy: str, device: str, out: Path) -> dict:
+def train_one(variant: str, device: str, out: Path) -> dict:
     """Run the trainer in this process with a world-1 process group (NCCL on CUDA, gloo on CPU)."""
     import torch
     import torch.distributed as dist
@@ -46,17 +48,20 @@ def train_one(strategy: str, device: str, out: Path) -> dict:
     from sparsetrain.parallel.mesh import DistInfo
     from sparsetrain.train.trainer import Trainer
 
+    strategy, _, precision = variant.partition(":")
+    tag = variant.replace(":", "_")
     dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
-    store = dist.FileStore(str(out / f"store-{strategy}"), 1)
+    store = dist.FileStore(str(out / f"store-{tag}"), 1)
     kw = {"device_id": dev} if dev.type == "cuda" else {}
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=store, rank=0, world_size=1, **kw)
     try:
         over = ["launch.workers=1", f"parallel.strategy={strategy}", f"train.device={device}", "train.log_every=5",
-                "train.eval_every=0", "train.progress=false", f"train.out_dir={out / strategy}",
+                "train.eval_every=0", "train.progress=false", f"train.out_dir={out / tag}",
                 "checkpoint.save_final=false", "checkpoint.resume=false", "checkpoint.every=0"]
-        cfg = load_config("tiny", over + (GPU_MODEL if dev.type == "cuda" else CPU_MODEL))
+        model = GPU_MODEL if dev.type == "cuda" else CPU_MODEL
+        cfg = load_config("tiny", over + model + ([f"train.precision={precision}"] if precision else []))
         summary = Trainer(cfg, DistInfo(device=dev)).fit()
         summary["plan_mib"] = memory_plan(cfg, world=1, device=device).max_mib
         summary["backend"] = dist.get_backend()
@@ -94,7 +99,7 @@ def _device_row(cuda: bool) -> tuple[str, str, float, str]:
 
 
 def _train_row(strategy: str, device: str, out: Path, timeout: int) -> tuple[tuple[str, str, float, str], str]:
-    res = out / f"train-{strategy}.json"
+    res = out / f"train-{strategy.replace(':', '_')}.json"
     status, secs, text = _run([sys.executable, __file__, "--train-one", strategy, "--device", device,
                                "--out", str(out), "--result", str(res)], timeout)
     if status == "pass" and res.exists():
@@ -143,7 +148,7 @@ def main() -> None:
             if not run_here:
                 rows.append((f"train {s} (world 1)", skip, 0.0, ""))
                 continue
-            if s == "megatron_moe" and not (cuda and importlib.util.find_spec("megatron")):
+            if s.startswith("megatron_moe") and not (cuda and importlib.util.find_spec("megatron")):
                 why = "no CUDA device" if not cuda else "megatron-core not installed (extra .[megatron])"
                 rows.append((f"train {s} (world 1)", f"skipped: {why}", 0.0, ""))
                 continue

@@ -103,7 +103,8 @@ class LocalDispatcher:
         with span("experts"):
             y_sorted = experts(x_sorted, counts.tolist())  # [S, d]
         with span("combine"):
-            y_slots = x.new_zeros(t * k, x.shape[-1]).index_copy(0, order, y_sorted)  # [T*k, d]
+            # the experts' dtype (bf16 from the grouped GEMM under autocast, with fp32 tokens in)
+            y_slots = y_sorted.new_zeros(t * k, y_sorted.shape[-1]).index_copy(0, order, y_sorted)  # [T*k, d]
             return combine_slots(y_slots, weights), dropped
 
 

@@ -49,5 +49,15 @@ def test_megatron_moe_matches_sparsetrain_forward_and_grads(nccl_group):
                 torch.testing.assert_close(expert.linear_fc1.weight.grad, fc1, rtol=1e-3, atol=1e-6)
                 torch.testing.assert_close(expert.linear_fc2.weight.grad, mine.experts.w2.grad[e],
                                            rtol=1e-3, atol=1e-6)
+        # train.precision=bf16: the trainer's autocast; Megatron's layer runs fp32 inside it (its linears are
+        # autograd Functions autocast does not reach), the rest of the model in bf16
+        peer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = peer(idx[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten())
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), losses[0][1], rtol=2e-2, atol=0)
+        grads = [p.grad for p in peer.parameters() if p.grad is not None]
+        assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     finally:
         parallel_state.destroy_model_parallel()

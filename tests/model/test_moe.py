@@ -197,3 +197,17 @@ def test_local_experts_get_tokens_in_the_autocast_dtype(monkeypatch):
     seen.clear()
     layer(x)  # autocast off: tokens keep their dtype
     assert seen == [torch.float32]
+
+
+def test_combine_takes_the_experts_dtype():
+    """The grouped GEMM hands back bf16 rows for fp32 tokens under CUDA autocast: the combine scatters them
+    in the experts' dtype (it scattered into an fp32 buffer and index_copy refused, on the first GPU step)."""
+    torch.manual_seed(0)
+    layer = MoELayer(16, 4, 2, 32)
+    layer.experts.reset_parameters(0.02, 0.02)
+    real = layer.experts.forward
+    layer.experts.forward = lambda x, counts: real(x, counts).to(torch.bfloat16)  # as grouped_mm returns them
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    y = layer(x)
+    y.float().sum().backward()
+    assert torch.isfinite(y).all() and x.grad.dtype == torch.float32 and layer.experts.w1.grad is not None

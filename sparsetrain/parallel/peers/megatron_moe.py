@@ -71,7 +71,19 @@ class MegatronMoEBlock(MoELayer):
         self._routed = out  # (probs [T, E] zero off the chosen experts, routing_map [T, E] bool)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, S, d] -> [B, S, d] (Megatron works sequence-first: [S, B, d])."""
+        """x [B, S, d] -> [B, S, d] (Megatron works sequence-first: [S, B, d]).
+
+        Megatron-Core's linears and router GEMM are autograd Functions that torch.autocast does not reach
+        consistently (the forward runs in bf16, the backward multiplies bf16 grads by the fp32 weights and
+        fails); Megatron's own bf16 mode keeps bf16 parameters with fp32 main copies in its optimizer, which
+        this adapter does not replicate. Under autocast the layer therefore runs in its parameters' dtype
+        (fp32) with autocast off: exact, and slower than a bf16 layer (gpu-check's peer row says so)."""
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward(x.float())
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         y, _ = self.moe(x.transpose(0, 1).contiguous())  # [S, B, d]
         probs, routing_map = self._routed
         self._routed = None
