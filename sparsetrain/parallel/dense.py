@@ -68,15 +68,18 @@ def reshard_fsdp(model: nn.Module) -> None:
             m.reshard()
 
 
-def all_reduce_grads(params: list[nn.Parameter], world: int, group: dist.ProcessGroup | None = None) -> None:
-    """Sum the gradients over `group` (default: all ranks) in one flat buffer, then divide by `world`."""
+def all_reduce_grads(params: list[nn.Parameter], world: int, group: dist.ProcessGroup | None = None,
+                     dtype: torch.dtype | None = None) -> None:
+    """Sum the gradients over `group` (default: all ranks) in one flat buffer, then divide by `world`; the
+    buffer travels in `dtype` (train.grad_reduce_dtype=bf16: half the bytes) or the gradients' own dtype."""
     grads = [p.grad for p in params if p.grad is not None]
     if world == 1 or not grads:
         return
     if dist.get_world_size(group) == 1:  # e.g. EP's expert replica group of one: no collective, only the mean
         torch._foreach_div_(grads, world)
         return
-    flat = to_comm(torch.cat([g.reshape(-1) for g in grads]), group)  # [sum numel]
+    flat = torch.cat([g.reshape(-1) for g in grads])  # [sum numel]
+    flat = to_comm(flat if dtype is None else flat.to(dtype), group)
     dist.all_reduce(flat, group=group)
     flat /= world
     offset = 0

@@ -122,7 +122,7 @@ class ExpertParallel(Strategy):
         for p in self._expert_list:
             if p.grad is None:  # none of this rank's experts got a token: zero, as in one process (AdamW steps them;
                 p.grad = torch.zeros_like(p)  # the replica all-reduce packs the same tensors on every replica)
-        all_reduce_grads(self._expert_list, self.info.world, group=self.replica_group)
+        all_reduce_grads(self._expert_list, self.info.world, group=self.replica_group, dtype=self.allreduce_dtype())
 
     def step_metrics(self, comm: dict[str, int], per_rank: dict[str, torch.Tensor]) -> dict[str, float]:
         return {"a2a_MB": comm.get("all_to_all", 0) / 2**20, **super().step_metrics(comm, per_rank)}

@@ -44,6 +44,11 @@ class Strategy:
 
         return mixed_precision_policy(self.cfg.train.precision, self.cfg.train.grad_reduce_dtype)
 
+    def allreduce_dtype(self) -> torch.dtype | None:
+        """Dtype of the flat gradient all-reduces (parallel.dense=ddp, EP's expert replicas): bf16 under
+        train.grad_reduce_dtype=bf16 in either precision, else None (the gradients' own dtype)."""
+        return torch.bfloat16 if self.cfg.train.grad_reduce_dtype == "bf16" else None
+
     def trainable(self, model: GPT) -> list[tuple[str, torch.nn.Parameter]]:
         """(name, param) pairs the optimizer owns on this rank."""
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -64,7 +69,8 @@ class Strategy:
         if self.cfg.parallel.dense == "ddp":
             from sparsetrain.parallel.dense import all_reduce_grads
 
-            all_reduce_grads([p for p in model.parameters() if p not in skip], self.info.world)
+            all_reduce_grads([p for p in model.parameters() if p not in skip], self.info.world,
+                             dtype=self.allreduce_dtype())
 
     def wrap_optimizer(self, model: GPT, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Called once with the built optimizer; returns the one whose param_groups get the learning rate."""
@@ -97,8 +103,11 @@ class Strategy:
         """finish_backward and the trainer's step reduction (`reduce_step`: stats, squared grad norm, counts) in
         ONE collective: with parallel.dense=ddp the step's numbers ride at the end of the flat fp32 dense gradient
         all-reduce (as in a minimal DDP loop, plus a few floats). Returns the StepReduction, or None having done
-        nothing (the trainer then runs finish_backward and reduce_step)."""
+        nothing (the trainer then runs finish_backward and reduce_step). Not fused under grad_reduce_dtype=bf16:
+        the step's numbers need fp32, the gradients then travel in bf16 on their own."""
         if not self.fuses_step_reduction or self.info.world == 1 or not is_dist() or self.cfg.parallel.dense != "ddp":
+            return None
+        if self.allreduce_dtype() is not None:
             return None
         own = self.own_grads()
         params = [p for p in model.parameters() if p not in own]
@@ -188,4 +197,5 @@ class DataParallel(Strategy):
     def finish_backward(self, model: GPT) -> None:
         from sparsetrain.parallel.dense import all_reduce_grads
 
-        all_reduce_grads([p for p in model.parameters() if not hasattr(p, "to_local")], self.info.world)
+        all_reduce_grads([p for p in model.parameters() if not hasattr(p, "to_local")], self.info.world,
+                         dtype=self.allreduce_dtype())

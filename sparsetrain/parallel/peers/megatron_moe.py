@@ -161,8 +161,8 @@ class MegatronMoE(Strategy):
             return
         from sparsetrain.parallel.dense import all_reduce_grads
 
-        all_reduce_grads(self._dense, self.info.world)
-        all_reduce_grads(self._experts, self.info.world, group=self._expert_dp)
+        all_reduce_grads(self._dense, self.info.world, dtype=self.allreduce_dtype())
+        all_reduce_grads(self._experts, self.info.world, group=self._expert_dp, dtype=self.allreduce_dtype())
 
     def replication(self, name: str, p: torch.Tensor) -> int:
         return self.info.world // self.ep_size if not getattr(p, "allreduce", True) else self.info.world
