@@ -65,3 +65,17 @@ def test_core_never_imports_the_peers():
     r = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("reduce,want", [("fp32", None), ("bf16", "bf16")])
+def test_deepspeed_engine_reduces_in_grad_reduce_dtype(reduce, want):
+    """train.grad_reduce_dtype reaches DeepSpeed's gradient all-reduce (`communication_data_type`), as it does
+    every sparsetrain strategy's (it was silently fp32)."""
+    pytest.importorskip("deepspeed")
+    from sparsetrain.parallel.mesh import DistInfo
+    from sparsetrain.parallel.peers.deepspeed_moe import DeepSpeedMoE
+
+    cfg = load_config("tiny", ["parallel.strategy=deepspeed_moe", f"train.grad_reduce_dtype={reduce}"])
+    ds = DeepSpeedMoE(cfg, DistInfo()).ds_config()
+    assert ds.get("communication_data_type") == want
+    assert ds["train_batch_size"] == cfg.data.batch_size and ds["zero_optimization"]["stage"] >= 0

@@ -182,20 +182,25 @@ class DeepSpeedMoE(Strategy):
 
         groups = [{**g, "name": f"group{i}"} for i, g in enumerate(optimizer.param_groups)]  # DeepSpeed keys by name
         client = type(optimizer)(split_params_into_different_moe_groups_for_optimizer(groups))  # groups hold lr, betas
+        self.engine, _, _, _ = self.ds.initialize(model=model, optimizer=client, config=self.ds_config(),
+                                                       dist_init_required=False)
+        return client
+
+    def ds_config(self) -> dict[str, Any]:
+        """The engine's config from ours: batch split, accumulation, clipping, ZeRO stage, and the gradient
+        all-reduce dtype (`communication_data_type`) from train.grad_reduce_dtype, as for every strategy."""
         t = self.cfg.train
         world = max(self.info.world, 1)
-        ds_config = {
+        return {
             "train_batch_size": self.cfg.data.batch_size,
             "train_micro_batch_size_per_gpu": self.cfg.data.batch_size // (world * t.grad_accum),
             "gradient_accumulation_steps": t.grad_accum,
             "gradient_clipping": t.grad_clip,
             "zero_optimization": {"stage": self.cfg.parallel.deepspeed.zero_stage},
+            **({"communication_data_type": "bf16"} if t.grad_reduce_dtype == "bf16" else {}),
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
         }
-        self.engine, _, _, _ = self.ds.initialize(model=model, optimizer=client, config=ds_config,
-                                                       dist_init_required=False)
-        return client
 
     def before_backward(self, last_micro: bool) -> None:
         self.last_micro = last_micro
