@@ -54,6 +54,7 @@ def _train_body(rank: int, world: int, cfg_dict: dict, out: str) -> dict:
     tr = Trainer(config_from_dict(cfg_dict), init_distributed("cpu"))
     tr.fit()
     return {"losses": [r["loss"] for r in tr.history], "a2a_MB": [r.get("a2a_MB", 0.0) for r in tr.history],
+            "grad_norms": [r["grad_norm"] for r in tr.history],
             "layers": [type(m).__name__ for m in tr.model.moe_layers()],
             "engine": type(getattr(tr.strategy, "engine", None)).__name__}
 
@@ -66,6 +67,7 @@ def test_deepspeed_moe_trains_on_two_ranks_from_our_weights(tmp_path):
     common = ["moe.z_loss_coef=0", "train.lr=0.01", "train.warmup_steps=1"]
     ep = small_config("parallel.strategy=ep", *common, steps=steps)
     ref = run_distributed(_train_body, 2, ep, str(tmp_path / "ep"), timeout=600)[0]["losses"]
+    norms = {}
     for zero_stage in (0, 2):
         ds = small_config("parallel.strategy=deepspeed_moe", f"parallel.deepspeed.zero_stage={zero_stage}", *common,
                           steps=steps)
@@ -79,6 +81,10 @@ def test_deepspeed_moe_trains_on_two_ranks_from_our_weights(tmp_path):
         assert min(got[0]["a2a_MB"]) > 0, got[0]["a2a_MB"]  # its token all-to-all is logged as EP's is
         # same GPT, data and initial weights; only float summation order differs before the first update
         assert losses[0] == pytest.approx(ref[0], rel=1e-5, abs=1e-5), (zero_stage, losses[0], ref[0])
+        norms[zero_stage] = got[0]["grad_norms"]
+        assert all(math.isfinite(v) and v > 0 for v in norms[zero_stage]), norms  # ZeRO-0 logged nan
+    # the first step's gradients (same weights and data) have one norm whichever stage keeps it
+    assert norms[0][0] == pytest.approx(norms[2][0], rel=1e-4), norms
 
 
 def _a2a_body(rank: int, world: int, cfg_dict: dict, out: str, steps: int) -> dict:

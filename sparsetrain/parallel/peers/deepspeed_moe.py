@@ -20,6 +20,7 @@ import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from sparsetrain.config import Config
@@ -27,6 +28,7 @@ from sparsetrain.model.gpt import GPT
 from sparsetrain.model.layers import MLP
 from sparsetrain.model.moe import MoELayer
 from sparsetrain.model.router import RouterOutput
+from sparsetrain.parallel.comm import to_comm
 from sparsetrain.parallel.mesh import DistInfo
 from sparsetrain.parallel.strategy import Strategy
 
@@ -212,10 +214,26 @@ class DeepSpeedMoE(Strategy):
             self.engine.step()  # counts the micro-step; the update happens at the accumulation boundary
 
     def optimizer_step(self) -> torch.Tensor:
-        """Clip, update and zero the gradients through the engine; returns its gradient norm."""
+        """Clip, update and zero the gradients through the engine; returns the global gradient norm (before
+        clipping). ZeRO-1/2 record it; ZeRO-0 clips fp32 gradients without keeping the norm (its
+        `get_global_grad_norm()` is None), so at stage 0 it is measured here from the averaged gradients."""
+        own = self._zero0_grad_norm() if self.cfg.parallel.deepspeed.zero_stage == 0 else None
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
+        norm = self.engine.get_global_grad_norm() if own is None else own
         return torch.tensor(float(norm) if norm is not None else float("nan"))
+
+    def _zero0_grad_norm(self) -> torch.Tensor:
+        """sqrt of the sum over ranks of each rank's replication-weighted squared gradient norm (the engine has
+        averaged the gradients in its backward at the accumulation boundary)."""
+        sq = self.local_grad_sq(self.engine.module)
+        if self.info.world > 1 and dist.is_initialized():
+            sq = to_comm(sq)
+            dist.all_reduce(sq)
+        return sq.sqrt().cpu()
+
+    def replication(self, name: str, p: torch.Tensor) -> int:
+        """Dense parameters are identical on every rank; an expert on world / ep_size (its expert-data group)."""
+        return self.info.world // self.ep_size if not getattr(p, "allreduce", True) else self.info.world
 
     def step_metrics(self, comm: dict[str, int], per_rank: dict[str, torch.Tensor]) -> dict[str, float]:
         """`a2a_MB`: DeepSpeed's token all-to-all bytes (summed over ranks), as EP logs its own."""
