@@ -20,15 +20,17 @@ def _stderr(msg: str) -> None:
 
 
 def run_slices(cfg: Config, extra: dict[str, Any]) -> int:
-    """Slices of each val batch the run computed apart: its world size in capacity mode, else 1 (dropless
-    routing is per token, so the cut does not matter)."""
+    """Slices of each val batch the run computed apart: in capacity mode its world size times its grad_accum (the
+    trainer evaluates each rank's share in training micro-batches), else 1 (dropless routing is per token, so
+    the cut does not matter)."""
     if cfg.moe.capacity_factor <= 0:
         return 1
     saved = extra.get("config") if isinstance(extra.get("config"), dict) else {}
-    launch, parallel = saved.get("launch") or {}, saved.get("parallel") or {}
+    launch, parallel, train = saved.get("launch") or {}, saved.get("parallel") or {}, saved.get("train") or {}
+    accum = max(1, int(train.get("grad_accum", cfg.train.grad_accum) or 1))
     if parallel.get("strategy", "none") == "none":
-        return 1
-    return max(1, int(launch.get("workers", 1) or 1))
+        return accum
+    return max(1, int(launch.get("workers", 1) or 1)) * accum
 
 
 @torch.no_grad()

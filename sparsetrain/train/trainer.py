@@ -159,13 +159,16 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation cross entropy (nats/token) over data.eval_batches fixed batches."""
+        """Mean validation cross entropy (nats/token) over data.eval_batches fixed batches. Capacity mode drops per
+        forward, so there each batch runs in training micro-batches: the same number at any world size."""
         self.model.eval()
         total = torch.zeros((), device=self.device)
+        parts = self.cfg.train.grad_accum if self.cfg.moe.capacity_factor > 0 else 1
         for i in range(self.cfg.data.eval_batches):
             x, y = (t.to(self.device) for t in self.data.val_batch(i))
-            with self._autocast():
-                total += self.model(x, y).loss.float()
+            for xm, ym in zip(x.chunk(parts), y.chunk(parts), strict=True):  # [B/parts, S] each
+                with self._autocast():
+                    total += self.model(xm, ym).loss.float() / parts
         self.model.train()
         return float(all_reduce_mean(total / self.cfg.data.eval_batches))
 

@@ -20,6 +20,7 @@ def _train(rank: int, world: int, cfg: dict, out: str) -> None:
 
 @pytest.mark.parametrize("extra", [
     ["moe.capacity_factor=1.0"],  # each rank applied capacity to its own slice of the val batch
+    ["moe.capacity_factor=1.0", "train.grad_accum=2"],  # ... in training micro-batches (2 per rank)
     ["moe.router_skew=1.2", "moe.skew_drift_every=2"],  # the routing targets of the checkpoint's step, not step 0
 ])
 def test_eval_reproduces_the_logged_val_loss(tmp_path: Path, extra: list[str]) -> None:
