@@ -183,9 +183,10 @@ def _activation_bytes(cfg: Config, tokens: int, slots: float, act: int, mode: st
     `mode` (default train.activation_checkpointing) deciding what a block keeps."""
     m, e = cfg.model, cfg.moe
     d, v = m.d_model, m.vocab_size
-    # bf16 autocast: RMSNorm outputs (bf16 x times the fp32 weight) and their kin stay fp32, about 4.5 * d
-    # fp32 values per token per block beyond the bf16 tensors (MemTracker, CPU autocast)
-    mixed = 18 * d if act != FP32 else 0
+    # bf16 autocast: RMSNorm outputs (bf16 x times the fp32 weight) and their kin stay fp32, about 1.5 * d
+    # fp32 values per token per block beyond the bf16 tensors (MemTracker, CPU autocast; the MoE combine's slot
+    # rows are bf16 since it scatters in the experts' dtype)
+    mixed = 6 * d if act != FP32 else 0
     attn = tokens * (8 * d * act + FP32 * m.n_heads + mixed)
     blocks = []
     mode = mode or cfg.train.activation_checkpointing  # full: the block input only; selective: attention + FFN input

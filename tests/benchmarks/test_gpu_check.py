@@ -21,7 +21,8 @@ def test_without_cuda_every_row_says_skipped(tmp_path):
     assert p.returncode == 0, p.stderr
     report = (tmp_path / "REPORT.md").read_text()
     rows = [ln for ln in report.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
-    assert len(rows) == 1 + 3 + 1 + 2  # device, dp/ep/fssdp, tests/gpu, two benchmarks
+    # device, dp/ep/fssdp/megatron_moe and the fp32 pair ep/megatron_moe, tests/gpu, two benchmarks
+    assert len(rows) == 1 + 6 + 1 + 2
     assert all("skipped" in r for r in rows), report
 
 
