@@ -6,7 +6,8 @@ reductions, logged-step byte/timer/peak-memory gathers) runs on NCCL with CUDA t
 tokens/s, MFU and peak memory next to `sparsetrain plan`, and Megatron-Core's MoELayer
 (`parallel.strategy=megatron_moe`, alltoall dispatcher) trained the same way on the same model and data
 when megatron-core is installed; the CUDA-only tests (`tests/gpu`: 2:4
-semi-structured, grouped_mm, spAG/spRS on the side stream over NCCL, pinned offload); `benchmarks/nm_gemm.py`
+semi-structured, grouped_mm, spAG/spRS on the side stream over NCCL, pinned offload, Megatron-Core equal to
+sparsetrain on the same weights); `benchmarks/nm_gemm.py`
 and `benchmarks/offload.py` at their GPU sizes. Each check runs in its own process with a time limit.
 Without CUDA every row says so and is skipped; `--cpu-flow` runs the same flow on CPU (gloo, tiny sizes) to
 check the script itself.
@@ -159,7 +160,7 @@ def main() -> None:
         if run_here:
             status, secs, text = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu"],
                                       240 if cuda else 600)
-            rows.append(("tests/gpu (2:4, grouped_mm, side streams, pinned offload)", status, secs,
+            rows.append(("tests/gpu (2:4, grouped_mm, side streams, pinned offload, Megatron-Core)", status, secs,
                          _tail(text, 1)))
             logs.append(("tests/gpu", _tail(text)))
         else:

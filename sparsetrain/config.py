@@ -170,7 +170,7 @@ class TrainConfig:
     optimizer_impl: str = "fused"  # AdamW kernel: fused (one pass per tensor, no temporaries) | foreach | for-loop
     precision: str = "fp32"  # fp32 | bf16: fp32 master weights + Adam state; bf16 compute, FSDP2 all-gathers,
     # spAG expert chunks and token all-to-all
-    grad_reduce_dtype: str = "fp32"  # dtype of FSDP2 gradient reduce-scatter and spRS, either precision (fp32 | bf16)
+    grad_reduce_dtype: str = "fp32"  # fp32 | bf16: every gradient reduction (FSDP2, spRS, flat all-reduces, peers)
     log_every: int = 10
     eval_every: int = 100
     out_dir: str = "runs/default"

@@ -2,7 +2,8 @@
 
 Two things of the run decide what its logged val loss was, beyond the weights: the routing step (routing
 workloads move their targets with it; the run evaluated after that step's training) and, in capacity mode
-(moe.capacity_factor > 0), how the val batch was cut: each rank applied capacity to its own slice of it.
+(moe.capacity_factor > 0), how the val batch was cut: each rank applied capacity per training micro-batch of its
+slice (world size x grad_accum slices in all).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from sparsetrain.config import Config, to_dict
+from sparsetrain.config import Config, ConfigError, to_dict
 
 
 def _stderr(msg: str) -> None:
@@ -41,7 +42,8 @@ def val_loss(model: Any, data: Any, batches: int, slices: int = 1) -> float:
     for i in range(batches):
         x, y = data.val_batch(i)  # [B, S] each
         if x.shape[0] % slices:
-            raise ValueError(f"val batch of {x.shape[0]} rows does not split into the run's {slices} ranks")
+            raise ConfigError(f"val batches of {x.shape[0]} rows do not split into the run's {slices} slices "
+                              "(world size x train.grad_accum in capacity mode): pass the run's data.batch_size")
         total += sum(float(model(xs, ys).loss) for xs, ys in zip(x.chunk(slices), y.chunk(slices))) / slices
     return total / batches
 

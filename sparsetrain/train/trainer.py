@@ -160,7 +160,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation cross entropy (nats/token) over data.eval_batches fixed batches. Capacity mode drops per
-        forward, so there each batch runs in training micro-batches: the same number at any world size."""
+        forward, so there each batch runs in training micro-batches (w ranks = one process, grad_accum x w)."""
         self.model.eval()
         total = torch.zeros((), device=self.device)
         parts = self.cfg.train.grad_accum if self.cfg.moe.capacity_factor > 0 else 1

@@ -32,7 +32,7 @@ def test_spag_then_sprs_on_the_side_stream(nccl_group, transport):
 
 
 def test_fssdp_prefetch_trains_on_cuda(nccl_group, tmp_path):
-    """World-1 FSSDP/EP/DP training steps on the GPU with the process group up (the trainer's CUDA path)."""
+    """World-1 none/EP/FSSDP training steps on the GPU with the process group up (the trainer's CUDA path)."""
     from sparsetrain.config import load_config
     from sparsetrain.parallel.mesh import DistInfo
     from sparsetrain.train.trainer import Trainer

@@ -60,3 +60,18 @@ def test_generate_from_a_workload_run_routes_per_token(tmp_path: Path) -> None:
     b = generate(model, [3, 14, 15, 9, 2], 8, temperature=0, use_cache=False, keep_logits=True)
     assert a.ids == b.ids
     torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_val_batch_that_does_not_split_is_one_config_line() -> None:
+    """A val batch the run's slices (world x grad_accum in capacity mode) do not divide: a config error naming
+    the fix, not a traceback."""
+    from sparsetrain.config import ConfigError
+    from sparsetrain.train.offline_eval import val_loss
+
+    class FiveRows:
+        def val_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.zeros(5, 4, dtype=torch.long), torch.zeros(5, 4, dtype=torch.long)
+
+    with pytest.raises(ConfigError, match="do not split into the run's 4 slices .*data.batch_size"):
+        val_loss(None, FiveRows(), 1, slices=4)
