@@ -3,7 +3,7 @@
 A sweep file (configs/sweeps/NAME.yaml):
 
     base: tiny                      # preset every point starts from
-    out_dir: runs/sweeps/NAME       # sweep.jsonl, sweep.csv and points/NNN/ (each point's train.out_dir)
+    out_dir: runs/sweeps/NAME       # sweep.jsonl, sweep.csv and points/NNN-<id>/ (each point's train.out_dir)
     set: {train.steps: 20}          # overrides shared by every point
     grid:                           # cartesian product; an axis without a dot maps names to override sets
       parallel.strategy: [ep, fssdp]
@@ -11,7 +11,8 @@ A sweep file (configs/sweeps/NAME.yaml):
     points: [{...}, {...}]          # instead of (or after) the grid: explicit override sets
     timeout_s: 1800                 # per point
 
-Every point is validated before any runs. A point runs in a fresh process through the launcher (local
+Every point is validated before any runs (its config and the checks `sparsetrain train` makes before start:
+memory fit, data, device); one sweep at a time owns out_dir (a lock). A point runs in a fresh process through the launcher (local
 Ray / torchrun / inline per its launch.* keys, or a Ray cluster when launch.address is set). Finished
 points are recorded in sweep.jsonl as they end (config keys + summary metrics, or the one-line error of
 a failed point) and are not rerun when the sweep is started again; failed and unfinished points are.
@@ -22,6 +23,7 @@ import csv
 import hashlib
 import itertools
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -51,12 +53,18 @@ class SweepPoint:
     index: int
     keys: dict[str, Any]
     overrides: dict[str, Any]
+    base: str = "tiny"
 
     @property
     def point_id(self) -> str:
-        """Stable id from the overrides (a resumed sweep matches points by it, not by position)."""
-        blob = json.dumps(self.overrides, sort_keys=True, default=str)
+        """Stable id from the base preset and the overrides: a resumed sweep matches points by it, not by position,
+        and a changed `base` makes new points (an edited preset file does not: give it a new name)."""
+        blob = json.dumps({"base": self.base, "overrides": self.overrides}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def dir_name(self) -> str:
+        """points/<index>-<id>: one directory per configuration, so an edited grid never reuses a finished one's."""
+        return f"{self.index:03d}-{self.point_id}"
 
     def set_args(self) -> list[str]:
         """`--set key=value` pairs for the CLI (values as YAML flow scalars)."""
@@ -93,6 +101,8 @@ def _axis_values(name: str, values: Any, source: str) -> list[tuple[Any, dict[st
 def load_sweep(path: str | Path) -> Sweep:
     """Parse and validate a sweep file; every point's config is checked before anything runs."""
     from sparsetrain.config import ConfigError, load_config
+    from sparsetrain.data.errors import DataError
+    from sparsetrain.preflight import preflight
 
     src = Path(path)
     if not src.exists():
@@ -117,26 +127,22 @@ def load_sweep(path: str | Path) -> Sweep:
     shared = dict(shared)
     if not grid and not explicit:
         raise LaunchError(f"{src}: needs a 'grid' or a 'points' list")
-    try:
-        timeout_s = float(data.get("timeout_s") or 0)
-    except (TypeError, ValueError):
-        timeout_s = -1.0
-    if not timeout_s >= 0:
-        raise LaunchError(f"{src}: timeout_s must be a number of seconds >= 0 (0 = none), got {data['timeout_s']!r}")
+    timeout_s = _timeout(data.get("timeout_s"), src)
+    base = str(data.get("base", "tiny"))
     points: list[SweepPoint] = []
     if grid:
         axes = [(name, _axis_values(name, vals, str(src))) for name, vals in grid.items()]
+        _check_disjoint_axes(axes, src)
         for combo in itertools.product(*(vals for _, vals in axes)):
             keys = {name: label for (name, _), (label, _) in zip(axes, combo)}
             ov = dict(shared)
             for _, o in combo:
                 ov.update(o)
-            points.append(SweepPoint(len(points), keys, ov))
+            points.append(SweepPoint(len(points), keys, ov, base))
     for p in explicit:
         if not isinstance(p, dict):
             raise LaunchError(f"{src}: every entry of 'points' must be a mapping of overrides, got {p!r}")
-        points.append(SweepPoint(len(points), dict(p), {**shared, **p}))
-    base = str(data.get("base", "tiny"))
+        points.append(SweepPoint(len(points), dict(p), {**shared, **p}, base))
     seen: dict[str, int] = {}
     for p in points:
         if p.point_id in seen:
@@ -144,13 +150,39 @@ def load_sweep(path: str | Path) -> Sweep:
                               "remove one")
         seen[p.point_id] = p.index
         if "train.out_dir" in p.overrides:
-            raise LaunchError(f"{src}: train.out_dir is set by the sweep (out_dir/points/NNN); remove it")
-        try:
-            load_config(base, p.set_args()[1::2])
-        except ConfigError as e:
-            raise LaunchError(f"{src}: point {p.index} {p.keys}: {e}") from None
+            raise LaunchError(f"{src}: train.out_dir is set by the sweep (out_dir/points/NNN-<id>); remove it")
+        try:  # the checks `sparsetrain train` makes before start (memory fit, data, device): all points, up front
+            preflight(load_config(base, p.set_args()[1::2]))
+        except (ConfigError, DataError) as e:
+            raise LaunchError(f"{src}: point {p.index} {p.keys}: {str(e).splitlines()[0]}") from None
     out_dir = Path(data.get("out_dir") or f"runs/sweeps/{src.stem}")
+    blocker = next((q for q in (out_dir, *out_dir.parents) if q.exists() and not q.is_dir()), None)
+    if blocker is not None:
+        raise LaunchError(f"{src}: out_dir {out_dir} cannot be a directory: {blocker} is a file")
     return Sweep(src.stem, base, out_dir, points, timeout_s, shared)
+
+
+def _timeout(value: Any, src: Path) -> float:
+    """timeout_s: finite seconds >= 0 (0 or absent: none)."""
+    t = -1.0
+    if value is None:
+        t = 0.0
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        t = float(value)
+    if not t >= 0:
+        raise LaunchError(f"{src}: timeout_s must be a finite number of seconds >= 0 (0 = none), got {value!r}")
+    return t
+
+
+def _check_disjoint_axes(axes: list[tuple[str, list[tuple[Any, dict[str, Any]]]]], src: Path) -> None:
+    """Two grid axes setting one key would label a point with one value and run the other: refused."""
+    owner: dict[str, str] = {}
+    for name, values in axes:
+        for key in {k for _, ov in values for k in ov}:
+            if key in owner and owner[key] != name:
+                raise LaunchError(f"{src}: grid axes '{owner[key]}' and '{name}' both set {key}; a point would run "
+                                  "one axis's value under the other's label: set it in one axis only")
+            owner[key] = name
 
 
 def read_rows(path: Path) -> dict[str, dict[str, Any]]:
@@ -217,27 +249,41 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 def run_sweep(sweep: Sweep, retry_failed: bool = True, progress: bool = True) -> list[dict[str, Any]]:
     """Run every point not yet finished; returns the rows of all points in order."""
+    from sparsetrain.train.run_lock import RunLockError, run_lock
+
+    try:  # one sweep owns its out_dir: a second one into it is refused (it would delete the first one's points)
+        with run_lock(sweep.out_dir, log=lambda m: print(m, file=sys.stderr)):
+            return _run_points(sweep, retry_failed, progress)
+    except RunLockError as e:
+        raise LaunchError(f"sweep {sweep.name}: {e}".replace("train.out_dir", "the sweep's out_dir")) from None
+
+
+def _current(sweep: Sweep, done: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the current grid's points, in its order and numbered by it (a finished row of an edited
+    grid keeps its directory, not its old number)."""
+    return [{**done[p.point_id], "point": p.index, "keys": p.keys} for p in sweep.points if p.point_id in done]
+
+
+def _run_points(sweep: Sweep, retry_failed: bool, progress: bool) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
-    sweep.out_dir.mkdir(parents=True, exist_ok=True)
     jsonl = sweep.out_dir / "sweep.jsonl"
     done = read_rows(jsonl)
-    ids = {p.point_id for p in sweep.points}
     todo = [p for p in sweep.points if p.point_id not in done
             or (retry_failed and done[p.point_id]["status"] != "ok")]
     bar = tqdm(total=len(sweep.points), initial=len(sweep.points) - len(todo), desc=f"sweep {sweep.name}",
                unit="point", disable=not progress, dynamic_ncols=True)
     for p in todo:
         bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in p.keys.items()))
-        row = run_point(sweep, p, sweep.out_dir / "points" / f"{p.index:03d}")
+        row = run_point(sweep, p, sweep.out_dir / "points" / p.dir_name())
         with jsonl.open("a") as f:
             f.write(json.dumps(row, default=str) + "\n")
         done[p.point_id] = row
-        write_csv([r for i, r in done.items() if i in ids], sweep.out_dir / "sweep.csv")
+        write_csv(_current(sweep, done), sweep.out_dir / "sweep.csv")
         if row["status"] != "ok":
             tqdm.write(f"point {p.index} {p.keys} failed: {row['error']}")
         bar.update(1)
     bar.close()
-    rows = [done[p.point_id] for p in sweep.points if p.point_id in done]
+    rows = _current(sweep, done)
     write_csv(rows, sweep.out_dir / "sweep.csv")
     return rows

@@ -46,19 +46,20 @@ def _metric_plot(rows: list[dict[str, Any]], keys: list[str], metric: str, out: 
 
 
 def current_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    """The sweep's points as they stand, in point order: sweep.jsonl appends a row per run, so a point re-run
-    (a retried failure, or an edited grid re-using the index and its points/NNN dir) has several; the last one
-    per index is what its directory holds. Points no longer in the grid (sweep.csv, rewritten by the runner
-    for the current grid) are left out."""
-    latest: dict[int, dict[str, Any]] = {}
+    """The sweep's points as they stand, in the current grid's order: sweep.jsonl appends a row per run, so a
+    point re-run (a retried failure) has several and the last one per directory (one per configuration) is
+    what it holds. sweep.csv, rewritten by the runner for the current grid, says which points are in it and
+    their numbers now (an edited grid renumbers finished points); without it, every directory's last row."""
+    latest: dict[str, dict[str, Any]] = {}
     for r in read_jsonl(sweep_dir / "sweep.jsonl"):
-        latest[int(r["point"])] = r
+        latest[str(r.get("dir", r["point"]))] = r
     csv_path = sweep_dir / "sweep.csv"
-    if csv_path.exists():
-        with csv_path.open(newline="") as f:
-            current = {int(row["point"]) for row in csv.DictReader(f) if row.get("point", "").isdigit()}
-        latest = {i: r for i, r in latest.items() if i in current}
-    return [latest[i] for i in sorted(latest)]
+    if not csv_path.exists():
+        return sorted(latest.values(), key=lambda r: int(r["point"]))
+    with csv_path.open(newline="") as f:
+        current = [(int(row["point"]), row.get("dir", "")) for row in csv.DictReader(f)
+                   if row.get("point", "").isdigit()]
+    return [{**latest[d], "point": i} for i, d in sorted(current) if d in latest]
 
 
 def sweep_report(sweep_dir: Path, out: Path) -> Path:

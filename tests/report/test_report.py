@@ -88,20 +88,23 @@ def test_run_report_of_a_run_resumed_on_another_world_size(tmp_path, worlds):
 
 
 def test_sweep_report_shows_each_point_once_as_it_stands(tmp_path):
-    """sweep.jsonl appends a row per run: a retried point, or a point of an edited grid re-using its index
-    (and points/NNN dir), appears several times; the report shows the last row per point of the current grid."""
+    """sweep.jsonl appends a row per run: a retried point appears several times (one directory per
+    configuration); the report shows the last row per directory of the current grid (sweep.csv), numbered by it."""
     d = tmp_path / "sweep"
     d.mkdir()
-    rows = [{"point": i, "id": f"old{i}", "keys": {"parallel.strategy": s}, "status": "failed", "error": "timeout"}
-            for i, s in enumerate(("ep", "fssdp", "dp"))]  # the first grid: 3 points, all timed out
-    rows += [{"point": i, "id": f"new{i}", "keys": {"parallel.strategy": s}, "status": "ok", "tokens_per_s": 10.0 + i}
-             for i, s in enumerate(("ep", "fssdp"))]  # the edited grid: 2 points, both ran
+    rows = [{"point": i, "id": f"old{i}", "keys": {"parallel.strategy": s}, "status": "failed", "error": "timeout",
+             "dir": f"points/00{i}-old{i}"} for i, s in enumerate(("ep", "fssdp", "dp"))]  # the first grid, timed out
+    rows += [{"point": i, "id": f"new{i}", "keys": {"parallel.strategy": s}, "status": "ok", "tokens_per_s": 10.0 + i,
+              "dir": f"points/00{i}-new{i}"} for i, s in enumerate(("ep", "fssdp"))]  # the edited grid: both ran
+    rows.append({**rows[2], "status": "ok", "tokens_per_s": 7.0})  # "dp" retried and finished, since renumbered 2
     _jsonl(d / "sweep.jsonl", rows)
     (d / "sweep.csv").write_text("point,parallel.strategy,status,error,tokens_per_s,dir\n"
-                                 "0,ep,ok,,10.0,points/000\n1,fssdp,ok,,11.0,points/001\n")
+                                 "0,ep,ok,,10.0,points/000-new0\n1,fssdp,ok,,11.0,points/001-new1\n"
+                                 "2,dp,ok,,7.0,points/002-old2\n")
     text = write_report(d).read_text()
-    assert "2 of 2 points finished" in text and "timeout" not in text
+    assert "3 of 3 points finished" in text and "timeout" not in text
     assert sum(line.startswith("| 0 |") for line in text.splitlines()) == 1
+    assert sum(line.startswith("| 2 |") for line in text.splitlines()) == 1
 
 
 def test_sweep_report_of_failed_points_is_a_well_formed_table(tmp_path):
