@@ -200,6 +200,27 @@ def wait_for_job(jc: Any, job_id: str, timeout_s: float | None = None, poll_s: f
         time.sleep(poll_s)
 
 
+AGENT_WAIT_S = 90.0  # a head that just started (or is busy) answers "No available agent" until its job agent is up
+NO_AGENT = "No available agent to submit job"
+
+
+def submit_when_agent_ready(jc: Any, wait_s: float = AGENT_WAIT_S, poll_s: float = 2.0, **job: Any) -> str:
+    """`submit_job`, retried while Ray answers that no job agent is available yet ("please try again later": the
+    job was not created), for up to `wait_s`; then one line."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return jc.submit_job(**job)
+        except RuntimeError as e:
+            if NO_AGENT not in str(e):
+                raise
+            if time.monotonic() >= deadline:
+                raise LaunchError(f"the cluster has no job agent ready after {wait_s:.0f} s (Ray: {NO_AGENT}); "
+                                  "check the head node, then submit again") from None
+            print(f"waiting for the cluster's job agent ({NO_AGENT.lower()})", file=sys.stderr, flush=True)
+            time.sleep(poll_s)
+
+
 def submit(address: str, config: str, overrides: list[str] | None = None, workers: int | None = None,
            wait: bool = False, token: str | None = None, env_vars: dict[str, str] | None = None,
            entry: str | None = None, timeout_s: float | None = None, token_file: str | None = None) -> str:
@@ -208,12 +229,10 @@ def submit(address: str, config: str, overrides: list[str] | None = None, worker
     jc = client(address, token, token_file)
     with tempfile.TemporaryDirectory(prefix="st-submit-") as tmp:
         stage = stage_project(cfg_dict, Path(tmp))
-        job_id = jc.submit_job(
-            entrypoint=job_entrypoint(),
-            submission_id=f"sparsetrain-{uuid.uuid4().hex[:10]}",
+        job_id = submit_when_agent_ready(
+            jc, entrypoint=job_entrypoint(), submission_id=f"sparsetrain-{uuid.uuid4().hex[:10]}",
             runtime_env=build_runtime_env(str(stage), env_vars, entry),
-            metadata={"sparsetrain_config": str(config), "workers": str(cfg_dict["launch"]["workers"])},
-        )
+            metadata={"sparsetrain_config": str(config), "workers": str(cfg_dict["launch"]["workers"])})
     print(f"submitted job {job_id} to {normalize_address(address)}", file=sys.stderr, flush=True)
     if wait:
         try:

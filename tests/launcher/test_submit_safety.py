@@ -74,3 +74,37 @@ def test_a_token_is_never_sent_over_remote_plain_http(monkeypatch: pytest.Monkey
     monkeypatch.setattr("sparsetrain.launcher.jobs.check_reachable", _no_traffic)
     res = CliRunner().invoke(jobs_app, ["status", "x", "--address", "http://192.0.2.123:8265"])
     assert "plain http" in res.output and "not connecting" in res.output
+
+
+@pytest.mark.unit
+def test_submit_waits_for_the_job_agent_then_gives_one_line(monkeypatch):
+    """Ray answers 500 "No available agent to submit job, please try again later" while a fresh or busy head's
+    job agent comes up (the job is not created): submit retries, then says so in one line."""
+    from sparsetrain.launcher.jobs import submit_when_agent_ready
+
+    monkeypatch.setattr("sparsetrain.launcher.jobs.time.sleep", lambda s: None)
+    calls = []
+
+    class Flaky:
+        def __init__(self, fails: int) -> None:
+            self.fails = fails
+
+        def submit_job(self, **job):
+            calls.append(job["submission_id"])
+            if len(calls) <= self.fails:
+                raise RuntimeError("Request failed with status code 500: No available agent to submit job, "
+                                   "please try again later..")
+            return job["submission_id"]
+
+    assert submit_when_agent_ready(Flaky(2), submission_id="sparsetrain-x") == "sparsetrain-x"
+    assert calls == ["sparsetrain-x"] * 3  # the same id each time: at most one job
+    calls.clear()
+    with pytest.raises(LaunchError, match="no job agent ready after 0 s"):
+        submit_when_agent_ready(Flaky(99), wait_s=0, submission_id="sparsetrain-y")
+
+    class Broken:
+        def submit_job(self, **job):
+            raise RuntimeError("Request failed with status code 400: bad runtime_env")
+
+    with pytest.raises(RuntimeError, match="bad runtime_env"):  # other errors are not retried
+        submit_when_agent_ready(Broken(), submission_id="z")
