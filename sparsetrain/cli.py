@@ -288,7 +288,10 @@ def sim_predict(config: str = ConfigOpt, overrides: list[str] | None = SetOpt,
     from sparsetrain.sim.shape import setup_from_config
 
     try:
-        counts = [int(g) for g in gpus.split(",") if g.strip()]
+        bad = [g for g in gpus.split(",") if g.strip() and not g.strip().isdigit()]
+        if bad:
+            raise ValueError(f"--gpus takes comma-separated GPU counts, got {bad[0].strip()!r} in {gpus!r}")
+        counts = list(dict.fromkeys(int(g) for g in gpus.split(",") if g.strip()))  # a repeated count once
         if not counts or min(counts) < 1:
             raise ValueError(f"--gpus needs GPU counts >= 1, got {gpus!r}")
         if batch_per_gpu < 0:

@@ -32,9 +32,9 @@ def variant_setup(s: SimSetup, variant: str) -> SimSetup:
     return s.with_(strategy=strategy, planner=planner or s.planner)
 
 
-def plan_gib(cfg: Any, variant: str, world: int, batch: int, ep_size: int, device: str) -> float | None:
-    """`sparsetrain plan`'s memory (parallel.memory_plan, the runtime's own count) of the fullest rank, GiB;
-    None where that plan rejects the configuration."""
+def plan_gib(cfg: Any, variant: str, world: int, batch: int, ep_size: int, device: str) -> float | str:
+    """`sparsetrain plan`'s memory (parallel.memory_plan, the runtime's own count) of the fullest rank, GiB; where
+    the runtime would refuse the configuration, the one-line reason instead."""
     from sparsetrain.config import ConfigError, config_from_dict, to_dict
     from sparsetrain.parallel.memory_plan import memory_plan
 
@@ -46,8 +46,8 @@ def plan_gib(cfg: Any, variant: str, world: int, batch: int, ep_size: int, devic
     d["data"]["batch_size"], d["launch"]["workers"] = batch, world
     try:
         return memory_plan(config_from_dict(d), world, device).max_mib / 1024
-    except (ConfigError, ValueError):
-        return None
+    except (ConfigError, ValueError) as e:
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def scale_rows(s: SimSetup, c: Cluster, gpus: list[int], workload: str, batch_per_gpu: int,
@@ -66,7 +66,10 @@ def scale_rows(s: SimSetup, c: Cluster, gpus: list[int], workload: str, batch_pe
             p = predict(vs, c, world, loads)
             row = {"gpus": world, "variant": v, **p.row()}
             if cfg is not None:
-                row["mem_plan_gib"] = plan_gib(cfg, v, world, vs.batch_size, ep_group_size(vs, world), c.device)
+                plan = plan_gib(cfg, v, world, vs.batch_size, ep_group_size(vs, world), c.device)
+                row["mem_plan_gib"] = plan if isinstance(plan, float) else None
+                if isinstance(plan, str):
+                    row["refused"] = plan  # the runtime would not start this configuration
             rows.append(row)
     return rows
 
@@ -84,6 +87,8 @@ def format_table(rows: list[dict[str, Any]], hbm_bytes: int = 0) -> str:
             for r in rows if hbm_bytes and max(r["mem_per_rank_gib"], r.get("mem_plan_gib") or 0) > cap]
     if over:
         lines.append(f"DO NOT FIT in {cap:.0f} GiB per GPU (hbm_bytes): " + ", ".join(over) + " GiB")
+    lines += [f"NOT RUNNABLE {r['gpus']} {r['variant']}: the runtime refuses it ({r['refused']})"
+              for r in rows if r.get("refused")]
     return "\n".join(lines)
 
 
@@ -97,6 +102,8 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, title: str) -> list[Pat
     paths = []
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     for key, label in PLOTS:
+        if not any(r.get(key) is not None for r in rows):
+            continue  # e.g. the runtime's memory plan where it refuses every configuration: no empty plot
         fig, ax = plt.subplots(figsize=(7, 4))
         for v in variants:
             pts = [(r["gpus"], r[key]) for r in rows if r["variant"] == v and r.get(key) is not None]

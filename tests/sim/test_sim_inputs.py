@@ -66,7 +66,8 @@ def test_predict_cli_refuses_bad_options_in_one_line(tmp_path):
              (["--gpus", "8", "--variants", "ep-hecate"], "a planner goes with fssdp only"),
              (["--gpus", "2", "--variants", "ep", "--set", "parallel.ep_size=4"], "ep_size=4 does not divide 2 GPUs"),
              (["--gpus", "16384", "--variants", "ep"], "at most 8192 GPUs"),
-             (["--gpus", "8", "--out", str(tmp_path / "f" / "x")], "--out")]
+             (["--gpus", "8", "--out", str(tmp_path / "f" / "x")], "--out"),
+             (["--gpus", "8,abc"], "--gpus takes comma-separated GPU counts, got 'abc'")]
     (tmp_path / "f").write_text("a file, not a directory")
     for args, message in cases:
         proc = _sim(*args, cwd=tmp_path)
@@ -148,3 +149,14 @@ def test_predict_checks_ep_size_against_each_predicted_world_not_launch_workers(
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(lines) == 1, bad.stderr
     assert "parallel.ep_size=8 does not divide 12 GPUs (--gpus 8,12)" in lines[0] and not (tmp_path / "b").exists()
+
+
+def test_predict_names_rows_the_runtime_would_refuse(tmp_path: Path) -> None:
+    """A world the runtime refuses (tiny pretends 2 nodes: 3 ranks do not split) is predicted but marked, with the
+    runtime's reason (the plan column was a bare '-'); a repeated count is one row."""
+    proc = _sim("--gpus", "3,4,4", "--variants", "ep", "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "NOT RUNNABLE 3 ep: the runtime refuses it (" in proc.stdout and "NOT RUNNABLE 4" not in proc.stdout
+    assert "does not divide the world size 3" in proc.stdout.split("NOT RUNNABLE 3 ep")[1].splitlines()[0]
+    rows = json.loads((tmp_path / "o" / "predictions.json").read_text())
+    assert [r["gpus"] for r in rows] == [3, 4] and rows[0]["mem_plan_gib"] is None and rows[1]["mem_plan_gib"] > 0
