@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,6 +77,30 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.kill()
 
 
+def _stop_ranks(proc: subprocess.Popen) -> None:
+    """A SIGTERM to this launcher goes to the ranks (torchrun's children), not to torchrun: each rank checkpoints
+    and exits 0 (the trainer's SIGTERM stop), so torchrun ends cleanly and so does this command. torchrun itself
+    answers SIGTERM by killing its workers and raising SignalException (a traceback, a non-zero exit)."""
+    from sparsetrain.launcher.procs import parent_map
+
+    for pid in [c for c, parent in parent_map().items() if parent == proc.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _sigterm_to_ranks(proc: subprocess.Popen) -> Iterator[None]:
+    """While torchrun runs, this process's SIGTERM stops the ranks (see _stop_ranks); the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    prev = signal.signal(signal.SIGTERM, lambda signum, frame: _stop_ranks(proc))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+
+
 def _die_with_parent() -> None:
     """In the torchrun child before exec (Linux): SIGTERM it when this launcher dies, even by SIGKILL, so torchrun
     ends its ranks instead of training on, orphaned, in an output directory whose lock looks stale
@@ -97,11 +123,14 @@ def run_torchrun(cfg_dict: dict, entry: str = DEFAULT_ENTRY) -> dict | None:
         Path(cfg_path).write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
         env = dict(os.environ, OMP_NUM_THREADS=str(launch["torch_threads"]))
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # --standalone: one machine, gloo pairs on loopback only
+        # its own process group: a SIGTERM to ours (timeout, a scheduler stopping the job) reaches torchrun only as
+        # this launcher forwards it, to the ranks (_sigterm_to_ranks); Ctrl-C is forwarded below
         proc = subprocess.Popen(torchrun_command(int(launch["workers"]), cfg_path, summary, entry), env=env,
-                                preexec_fn=_die_with_parent)  # noqa: PLW1509 - only prctl, before exec
+                                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, before exec
+                                start_new_session=True)
         watch = HeartbeatWatch(cfg_dict["train"]["out_dir"], float(launch["timeout_s"]), lambda: _kill_tree(proc))
         try:
-            with watch:
+            with watch, _sigterm_to_ranks(proc):
                 rc = proc.wait()
         except KeyboardInterrupt:
             proc.send_signal(signal.SIGINT)

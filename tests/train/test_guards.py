@@ -160,6 +160,32 @@ def test_sigterm_inline_cli_saves_and_exits_zero(tmp_path) -> None:
     assert json.loads((tmp_path / "summary.json").read_text())["stopped_at_step"] >= 2
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("group", [False, True], ids=["launcher", "process-group"])
+def test_sigterm_torchrun_cli_saves_and_exits_zero(tmp_path, group) -> None:
+    """`sparsetrain train` under torchrun (2 ranks) on SIGTERM, to the launcher alone or to its whole process group
+    (timeout, a scheduler): every rank checkpoints, no traceback, exit 0. torchrun itself answers SIGTERM with a
+    SignalException traceback and a non-zero exit, so the launcher forwards it to the ranks instead."""
+    args = [sys.executable, "-m", "sparsetrain.cli", "train", "--config", "tiny", "--set", f"train.out_dir={tmp_path}",
+            "--set", "train.steps=100000", "--set", "train.log_every=1", "--set", "train.progress=false",
+            "--set", "launch.workers=2", "--set", "launch.backend=torchrun", "--set", "train.eval_every=0"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "step     2" in line:
+            break
+    if group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    assert "stop requested (SIGTERM)" in out and "Traceback" not in out and "SignalException" not in out, out
+    assert ckpt.latest_checkpoint(tmp_path / "checkpoints") is not None
+    assert json.loads((tmp_path / "summary.json").read_text())["stopped_at_step"] >= 2
+
+
 def test_nan_fault_mode_skip_and_rollback_end_in_the_same_weights(tmp_path, monkeypatch, capsys) -> None:
     """SPARSETRAIN_FAULTS=nan@3:0 poisons step 3's loss and gradients; skip drops the update, rollback reloads
     the step-2 checkpoint: both then continue from the same state, so their final weights are bit-equal."""
