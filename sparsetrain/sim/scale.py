@@ -142,4 +142,4 @@ def plan_prediction(cfg: Any, cluster: str = "") -> str:
     return (f"predicted step on {c.name} ({cfg.launch.workers} ranks, zipf:{cfg.moe.router_skew}): "
             f"{1e3 * p.step_time_s:.1f} ms (compute {1e3 * p.compute_s:.1f}, all-to-all {1e3 * p.a2a_s:.1f}, "
             f"exposed spAG/spRS/dense {1e3 * p.exposed_comm_s:.1f}), {p.tokens_per_s:,.0f} tokens/s, "
-            f"MFU {100 * p.mfu:.1f}%, {p.mem_per_rank_gib:.2f} GiB on the fullest rank (sparsetrain sim predict)")
+            f"MFU {100 * p.mfu:.1f}% (sparsetrain sim predict; memory: the plan above, the runtime's own count)")
