@@ -33,7 +33,7 @@ from sparsetrain.parallel.copy_exchange import (
     gather_copies_start,
     return_copy_grads_start,
 )
-from sparsetrain.parallel.dense import DTYPES, compute_dtype
+from sparsetrain.parallel.dense import compute_dtype
 from sparsetrain.parallel.ep import keep_expert_rows
 from sparsetrain.parallel.fssdp_layer import FSSDPDispatcher, split_chunks
 from sparsetrain.parallel.fssdp_reshard import target_after_step
@@ -155,9 +155,7 @@ class FSSDP(Strategy):
     def grad_dtype(self, experts: GroupedExperts) -> torch.dtype:
         """Dtype copies' gradients are accumulated and reduced in (spRS): train.grad_reduce_dtype in either
         precision (fp32 under precision fp32 means the parameters' own dtype: fp64 stays fp64)."""
-        if self.cfg.train.precision != "bf16" and self.cfg.train.grad_reduce_dtype == "fp32":
-            return experts.w1.dtype
-        return DTYPES[self.cfg.train.grad_reduce_dtype]
+        return self.allreduce_dtype() or experts.w1.dtype  # fp32 masters under bf16 precision
 
     def _send_rows(self, experts: GroupedExperts, rows: tuple[int, ...]) -> torch.Tensor:
         """Owned chunks `rows` (of the owned stack) as spAG sends them: dense [n, C] in the wire dtype (w1 | w2 |

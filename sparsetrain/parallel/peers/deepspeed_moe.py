@@ -20,7 +20,6 @@ import os
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from sparsetrain.config import Config
@@ -28,7 +27,7 @@ from sparsetrain.model.gpt import GPT
 from sparsetrain.model.layers import MLP
 from sparsetrain.model.moe import MoELayer
 from sparsetrain.model.router import RouterOutput
-from sparsetrain.parallel.comm import to_comm
+from sparsetrain.parallel.comm import all_reduce_host
 from sparsetrain.parallel.mesh import DistInfo
 from sparsetrain.parallel.strategy import Strategy
 
@@ -225,11 +224,7 @@ class DeepSpeedMoE(Strategy):
     def _zero0_grad_norm(self) -> torch.Tensor:
         """sqrt of the sum over ranks of each rank's replication-weighted squared gradient norm (the engine has
         averaged the gradients in its backward at the accumulation boundary)."""
-        sq = self.local_grad_sq(self.engine.module)
-        if self.info.world > 1 and dist.is_initialized():
-            sq = to_comm(sq)
-            dist.all_reduce(sq)
-        return sq.sqrt().cpu()
+        return all_reduce_host(self.local_grad_sq(self.engine.module)).sqrt()
 
     def replication(self, name: str, p: torch.Tensor) -> int:
         """Dense parameters are identical on every rank; an expert on world / ep_size (its expert-data group)."""
